@@ -1,0 +1,13 @@
+"""Test-wide JAX settings: four CPU devices and strict rank promotion (STYLE.md rule 5).
+
+These must run before any JAX computation touches a device, which is why they live at import
+time of the conftest rather than in a fixture.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_numpy_rank_promotion", "raise")
