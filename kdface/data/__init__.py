@@ -1,0 +1,15 @@
+"""Face data without TensorFlow: formats, builders, degradation, alignment, pipeline."""
+# formats and image preparation (issue 5: formats helper)
+from kdface.data._images import (  # noqa: F401
+    UndecodableImageError,
+    decode_image,
+    encode_image,
+    read_image_file,
+)
+from kdface.data._recordio import (  # noqa: F401
+    IRHeader,
+    RecordIO,
+    RecordIOError,
+    build_recordio_index,
+    write_recordio,
+)
