@@ -1,0 +1,278 @@
+"""Classification losses and margin heads for face recognition.
+
+Margin heads turn the cosines between (normalized) embeddings and class weights into logits;
+``margin_cross_entropy`` then trains on them. The heads serve the seeds as base losses:
+CosFace (seed nikitin2020, s=64, m=0.35), ArcFace (seed yan2019 eq. (6)) and SphereFace's
+A-Softmax (the teacher backbones of seed wang2019 are SphereFace networks).
+
+Shapes: ``cos_theta``/``logits`` ``[N, C]``, ``labels`` int ``[N]`` in ``[0, C)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdface.losses._checks import (check_float, check_labels, check_option, check_positive,
+                                   check_rank, compute_dtype)
+
+REDUCTIONS = ("mean", "sum", "none", None)
+
+
+def apply_reduction(per_example: jax.Array, reduction: str | None) -> jax.Array:
+    """Reduces a per-example loss ``[N]``: ``'mean'``, ``'sum'``, or ``None``/``'none'``."""
+    if reduction == "mean":
+        return jnp.mean(per_example)
+    if reduction == "sum":
+        return jnp.sum(per_example)
+    return per_example
+
+
+def check_label_range(name: str, labels: Any, num_classes: int) -> None:
+    """Raises ValueError if concrete ``labels`` fall outside ``[0, num_classes)``.
+
+    Traced labels (inside ``jit``) cannot be inspected; there an out-of-range id is the caller's
+    bug and ``take_along_axis`` clamps it.
+    """
+    try:
+        values = np.asarray(labels)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}), "
+                         f"got values in [{values.min()}, {values.max()}]")
+
+
+def _check_logits_and_labels(name: str, x: Any, labels: Any) -> None:
+    check_float(name, x)
+    check_rank(name, x, 2, "[N, C]")
+    check_labels("labels", labels, x.shape[0])
+    check_label_range("labels", labels, x.shape[1])
+
+
+def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                          reduction: str | None = "mean") -> jax.Array:
+    """Softmax cross-entropy ``-log softmax(logits)[label]``.
+
+    The "softmax loss" / hard loss of the seeds (seed wang2019 eq. (4) H(X_S, y); seed kd_transfer
+    eq. (3)). Computed in float32 for half-precision logits.
+
+    Args:
+      logits: ``[N, C]`` float.
+      labels: ``[N]`` int class ids in ``[0, C)`` (checked when concrete).
+      reduction: ``'mean'`` (default), ``'sum'``, or ``None``/``'none'`` for the ``[N]`` losses.
+
+    Returns:
+      scalar, or ``[N]`` when not reduced.
+
+    >>> import jax.numpy as jnp
+    >>> float(softmax_cross_entropy(jnp.zeros((1, 4)), jnp.array([2])))  # log 4
+    1.3862943649291992
+    """
+    _check_logits_and_labels("logits", logits, labels)
+    check_option("reduction", reduction, REDUCTIONS)
+    x = logits.astype(compute_dtype(logits))
+    target = jnp.take_along_axis(x, labels[:, None], axis=-1)[:, 0]
+    per_example = jax.nn.logsumexp(x, axis=-1) - target
+    return apply_reduction(per_example, reduction)
+
+
+def margin_cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                         reduction: str | None = "mean") -> jax.Array:
+    """Cross-entropy on margin logits from ``cosface_logits``/``arcface_logits``/...
+
+    The margin heads already carry the scale and the margin, so this is plain softmax
+    cross-entropy (seed yan2019 eq. (6) once fed ``arcface_logits``). ``logits``: ``[N, C]``,
+    ``labels``: ``[N]``; returns a scalar or ``[N]`` as ``softmax_cross_entropy``.
+    """
+    return softmax_cross_entropy(logits, labels, reduction=reduction)
+
+
+def _clipped_cosines(cos_theta: jax.Array) -> jax.Array:
+    # Cosines from normalized vectors can leave [-1, 1] by an ulp; sqrt(1 - c^2) and arccos
+    # would then give NaN. Written with where, not clip, so that c = ±1 itself keeps gradient 1
+    # (clip splits the gradient in half at its bounds).
+    c = cos_theta.astype(compute_dtype(cos_theta))
+    return jnp.where(c > 1.0, 1.0, jnp.where(c < -1.0, -1.0, c))
+
+
+def _target_mask(labels: jax.Array, num_classes: int) -> jax.Array:
+    """Boolean ``[N, C]``, True at each example's label."""
+    return labels[:, None] == jnp.arange(num_classes)[None, :]
+
+
+def _with_target(c: jax.Array, labels: jax.Array, target: jax.Array) -> jax.Array:
+    """``c`` with each row's label entry replaced by ``target`` ``[N]`` (exactly, via where)."""
+    return jnp.where(_target_mask(labels, c.shape[1]), target[:, None], c)
+
+
+def cosface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64.0,
+                   margin: float = 0.35) -> jax.Array:
+    """CosFace (large margin cosine) logits ``s * (cos θ_j - m * [j == y])``.
+
+    The base classification loss of seed nikitin2020 (Sec. 4, "margin = 0.35 and scale = 64.0",
+    the defaults here). Feed the result to ``margin_cross_entropy``.
+
+    Args:
+      cos_theta: ``[N, C]`` float cosines between normalized embeddings and class weights;
+        clipped to ``[-1, 1]``.
+      labels: ``[N]`` int class ids.
+      scale: s > 0.
+      margin: m >= 0; m = 0 gives ``s * cos θ``.
+
+    Returns:
+      ``[N, C]`` logits (float32 for half-precision inputs).
+    """
+    _check_logits_and_labels("cos_theta", cos_theta, labels)
+    check_positive("scale", scale)
+    _check_number("margin", margin)
+    c = _clipped_cosines(cos_theta)
+    onehot = _target_mask(labels, c.shape[1]).astype(c.dtype)
+    return scale * (c - margin * onehot)
+
+
+def _sin_from_cos(c: jax.Array) -> jax.Array:
+    """sqrt(1 - c^2) with a finite derivative everywhere on [-1, 1].
+
+    The true derivative -c / sqrt(1 - c^2) is infinite at c = ±1. Within one machine epsilon of
+    those points (c = ±1 up to an ulp) the value is kept exact but its derivative is taken as 0,
+    the subgradient convention at the boundary; elsewhere the derivative is exact (at most
+    ~1/sqrt(eps), about 3e3 in float32).
+    """
+    s2 = (1.0 - c) * (1.0 + c)  # accurate near c = ±1, unlike 1 - c * c
+    eps = jnp.finfo(c.dtype).eps
+    inner = s2 > eps
+    safe = jnp.where(inner, s2, 1.0)
+    return jnp.where(inner, jnp.sqrt(safe), jnp.sqrt(jax.lax.stop_gradient(jnp.maximum(s2, 0.0))))
+
+
+def arcface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64.0,
+                   margin: float = 0.5, easy_margin: bool = False) -> jax.Array:
+    """ArcFace (additive angular margin) logits: ``s * cos(θ_y + m)`` on the target class.
+
+    Seed yan2019 eq. (6) (VarGFaceNet trains with ArcFace). Non-target classes get ``s * cos θ_j``.
+    ``cos(θ + m)`` is evaluated as ``cos θ cos m - sin θ sin m`` with ``sin θ = sqrt(1 - cos² θ)``.
+
+    cos(θ + m) stops decreasing in θ once θ + m > π, so the target logit needs a fallback there
+    (the choice of the insightface reference code, which the seed uses):
+
+    * ``easy_margin=False`` (default): where ``cos θ <= cos(π - m)`` use ``cos θ - m sin m``
+      (a CosFace-style penalty; note it is not continuous with cos(θ + m) at θ = π - m).
+    * ``easy_margin=True``: apply the margin only where ``cos θ > 0``; elsewhere ``cos θ``.
+
+    Gradients are finite everywhere, including cos θ = ±1, where the infinite derivative of
+    sin θ is replaced by 0 (see ``_sin_from_cos``).
+
+    Args:
+      cos_theta: ``[N, C]`` float cosines, clipped to ``[-1, 1]``.
+      labels: ``[N]`` int class ids.
+      scale: s > 0 (64 as in ArcFace).
+      margin: angular margin m in radians, 0 <= m < π/2 (0.5 as in ArcFace).
+      easy_margin: see above.
+
+    Returns:
+      ``[N, C]`` logits (float32 for half-precision inputs).
+    """
+    _check_logits_and_labels("cos_theta", cos_theta, labels)
+    check_positive("scale", scale)
+    _check_number("margin", margin)
+    if margin >= math.pi / 2:
+        raise ValueError(f"margin must be < pi/2 radians, got {margin}")
+    c = _clipped_cosines(cos_theta)
+    cos_y = jnp.take_along_axis(c, labels[:, None], axis=-1)[:, 0]
+    shifted = cos_y * math.cos(margin) - _sin_from_cos(cos_y) * math.sin(margin)
+    if easy_margin:
+        target = jnp.where(cos_y > 0.0, shifted, cos_y)
+    else:
+        target = jnp.where(cos_y > math.cos(math.pi - margin), shifted,
+                           cos_y - margin * math.sin(margin))
+    return scale * _with_target(c, labels, target)
+
+
+def _chebyshev(c: jax.Array, m: int) -> jax.Array:
+    """cos(mθ) as the Chebyshev polynomial T_m(cos θ): a polynomial, so smooth at ±1."""
+    prev, cur = jnp.ones_like(c), c
+    if m == 0:
+        return prev
+    for _ in range(m - 1):
+        prev, cur = cur, 2.0 * c * cur - prev
+    return cur
+
+
+def sphereface_logits(cos_theta: jax.Array, labels: jax.Array, *,
+                      feature_norm: jax.Array | None = None, margin: int = 4,
+                      lambda_: float | jax.Array = 0.0) -> jax.Array:
+    """SphereFace A-Softmax logits with the multiplicative angular margin.
+
+    Target class: ``||x|| ψ(θ_y)`` with ``ψ(θ) = (-1)^k cos(mθ) - 2k`` for
+    ``θ ∈ [kπ/m, (k+1)π/m]`` (monotone decreasing on [0, π]); ``cos(mθ)`` is the Chebyshev
+    polynomial of ``cos θ``. Non-target classes: ``||x|| cos θ_j``. With the annealing weight
+    λ (``sphereface_lambda``) the target becomes ``||x|| (λ cos θ_y + ψ(θ_y)) / (1 + λ)``, as in
+    SphereFace's public training code; λ = 0 is the pure A-Softmax.
+
+    k is piecewise constant and computed without gradient, so gradients are finite at
+    cos θ = ±1.
+
+    Args:
+      cos_theta: ``[N, C]`` float cosines between embeddings and normalized class weights,
+        clipped to ``[-1, 1]``.
+      labels: ``[N]`` int class ids.
+      feature_norm: ``[N]`` float embedding norms ``||x||``; ``None`` means 1 (normalized
+        embeddings, in which case a scale is usually applied by the caller).
+      margin: integer m >= 1 (4 in SphereFace).
+      lambda_: λ >= 0, a Python number or a scalar array (it may change every step under jit).
+
+    Returns:
+      ``[N, C]`` logits (float32 for half-precision inputs).
+    """
+    _check_logits_and_labels("cos_theta", cos_theta, labels)
+    if not isinstance(margin, int) or isinstance(margin, bool):
+        raise TypeError(f"margin must be a Python int (the multiplicative margin m), "
+                        f"got {type(margin).__name__}")
+    if margin < 1:
+        raise ValueError(f"margin must be >= 1, got {margin}")
+    if isinstance(lambda_, (int, float)):
+        _check_number("lambda_", lambda_)
+    elif np.ndim(lambda_) != 0:
+        raise ValueError(f"lambda_ must be a scalar, got shape {tuple(np.shape(lambda_))}")
+    c = _clipped_cosines(cos_theta)
+    n = c.shape[0]
+    if feature_norm is None:
+        norm = jnp.ones((n,), c.dtype)
+    else:
+        check_float("feature_norm", feature_norm)
+        check_rank("feature_norm", feature_norm, 1, "[N]")
+        if feature_norm.shape[0] != n:
+            raise ValueError(f"feature_norm must have shape [N]=[{n}], "
+                             f"got {tuple(feature_norm.shape)}")
+        norm = feature_norm.astype(c.dtype)
+    cos_y = jnp.take_along_axis(c, labels[:, None], axis=-1)[:, 0]
+    theta = jnp.arccos(jax.lax.stop_gradient(cos_y))
+    k = jnp.clip(jnp.floor(margin * theta / math.pi), 0, margin - 1)
+    sign = 1.0 - 2.0 * jnp.mod(k, 2.0)
+    psi = sign * _chebyshev(cos_y, margin) - 2.0 * k
+    lam = jnp.asarray(lambda_, c.dtype)
+    target = (lam * cos_y + psi) / (1.0 + lam)
+    return norm[:, None] * _with_target(c, labels, target)
+
+
+def sphereface_lambda(step: int | jax.Array, *, base: float = 1000.0, gamma: float = 0.12,
+                      power: float = 1.0, lambda_min: float = 5.0) -> jax.Array:
+    """The usual SphereFace annealing ``λ = max(λ_min, base (1 + γ step)^(-power))``.
+
+    The defaults are those of SphereFace's public training configuration (wy1iu/sphereface,
+    ``sphereface_model.prototxt``: base 1000, gamma 0.12, power 1, lambda_min 5). ``step`` may
+    be a traced integer; returns a float32 scalar for ``sphereface_logits(lambda_=...)``.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.maximum(lambda_min, base * jnp.power(1.0 + gamma * step, -power))
