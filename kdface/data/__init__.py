@@ -13,3 +13,9 @@ from kdface.data._recordio import (  # noqa: F401
     build_recordio_index,
     write_recordio,
 )
+from kdface.data._verification_bin import (  # noqa: F401
+    UnsafePickleError,
+    read_verification_bin,
+    read_verification_bin_encoded,
+    write_verification_bin,
+)
