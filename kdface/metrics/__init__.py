@@ -18,3 +18,10 @@ from kdface.metrics._verification import (
     threshold_candidates,
     verification,
 )
+from kdface.metrics._identification import (
+    DEFAULT_FPR_TARGETS,
+    DEFAULT_RANKS,
+    identify,
+    megaface_identification,
+)
+from kdface.metrics._topk import TailOfScores, top_k
