@@ -19,3 +19,5 @@ from kdface.data._verification_bin import (  # noqa: F401
     read_verification_bin_encoded,
     write_verification_bin,
 )
+from kdface.data._pairs import LfwPairs, read_lfw_pairs, write_lfw_pairs  # noqa: F401
+from kdface.data._folders import IdentityFolders, read_identity_folders  # noqa: F401

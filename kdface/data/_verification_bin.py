@@ -157,8 +157,7 @@ def _load(path: str):
             f"{path}: {err}. Only lists, tuples, bytes, bools, ints and numpy bool/int arrays "
             "may appear; this file may be malicious and was not loaded."
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
-            AttributeError) as err:
+    except Exception as err:  # noqa: BLE001 - the pure-Python unpickler raises many kinds
         raise ValueError(f"{path} is not a readable verification .bin pickle: {err}") from err
 
 
