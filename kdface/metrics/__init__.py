@@ -25,3 +25,4 @@ from kdface.metrics._identification import (
     megaface_identification,
 )
 from kdface.metrics._topk import TailOfScores, top_k
+from kdface.metrics._alignment import nearest_neighbour_verification, nrmse_dataset
