@@ -1,0 +1,334 @@
+"""The two-view input pipeline: grain over a tfds data source, decoded with OpenCV.
+
+Every training example becomes two views of one face (seed wang2019 §2.2, "KD_im"): the
+teacher's (the original image) and the student's (the same image degraded to low resolution by
+``LowResolutionAugment`` for 40% of samples by default). The horizontal flip is drawn once per
+example and applied to the image *before* the views are made, so both views always share it.
+
+Determinism: the order is a function of ``(seed, epoch)`` (grain's index shuffle), and each
+example's flip and degradation are functions of ``(seed, epoch, record index)`` only, so they
+do not depend on the batch size, the thread count, or the number of hosts. The iterator's state
+(``get_state()``, a small JSON-able dict) restores the exact position, so a resumed run sees the
+same batches.
+
+Sharding: each host (``jax.process_index()`` of ``jax.process_count()``, or explicit grain
+``ShardOptions``) reads a contiguous, disjoint slice of the records (``drop_remainder`` trims
+every slice to the same length so hosts step in lockstep) and shuffles within it; a host yields
+its ``global_batch_size / shard_count`` rows of each global batch, which
+``device_put_batch`` assembles into one array sharded over the device mesh.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import cv2
+import grain
+import numpy as np
+
+from kdface.data._images import decode_image
+
+__all__ = [
+    "TEACHER_VIEWS",
+    "STUDENT_VIEWS",
+    "TwoViewPipeline",
+    "device_put_batch",
+    "make_training_pipeline",
+    "make_verification_arrays",
+    "normalize_images",
+]
+
+TEACHER_VIEWS = ("original", "augmented")
+STUDENT_VIEWS = ("original", "low_resolution")
+# Landmark order (eyes, nose, mouth corners) after a horizontal flip: left and right swap.
+_FLIP_LANDMARKS = np.asarray([1, 0, 2, 4, 3])
+_TAG_SHUFFLE = 11
+_TAG_FLIP = 12
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``(x / 255 - 0.5) / 0.5`` in [-1, 1] (the insightface
+    convention every seed paper's public code uses)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"images must be uint8, got {images.dtype}")
+    return (images.astype(np.float32) * np.float32(2.0 / 255.0)) - np.float32(1.0)
+
+
+def _even_split(n: int, options: grain.sharding.ShardOptions) -> tuple[int, int]:
+    """Contiguous ``[start, end)`` of shard ``shard_index``: the first ``n % shard_count``
+    shards get one extra record unless ``drop_remainder`` (grain's rule)."""
+    per, extra = divmod(n, options.shard_count)
+    start = per * options.shard_index
+    end = start + per
+    if not options.drop_remainder:
+        start += min(options.shard_index, extra)
+        end += min(options.shard_index + 1, extra)
+    return start, end
+
+
+def _seed32(*entropy: int) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+class _TwoViews:
+    """Turns ``(stream index, record index)`` into one two-view example (a dict of arrays)."""
+
+    def __init__(self, source, *, seed, shard_length, flip, teacher_view, student_augment,
+                 image_size, normalize):
+        self.source = source
+        self.seed = seed
+        self.shard_length = shard_length
+        self.flip = flip
+        self.teacher_view = teacher_view
+        self.student_augment = student_augment
+        self.image_size = image_size
+        self.normalize = normalize
+
+    def __call__(self, stream_index: int, record_index: int) -> dict[str, np.ndarray]:
+        epoch = int(stream_index) // self.shard_length
+        record_index = int(record_index)
+        record = self.source[record_index]
+        image = decode_image(record["image"], name=f"record {record_index}")
+        landmarks = record.get("landmarks")
+        height, width = image.shape[:2]
+        if (height, width) != self.image_size:
+            image = cv2.resize(image, self.image_size[::-1], interpolation=cv2.INTER_AREA)
+            if landmarks is not None:
+                scale = np.asarray([self.image_size[1] / width, self.image_size[0] / height])
+                landmarks = landmarks * scale.astype(np.float32)[None, :]
+        flipped = False
+        if self.flip:
+            rng = np.random.default_rng([self.seed, _TAG_FLIP, epoch, record_index])
+            flipped = bool(rng.random() < 0.5)
+        if flipped:
+            image = np.ascontiguousarray(image[:, ::-1])
+            if landmarks is not None:
+                # Pixel column j maps to W - 1 - j, and left/right points swap names.
+                mirrored = np.stack([self.image_size[1] - 1.0 - landmarks[:, 0],
+                                     landmarks[:, 1]], axis=1)
+                landmarks = mirrored[_FLIP_LANDMARKS]
+        student, size = image, 0
+        if self.student_augment is not None:
+            student, size = self.student_augment(image, epoch=epoch, index=record_index)
+        teacher = student if self.teacher_view == "augmented" else image
+        convert = normalize_images if self.normalize else np.asarray
+        out = {
+            "teacher_image": convert(teacher),
+            "student_image": convert(student),
+            "label": np.int32(record["label"]),
+            "index": np.int64(record_index),
+            "flipped": np.bool_(flipped),
+            "student_size": np.int32(size),
+        }
+        if landmarks is not None:
+            out["landmarks"] = np.asarray(landmarks, np.float32)
+        return out
+
+
+class TwoViewPipeline:
+    """An iterable of per-host batches with a checkpointable iterator position.
+
+    Each batch is a dict: ``teacher_image`` and ``student_image`` float32 ``[B, H, W, 3]`` in
+    [-1, 1] (uint8 when ``normalize=False``), ``label`` int32 ``[B]``, ``index`` int64 ``[B]``
+    (record index in the source: a key for cached teacher outputs), ``flipped`` bool ``[B]``,
+    ``student_size`` int32 ``[B]`` (low-resolution size, 0 if not degraded) and, where the
+    dataset has them, ``landmarks`` float32 ``[B, 5, 2]`` (flipped with the image). ``B`` is
+    ``global_batch_size // shard_count``.
+
+    ``iter(pipeline)`` starts at the beginning; ``get_state()`` / ``set_state(state)`` read and
+    move the position of the pipeline's current iterator (``pipeline.iterator``), and
+    ``iter_from(state)`` starts a fresh one there.
+    """
+
+    def __init__(self, dataset, *, fingerprint: dict, read_options: grain.ReadOptions):
+        self._dataset = dataset
+        self._fingerprint = fingerprint
+        self._read_options = read_options
+        self.iterator = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in one pass over this host's shard (rounded as ``drop_remainder`` says)."""
+        return self._fingerprint["batches_per_epoch"]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.iterator = iter(self._dataset.to_iter_dataset(self._read_options))
+        return self.iterator
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able state: the grain iterator position and the settings it is valid for."""
+        if self.iterator is None:
+            iter(self)
+        return {"grain": self.iterator.get_state(), "pipeline": dict(self._fingerprint)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Moves the current iterator (a new one if none) to a position from ``get_state``."""
+        saved = dict(state.get("pipeline", {}))
+        if saved != self._fingerprint:
+            diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items()
+                    if saved.get(k) != v}
+            raise ValueError(f"iterator state was saved for a different pipeline; differing "
+                             f"settings (saved, now): {diff}")
+        if self.iterator is None:
+            iter(self)
+        self.iterator.set_state(state["grain"])
+
+    def iter_from(self, state: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+        """A fresh iterator positioned where ``state`` was taken."""
+        iter(self)
+        self.set_state(state)
+        return self.iterator
+
+
+def _default_low_resolution(seed: int):
+    from kdface.data._degrade import LowResolutionAugment  # sizes/fraction of seed wang2019 §2.2
+    return LowResolutionAugment(seed=seed)
+
+
+def make_training_pipeline(
+        source, *, global_batch_size: int, seed: int = 0, shuffle: bool = True,
+        num_epochs: int | None = None, drop_remainder: bool = True, flip: bool = True,
+        teacher_view: str = "original", student_view: str = "low_resolution",
+        student_augment: Callable | None = None, image_size: Sequence[int] = (112, 112),
+        normalize: bool = True, shard_options: grain.sharding.ShardOptions | None = None,
+        num_devices: int | None = None, num_threads: int = 2,
+        prefetch_buffer_size: int | None = None) -> TwoViewPipeline:
+    """Builds the two-view training pipeline over a random-access ``source``.
+
+    Args:
+      source: a tfds data source (``load_training_source``) or any sequence of dicts with
+        ``image`` (encoded bytes), ``label`` and optionally ``landmarks`` ``[5, 2]``.
+      global_batch_size: rows of one step over all hosts; must divide by the device count
+        (``num_devices``, default ``jax.device_count()``) and by the number of shards.
+      seed: shuffling, flips and degradation are functions of ``(seed, epoch, record)``.
+      num_epochs: ``None`` repeats forever. ``drop_remainder``: drop a last partial batch and
+        trim host shards to equal length.
+      teacher_view: 'original' (the flipped original; a deterministic function of the record
+        and ``flipped``, so teacher outputs can be cached) or 'augmented' (the teacher sees
+        exactly the student's view, as in KD where both networks share the input).
+      student_view: 'original' or 'low_resolution' (``student_augment``, default
+        ``LowResolutionAugment(seed=seed)``: blur + downscale to {8,12,16,20,30} px and back for
+        40% of samples, seed wang2019 §2.2). A custom ``student_augment(image, *, epoch, index)
+        -> (image, size)`` replaces it.
+      shard_options: grain ``ShardOptions``; default one shard per JAX process
+        (``ShardByJaxProcess(drop_remainder=drop_remainder)``).
+      num_threads, prefetch_buffer_size: grain read threads (0 = in the calling thread) and
+        the number of examples read ahead.
+    """
+    if not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
+    if teacher_view not in TEACHER_VIEWS:
+        raise ValueError(f"teacher_view must be one of {TEACHER_VIEWS}, got {teacher_view!r}")
+    if student_view not in STUDENT_VIEWS:
+        raise ValueError(f"student_view must be one of {STUDENT_VIEWS}, got {student_view!r}")
+    if student_augment is not None and student_view != "low_resolution":
+        raise ValueError("student_augment is only used with student_view='low_resolution'")
+    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
+        raise ValueError(f"num_epochs must be None or a positive int, got {num_epochs!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    image_size = tuple(int(v) for v in image_size)
+    if len(image_size) != 2 or min(image_size) < 1:
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}")
+    if num_devices is None:
+        import jax
+        num_devices = jax.device_count()
+    if global_batch_size % num_devices:
+        raise ValueError(f"global_batch_size {global_batch_size} must be divisible by the "
+                         f"number of devices {num_devices} (one equal slice per device)")
+    if shard_options is None:
+        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
+    if global_batch_size % shard_options.shard_count:
+        raise ValueError(f"global_batch_size {global_batch_size} must be divisible by the "
+                         f"number of hosts/shards {shard_options.shard_count}")
+    host_batch = global_batch_size // shard_options.shard_count
+    num_records = len(source)
+    start, end = _even_split(num_records, shard_options)
+    if end <= start:
+        raise ValueError(f"shard {shard_options.shard_index} of {shard_options.shard_count} "
+                         f"is empty ({num_records} records)")
+    if drop_remainder and end - start < host_batch:
+        raise ValueError(f"each host has {end - start} records, fewer than one batch of "
+                         f"{host_batch} (drop_remainder=True would yield nothing)")
+    if student_view == "low_resolution" and student_augment is None:
+        student_augment = _default_low_resolution(int(seed))
+    if student_view == "original":
+        student_augment = None
+
+    records = grain.MapDataset.range(start, end)
+    if shuffle:
+        records = records.shuffle(seed=_seed32(int(seed), _TAG_SHUFFLE))
+    records = records.repeat(num_epochs)
+    examples = records.map_with_index(_TwoViews(
+        source, seed=int(seed), shard_length=end - start, flip=flip, teacher_view=teacher_view,
+        student_augment=student_augment, image_size=image_size, normalize=normalize))
+    batches = examples.batch(host_batch, drop_remainder=drop_remainder)
+    per_epoch = (end - start) // host_batch if drop_remainder else -(-(end - start) // host_batch)
+    fingerprint = {
+        "num_records": num_records, "shard": [shard_options.shard_index, shard_options.shard_count],
+        "global_batch_size": global_batch_size, "seed": int(seed), "shuffle": bool(shuffle),
+        "num_epochs": num_epochs, "drop_remainder": bool(drop_remainder), "flip": bool(flip),
+        "teacher_view": teacher_view, "student_view": student_view,
+        "batches_per_epoch": per_epoch,
+    }
+    read_options = grain.ReadOptions(
+        num_threads=num_threads,
+        prefetch_buffer_size=prefetch_buffer_size if prefetch_buffer_size is not None
+        else max(1, 2 * num_threads))
+    return TwoViewPipeline(batches, fingerprint=fingerprint, read_options=read_options)
+
+
+def device_put_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+    """Assembles each host's rows into global ``jax.Array`` s sharded by ``sharding`` (e.g.
+    ``NamedSharding(mesh, P('data'))``): leading dims add up over hosts to the global batch."""
+    import jax
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+def _verification_records(source):
+    """``(len, getter)`` for a ``.bin`` path, a built dataset directory or a data source."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            import tensorflow_datasets as tfds
+            source = tfds.builder_from_directory(path).as_data_source(split="test")
+        else:
+            from kdface.data._verification_bin import read_verification_bin_encoded
+            encoded, issame = read_verification_bin_encoded(path)
+            num = len(issame)
+            return num, lambda i: {"image1": encoded[2 * i], "image2": encoded[2 * i + 1],
+                                   "issame": issame[i], "fold": None}
+    return len(source), source.__getitem__
+
+
+def make_verification_arrays(source, *, num_folds: int = 10, image_size=None):
+    """Decodes a whole verification set for evaluation.
+
+    ``source``: a verification ``.bin`` path, a built dataset directory
+    (``<data_dir>/kdface_verification/<name>/<version>``) or a data source from
+    ``load_verification_source``. ``image_size`` (height, width) resizes if given.
+
+    Returns ``images1``, ``images2``: uint8 ``[P, H, W, 3]`` RGB; ``issame``: bool ``[P]``;
+    ``folds``: int64 ``[P]`` (stored folds, or ``num_folds`` contiguous folds for a ``.bin``).
+    Normalize with ``normalize_images`` before the network.
+    """
+    num, get = _verification_records(source)
+    if num == 0:
+        raise ValueError("verification source has no pairs")
+    first, second, issame, folds = [], [], np.zeros(num, bool), np.zeros(num, np.int64)
+    for i in range(num):
+        rec = get(i)
+        for out, key in ((first, "image1"), (second, "image2")):
+            image = decode_image(rec[key], name=f"pair {i} {key}")
+            if image_size is not None and image.shape[:2] != tuple(image_size):
+                image = cv2.resize(image, tuple(image_size)[::-1], interpolation=cv2.INTER_AREA)
+            out.append(image)
+        issame[i] = bool(rec["issame"])
+        folds[i] = i * num_folds // num if rec["fold"] is None else int(rec["fold"])
+    try:
+        return np.stack(first), np.stack(second), issame, folds
+    except ValueError as err:
+        raise ValueError(f"verification images differ in size; pass image_size ({err})") from err

@@ -1,0 +1,450 @@
+"""tensorflow-datasets builders for face training and verification sets, without TensorFlow.
+
+Datasets are written as ``array_record`` with images kept **encoded** (the JPEG/PNG bytes the
+user's file already holds, in a ``tfds.features.Tensor(shape=(), dtype=np.object_)``): tfds can
+then build and read them with no TensorFlow installed, nothing is re-compressed, and the input
+pipeline decodes with OpenCV (DESIGN.md, "Facts about the stack"). ``tfds.features.Image`` would
+decode on read with PIL and needs TensorFlow to encode arrays, so it is not used.
+
+Layout on disk: ``<data_dir>/kdface_training/<name>/<version>/`` and
+``<data_dir>/kdface_verification/<name>/<version>/``; ``<name>`` is the builder config, one per
+user dataset (``faces_emore``, ``lfw``, ``cfp_fp``...). Each carries ``metadata.json`` with the
+build summary (images or pairs, identities, skipped records, source path).
+
+Features:
+
+* training: ``image`` encoded bytes, ``label`` int64 identity, and ``landmarks`` float32
+  ``[5, 2]`` (x, y pixels; left eye, right eye, nose, left and right mouth corner) when a
+  landmarks CSV is given.
+* verification: ``image1``, ``image2`` encoded bytes, ``issame`` bool, ``fold`` int64 (pairs
+  split into ``num_folds`` contiguous folds as in LFW unless the source names them), ``pair``
+  int64 (position in the source file). Verification sets keep the source order.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import os
+import shutil
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from kdface.data._images import UndecodableImageError, decode_image
+
+__all__ = [
+    "TRAINING_BUILDER",
+    "VERIFICATION_BUILDER",
+    "FaceTrainingConfig",
+    "FaceVerificationConfig",
+    "KdfaceTraining",
+    "KdfaceVerification",
+    "build_training_dataset",
+    "build_verification_dataset",
+    "dataset_path",
+    "load_training_source",
+    "load_verification_source",
+    "load_dataset_metadata",
+]
+
+TRAINING_BUILDER = "kdface_training"
+VERIFICATION_BUILDER = "kdface_verification"
+_VERSION = "1.0.0"
+_RELEASE_NOTES = {"1.0.0": "Encoded images in array_record, readable without TensorFlow."}
+_TRAINING_FORMATS = ("recordio", "folders")
+_VERIFICATION_FORMATS = ("bin", "pairs")
+
+
+@dataclasses.dataclass
+class FaceTrainingConfig(tfds.core.BuilderConfig):
+    """One user training set: ``source`` is a ``.rec`` path or a folder-per-identity root.
+
+    ``landmarks``: optional CSV of ``key,x1,y1,...,x5,y5`` rows (key = record index for
+    RecordIO, image path relative to the root for folders). ``skip_undecodable``: skip (and
+    count) records whose image cannot be decoded instead of failing. ``verify_images``: decode
+    every image once while building to find bad ones (costs one decode per image).
+    """
+
+    source: str = ""
+    source_format: str = "recordio"
+    landmarks: str | None = None
+    skip_undecodable: bool = False
+    verify_images: bool = True
+    progress: bool = False
+
+
+@dataclasses.dataclass
+class FaceVerificationConfig(tfds.core.BuilderConfig):
+    """One verification set: an insightface ``.bin`` or an LFW ``pairs.txt`` + image root.
+
+    ``num_folds``: contiguous folds for a ``.bin`` (it does not store them). ``pairs.txt``
+    images are ``images_root/<name>/<name>_%04d.<image_ext>``. ``skip_missing``: skip (and
+    count) pairs naming missing or undecodable images instead of failing.
+    """
+
+    source: str = ""
+    source_format: str = "bin"
+    images_root: str | None = None
+    image_ext: str = "jpg"
+    num_folds: int = 10
+    skip_missing: bool = False
+    verify_images: bool = True
+    progress: bool = False
+
+
+def _progress(iterable, total: int | None, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm  # a tfds dependency; imported only when a bar is wanted
+    return tqdm(iterable, total=total, desc=desc, unit="img")
+
+
+def _check_decodable(data: bytes, name: str) -> None:
+    image = decode_image(data, name=name)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise UndecodableImageError(f"{name}: decoded to shape {image.shape}, not [H, W, 3]")
+
+
+def _read_landmarks_csv(path: str) -> dict[str, np.ndarray]:
+    """``key -> float32 [5, 2]`` from a CSV of ``key,x1,y1,...,x5,y5`` (a header row is allowed)."""
+    table = {}
+    with open(path, newline="") as f:
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) != 11:
+                raise ValueError(f"{path}:{line_no}: expected key and 10 numbers, got {len(row)}"
+                                 " fields")
+            try:
+                values = np.asarray([float(v) for v in row[1:]], np.float32).reshape(5, 2)
+            except ValueError:
+                if line_no == 1:  # header row
+                    continue
+                raise ValueError(f"{path}:{line_no}: landmark values must be numbers") from None
+            table[row[0].strip()] = values
+    return table
+
+
+def write_landmarks_csv(path, keys, landmarks) -> None:
+    """Writes ``key,x1,y1,...,x5,y5`` rows; ``landmarks``: float ``[N, 5, 2]``, ``keys``: N."""
+    landmarks = np.asarray(landmarks, np.float32)
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2) or len(keys) != len(landmarks):
+        raise ValueError(f"landmarks must be [N, 5, 2] with N keys, got {landmarks.shape} and "
+                         f"{len(keys)} keys")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key"] + [f"{a}{i}" for i in range(1, 6) for a in "xy"])
+        for key, points in zip(keys, landmarks):
+            writer.writerow([key] + [f"{v:.3f}" for v in points.reshape(-1)])
+
+
+class _LocalCodePath:
+    """Points tfds at this file directly: tfds 4.9.10 resolves a packaged builder's code path
+    through ``importlib_resources``, a package it only requires on Python < 3.9 (so it is
+    missing here); the plain file path is what it would compute anyway."""
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return epath.Path(inspect.getfile(cls))
+
+
+class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+    """Face training set (``image`` bytes, ``label``, optional ``landmarks``) from RecordIO or
+    folders; one config per user dataset (see ``build_training_dataset``)."""
+
+    VERSION = tfds.core.Version(_VERSION)
+    RELEASE_NOTES = _RELEASE_NOTES
+    BUILDER_CONFIGS = [FaceTrainingConfig(name="default")]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_,
+                                          doc="encoded JPEG/PNG bytes, RGB"),
+            "label": tfds.features.Scalar(dtype=np.int64, doc="identity"),
+        }
+        if self.builder_config.landmarks:
+            features["landmarks"] = tfds.features.Tensor(
+                shape=(5, 2), dtype=np.float32, doc="x, y of eyes, nose, mouth corners")
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Face training set from {self.builder_config.source_format} "
+                        f"{self.builder_config.source}",
+            features=tfds.features.FeaturesDict(features),
+            supervised_keys=("image", "label"),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _records(self):
+        """Yields ``(key, landmark_key, label, encoded or exception)`` from the source."""
+        cfg = self.builder_config
+        if cfg.source_format == "recordio":
+            from kdface.data._recordio import RecordIO, RecordIOError
+            with RecordIO(cfg.source) as rec:
+                for i in _progress(range(len(rec)), len(rec), cfg.progress, "records"):
+                    try:
+                        label, data = rec.read_encoded(i)
+                    except RecordIOError as err:
+                        yield i, str(i), -1, err
+                        continue
+                    yield i, str(i), label, data
+        else:
+            from kdface.data._folders import read_identity_folders
+            # The folder reader decodes every image once itself ('error' or 'skip').
+            folders = read_identity_folders(
+                cfg.source, on_undecodable=("skip" if cfg.skip_undecodable else "error")
+                if cfg.verify_images else "unchecked")
+            self._folder_skipped = folders.skipped
+            items = folders.samples
+            for i, (label, path) in enumerate(
+                    _progress(items, len(items), cfg.progress, "images")):
+                key = os.path.relpath(path, cfg.source)
+                with open(path, "rb") as f:
+                    yield i, key, int(label), f.read()
+
+    def _generate_examples(self):
+        cfg = self.builder_config
+        landmarks = _read_landmarks_csv(cfg.landmarks) if cfg.landmarks else None
+        skipped, labels = 0, set()
+        self._folder_skipped = 0
+        max_label = -1
+        for key, landmark_key, label, data in self._records():
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                if cfg.verify_images and cfg.source_format == "recordio":
+                    _check_decodable(data, f"{cfg.source} record {landmark_key}")
+            except (UndecodableImageError, ValueError):
+                if not cfg.skip_undecodable:
+                    raise
+                skipped += 1
+                continue
+            example = {"image": data, "label": int(label)}
+            if landmarks is not None:
+                if landmark_key not in landmarks:
+                    raise ValueError(f"{cfg.landmarks}: no landmarks for key {landmark_key!r}")
+                example["landmarks"] = landmarks[landmark_key]
+            labels.add(int(label))
+            max_label = max(max_label, int(label))
+            yield key, example
+        self.info.metadata.update({
+            "source": os.path.abspath(cfg.source), "source_format": cfg.source_format,
+            "identities": len(labels), "num_classes": max_label + 1,
+            "skipped": skipped + self._folder_skipped,
+        })
+
+
+class KdfaceVerification(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+    """Face verification pairs (``image1``, ``image2``, ``issame``, ``fold``, ``pair``) from a
+    ``.bin`` or ``pairs.txt``; source order is kept (see ``build_verification_dataset``)."""
+
+    VERSION = tfds.core.Version(_VERSION)
+    RELEASE_NOTES = _RELEASE_NOTES
+    BUILDER_CONFIGS = [FaceVerificationConfig(name="default")]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        encoded = dict(shape=(), dtype=np.object_, doc="encoded JPEG/PNG bytes, RGB")
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Face verification pairs from {self.builder_config.source_format} "
+                        f"{self.builder_config.source}",
+            features=tfds.features.FeaturesDict({
+                "image1": tfds.features.Tensor(**encoded),
+                "image2": tfds.features.Tensor(**encoded),
+                "issame": tfds.features.Scalar(dtype=np.bool_),
+                "fold": tfds.features.Scalar(dtype=np.int64),
+                "pair": tfds.features.Scalar(dtype=np.int64),
+            }),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # pair i stays example i; folds stay contiguous
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"test": self._generate_examples()}
+
+    def _pairs(self):
+        """``(image1 bytes, image2 bytes, issame, fold or None)`` per pair, and a skip count."""
+        cfg = self.builder_config
+        if cfg.source_format == "bin":
+            from kdface.data._verification_bin import read_verification_bin_encoded
+            encoded, issame = read_verification_bin_encoded(cfg.source)
+            pairs = [(encoded[2 * i], encoded[2 * i + 1], bool(s), None)
+                     for i, s in enumerate(issame)]
+            return pairs, 0
+        from kdface.data._pairs import read_lfw_pairs
+        listing = read_lfw_pairs(cfg.source, cfg.images_root, ext=cfg.image_ext,
+                                 load_images=False,
+                                 on_missing="skip" if cfg.skip_missing else "error")
+        paths, issame, folds = listing
+        pairs = []
+        for i, (same, fold) in enumerate(zip(issame, folds)):
+            encoded = []
+            for path in paths[2 * i: 2 * i + 2]:
+                with open(path, "rb") as f:
+                    encoded.append(f.read())
+            pairs.append((encoded[0], encoded[1], bool(same), int(fold)))
+        return pairs, listing.skipped
+
+    def _generate_examples(self):
+        cfg = self.builder_config
+        pairs, skipped = self._pairs()
+        num_pairs = len(pairs)
+        if num_pairs == 0:
+            raise ValueError(f"{cfg.source}: no verification pairs")
+        kept = []
+        for i, (a, b, same, fold) in enumerate(
+                _progress(pairs, num_pairs, cfg.progress, "pairs")):
+            if fold is None:
+                fold = i * cfg.num_folds // num_pairs
+            try:
+                if cfg.verify_images:
+                    _check_decodable(a, f"{cfg.source} pair {i} image 1")
+                    _check_decodable(b, f"{cfg.source} pair {i} image 2")
+            except UndecodableImageError:
+                if not cfg.skip_missing:
+                    raise
+                skipped += 1
+                continue
+            kept.append((same, fold))
+            yield i, {"image1": a, "image2": b, "issame": bool(same), "fold": int(fold),
+                      "pair": i}
+        self.info.metadata.update({
+            "source": os.path.abspath(cfg.source), "source_format": cfg.source_format,
+            "pairs": len(kept), "same": int(sum(same for same, _ in kept)),
+            "skipped": int(skipped), "num_folds": len({fold for _, fold in kept}),
+        })
+
+
+def dataset_path(data_dir, builder: str, name: str) -> str:
+    """``<data_dir>/<builder>/<name>/<version>``: where a built dataset lives."""
+    if builder not in (TRAINING_BUILDER, VERIFICATION_BUILDER):
+        raise ValueError(f"builder must be {TRAINING_BUILDER!r} or {VERIFICATION_BUILDER!r}, "
+                         f"got {builder!r}")
+    return os.path.join(os.fspath(data_dir), builder, name, _VERSION)
+
+
+def _default_name(source: str) -> str:
+    base = os.path.basename(os.path.normpath(source))
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in stem) or "dataset"
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise ValueError(f"name must be a non-empty string of letters, digits, '_', '-', '.', "
+                         f"got {name!r}")
+    return name
+
+
+def _prepare(builder_cls, config, data_dir: str, overwrite: bool) -> dict:
+    path = dataset_path(data_dir, builder_cls.name, config.name)
+    if overwrite and os.path.isdir(path):
+        shutil.rmtree(path)
+    builder = builder_cls(config=config, data_dir=os.fspath(data_dir),
+                          file_format="array_record")
+    builder.download_and_prepare(
+        download_dir=os.path.join(os.fspath(data_dir), "downloads"))
+    return load_dataset_metadata(data_dir, builder_cls.name, config.name)
+
+
+def build_training_dataset(source, data_dir, *, name: str | None = None,
+                           source_format: str = "auto", landmarks=None,
+                           skip_undecodable: bool = False, verify_images: bool = True,
+                           overwrite: bool = False, progress: bool = False) -> dict:
+    """Builds ``<data_dir>/kdface_training/<name>`` from a ``.rec`` (+ ``.idx``) or folders.
+
+    ``source_format``: 'recordio', 'folders' or 'auto' (a directory means folders). ``name``
+    defaults to the source's file or folder name. An already built dataset is reused unless
+    ``overwrite``. Returns the build summary: ``images``, ``identities``, ``num_classes``,
+    ``skipped``, ``source``, ``path``.
+    """
+    source = os.fspath(source)
+    if source_format == "auto":
+        source_format = "folders" if os.path.isdir(source) else "recordio"
+    if source_format not in _TRAINING_FORMATS:
+        raise ValueError(f"source_format must be one of {_TRAINING_FORMATS} or 'auto', "
+                         f"got {source_format!r}")
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"training source not found: {source}")
+    if landmarks is not None and not os.path.isfile(landmarks):
+        raise FileNotFoundError(f"landmarks CSV not found: {landmarks}")
+    config = FaceTrainingConfig(
+        name=_check_name(name or _default_name(source)), source=source,
+        source_format=source_format, landmarks=None if landmarks is None else os.fspath(landmarks),
+        skip_undecodable=skip_undecodable, verify_images=verify_images, progress=progress)
+    return _prepare(KdfaceTraining, config, data_dir, overwrite)
+
+
+def build_verification_dataset(source, data_dir, *, name: str | None = None,
+                               source_format: str = "auto", images_root=None,
+                               image_ext: str = "jpg", num_folds: int = 10, skip_missing: bool = False,
+                               verify_images: bool = True, overwrite: bool = False,
+                               progress: bool = False) -> dict:
+    """Builds ``<data_dir>/kdface_verification/<name>`` from a ``.bin`` or a ``pairs.txt``.
+
+    ``source_format``: 'bin', 'pairs' or 'auto' (by extension, ``.txt`` means pairs, which
+    need ``images_root``). ``.bin`` pairs get ``num_folds`` contiguous folds (the LFW
+    convention insightface's evaluation uses). Returns the build summary: ``pairs``, ``same``,
+    ``skipped``, ``num_folds``, ``source``, ``path``.
+    """
+    source = os.fspath(source)
+    if source_format == "auto":
+        source_format = "pairs" if source.endswith(".txt") else "bin"
+    if source_format not in _VERIFICATION_FORMATS:
+        raise ValueError(f"source_format must be one of {_VERIFICATION_FORMATS} or 'auto', "
+                         f"got {source_format!r}")
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"verification source not found: {source}")
+    if source_format == "pairs" and images_root is None:
+        raise ValueError("pairs.txt sources need images_root (the folder of identity folders)")
+    if not isinstance(num_folds, int) or num_folds < 2:
+        raise ValueError(f"num_folds must be an int >= 2, got {num_folds!r}")
+    config = FaceVerificationConfig(
+        name=_check_name(name or _default_name(source)), source=source,
+        source_format=source_format,
+        images_root=None if images_root is None else os.fspath(images_root), image_ext=image_ext,
+        num_folds=num_folds, skip_missing=skip_missing, verify_images=verify_images,
+        progress=progress)
+    return _prepare(KdfaceVerification, config, data_dir, overwrite)
+
+
+def _read_only_builder(data_dir, builder: str, name: str):
+    path = dataset_path(data_dir, builder, name)
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        raise FileNotFoundError(
+            f"no built dataset at {path}; build it with kdface.data.build_"
+            f"{'training' if builder == TRAINING_BUILDER else 'verification'}_dataset or "
+            "`python -m data_prep.build`")
+    return tfds.builder_from_directory(path)
+
+
+def load_dataset_metadata(data_dir, builder: str, name: str) -> dict:
+    """The build summary of a built dataset (``metadata.json``) plus ``path``, ``features``
+    and ``num_examples``."""
+    ro = _read_only_builder(data_dir, builder, name)
+    summary = dict(ro.info.metadata or {})
+    split = "train" if builder == TRAINING_BUILDER else "test"
+    count = ro.info.splits[split].num_examples
+    summary.update(path=dataset_path(data_dir, builder, name), name=name,
+                   features=sorted(ro.info.features.keys()), num_examples=int(count))
+    summary["images" if builder == TRAINING_BUILDER else "pairs"] = int(count)
+    return summary
+
+
+def load_training_source(data_dir, name: str):
+    """Random-access tfds data source (``ArrayRecordDataSource``) of a built training set:
+    ``len()`` examples, ``source[i]`` a dict of ``image`` bytes, ``label`` and maybe
+    ``landmarks``. No TensorFlow is imported."""
+    return _read_only_builder(data_dir, TRAINING_BUILDER, name).as_data_source(split="train")
+
+
+def load_verification_source(data_dir, name: str):
+    """Random-access tfds data source of a built verification set, in source pair order."""
+    return _read_only_builder(data_dir, VERIFICATION_BUILDER, name).as_data_source(split="test")
