@@ -1,0 +1,286 @@
+"""Tests for kdface.losses._classification against float64 NumPy loops over the formulas."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from kdface.losses import (arcface_logits, cosface_logits, margin_cross_entropy,
+                           softmax_cross_entropy, sphereface_lambda, sphereface_logits)
+
+N, C = 6, 5
+
+
+def _data(seed=0, n=N, c=C, low=-0.95, high=0.95):
+    rng = np.random.default_rng(seed)
+    cos = rng.uniform(low, high, (n, c)).astype(np.float32)
+    labels = rng.integers(0, c, n).astype(np.int32)
+    return cos, labels
+
+
+# ----------------------------------------------------------------------------- references
+
+def ref_cross_entropy(logits, labels):
+    out = []
+    for row, y in zip(np.asarray(logits, np.float64), labels):
+        top = max(row)
+        log_z = top + math.log(sum(math.exp(v - top) for v in row))
+        out.append(log_z - row[y])
+    return np.array(out)
+
+
+def ref_cosface(cos, labels, s, m):
+    out = np.zeros(cos.shape)
+    for i in range(cos.shape[0]):
+        for j in range(cos.shape[1]):
+            out[i, j] = s * (float(cos[i, j]) - (m if j == labels[i] else 0.0))
+    return out
+
+
+def ref_arcface(cos, labels, s, m, easy_margin):
+    out = np.zeros(cos.shape)
+    for i in range(cos.shape[0]):
+        for j in range(cos.shape[1]):
+            c = float(cos[i, j])
+            if j == labels[i]:
+                theta = math.acos(c)
+                if easy_margin:
+                    c = math.cos(theta + m) if c > 0 else c
+                else:
+                    c = math.cos(theta + m) if theta + m < math.pi else c - m * math.sin(m)
+            out[i, j] = s * c
+    return out
+
+
+def ref_sphereface(cos, labels, norms, m, lam):
+    out = np.zeros(cos.shape)
+    for i in range(cos.shape[0]):
+        for j in range(cos.shape[1]):
+            c = float(cos[i, j])
+            if j == labels[i]:
+                theta = math.acos(c)
+                k = min(int(m * theta // math.pi), m - 1)
+                psi = (-1) ** k * math.cos(m * theta) - 2 * k
+                c = (lam * c + psi) / (1 + lam)
+            out[i, j] = norms[i] * c
+    return out
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", None])
+def test_cross_entropy_matches_loop(reduction):
+    rng = np.random.default_rng(1)
+    logits = (3 * rng.normal(size=(N, C))).astype(np.float32)
+    labels = rng.integers(0, C, N).astype(np.int32)
+    want = ref_cross_entropy(logits, labels)
+    want = {"mean": want.mean(), "sum": want.sum()}.get(reduction, want)
+    got = softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), reduction=reduction)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(margin_cross_entropy(logits, labels, reduction=reduction), got,
+                               rtol=1e-6)
+
+
+def test_cross_entropy_large_logits_stable():
+    logits = jnp.array([[1000.0, 0.0, -1000.0]])
+    np.testing.assert_allclose(softmax_cross_entropy(logits, jnp.array([1])), 1000.0, rtol=1e-6)
+
+
+def test_cross_entropy_grad_is_softmax_minus_onehot():
+    cos, labels = _data(2)
+    logits = jnp.asarray(3 * cos)
+    grad = jax.grad(lambda x: softmax_cross_entropy(x, labels, reduction="sum"))(logits)
+    x = np.asarray(logits, np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(N), labels] -= 1.0
+    np.testing.assert_allclose(grad, p, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- margin heads
+
+@pytest.mark.parametrize("margin", [0.0, 0.35])
+def test_cosface_matches_loop(margin):
+    cos, labels = _data(3)
+    got = cosface_logits(jnp.asarray(cos), jnp.asarray(labels), scale=64.0, margin=margin)
+    np.testing.assert_allclose(got, ref_cosface(cos, labels, 64.0, margin), rtol=1e-5,
+                               atol=1e-5)
+    if margin == 0.0:
+        np.testing.assert_allclose(got, 64.0 * cos, rtol=1e-6)
+
+
+@pytest.mark.parametrize("easy_margin", [False, True])
+def test_arcface_matches_loop(easy_margin):
+    cos, labels = _data(4, n=40, low=-1.0, high=1.0)
+    # Exercise both sides of the fallback thresholds cos(pi - m) and 0 and the end points.
+    cos[0, labels[0]] = 1.0
+    cos[1, labels[1]] = -1.0
+    cos[2, labels[2]] = math.cos(math.pi - 0.5) - 0.01
+    cos[3, labels[3]] = math.cos(math.pi - 0.5) + 0.01
+    cos[4, labels[4]] = -0.01
+    cos[5, labels[5]] = 0.999999
+    got = arcface_logits(jnp.asarray(cos), jnp.asarray(labels), scale=64.0, margin=0.5,
+                         easy_margin=easy_margin)
+    want = ref_arcface(cos, labels, 64.0, 0.5, easy_margin)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=64 * 2e-6)
+
+
+def test_arcface_zero_margin_is_scaled_cosine():
+    cos, labels = _data(5)
+    got = arcface_logits(jnp.asarray(cos), jnp.asarray(labels), scale=30.0, margin=0.0)
+    np.testing.assert_allclose(got, 30.0 * cos, rtol=1e-6, atol=1e-6)
+
+
+def test_arcface_gradient_finite_at_plus_minus_one():
+    cos = jnp.array([[1.0, 0.2, -1.0], [-1.0, 1.0, 0.3], [1.0 + 1e-7, 0.0, 0.0]])
+    labels = jnp.array([0, 0, 0])
+
+    def loss(c):
+        return margin_cross_entropy(arcface_logits(c, labels), labels)
+
+    jac_easy = jax.jit(jax.jacrev(lambda c: arcface_logits(c, labels, easy_margin=True)))(cos)
+    assert np.all(np.isfinite(jac_easy))
+    grad = jax.jit(jax.grad(loss))(cos)
+    assert np.all(np.isfinite(grad))
+    # At cos = 1 the target logit's derivative is s cos m (sin θ's infinite slope taken as 0);
+    # at cos = -1 the fallback branch cos θ - m sin m has slope s.
+    jac = jax.jit(jax.jacrev(lambda c: arcface_logits(c, labels)))(cos)
+    assert np.all(np.isfinite(jac))
+    np.testing.assert_allclose(jac[0, 0, 0, 0], 64 * math.cos(0.5), rtol=1e-6)
+    np.testing.assert_allclose(jac[1, 0, 1, 0], 64.0, rtol=1e-6)
+
+
+def test_margin_head_grads_float64():
+    cos, labels = _data(6)
+    norms = np.random.default_rng(6).uniform(0.5, 3.0, N)
+    with jax.enable_x64(True):
+        c = jnp.asarray(cos, jnp.float64)
+        y = jnp.asarray(labels)
+        r = jnp.asarray(norms)
+        # jit keeps the many finite-difference evaluations cheap.
+        check_grads(jax.jit(lambda c: cosface_logits(c, y)), (c,), order=1, modes=["rev"])
+        check_grads(jax.jit(lambda c: arcface_logits(c, y)), (c,), order=1, modes=["rev"])
+        check_grads(jax.jit(lambda c, r: sphereface_logits(c, y, feature_norm=r, lambda_=2.0)),
+                    (c, r), order=1, modes=["rev"])
+        check_grads(jax.jit(lambda c: margin_cross_entropy(arcface_logits(c, y), y)), (c,),
+                    order=1, modes=["rev", "fwd"])
+
+
+@pytest.mark.parametrize("margin", [1, 2, 3, 4])
+@pytest.mark.parametrize("lam", [0.0, 5.0])
+def test_sphereface_matches_loop(margin, lam):
+    cos, labels = _data(7, n=30, low=-1.0, high=1.0)
+    cos[0, labels[0]] = 1.0
+    cos[1, labels[1]] = -1.0
+    norms = np.random.default_rng(7).uniform(0.5, 20.0, 30).astype(np.float32)
+    got = sphereface_logits(jnp.asarray(cos), jnp.asarray(labels), feature_norm=jnp.asarray(norms),
+                            margin=margin, lambda_=lam)
+    want = ref_sphereface(cos, labels, norms, margin, lam)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * norms.max())
+
+
+def test_sphereface_defaults_and_traced_lambda():
+    cos, labels = _data(8)
+    got = sphereface_logits(jnp.asarray(cos), jnp.asarray(labels))
+    np.testing.assert_allclose(got, ref_sphereface(cos, labels, np.ones(N), 4, 0.0), rtol=1e-5,
+                               atol=1e-5)
+
+    @jax.jit
+    def at_step(step):
+        return sphereface_logits(jnp.asarray(cos), jnp.asarray(labels),
+                                 lambda_=sphereface_lambda(step))
+
+    want = ref_sphereface(cos, labels, np.ones(N), 4, 1000.0 / (1 + 0.12 * 50))
+    np.testing.assert_allclose(at_step(50), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sphereface_margin_one_is_plain_cosine_and_grads_finite():
+    cos, labels = _data(9)
+    got = sphereface_logits(jnp.asarray(cos), jnp.asarray(labels), margin=1)
+    np.testing.assert_allclose(got, cos, rtol=1e-6, atol=1e-7)
+    edge = jnp.array([[1.0, 0.0], [-1.0, 0.5]])
+    jac = jax.jit(jax.jacrev(lambda c: sphereface_logits(c, jnp.array([0, 0]))))(edge)
+    assert np.all(np.isfinite(jac))
+    np.testing.assert_allclose(jac[0, 0, 0, 0], 16.0, rtol=1e-6)  # T_4'(1) = m^2
+
+
+def test_sphereface_lambda_schedule():
+    np.testing.assert_allclose(sphereface_lambda(0), 1000.0)
+    np.testing.assert_allclose(sphereface_lambda(100), 1000.0 / 13.0, rtol=1e-6)
+    np.testing.assert_allclose(sphereface_lambda(10**6), 5.0)
+    np.testing.assert_allclose(sphereface_lambda(10, base=10.0, gamma=1.0, power=2.0,
+                                                 lambda_min=0.0), 10.0 / 121.0, rtol=1e-6)
+    steps = jnp.arange(0, 3000, 500)
+    vals = jax.jit(jax.vmap(sphereface_lambda))(steps)
+    want = [max(5.0, 1000.0 / (1 + 0.12 * s)) for s in range(0, 3000, 500)]
+    np.testing.assert_allclose(vals, want, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+HEADS = {
+    "ce": lambda c, y: softmax_cross_entropy(5 * c, y),
+    "cosface": lambda c, y: margin_cross_entropy(cosface_logits(c, y), y),
+    "arcface": lambda c, y: margin_cross_entropy(arcface_logits(c, y), y),
+    "sphereface": lambda c, y: margin_cross_entropy(sphereface_logits(c, y, lambda_=5.0), y),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_jit_vmap_and_bf16(name):
+    fn = HEADS[name]
+    cos, labels = _data(10)
+    c, y = jnp.asarray(cos), jnp.asarray(labels)
+    jitted = jax.jit(fn)
+    eager = fn(c, y)
+    np.testing.assert_allclose(jitted(c, y), eager, rtol=1e-6)
+    stack = jnp.stack([c, -c, 0.5 * c])
+    ys = jnp.stack([y, y, (y + 1) % C])
+    batched = jax.jit(jax.vmap(fn))(stack, ys)
+    for b in range(3):
+        np.testing.assert_allclose(batched[b], jitted(stack[b], ys[b]), rtol=1e-5)
+    low = c.astype(jnp.bfloat16)
+    out = jitted(low, y)
+    assert out.dtype == jnp.float32
+    # The same math on the bf16-rounded values in float32: only the input rounding differs.
+    np.testing.assert_allclose(out, jitted(low.astype(jnp.float32), y), rtol=1e-5)
+    np.testing.assert_allclose(out, eager, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs():
+    cos, labels = _data(11)
+    c, y = jnp.asarray(cos), jnp.asarray(labels)
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        softmax_cross_entropy(c[0], y)
+    with pytest.raises(ValueError, match="labels"):
+        cosface_logits(c, y[:-1])
+    with pytest.raises(TypeError, match="integer"):
+        arcface_logits(c, y.astype(jnp.float32))
+    with pytest.raises(TypeError, match="floating"):
+        softmax_cross_entropy(jnp.ones((N, C), jnp.int32), y)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        softmax_cross_entropy(c, y.at[0].set(C))
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        cosface_logits(c, y.at[0].set(-1))
+    with pytest.raises(ValueError, match="reduction"):
+        softmax_cross_entropy(c, y, reduction="average")
+    with pytest.raises(ValueError, match="scale"):
+        cosface_logits(c, y, scale=0.0)
+    with pytest.raises(ValueError, match="margin"):
+        cosface_logits(c, y, margin=-0.1)
+    with pytest.raises(ValueError, match="pi/2"):
+        arcface_logits(c, y, margin=2.0)
+    with pytest.raises(TypeError, match="int"):
+        sphereface_logits(c, y, margin=1.35)
+    with pytest.raises(ValueError, match="margin"):
+        sphereface_logits(c, y, margin=0)
+    with pytest.raises(ValueError, match="lambda_"):
+        sphereface_logits(c, y, lambda_=-1.0)
+    with pytest.raises(ValueError, match="feature_norm"):
+        sphereface_logits(c, y, feature_norm=jnp.ones((N - 1,)))
