@@ -1,0 +1,93 @@
+"""The networks a recipe trains: a backbone with its classifier head, plus distillation adapters.
+
+``FaceNetwork`` = backbone + classifier head (+ optional landmark head) and returns the output
+dict the loss terms read (``kdface.distill._terms``). ``DistillStudent`` adds the 1x1 conv + BN
+stage adapters that map student stages onto the teacher's (seed duong2019 §3.3).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdface import models
+from kdface.models._adapters import stage_adapters
+from kdface.models._heads import LandmarkHead, MarginHead, SoftmaxHead
+
+MARGIN_HEADS = ("cosface", "arcface", "sphereface")
+
+
+class FaceNetwork(nnx.Module):
+    """Backbone + classifier head.
+
+    ``head='softmax'`` gives plain logits; a margin head gives cos θ to normalized class weights
+    (the margin is applied by the loss term) and ``logits = logit_scale * cos θ`` for Hinton KD.
+    """
+
+    def __init__(self, backbone: models.Backbone, *, num_classes: int, head: str,
+                 rngs: nnx.Rngs, logit_scale: float = 64.0, landmark_head: bool = False):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.head_kind = head
+        self.logit_scale = float(logit_scale)
+        size = backbone.embedding_size
+        if head == "softmax":
+            self.head = SoftmaxHead(size, num_classes, rngs=rngs)
+        elif head in MARGIN_HEADS:
+            self.head = MarginHead(size, num_classes, rngs=rngs)
+        else:
+            raise ValueError(f"head must be 'softmax' or one of {MARGIN_HEADS}, got {head!r}")
+        self.landmark_head = (LandmarkHead(size, rngs=rngs) if landmark_head else None)
+
+    def __call__(self, x: jax.Array, *, with_stages: bool = False) -> dict[str, Any]:
+        embedding, stages = self.backbone(x, return_stages=True)
+        out: dict[str, Any] = {"embedding": embedding}
+        if with_stages:
+            out["stages"] = stages
+        head_out = self.head(embedding)
+        if self.head_kind == "softmax":
+            out["logits"] = head_out
+        else:
+            out["cos"] = head_out
+            out["logits"] = self.logit_scale * head_out
+        if self.landmark_head is not None:
+            out["landmarks"] = self.landmark_head(embedding)
+        return out
+
+
+class DistillStudent(nnx.Module):
+    """The trained side: the student ``FaceNetwork`` and, when a recipe needs them, one
+    ``ConvAdapter`` per stage mapping the student's stage shape onto the teacher's."""
+
+    def __init__(self, network: FaceNetwork, *, adapters: list[nnx.Module] | None = None):
+        self.network = network
+        self.adapters = nnx.List(adapters) if adapters else None
+
+    def adapt(self, i: int, feature: jax.Array) -> jax.Array:
+        if self.adapters is None:
+            raise ValueError("this student was built without stage adapters")
+        return self.adapters[i](feature)
+
+
+def build_student(backbone_name: str, *, num_classes: int, head: str, rngs: nnx.Rngs,
+                  backbone_options: dict[str, Any] | None = None, logit_scale: float = 64.0,
+                  landmark_head: bool = False, adapt_to: models.Backbone | None = None,
+                  input_hw: tuple[int, int] = (112, 112)) -> DistillStudent:
+    """Creates the student network (and stage adapters to ``adapt_to``'s stages, if given)."""
+    backbone = models.create(backbone_name, rngs=rngs, **(backbone_options or {}))
+    network = FaceNetwork(backbone, num_classes=num_classes, head=head, rngs=rngs,
+                          logit_scale=logit_scale, landmark_head=landmark_head)
+    adapters = None
+    if adapt_to is not None:
+        adapters = stage_adapters(backbone, adapt_to, input_hw, rngs=rngs)
+    return DistillStudent(network, adapters=adapters)
+
+
+def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
+    """Casts every floating leaf of ``tree`` to ``dtype`` (bf16 compute option)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

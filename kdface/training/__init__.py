@@ -1,0 +1,9 @@
+"""The trainer behind ``python -m kdface.train``: config, step, loop, checkpoints, logs."""
+from kdface.training._arrays import ArrayBatches
+from kdface.training._checkpoint import Checkpoints, load_model_weights
+from kdface.training._config import TrainConfig
+from kdface.training._logging import EventWriter, RunLog, read_events
+from kdface.training._loop import (NonFiniteLossError, VerificationSet, data_mesh, fit,
+                                   normalize_images, shard_batch)
+from kdface.training._optim import learning_rate_schedule, make_optimizer
+from kdface.training._step import StepConfig, init_state, make_train_step

@@ -1,0 +1,59 @@
+"""An in-memory, resumable batch iterator over arrays (tests, small sets, cached features).
+
+Yields the trainer's batch dicts from arrays held in memory. The order is a seeded permutation
+per epoch, so ``get_state()`` -> ``{'epoch', 'position', 'seed'}`` is enough to resume exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+class ArrayBatches:
+    """Iterator of ``{'student_image', 'teacher_image', 'label', 'index'}`` batches.
+
+    images: [N, H, W, 3] float32 (already normalized) or uint8; labels [N] int.
+    student_transform(images, indices, epoch) optionally builds the student view from the
+    teacher view (e.g. low-resolution degradation); without it both views are the same array.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+                 seed: int = 0, shuffle: bool = True,
+                 student_transform: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None
+                 = None):
+        if len(images) != len(labels):
+            raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in N")
+        if batch_size > len(images):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} samples")
+        self.images, self.labels = images, np.asarray(labels, np.int32)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.student_transform = student_transform
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.images))
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.images))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.position + self.batch_size > len(self.images):  # drop the remainder
+            self.epoch, self.position = self.epoch + 1, 0
+        idx = self._order(self.epoch)[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        teacher = self.images[idx]
+        student = (teacher if self.student_transform is None
+                   else self.student_transform(teacher, idx, self.epoch))
+        return {"student_image": student, "teacher_image": teacher,
+                "label": self.labels[idx], "index": idx.astype(np.int64)}
+
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"iterator state is for seed {state['seed']}, not {self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

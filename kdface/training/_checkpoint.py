@@ -1,0 +1,112 @@
+"""Orbax checkpoints for the trainer: resume, keep-latest + keep-best, params-only teachers.
+
+A checkpoint step directory holds three items:
+
+* ``model``: ``{'params', 'rest'}`` — the student's weights and BatchNorm statistics. This is all a
+  later run needs to use the network as a frozen teacher (loaded "params-only").
+* ``optimizer``: ``{'opt_state', 'step'}``.
+* ``meta``: JSON — the data iterator's state, the metrics of the step, the run's config.
+
+The teacher a run distils from is never written here (STYLE.md rule 8). Saves are asynchronous;
+``close()`` waits for them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_policy = ocp.checkpoint_managers.preservation_policy
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+    """Save every K steps / at the end; keep the latest ``keep`` and the ``keep_best`` best by
+    ``best_metric`` (higher is better); restore the latest to resume."""
+
+    def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1,
+                 best_metric: str | None = "val_accuracy", async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        policies = [_policy.LatestN(n=keep)]
+        if best_metric and keep_best:
+            policies.append(_policy.BestN(get_metric_fn=lambda m: m[best_metric], n=keep_best,
+                                          reverse=True, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=_policy.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("model", "optimizer", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
+             metrics: dict[str, float] | None = None, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            model=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
+            optimizer=ocp.args.StandardSave({"opt_state": state["opt_state"],
+                                             "step": state["step"]}),
+            meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, metrics=metrics, force=force)
+
+    def restore(self, step: int | None, like_state: dict[str, Any]):
+        """Restores ``(state, meta)`` at ``step`` (latest if None) shaped like ``like_state``."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        model_like = {"params": like_state["params"], "rest": like_state["rest"]}
+        opt_like = {"opt_state": like_state["opt_state"], "step": like_state["step"]}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_abstract(model_like)),
+            optimizer=ocp.args.StandardRestore(_abstract(opt_like)),
+            meta=ocp.args.JsonRestore()))
+        state = {**restored["model"], **restored["optimizer"]}
+        return state, restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_model_weights(directory: str, like_model: dict[str, Any], *, step: int | None = None
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Params-only load of a run's ``model`` item (e.g. a frozen teacher or a student init).
+
+    directory: a run's workdir or its ``checkpoints`` directory.
+
+    like_model: ``{'params', 'rest'}`` of a network built with the same architecture. Returns the
+    restored tree and the checkpoint's meta. Raises FileNotFoundError when there is no checkpoint
+    and ValueError naming the mismatch when the architecture does not fit.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    if os.path.isdir(os.path.join(directory, "checkpoints")):  # a run's workdir
+        directory = os.path.join(directory, "checkpoints")
+    manager = ocp.CheckpointManager(directory, item_names=("model", "optimizer", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found in {directory}")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(_abstract(like_model)),
+                meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint {directory} step {step} does not match the network "
+                             f"architecture it is loaded into: {e}") from e
+        return restored["model"], restored["meta"]
+    finally:
+        manager.close()
