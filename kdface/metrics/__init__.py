@@ -26,3 +26,4 @@ from kdface.metrics._identification import (
 )
 from kdface.metrics._topk import TailOfScores, top_k
 from kdface.metrics._alignment import nearest_neighbour_verification, nrmse_dataset
+from kdface.metrics._plots import line_plot, plot_accuracy_vs_probe_size, plot_ced, plot_roc
