@@ -1,0 +1,307 @@
+"""Relational distillation baselines: RKD-D, RKD-A (Park et al., 2019) and DarkRank-hard
+(Chen et al., 2018), as compared against PWR in seed nikitin2020 §4.
+
+All three are written in their fast, memory-bounded form:
+
+* pairwise distances come from one Gram matrix (``|a|^2 + |b|^2 - 2 a.b``), never from an
+  ``[N, N, D]`` difference tensor; embeddings are centred first (the losses are translation
+  invariant) so the Gram trick loses little precision, and the matmuls ask for
+  ``Precision.HIGHEST`` so TF32 on GPUs cannot silently cost three decimal digits;
+* RKD-A never holds the ``[N, N, N]`` angle tensor: angles follow from the Gram matrix and are
+  reduced block by block over the angle's vertex under ``jax.checkpoint``, so the backward pass is
+  bounded too;
+* each loss is a sum over *rows* (pair rows, vertices, anchors), and the private ``*_rows`` cores
+  take a row range and a ``total`` reduction so ``kdface.losses._sharded`` can split the rows over
+  devices and psum the partial sums.
+
+The teacher is a frozen target: its side is under ``stop_gradient`` in every loss (as in Park et
+al.'s public code, which computes it under ``torch.no_grad``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from kdface.losses._checks import (check_embeddings, check_option, check_positive,
+                                   check_same_rows, compute_dtype)
+
+Array = jax.Array
+Total = Callable[[Array], Array]
+
+HIGHEST = jax.lax.Precision.HIGHEST
+# Elements of one [block, N, N] angle tile; a few such tiles are live in the backward pass.
+ANGLE_TILE_ELEMENTS = 1 << 23
+_REDUCTIONS = ("mean", "sum", None)
+
+
+def _identity(x: Array) -> Array:
+    return x
+
+
+def huber(x: Array) -> Array:
+    """Huber / smooth-L1 with delta 1 (``F.smooth_l1_loss`` in Park et al.'s code)."""
+    ax = jnp.abs(x)
+    return jnp.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
+
+
+def prepare_pair(student: Array, teacher: Array, *, min_n: int) -> tuple[Array, Array]:
+    """Checks ``[N, D_s]``/``[N, D_t]`` embeddings, casts to the compute dtype, stops the teacher."""
+    check_embeddings("student", student)
+    check_embeddings("teacher", teacher)
+    check_same_rows("student", student, "teacher", teacher)
+    n = student.shape[0]
+    if n < min_n:
+        raise ValueError(f"this loss needs a batch of at least N={min_n} embeddings, got N={n}")
+    dtype = compute_dtype(student, teacher)
+    return student.astype(dtype), jax.lax.stop_gradient(teacher.astype(dtype))
+
+
+def centered(e: Array) -> Array:
+    """``e - mean(e)``: distances and angles are translation invariant; centring keeps the Gram
+    entries small so ``|a|^2 + |b|^2 - 2 a.b`` cancels less."""
+    return e - jnp.mean(e, axis=0, keepdims=True)
+
+
+def gram(a: Array, b: Array) -> Array:
+    """``a @ b.T`` at full float32 precision (no TF32 / bf16 passes on accelerators)."""
+    return jnp.matmul(a, b.T, precision=HIGHEST)
+
+
+def row_mask(row_offset: Array | int, n_rows: int, n: int) -> Array:
+    """``[n_rows, n]`` bool, True where global row ``row_offset + r`` equals column ``c``."""
+    rows = row_offset + jnp.arange(n_rows)
+    return rows[:, None] == jnp.arange(n)[None, :]
+
+
+def pair_sq_distances(e_all: Array, row_offset: Array | int, n_rows: int) -> Array:
+    """``[n_rows, N]`` squared distances of rows ``row_offset..`` of ``e_all: [N, D]`` to all
+    rows, from the Gram matrix, clamped at 0; the self-distance is exactly 0."""
+    rows = jax.lax.dynamic_slice_in_dim(e_all, row_offset, n_rows, axis=0)
+    sq_all = jnp.sum(e_all * e_all, axis=1)
+    sq_rows = jnp.sum(rows * rows, axis=1)
+    d2 = sq_rows[:, None] + sq_all[None, :] - 2.0 * gram(rows, e_all)
+    d2 = jnp.where(row_mask(row_offset, n_rows, e_all.shape[0]), 0.0, d2)
+    return jnp.maximum(d2, 0.0)
+
+
+def safe_sqrt(d2: Array) -> Array:
+    """``sqrt`` whose gradient is 0 (not inf/NaN) where ``d2 == 0`` (self-pairs, duplicates)."""
+    positive = d2 > 0.0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, d2, 1.0)), 0.0)
+
+
+# ----------------------------------------------------------------------------------- RKD-D
+
+def rkd_distance_rows(student: Array, teacher: Array, row_offset: Array | int, n_rows: int,
+                      total: Total = _identity) -> Array:
+    """Per-pair Huber terms ``[n_rows, N]`` for global rows ``row_offset..`` (0 on i == j).
+
+    ``student``/``teacher`` are the full centred ``[N, D]`` batches; ``total`` sums a partial
+    sum over all rows (identity on one device, ``psum`` across devices) for the normalizer mu.
+    """
+    n = student.shape[0]
+    off_diagonal = ~row_mask(row_offset, n_rows, n)
+    n_pairs = n * (n - 1)
+
+    def normalized(e: Array) -> Array:
+        d = safe_sqrt(pair_sq_distances(e, row_offset, n_rows))
+        mu = total(jnp.sum(d)) / n_pairs
+        return d / mu
+
+    diff = normalized(student) - normalized(teacher)
+    return jnp.where(off_diagonal, huber(diff), 0.0)
+
+
+def rkd_distance_loss(student: Array, teacher: Array, *, reduction: str | None = "mean"
+                      ) -> Array:
+    """RKD-D (Park et al., CVPR 2019, eq. (3)-(4)); baseline 'RKD-D' of seed nikitin2020 §4.
+
+    ``psi_D(t_i, t_j) = |t_i - t_j| / mu`` with ``mu`` the mean distance over the batch's pairs,
+    for teacher and student separately; the loss is the Huber (smooth-L1, delta 1) difference.
+
+    Args:
+      student: ``[N, D_s]`` float embeddings (gradients flow here, also through ``mu``).
+      teacher: ``[N, D_t]`` float embeddings (held constant: ``stop_gradient``).
+      reduction: ``'mean'`` over the ``N(N-1)`` ordered pairs ``i != j`` (equal to the mean over
+        unordered pairs ``i < j``, the matrix being symmetric), ``'sum'`` over them, or ``None``
+        for the ``[N, N]`` per-pair matrix (zero diagonal).
+
+    Returns:
+      A scalar, or ``[N, N]`` when ``reduction=None``. Float32 for half-precision inputs.
+
+    Choices (the paper leaves open what the mean runs over): ``mu`` and the mean both run over
+    pairs ``i != j``. Park et al.'s public code averages the Huber term over all ``N^2`` entries,
+    zero diagonal included, i.e. ``(N-1)/N`` times this value; its ``mu`` drops zero distances,
+    which differs from ours only for duplicate embeddings. No normalization of the embeddings is
+    done here (a recipe may L2-normalize first). Invariant to scaling either input.
+    Needs ``N >= 2``.
+    """
+    check_option("reduction", reduction, _REDUCTIONS)
+    student, teacher = prepare_pair(student, teacher, min_n=2)
+    n = student.shape[0]
+    terms = rkd_distance_rows(centered(student), centered(teacher), 0, n)
+    if reduction is None:
+        return terms
+    if reduction == "sum":
+        return jnp.sum(terms)
+    return jnp.sum(terms) / (n * (n - 1))
+
+
+# ----------------------------------------------------------------------------------- RKD-A
+
+def angle_block_size(n: int, block_size: int | None) -> int:
+    """Vertices per tile: the user's choice, else as many as keep a tile near
+    ``ANGLE_TILE_ELEMENTS`` elements (at least 1, at most ``n``)."""
+    if block_size is None:
+        return max(1, min(n, ANGLE_TILE_ELEMENTS // (n * n)))
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    return min(block_size, n)
+
+
+def _inverse_distances(g_rows: Array, sq_rows: Array, sq_all: Array, vertices: Array) -> Array:
+    """``[B, N]`` ``1/|e_i - e_j|`` for vertices ``j`` (rows), 0 where the direction is undefined:
+    ``i == j`` or ``e_i`` indistinguishable from ``e_j`` at the Gram trick's precision (Park et
+    al.'s ``F.normalize`` likewise maps a zero difference to the zero vector)."""
+    d2 = sq_rows[:, None] + sq_all[None, :] - 2.0 * g_rows
+    tol = 8.0 * jnp.finfo(d2.dtype).eps * (sq_rows[:, None] + sq_all[None, :])
+    defined = (d2 > tol) & (vertices[:, None] != jnp.arange(sq_all.shape[0])[None, :])
+    return jnp.where(defined, jax.lax.rsqrt(jnp.where(defined, d2, 1.0)), 0.0)
+
+
+def _block_cosines(g: Array, vertices: Array) -> Array:
+    """``[B, N, N]`` cosines ``<e_ij, e_kj>`` for vertices ``j`` in ``vertices: [B]`` from the
+    Gram matrix ``g: [N, N]``: ``(G_ik - G_ij - G_jk + G_jj) / (d_ij d_kj)``."""
+    sq_all = jnp.diagonal(g)
+    g_rows = jnp.take(g, vertices, axis=0)                     # G_ji, [B, N]
+    g_jj = jnp.take(sq_all, vertices)                          # [B]
+    inv_d = _inverse_distances(g_rows, g_jj, sq_all, vertices)  # [B, N]
+    numer = (g[None, :, :] - g_rows[:, :, None] - g_rows[:, None, :]
+             + g_jj[:, None, None])
+    return numer * inv_d[:, :, None] * inv_d[:, None, :]
+
+
+def rkd_angle_sum(g_student: Array, g_teacher: Array, vertex_offset: Array | int,
+                  n_vertices: int, block_size: int) -> Array:
+    """Sum of Huber(cos_s - cos_t) over triplets whose vertex lies in
+    ``vertex_offset .. vertex_offset + n_vertices`` (other two points distinct from it and from
+    each other), scanned over vertex tiles of ``block_size`` under ``jax.checkpoint``."""
+    n = g_student.shape[0]
+    n_blocks = -(-n_vertices // block_size)
+    not_same = ~jnp.eye(n, dtype=bool)
+
+    @jax.checkpoint
+    def block_sum(block: Array) -> Array:
+        local = block * block_size + jnp.arange(block_size)
+        valid = local < n_vertices
+        vertices = jnp.minimum(vertex_offset + local, n - 1)
+        diff = _block_cosines(g_student, vertices) - _block_cosines(g_teacher, vertices)
+        keep = valid[:, None, None] & not_same[None, :, :]
+        return jnp.sum(jnp.where(keep, huber(diff), 0.0))
+
+    return jnp.sum(jax.lax.map(block_sum, jnp.arange(n_blocks)))
+
+
+def rkd_angle_loss(student: Array, teacher: Array, *, block_size: int | None = None) -> Array:
+    """RKD-A (Park et al., CVPR 2019, eq. (5)-(6)); baseline 'RKD-A' of seed nikitin2020 §4.
+
+    ``psi_A(t_i, t_j, t_k) = cos angle(t_i, t_j, t_k) = <e_ij, e_kj>``,
+    ``e_ij = (t_i - t_j) / |t_i - t_j|``, vertex ``t_j``; Huber (delta 1) between the teacher's
+    and the student's cosine, averaged over triplets.
+
+    Args:
+      student: ``[N, D_s]`` float embeddings.
+      teacher: ``[N, D_t]`` float embeddings (``stop_gradient``).
+      block_size: vertices per tile (memory ``~ 4 * block_size * N^2`` floats in the backward
+        pass); ``None`` picks ``~2^23 / N^2``. The result does not depend on it.
+
+    Returns:
+      Scalar mean over the ``N(N-1)(N-2)`` ordered triplets ``(i, j, k)`` of distinct indices.
+
+    Choices: Park et al.'s public code forms all ``N^3`` ordered triplets with the first index
+    as the vertex and divides by ``N^3``; the degenerate ones contribute exactly 0 there
+    (``i == k`` gives cos 1 on both sides, a zero difference gives the zero vector), so it is
+    ``(N-1)(N-2)/N^2`` times this value. Both orders ``(i, k)`` and ``(k, i)`` count, as there.
+    A point too close to the vertex for a float32 direction (duplicate embeddings) gets cosine
+    0, like ``F.normalize`` of a zero vector. Cosines come from the Gram matrix of the centred
+    embeddings, so neither an ``[N, N, N]`` nor an ``[N, N, D]`` array is ever built.
+    Needs ``N >= 3``.
+    """
+    student, teacher = prepare_pair(student, teacher, min_n=3)
+    n = student.shape[0]
+    block = angle_block_size(n, block_size)
+    gs = gram(centered(student), centered(student))
+    gt = gram(centered(teacher), centered(teacher))
+    return rkd_angle_sum(gs, gt, 0, n, block) / (n * (n - 1) * (n - 2))
+
+
+# --------------------------------------------------------------------------- DarkRank-hard
+
+def check_darkrank_options(alpha: float, beta: float, list_length: int | None) -> None:
+    check_positive("alpha", alpha)
+    check_positive("beta", beta)
+    if list_length is not None and (isinstance(list_length, bool)
+                                    or not isinstance(list_length, int) or list_length < 1):
+        raise ValueError(f"list_length must be a positive int or None, got {list_length!r}")
+
+
+def darkrank_rows(student: Array, teacher: Array, row_offset: Array | int, n_rows: int, *,
+                  alpha: float, beta: float, list_length: int | None) -> Array:
+    """Per-anchor negative log-likelihoods ``[n_rows]`` for anchors ``row_offset..`` of the full
+    centred ``[N, D]`` batches."""
+    n = student.shape[0]
+    length = n - 1 if list_length is None else min(list_length, n - 1)
+    self_pair = row_mask(row_offset, n_rows, n)
+    d2_teacher = pair_sq_distances(teacher, row_offset, n_rows)
+    # The teacher's ranking: most similar (nearest) first, the anchor itself last; argsort is
+    # stable, so ties keep index order.
+    order = jnp.argsort(jnp.where(self_pair, jnp.inf, d2_teacher), axis=1)[:, :length]
+    d2_student = jnp.maximum(pair_sq_distances(student, row_offset, n_rows), 1e-12)
+    scores = -alpha * d2_student ** (0.5 * beta)              # S = -alpha |s_i - s_j|^beta
+    ranked = jnp.take_along_axis(scores, order, axis=1)       # [n_rows, length]
+    tail_lse = jax.lax.cumlogsumexp(ranked, axis=1, reverse=True)
+    return -jnp.sum(ranked - tail_lse, axis=1)
+
+
+def darkrank_hard_loss(student: Array, teacher: Array, *, alpha: float = 3.0,
+                       beta: float = 3.0, list_length: int | None = None,
+                       reduction: str | None = "mean") -> Array:
+    """DarkRank, hard version (Chen et al., AAAI 2018, eq. (4)-(6)); baseline 'DarkRank' of
+    seed nikitin2020 §4 (which uses the hard version for its batch-size-free cost).
+
+    Similarity ``S(x_i, x_j) = -alpha |x_i - x_j|^beta``. For each anchor ``i`` the other samples
+    are sorted by the teacher's similarity (``pi``), and the student's scores must reproduce that
+    order under the Plackett-Luce model:
+    ``L_i = -sum_k [ S_s(i, pi_k) - log sum_{l >= k} exp S_s(i, pi_l) ]``, with the tail
+    log-sum-exp taken as a reverse ``cumlogsumexp`` (stable for any score range).
+
+    Args:
+      student: ``[N, D_s]`` float embeddings.
+      teacher: ``[N, D_t]`` float embeddings (only its ranking is used; no gradient).
+      alpha, beta: similarity scale and power; DarkRank's defaults 3 and 3.
+      list_length: rank only the teacher's ``list_length`` nearest neighbours of each anchor
+        (Park et al.'s re-implementation uses 4); ``None`` ranks all ``N - 1`` others.
+      reduction: ``'mean'`` over anchors, ``'sum'`` over anchors, or ``None`` for ``[N]``.
+
+    Returns:
+      A scalar, or ``[N]`` per-anchor losses when ``reduction=None``.
+
+    Choices: the anchor is excluded from its own list; teacher ties keep index order; the loss
+    is averaged over anchors (as Park et al.'s code) rather than summed as in the brief's
+    formula, so its scale does not grow with the batch. Student squared distances are clamped
+    at 1e-12 so ``beta < 2`` keeps finite gradients for duplicate embeddings. No normalization
+    of the embeddings is done here. Needs ``N >= 2``.
+    """
+    check_darkrank_options(alpha, beta, list_length)
+    check_option("reduction", reduction, _REDUCTIONS)
+    student, teacher = prepare_pair(student, teacher, min_n=2)
+    n = student.shape[0]
+    per_anchor = darkrank_rows(centered(student), centered(teacher), 0, n, alpha=alpha,
+                               beta=beta, list_length=list_length)
+    if reduction is None:
+        return per_anchor
+    if reduction == "sum":
+        return jnp.sum(per_anchor)
+    return jnp.mean(per_anchor)
