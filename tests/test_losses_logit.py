@@ -1,0 +1,165 @@
+"""Tests for kdface.losses._logit against float64 NumPy loops over the soft-target formulas."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from kdface.losses import hard_loss, hinton_kd_loss, soft_prediction_loss, softmax_cross_entropy
+
+N, C = 5, 7
+
+
+def _logits(seed=0, n=N, c=C):
+    rng = np.random.default_rng(seed)
+    student = (3 * rng.normal(size=(n, c))).astype(np.float32)
+    teacher = (3 * rng.normal(size=(n, c))).astype(np.float32)
+    return student, teacher
+
+
+def ref_softmax(row, tau):
+    scaled = [float(v) / tau for v in row]
+    top = max(scaled)
+    exps = [math.exp(v - top) for v in scaled]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def ref_kl_times_tau2(student, teacher, tau):
+    out = []
+    for s_row, t_row in zip(student, teacher):
+        p_s, p_t = ref_softmax(s_row, tau), ref_softmax(t_row, tau)
+        out.append(tau ** 2 * sum(pt * (math.log(pt) - math.log(ps))
+                                  for pt, ps in zip(p_t, p_s)))
+    return np.array(out)
+
+
+def ref_soft_cross_entropy(student, teacher, tau):
+    out = []
+    for s_row, t_row in zip(student, teacher):
+        p_s, p_t = ref_softmax(s_row, tau), ref_softmax(t_row, tau)
+        out.append(-sum(pt * math.log(ps) for pt, ps in zip(p_t, p_s)))
+    return np.array(out)
+
+
+def _reduce(values, reduction):
+    return {"mean": values.mean(), "sum": values.sum()}.get(reduction, values)
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", None])
+def test_hinton_matches_loop(tau, reduction):
+    s, t = _logits(1)
+    got = hinton_kd_loss(jnp.asarray(s), jnp.asarray(t), temperature=tau, reduction=reduction)
+    np.testing.assert_allclose(got, _reduce(ref_kl_times_tau2(s, t, tau), reduction), rtol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_soft_prediction_matches_loop(tau, reduction):
+    s, t = _logits(2)
+    got = soft_prediction_loss(jnp.asarray(s), jnp.asarray(t), temperature=tau,
+                               reduction=reduction)
+    np.testing.assert_allclose(got, _reduce(ref_soft_cross_entropy(s, t, tau), reduction),
+                               rtol=1e-5)
+
+
+def test_kl_and_cross_entropy_differ_by_teacher_entropy():
+    s, t = _logits(3)
+    tau = 4.0
+    kl = hinton_kd_loss(jnp.asarray(s), jnp.asarray(t), temperature=tau, reduction=None)
+    ce = soft_prediction_loss(jnp.asarray(s), jnp.asarray(t), temperature=tau, reduction=None)
+    entropy = np.array([-sum(p * math.log(p) for p in ref_softmax(row, tau)) for row in t])
+    np.testing.assert_allclose(np.asarray(ce) - np.asarray(kl) / tau ** 2, entropy, rtol=1e-5)
+
+
+def test_hinton_zero_for_matching_and_shifted_logits():
+    s, _ = _logits(4)
+    shifted = s + np.arange(N, dtype=np.float32)[:, None]  # softmax ignores a per-row shift
+    for teacher in (s, shifted):
+        got = hinton_kd_loss(jnp.asarray(s), jnp.asarray(teacher), temperature=4.0,
+                             reduction=None)
+        np.testing.assert_allclose(got, np.zeros(N), atol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_gradients_match_closed_form(tau):
+    s, t = _logits(5)
+
+    def probs(x):
+        x = np.asarray(x, np.float64) / tau
+        e = np.exp(x - x.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    diff = probs(s) - probs(t)
+    g_kd, g_teacher = jax.jit(jax.grad(
+        lambda a, b: hinton_kd_loss(a, b, temperature=tau, reduction="sum"), argnums=(0, 1)))(
+            jnp.asarray(s), jnp.asarray(t))
+    np.testing.assert_allclose(g_kd, tau * diff, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(g_teacher, np.zeros_like(t))  # teacher is frozen
+    g_soft = jax.jit(jax.grad(
+        lambda a: soft_prediction_loss(a, jnp.asarray(t), temperature=tau, reduction="sum")))(
+            jnp.asarray(s))
+    np.testing.assert_allclose(g_soft, diff / tau, rtol=1e-4, atol=1e-6)
+
+
+def test_check_grads_float64():
+    s, t = _logits(6)
+    with jax.enable_x64(True):
+        s64, t64 = jnp.asarray(s, jnp.float64), jnp.asarray(t, jnp.float64)
+        check_grads(jax.jit(lambda a: hinton_kd_loss(a, t64, temperature=4.0)), (s64,), order=1,
+                    modes=["rev", "fwd"])
+        check_grads(jax.jit(lambda a: soft_prediction_loss(a, t64, temperature=2.0)), (s64,),
+                    order=1, modes=["rev"])
+
+
+def test_hard_loss_is_cross_entropy():
+    s, _ = _logits(7)
+    labels = jnp.asarray(np.random.default_rng(7).integers(0, C, N).astype(np.int32))
+    np.testing.assert_allclose(hard_loss(jnp.asarray(s), labels),
+                               softmax_cross_entropy(jnp.asarray(s), labels), rtol=1e-7)
+    per = hard_loss(jnp.asarray(s), labels, reduction=None)
+    assert per.shape == (N,)
+
+
+@pytest.mark.parametrize("fn", [hinton_kd_loss, soft_prediction_loss])
+def test_jit_vmap_bf16(fn):
+    s, t = _logits(8)
+    s, t = jnp.asarray(s), jnp.asarray(t)
+    eager = fn(s, t, temperature=4.0)
+    jitted = jax.jit(lambda a, b: fn(a, b, temperature=4.0))
+    np.testing.assert_allclose(jitted(s, t), eager, rtol=1e-6)
+    # A stack of three batches, as when several distillation problems run side by side.
+    ss, ts = jnp.stack([s, 0.5 * s, -s]), jnp.stack([t, t, 2 * t])
+    batched = jax.jit(jax.vmap(lambda a, b: fn(a, b, temperature=4.0)))(ss, ts)
+    for b in range(3):
+        np.testing.assert_allclose(batched[b], jitted(ss[b], ts[b]), rtol=1e-5)
+    out = jitted(s.astype(jnp.bfloat16), t.astype(jnp.bfloat16))
+    assert out.dtype == jnp.float32 and np.isfinite(out)
+    ref = jitted(s.astype(jnp.bfloat16).astype(jnp.float32),
+                 t.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    np.testing.assert_allclose(out, eager, rtol=0.05)
+
+
+def test_bad_inputs():
+    s, t = _logits(9)
+    s, t = jnp.asarray(s), jnp.asarray(t)
+    with pytest.raises(ValueError, match="same shape"):
+        hinton_kd_loss(s, t[:, :-1], temperature=4.0)
+    with pytest.raises(ValueError, match="same shape"):
+        soft_prediction_loss(s, t[:-1], temperature=4.0)
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        hinton_kd_loss(s[0], t[0], temperature=4.0)
+    with pytest.raises(ValueError, match="temperature"):
+        hinton_kd_loss(s, t, temperature=0.0)
+    with pytest.raises(TypeError, match="floating"):
+        hinton_kd_loss(s.astype(jnp.int32), t, temperature=1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        soft_prediction_loss(s, t, temperature=1.0, reduction="batchmean")
+    with pytest.raises(TypeError):
+        hinton_kd_loss(s, t)  # temperature has no default: the seeds' values differ
