@@ -21,3 +21,19 @@ from kdface.data._verification_bin import (  # noqa: F401
 )
 from kdface.data._pairs import LfwPairs, read_lfw_pairs, write_lfw_pairs  # noqa: F401
 from kdface.data._folders import IdentityFolders, read_identity_folders  # noqa: F401
+from kdface.data._align import (  # noqa: F401
+    TEMPLATE_112,
+    align_face,
+    face_template,
+    read_landmarks_csv,
+    similarity_transform,
+)
+from kdface.data._degrade import (  # noqa: F401
+    LR_SIZES,
+    LowResolutionAugment,
+    default_blur_sigma,
+    degrade_to_low_resolution,
+    low_resolution_shape,
+    lr_probe,
+    lr_probe_pairs,
+)
