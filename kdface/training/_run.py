@@ -1,0 +1,120 @@
+"""From a config to a finished run: data resolution, generations, and the KD teacher phase.
+
+``run(config, data_dir=...)`` is what ``python -m kdface.train`` and the demo call:
+
+* ``train_data`` names a built tfds training set in ``data_dir``, or is a ``.rec`` / identity
+  folder that is built there on first use; ``val_data`` entries are ``.bin`` files or built
+  verification sets.
+* ``recipe='kd'`` (seed wang2019's original scheme) first fine-tunes the teacher on
+  low-resolution-augmented data in ``workdir/teacher_lr`` (a ``scratch`` run initialized from
+  ``teacher_checkpoint``), then distils from that fine-tuned teacher.
+* ``generations=K`` (seed yan2019's recursive KD) runs K student generations in
+  ``workdir/gen_1 .. gen_K``; generation k+1 starts from generation k's student, same teacher.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from kdface.training._config import TrainConfig
+from kdface.training._loop import VerificationSet, fit
+
+
+class PipelineBatches:
+    """Adapts a ``kdface.data`` TwoViewPipeline to the trainer's resumable iterator protocol."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self._it = iter(pipeline)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return self.pipeline.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.pipeline.set_state(state)
+        self._it = self.pipeline.iterator
+
+
+def resolve_training_data(train_data: str, data_dir: str) -> tuple[Any, int]:
+    """``(tfds data source, num_classes)``; builds the dataset first if given a source path."""
+    from kdface import data
+    name = train_data
+    if os.path.exists(train_data):
+        name = data.build_training_dataset(train_data, data_dir, progress=True)["name"]
+    meta = data.load_dataset_metadata(data_dir, "kdface_training", name)
+    return data.load_training_source(data_dir, name), int(meta["num_classes"])
+
+
+def resolve_verification_sets(val_data, data_dir: str,
+                              input_size: tuple[int, int]) -> list[VerificationSet]:
+    """Decodes each ``.bin`` path or built verification set into a ``VerificationSet``."""
+    from kdface import data
+    sets = []
+    for entry in val_data:
+        if os.path.exists(entry):
+            source, name = entry, os.path.splitext(os.path.basename(entry))[0]
+        else:
+            source, name = data.load_verification_source(data_dir, entry), entry
+        images1, images2, issame, _ = data.make_verification_arrays(source,
+                                                                    image_size=input_size)
+        interleaved = np.stack([images1, images2], axis=1).reshape(-1, *images1.shape[1:])
+        sets.append(VerificationSet(name, interleaved, issame))
+    return sets
+
+
+def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str):
+    from kdface import data
+    from kdface.data._degrade import LowResolutionAugment
+    augment = None
+    if student_view == "low_resolution":
+        augment = LowResolutionAugment(sizes=tuple(config.lr_sizes), fraction=config.lr_fraction,
+                                       seed=config.seed)
+    return PipelineBatches(data.make_training_pipeline(
+        source, global_batch_size=config.batch_size, seed=config.seed, flip=config.flip,
+        teacher_view="original" if teacher_view == "original" else "augmented",
+        student_view=student_view, student_augment=augment, image_size=config.input_size))
+
+
+def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | None = None,
+        val_sets: list[VerificationSet] | None = None) -> dict[str, Any]:
+    """Runs ``config`` end to end (see module docstring); returns the last fit's summary."""
+    from kdface.distill._recipes import build_recipe
+    recipe = build_recipe(config.recipe, config.as_dict())
+    if source is None:
+        source, num_classes = resolve_training_data(config.train_data, data_dir)
+    if val_sets is None:
+        val_sets = resolve_verification_sets(config.val_data, data_dir, config.input_size)
+    if config.recipe == "kd":
+        # Step 1 of seed wang2019's KD: fine-tune the teacher on LR-augmented data.
+        teacher_dir = os.path.join(config.workdir, "teacher_lr")
+        tune = config.replace(workdir=teacher_dir, recipe="scratch", student=config.teacher,
+                              student_options=config.teacher_options,
+                              init_checkpoint=config.teacher_checkpoint, teacher=None,
+                              teacher_checkpoint=None, student_view="low_resolution",
+                              generations=1)
+        run(tune, data_dir=data_dir, source=source, num_classes=num_classes,
+            val_sets=val_sets)
+        config = config.replace(teacher_checkpoint=teacher_dir)
+    if config.generations > 1:
+        summary, previous = {}, config.init_checkpoint
+        for k in range(1, config.generations + 1):
+            gen = config.replace(workdir=os.path.join(config.workdir, f"gen_{k}"),
+                                 init_checkpoint=previous, generations=1)
+            summary = run(gen, data_dir=data_dir, source=source, num_classes=num_classes,
+                          val_sets=val_sets)
+            previous = gen.workdir
+        return summary
+    student_view = recipe.student_view
+    batches = _pipeline(config, source, student_view, recipe.teacher_view or "original")
+    cache = None
+    if config.teacher_cache and recipe.needs_teacher:
+        from kdface.training._teacher_cache import TeacherCache
+        cache = TeacherCache.for_run(config, recipe, source, num_classes)
+    return fit(config, batches, num_classes=num_classes, val_sets=val_sets,
+               teacher_cache=cache)
+
