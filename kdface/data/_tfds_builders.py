@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from kdface.data._align import read_landmarks_csv
 from kdface.data._images import UndecodableImageError, decode_image
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "KdfaceVerification",
     "build_training_dataset",
     "build_verification_dataset",
+    "write_landmarks_csv",
     "dataset_path",
     "load_training_source",
     "load_verification_source",
@@ -61,8 +63,9 @@ _VERIFICATION_FORMATS = ("bin", "pairs")
 class FaceTrainingConfig(tfds.core.BuilderConfig):
     """One user training set: ``source`` is a ``.rec`` path or a folder-per-identity root.
 
-    ``landmarks``: optional CSV of ``key,x1,y1,...,x5,y5`` rows (key = record index for
-    RecordIO, image path relative to the root for folders). ``skip_undecodable``: skip (and
+    ``landmarks``: optional CSV in ``kdface.data.read_landmarks_csv``'s format (header
+    ``filename,x1,y1,...,x5,y5``); ``filename`` is the record index for RecordIO and the image
+    path relative to the root for folders. ``skip_undecodable``: skip (and
     count) records whose image cannot be decoded instead of failing. ``verify_images``: decode
     every image once while building to find bad ones (costs one decode per image).
     """
@@ -107,35 +110,16 @@ def _check_decodable(data: bytes, name: str) -> None:
         raise UndecodableImageError(f"{name}: decoded to shape {image.shape}, not [H, W, 3]")
 
 
-def _read_landmarks_csv(path: str) -> dict[str, np.ndarray]:
-    """``key -> float32 [5, 2]`` from a CSV of ``key,x1,y1,...,x5,y5`` (a header row is allowed)."""
-    table = {}
-    with open(path, newline="") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row or row[0].startswith("#"):
-                continue
-            if len(row) != 11:
-                raise ValueError(f"{path}:{line_no}: expected key and 10 numbers, got {len(row)}"
-                                 " fields")
-            try:
-                values = np.asarray([float(v) for v in row[1:]], np.float32).reshape(5, 2)
-            except ValueError:
-                if line_no == 1:  # header row
-                    continue
-                raise ValueError(f"{path}:{line_no}: landmark values must be numbers") from None
-            table[row[0].strip()] = values
-    return table
-
-
 def write_landmarks_csv(path, keys, landmarks) -> None:
-    """Writes ``key,x1,y1,...,x5,y5`` rows; ``landmarks``: float ``[N, 5, 2]``, ``keys``: N."""
+    """Writes the landmarks CSV ``read_landmarks_csv`` reads (header ``filename,x1,y1,...,y5``);
+    ``keys``: N record indices or relative paths; ``landmarks``: float ``[N, 5, 2]``."""
     landmarks = np.asarray(landmarks, np.float32)
     if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2) or len(keys) != len(landmarks):
         raise ValueError(f"landmarks must be [N, 5, 2] with N keys, got {landmarks.shape} and "
                          f"{len(keys)} keys")
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["key"] + [f"{a}{i}" for i in range(1, 6) for a in "xy"])
+        writer.writerow(["filename"] + [f"{a}{i}" for i in range(1, 6) for a in "xy"])
         for key, points in zip(keys, landmarks):
             writer.writerow([key] + [f"{v:.3f}" for v in points.reshape(-1)])
 
@@ -210,7 +194,7 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         cfg = self.builder_config
-        landmarks = _read_landmarks_csv(cfg.landmarks) if cfg.landmarks else None
+        landmarks = read_landmarks_csv(cfg.landmarks) if cfg.landmarks else None
         skipped, labels = 0, set()
         self._folder_skipped = 0
         max_label = -1
