@@ -79,7 +79,8 @@ class TailOfScores:
     def _compact(self) -> None:
         values = np.concatenate(self._kept) if self._kept else np.zeros(0, np.float32)
         if values.size > self.capacity:
-            values = np.partition(values, values.size - self.capacity)[-self.capacity:]
+            values.partition(values.size - self.capacity)
+            values = values[-self.capacity:].copy()  # drop the big buffer, keep the tail only
             self.floor = float(values.min())
         self._kept, self._pending = [values], values.size
 
