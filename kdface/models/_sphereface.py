@@ -147,3 +147,11 @@ def sphereface64(*, rngs: nnx.Rngs, **kwargs) -> SphereNet:
 def sphereface36_thin(*, rngs: nnx.Rngs, **kwargs) -> SphereNet:
     """Seed wang2019 Table 2 student: channels 18/36/72/144, units 2/4/8/2, FC 512."""
     return SphereNet(_THIN, (2, 4, 8, 2), rngs=rngs, **kwargs)
+
+
+@register("sphereface_custom")
+def sphereface_custom(*, rngs: nnx.Rngs, channels: tuple[int, ...] = _THIN,
+                      units: tuple[int, ...] = (1, 1, 1, 1), **kwargs) -> SphereNet:
+    """A SphereFace-style net of any stage widths and depths (e.g. the demo's small teacher and
+    student, which keep the seed wang2019 layout at a width that trains on a CPU in minutes)."""
+    return SphereNet(tuple(channels), tuple(units), rngs=rngs, **kwargs)
