@@ -119,7 +119,8 @@ class LowResolutionAugment:
     samples degraded (0.4); ``seed``: with ``epoch`` and ``index`` fixes every decision
     (module docstring); ``blur``: Gaussian blur before downscaling. ``aug(image, epoch=e,
     index=i)`` returns ``(image uint8 [H, W, 3], size)`` with ``size`` 0 when the image is
-    returned untouched.
+    returned untouched (the same array, not a copy; also when the drawn size is not smaller
+    than the image).
     """
 
     def __init__(self, sizes=LR_SIZES, fraction: float = 0.4, seed: int = 0, blur: bool = True,

@@ -240,10 +240,7 @@ def write_verification_bin(path, images_or_encoded, issame, *, format: str = "jp
     flags = np.asarray(issame)
     if flags.ndim != 1 or not (flags.dtype == bool or np.isin(flags, (0, 1)).all()):
         raise ValueError(f"issame must be a 1-D sequence of bools, got {flags.dtype} {flags.shape}")
-    if isinstance(images_or_encoded, np.ndarray) and images_or_encoded.ndim == 4:
-        items = list(images_or_encoded)
-    else:
-        items = list(images_or_encoded)
+    items = list(images_or_encoded)  # rows of a [2P, H, W, 3] array, or a sequence
     if len(items) != 2 * flags.size:
         raise ValueError(f"{len(items)} images for {flags.size} pairs (expected twice as many)")
     bins = []
