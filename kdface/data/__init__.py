@@ -37,3 +37,32 @@ from kdface.data._degrade import (  # noqa: F401
     lr_probe,
     lr_probe_pairs,
 )
+# synthetic identities, tfds builders and the two-view pipeline (issue 5: pipeline helper)
+from kdface.data._synthetic import (  # noqa: F401
+    IdentityParams,
+    identity_params,
+    make_synthetic_dataset,
+    render_identity_images,
+    render_identity_sample,
+    render_identity_sample_with_landmarks,
+    sample_identity_params,
+    sample_rng,
+)
+from kdface.data._tfds_builders import (  # noqa: F401
+    TRAINING_BUILDER,
+    VERIFICATION_BUILDER,
+    build_training_dataset,
+    build_verification_dataset,
+    dataset_path,
+    load_dataset_metadata,
+    load_training_source,
+    load_verification_source,
+    write_landmarks_csv,
+)
+from kdface.data._pipeline import (  # noqa: F401
+    TwoViewPipeline,
+    device_put_batch,
+    make_training_pipeline,
+    make_verification_arrays,
+    normalize_images,
+)
