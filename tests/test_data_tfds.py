@@ -185,3 +185,22 @@ def test_build_and_read_without_tensorflow(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("OK [] "), last  # no tensorflow module was ever loaded
+
+
+def test_data_prep_cli(tmp_path, rec_path, capsys):
+    import json
+
+    from data_prep import build
+    assert build.main(["recordio", str(rec_path), "--data-dir", str(tmp_path / "d"),
+                       "--name", "mine", "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary[0]["name"] == "mine" and summary[0]["images"] == 7
+    assert build.main(["synthetic", str(tmp_path / "s"), "--num-identities", "3",
+                       "--images-per-identity", "2", "--num-verification-identities", "20",
+                       "--num-verification-pairs", "20", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "synth_train: images 6, identities 3, skipped 0, with landmarks" in out
+    assert "synth_val: pairs 20 (same 10), folds 10, skipped 0" in out
+    assert build.main(["recordio", str(tmp_path / "missing.rec"), "--data-dir",
+                       str(tmp_path / "d")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -101,7 +101,7 @@ def _progress(iterable, total: int | None, enabled: bool, desc: str):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm  # a tfds dependency; imported only when a bar is wanted
-    return tqdm(iterable, total=total, desc=desc, unit="img")
+    return tqdm(iterable, total=total, desc=desc, unit=desc.rstrip("s"))
 
 
 def _check_decodable(data: bytes, name: str) -> None:

@@ -1,0 +1,161 @@
+"""Convert face datasets users already have into tfds datasets kdface trains and evaluates on.
+
+    python -m data_prep.build recordio faces_emore/train.rec --data-dir ~/kdface_data
+    python -m data_prep.build folders casia_aligned/ --data-dir ~/kdface_data --name casia
+    python -m data_prep.build verification-bin faces_emore/lfw.bin faces_emore/cfp_fp.bin \\
+        --data-dir ~/kdface_data
+    python -m data_prep.build pairs lfw/pairs.txt --images-root lfw/ --data-dir ~/kdface_data
+    python -m data_prep.build synthetic /tmp/synth --data-dir ~/kdface_data
+
+Each command shows a progress bar and ends with a summary (images or pairs, identities,
+skipped records) and the dataset path; ``--json`` prints the summaries as one JSON line
+instead. Datasets land in ``<data-dir>/kdface_training/<name>/`` or
+``<data-dir>/kdface_verification/<name>/`` (array_record, encoded images, no TensorFlow) and
+are read with ``kdface.data.load_training_source`` / ``load_verification_source``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.build", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, *, naming=True):
+        p.add_argument("--data-dir", required=True, help="root folder of the tfds datasets")
+        if naming:
+            p.add_argument("--name", default=None,
+                           help="dataset name (default: the source's file or folder name)")
+        p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
+        p.add_argument("--no-verify", action="store_true",
+                       help="do not decode every image while building (faster, unchecked)")
+        p.add_argument("--json", action="store_true", help="print summaries as JSON")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("recordio", help="insightface/MXNet train.rec (+ train.idx beside it)")
+    p.add_argument("source", help="path of the .rec file")
+    p.add_argument("--landmarks", default=None,
+                   help="CSV filename,x1,y1,...,x5,y5 with filename = record index")
+    p.add_argument("--skip-undecodable", action="store_true",
+                   help="skip and count records whose image cannot be decoded")
+    common(p)
+
+    p = sub.add_parser("folders", help="one sub-folder of images per identity")
+    p.add_argument("source", help="root folder")
+    p.add_argument("--landmarks", default=None,
+                   help="CSV filename,x1,y1,...,x5,y5 with filename relative to the root")
+    p.add_argument("--skip-undecodable", action="store_true",
+                   help="skip and count images that cannot be decoded")
+    common(p)
+
+    p = sub.add_parser("verification-bin", help="insightface verification .bin files")
+    p.add_argument("sources", nargs="+", help=".bin files (lfw.bin, cfp_fp.bin, ...)")
+    p.add_argument("--num-folds", type=int, default=10,
+                   help="contiguous folds of the pairs (LFW protocol: 10)")
+    common(p, naming=False)
+
+    p = sub.add_parser("pairs", help="LFW-style pairs.txt + a folder of identity folders")
+    p.add_argument("source", help="pairs.txt")
+    p.add_argument("--images-root", required=True,
+                   help="folder holding <name>/<name>_%%04d.<ext>")
+    p.add_argument("--ext", default="jpg", help="image file extension (default jpg)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="skip and count pairs whose images are missing or undecodable")
+    common(p)
+
+    p = sub.add_parser("synthetic", help="write and build the synthetic default dataset")
+    p.add_argument("out_dir", help="where train.rec/.idx, landmarks and the .bin are written")
+    p.add_argument("--num-identities", type=int, default=200)
+    p.add_argument("--images-per-identity", type=int, default=30)
+    p.add_argument("--num-verification-identities", type=int, default=100)
+    p.add_argument("--num-verification-pairs", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="default: <out_dir>/tfds")
+    p.add_argument("--name", default="synth",
+                   help="datasets are <name>_train and <name>_val (default synth)")
+    p.add_argument("--json", action="store_true", help="print summaries as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _describe(summary: dict) -> str:
+    if "pairs" in summary:
+        counts = (f"pairs {summary['pairs']} (same {summary['same']}), "
+                  f"folds {summary['num_folds']}, skipped {summary['skipped']}")
+    else:
+        counts = (f"images {summary['images']}, identities {summary['identities']}, "
+                  f"skipped {summary['skipped']}")
+        if "landmarks" in summary.get("features", []):
+            counts += ", with landmarks"
+    return f"{summary['name']}: {counts}\n  -> {summary['path']}"
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    # tfds draws its own bars and logs a warning for every named config; ours are enough.
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+
+    progress = not args.quiet
+    summaries = []
+    # tfds prints "Downloading and preparing..." on stdout; keep stdout for the summary.
+    with contextlib.redirect_stdout(sys.stderr):
+        status = _build(args, progress, summaries)
+    if status:
+        return status
+    if args.json:
+        print(json.dumps(summaries))
+    else:
+        for summary in summaries:
+            print(_describe(summary))
+    return 0
+
+
+def _build(args, progress: bool, summaries: list) -> int:
+    from kdface import data
+    try:
+        if args.command in ("recordio", "folders"):
+            summaries.append(data.build_training_dataset(
+                args.source, args.data_dir, name=args.name,
+                source_format="recordio" if args.command == "recordio" else "folders",
+                landmarks=args.landmarks, skip_undecodable=args.skip_undecodable,
+                verify_images=not args.no_verify, overwrite=args.overwrite,
+                progress=progress))
+        elif args.command == "verification-bin":
+            for source in args.sources:
+                summaries.append(data.build_verification_dataset(
+                    source, args.data_dir, source_format="bin", num_folds=args.num_folds,
+                    verify_images=not args.no_verify, overwrite=args.overwrite,
+                    progress=progress))
+        elif args.command == "pairs":
+            summaries.append(data.build_verification_dataset(
+                args.source, args.data_dir, name=args.name, source_format="pairs",
+                images_root=args.images_root, image_ext=args.ext,
+                skip_missing=args.skip_missing, verify_images=not args.no_verify,
+                overwrite=args.overwrite, progress=progress))
+        else:
+            result = data.make_synthetic_dataset(
+                args.out_dir, num_identities=args.num_identities,
+                images_per_identity=args.images_per_identity,
+                num_verification_identities=args.num_verification_identities,
+                num_verification_pairs=args.num_verification_pairs, seed=args.seed,
+                data_dir=args.data_dir, name=args.name, progress=progress)
+            summaries += [result["train"], result["verification"]]
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.exit(main())
