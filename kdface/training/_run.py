@@ -42,7 +42,7 @@ class PipelineBatches:
 
 def resolve_training_data(train_data: str, data_dir: str) -> tuple[Any, int]:
     """``(tfds data source, num_classes)``; builds the dataset first if given a source path."""
-    from kdface import data
+    from kdface.data import _tfds_builders as data
     name = train_data
     if os.path.exists(train_data):
         name = data.build_training_dataset(train_data, data_dir, progress=True)["name"]
@@ -53,14 +53,15 @@ def resolve_training_data(train_data: str, data_dir: str) -> tuple[Any, int]:
 def resolve_verification_sets(val_data, data_dir: str,
                               input_size: tuple[int, int]) -> list[VerificationSet]:
     """Decodes each ``.bin`` path or built verification set into a ``VerificationSet``."""
-    from kdface import data
+    from kdface.data import _tfds_builders as builders
+    from kdface.data._pipeline import make_verification_arrays
     sets = []
     for entry in val_data:
         if os.path.exists(entry):
             source, name = entry, os.path.splitext(os.path.basename(entry))[0]
         else:
-            source, name = data.load_verification_source(data_dir, entry), entry
-        images1, images2, issame, _ = data.make_verification_arrays(source,
+            source, name = builders.load_verification_source(data_dir, entry), entry
+        images1, images2, issame, _ = make_verification_arrays(source,
                                                                     image_size=input_size)
         interleaved = np.stack([images1, images2], axis=1).reshape(-1, *images1.shape[1:])
         sets.append(VerificationSet(name, interleaved, issame))
@@ -68,13 +69,13 @@ def resolve_verification_sets(val_data, data_dir: str,
 
 
 def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str):
-    from kdface import data
     from kdface.data._degrade import LowResolutionAugment
+    from kdface.data._pipeline import make_training_pipeline
     augment = None
     if student_view == "low_resolution":
         augment = LowResolutionAugment(sizes=tuple(config.lr_sizes), fraction=config.lr_fraction,
                                        seed=config.seed)
-    return PipelineBatches(data.make_training_pipeline(
+    return PipelineBatches(make_training_pipeline(
         source, global_batch_size=config.batch_size, seed=config.seed, flip=config.flip,
         teacher_view="original" if teacher_view == "original" else "augmented",
         student_view=student_view, student_augment=augment, image_size=config.input_size))
