@@ -5,7 +5,7 @@ teacher's (the original image) and the student's (the same image degraded to low
 ``LowResolutionAugment`` for 40% of samples by default). The horizontal flip is drawn once per
 example and applied to the image *before* the views are made, so both views always share it.
 
-Determinism: the order is a function of ``(seed, epoch)`` (grain's index shuffle), and each
+Determinism: the order is a function of ``(seed, epoch)`` (a NumPy permutation), and each
 example's flip and degradation are functions of ``(seed, epoch, record index)`` only, so they
 do not depend on the batch size, the thread count, or the number of hosts. The iterator's state
 (``get_state()``, a small JSON-able dict) restores the exact position, so a resumed run sees the
@@ -20,6 +20,7 @@ its ``global_batch_size / shard_count`` rows of each global batch, which
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -53,7 +54,9 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise TypeError(f"images must be uint8, got {images.dtype}")
-    return (images.astype(np.float32) * np.float32(2.0 / 255.0)) - np.float32(1.0)
+    out = np.multiply(images, np.float32(2.0 / 255.0), dtype=np.float32)
+    out -= np.float32(1.0)
+    return out
 
 
 def _even_split(n: int, options: grain.sharding.ShardOptions) -> tuple[int, int]:
@@ -68,27 +71,52 @@ def _even_split(n: int, options: grain.sharding.ShardOptions) -> tuple[int, int]
     return start, end
 
 
-def _seed32(*entropy: int) -> int:
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+class _EpochOrder:
+    """Record index at each stream position: the shard's records, permuted anew each epoch.
+
+    The permutation of epoch ``e`` is ``default_rng([seed, tag, e]).permutation(length)``,
+    computed once per epoch (4 bytes per record) and shared by the reading threads. grain's
+    ``MapDataset.shuffle`` would avoid that memory but its index shuffle costs milliseconds per
+    element on small datasets (measured here: ~9 ms at 10 records, ~0.13 ms at 1000).
+    """
+
+    def __init__(self, start: int, length: int, seed: int, shuffle: bool):
+        self.start, self.length, self.seed, self.shuffle = start, length, seed, shuffle
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, stream_index: int) -> tuple[int, int]:
+        """``(epoch, record index)`` of stream position ``stream_index``."""
+        epoch, position = divmod(int(stream_index), self.length)
+        if not self.shuffle:
+            return epoch, self.start + position
+        with self._lock:
+            order = self._cache.get(epoch)
+            if order is None:
+                rng = np.random.default_rng([self.seed, _TAG_SHUFFLE, epoch])
+                order = rng.permutation(self.length).astype(np.int32 if self.length < 2**31
+                                                            else np.int64)
+                if len(self._cache) >= 2:  # threads straddle at most one epoch boundary
+                    self._cache.pop(min(self._cache))
+                self._cache[epoch] = order
+        return epoch, self.start + int(order[position])
 
 
 class _TwoViews:
-    """Turns ``(stream index, record index)`` into one two-view example (a dict of arrays)."""
+    """Turns a stream position into one two-view example (a dict of arrays)."""
 
-    def __init__(self, source, *, seed, shard_length, flip, teacher_view, student_augment,
-                 image_size, normalize):
+    def __init__(self, source, *, order, seed, flip, teacher_view, student_augment,
+                 image_size):
         self.source = source
+        self.order = order
         self.seed = seed
-        self.shard_length = shard_length
         self.flip = flip
         self.teacher_view = teacher_view
         self.student_augment = student_augment
         self.image_size = image_size
-        self.normalize = normalize
 
-    def __call__(self, stream_index: int, record_index: int) -> dict[str, np.ndarray]:
-        epoch = int(stream_index) // self.shard_length
-        record_index = int(record_index)
+    def __call__(self, stream_index: int, _) -> dict[str, np.ndarray]:
+        epoch, record_index = self.order(stream_index)
         record = self.source[record_index]
         image = decode_image(record["image"], name=f"record {record_index}")
         landmarks = record.get("landmarks")
@@ -103,7 +131,7 @@ class _TwoViews:
             rng = np.random.default_rng([self.seed, _TAG_FLIP, epoch, record_index])
             flipped = bool(rng.random() < 0.5)
         if flipped:
-            image = np.ascontiguousarray(image[:, ::-1])
+            image = cv2.flip(image, 1)  # a contiguous mirrored copy, faster than [:, ::-1]
             if landmarks is not None:
                 # Pixel column j maps to W - 1 - j, and left/right points swap names.
                 mirrored = np.stack([self.image_size[1] - 1.0 - landmarks[:, 0],
@@ -113,10 +141,9 @@ class _TwoViews:
         if self.student_augment is not None:
             student, size = self.student_augment(image, epoch=epoch, index=record_index)
         teacher = student if self.teacher_view == "augmented" else image
-        convert = normalize_images if self.normalize else np.asarray
         out = {
-            "teacher_image": convert(teacher),
-            "student_image": convert(student),
+            "teacher_image": teacher,
+            "student_image": student,
             "label": np.int32(record["label"]),
             "index": np.int64(record_index),
             "flipped": np.bool_(flipped),
@@ -257,14 +284,15 @@ def make_training_pipeline(
     if student_view == "original":
         student_augment = None
 
-    records = grain.MapDataset.range(start, end)
-    if shuffle:
-        records = records.shuffle(seed=_seed32(int(seed), _TAG_SHUFFLE))
-    records = records.repeat(num_epochs)
-    examples = records.map_with_index(_TwoViews(
-        source, seed=int(seed), shard_length=end - start, flip=flip, teacher_view=teacher_view,
-        student_augment=student_augment, image_size=image_size, normalize=normalize))
+    order = _EpochOrder(start, end - start, int(seed), bool(shuffle))
+    positions = grain.MapDataset.range(end - start).repeat(num_epochs)
+    examples = positions.map_with_index(_TwoViews(
+        source, order=order, seed=int(seed), flip=flip, teacher_view=teacher_view,
+        student_augment=student_augment, image_size=image_size))
     batches = examples.batch(host_batch, drop_remainder=drop_remainder)
+    if normalize:
+        # Once per batch rather than per example: one float32 allocation instead of 2B.
+        batches = batches.map(_normalize_views)
     per_epoch = (end - start) // host_batch if drop_remainder else -(-(end - start) // host_batch)
     fingerprint = {
         "num_records": num_records, "shard": [shard_options.shard_index, shard_options.shard_count],
@@ -278,6 +306,12 @@ def make_training_pipeline(
         prefetch_buffer_size=prefetch_buffer_size if prefetch_buffer_size is not None
         else max(1, 2 * num_threads))
     return TwoViewPipeline(batches, fingerprint=fingerprint, read_options=read_options)
+
+
+def _normalize_views(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    batch["teacher_image"] = normalize_images(batch["teacher_image"])
+    batch["student_image"] = normalize_images(batch["student_image"])
+    return batch
 
 
 def device_put_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
