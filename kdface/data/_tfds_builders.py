@@ -368,9 +368,9 @@ def build_training_dataset(source, data_dir, *, name: str | None = None,
 
 def build_verification_dataset(source, data_dir, *, name: str | None = None,
                                source_format: str = "auto", images_root=None,
-                               image_ext: str = "jpg", num_folds: int = 10, skip_missing: bool = False,
-                               verify_images: bool = True, overwrite: bool = False,
-                               progress: bool = False) -> dict:
+                               image_ext: str = "jpg", num_folds: int = 10,
+                               skip_missing: bool = False, verify_images: bool = True,
+                               overwrite: bool = False, progress: bool = False) -> dict:
     """Builds ``<data_dir>/kdface_verification/<name>`` from a ``.bin`` or a ``pairs.txt``.
 
     ``source_format``: 'bin', 'pairs' or 'auto' (by extension, ``.txt`` means pairs, which
