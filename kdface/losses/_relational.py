@@ -47,7 +47,7 @@ def huber(x: Array) -> Array:
 
 
 def prepare_pair(student: Array, teacher: Array, *, min_n: int) -> tuple[Array, Array]:
-    """Checks ``[N, D_s]``/``[N, D_t]`` embeddings, casts to the compute dtype, stops the teacher."""
+    """Checks ``[N, D_s]``/``[N, D_t]`` embeddings, casts to the compute dtype, stops teacher."""
     check_embeddings("student", student)
     check_embeddings("teacher", teacher)
     check_same_rows("student", student, "teacher", teacher)

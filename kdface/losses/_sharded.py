@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from kdface.losses import _mmd, _relational
-from kdface.losses._checks import check_option
+from kdface.losses._checks import check_embeddings, check_option
 
 Array = jax.Array
 
@@ -117,10 +117,11 @@ def mk_mmd_sharded(x: Array, y: Array, *, axis_name: str = "data",
     equals the single-device ``mk_mmd`` on the whole batch. The linear estimator pairs global
     rows ``(2i, 2i+1)``, so it needs an even number of rows per device.
     """
+    check_embeddings("x", x)
+    check_embeddings("y", y)
     n_dev = jax.lax.axis_size(axis_name)
-    x_local, y_local = x, y
-    x_all, x_offset, n_x = _gather(x_local, axis_name)
-    y_all, y_offset, n_y = _gather(y_local, axis_name)
+    x_all, x_offset, n_x = _gather(x, axis_name)
+    y_all, y_offset, n_y = _gather(y, axis_name)
     _mmd.check_mmd_args(x_all, y_all, multipliers, estimator)
     if estimator == "linear" and n_x % 2:
         raise ValueError(f"the sharded linear estimator needs an even number of rows per "
