@@ -12,3 +12,14 @@ from kdface.losses._classification import (arcface_logits, cosface_logits, margi
 from kdface.losses._feature import angular_distillation_loss, l2_hint_loss, normalized_l2_loss
 from kdface.losses._logit import hard_loss, hinton_kd_loss, soft_prediction_loss
 from kdface.losses._metric import landmark_l2_loss, nrmse, triplet_loss
+
+# PWR, pairwise ranking distillation (seed nikitin2020): dense / tiled / sorted / sharded.
+from kdface.losses._pwr import pairwise_scores, pwr_loss, pwr_loss_from_scores
+
+# MK-MMD (seed wang2019) and the relational baselines RKD-D, RKD-A, DarkRank-hard (nikitin2020 §4),
+# plus their batch-global versions across devices (call inside jax.shard_map, or via a mesh).
+from kdface.losses._mmd import mk_mmd
+from kdface.losses._relational import darkrank_hard_loss, rkd_angle_loss, rkd_distance_loss
+from kdface.losses._sharded import (darkrank_hard_loss_sharded, mk_mmd_sharded,
+                                    rkd_angle_loss_sharded, rkd_distance_loss_sharded,
+                                    sharded_relational_loss)
