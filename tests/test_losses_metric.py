@@ -1,0 +1,262 @@
+"""Tests for kdface.losses._metric: triplet loss by explicit triplet loops, landmark losses."""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from kdface.losses import landmark_l2_loss, nrmse, triplet_loss
+
+# Class 3 is a singleton: it is never an anchor with a positive, but is a negative for others.
+LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 3], np.int32)
+N, D = len(LABELS), 4
+
+
+def _embeddings(seed=0, n=N, d=D):
+    return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+
+
+def ref_distance(x, i, j, distance):
+    if i == j:
+        return 0.0
+    if distance == "cosine":
+        dot = sum(a * b for a, b in zip(x[i], x[j]))
+        return 1.0 - dot / (math.sqrt(sum(a * a for a in x[i])) * math.sqrt(sum(b * b
+                                                                               for b in x[j])))
+    sq = sum((a - b) ** 2 for a, b in zip(x[i], x[j]))
+    return sq if distance == "squared_euclidean" else math.sqrt(sq)
+
+
+def ref_triplet(emb, labels, *, margin, mining, distance, normalize, average_over):
+    x = [[float(v) for v in row] for row in emb]
+    if normalize:
+        x = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in x]
+    n = len(x)
+    d = [[ref_distance(x, i, j, distance) for j in range(n)] for i in range(n)]
+    if mining == "batch_all":
+        losses = []
+        for a in range(n):
+            for p in range(n):
+                for q in range(n):
+                    if a != p and labels[a] == labels[p] and labels[a] != labels[q]:
+                        losses.append(max(0.0, d[a][p] - d[a][q] + margin))
+        if average_over == "active":
+            losses = [v for v in losses if v > 0]
+        return sum(losses) / len(losses) if losses else 0.0
+    per_anchor = []
+    for a in range(n):
+        pos = [d[a][p] for p in range(n) if p != a and labels[p] == labels[a]]
+        neg = [d[a][q] for q in range(n) if labels[q] != labels[a]]
+        if pos and neg:
+            per_anchor.append(max(0.0, max(pos) - min(neg) + margin))
+    return sum(per_anchor) / len(per_anchor) if per_anchor else 0.0
+
+
+CASES = [("batch_all", "squared_euclidean", True, "active", 0.2),
+         ("batch_all", "squared_euclidean", True, "valid", 1.0),
+         ("batch_all", "euclidean", False, "active", 1.0),
+         ("batch_all", "cosine", False, "valid", 0.2),
+         ("batch_hard", "squared_euclidean", True, "active", 1.0),
+         ("batch_hard", "euclidean", False, "active", 0.2),
+         ("batch_hard", "cosine", True, "active", 0.2)]
+
+
+@pytest.mark.parametrize("mining,distance,normalize,average_over,margin", CASES)
+def test_triplet_matches_loop(mining, distance, normalize, average_over, margin):
+    emb = _embeddings(1)
+    kw = dict(margin=margin, mining=mining, distance=distance, normalize=normalize,
+              average_over=average_over)
+    want = ref_triplet(emb, LABELS, **kw)
+    assert want > 0  # the case exercises the hinge
+    got = jax.jit(functools.partial(triplet_loss, **kw))(jnp.asarray(emb), jnp.asarray(LABELS))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "batch_hard"])
+def test_triplet_zero_when_classes_separated(mining):
+    # Identities sit on distinct axes, samples within 0.01 of them: after normalization
+    # d(a, p) ~ 1e-4 and d(a, n) ~ 2 (squared), far beyond the margin.
+    rng = np.random.default_rng(2)
+    centres = np.eye(D, dtype=np.float32)[LABELS % D] * 5.0
+    emb = centres + 0.01 * rng.normal(size=(N, D)).astype(np.float32)
+    loss = triplet_loss(jnp.asarray(emb), jnp.asarray(LABELS), mining=mining, margin=0.5)
+    assert float(loss) == 0.0
+    # Sanity: the same points with a margin larger than the gap give a positive loss.
+    assert float(triplet_loss(jnp.asarray(emb), jnp.asarray(LABELS), mining=mining,
+                              margin=3.0)) > 0.0
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "batch_hard"])
+@pytest.mark.parametrize("labels", [np.zeros(N, np.int32), np.arange(N, dtype=np.int32)])
+def test_triplet_without_valid_triplets_is_zero(mining, labels):
+    emb = jnp.asarray(_embeddings(3))
+    value, grad = jax.jit(jax.value_and_grad(
+        lambda e: triplet_loss(e, jnp.asarray(labels), mining=mining)))(emb)
+    assert float(value) == 0.0
+    np.testing.assert_array_equal(grad, np.zeros((N, D)))
+
+
+@pytest.mark.parametrize("mining,distance", [("batch_all", "euclidean"),
+                                             ("batch_hard", "euclidean"),
+                                             ("batch_all", "squared_euclidean")])
+def test_triplet_coincident_embeddings_have_finite_gradient(mining, distance):
+    emb = _embeddings(4)
+    emb[1] = emb[0]  # a positive pair at distance 0
+    emb[3] = emb[0]  # a negative at distance 0
+    grad = jax.jit(jax.grad(lambda e: triplet_loss(e, jnp.asarray(LABELS), mining=mining,
+                                                   distance=distance)))(jnp.asarray(emb))
+    assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("mining,distance,normalize,average_over,margin", CASES[::2])
+def test_triplet_grads_float64(mining, distance, normalize, average_over, margin):
+    emb = _embeddings(5)
+    with jax.enable_x64(True):
+        y = jnp.asarray(LABELS)
+        fn = jax.jit(lambda e: triplet_loss(e, y, margin=margin, mining=mining, distance=distance,
+                                            normalize=normalize, average_over=average_over))
+        check_grads(fn, (jnp.asarray(emb, jnp.float64),), order=1, modes=["rev"], eps=1e-6)
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "batch_hard"])
+def test_triplet_jit_vmap_bf16(mining):
+    emb, y = jnp.asarray(_embeddings(6)), jnp.asarray(LABELS)
+    fn = lambda e, lab: triplet_loss(e, lab, mining=mining, margin=0.5)  # noqa: E731
+    jitted = jax.jit(fn)
+    eager = fn(emb, y)
+    np.testing.assert_allclose(jitted(emb, y), eager, rtol=1e-6)
+    stack = jnp.stack([emb, jnp.asarray(_embeddings(7)), -emb])
+    labels = jnp.stack([y, y[::-1], y])
+    batched = jax.jit(jax.vmap(fn))(stack, labels)
+    for b in range(3):
+        np.testing.assert_allclose(batched[b], jitted(stack[b], labels[b]), rtol=1e-5)
+    low = emb.astype(jnp.bfloat16)
+    out = jitted(low, y)
+    assert out.dtype == jnp.float32 and np.isfinite(out)
+    np.testing.assert_allclose(out, jitted(low.astype(jnp.float32), y), rtol=1e-5)
+    np.testing.assert_allclose(out, eager, rtol=0.05)
+
+
+def test_triplet_bad_inputs():
+    emb, y = jnp.asarray(_embeddings(8)), jnp.asarray(LABELS)
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        triplet_loss(emb[0], y)
+    with pytest.raises(ValueError, match="labels"):
+        triplet_loss(emb, y[:-1])
+    with pytest.raises(TypeError, match="integer"):
+        triplet_loss(emb, y.astype(jnp.float32))
+    with pytest.raises(TypeError, match="floating"):
+        triplet_loss(emb.astype(jnp.int32), y)
+    with pytest.raises(ValueError, match="mining"):
+        triplet_loss(emb, y, mining="semi_hard")
+    with pytest.raises(ValueError, match="distance"):
+        triplet_loss(emb, y, distance="manhattan")
+    with pytest.raises(ValueError, match="average_over"):
+        triplet_loss(emb, y, average_over="all")
+    with pytest.raises(ValueError, match="margin"):
+        triplet_loss(emb, y, margin=-0.1)
+
+
+# ----------------------------------------------------------------------------- landmarks
+
+def ref_landmark_l2(pred, target):
+    return np.array([0.5 * sum((float(a) - float(b)) ** 2 for a, b in zip(p.ravel(), t.ravel()))
+                     for p, t in zip(pred, target)])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", None])
+def test_landmark_l2_matches_loop_in_both_layouts(reduction):
+    rng = np.random.default_rng(9)
+    pred = rng.normal(size=(4, 5, 2)).astype(np.float32)
+    target = rng.normal(size=(4, 5, 2)).astype(np.float32)
+    want = ref_landmark_l2(pred, target)
+    want = {"mean": want.mean(), "sum": want.sum()}.get(reduction, want)
+    got = landmark_l2_loss(jnp.asarray(pred), jnp.asarray(target), reduction=reduction)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    flat = landmark_l2_loss(jnp.asarray(pred.reshape(4, 10)), jnp.asarray(target.reshape(4, 10)),
+                            reduction=reduction)
+    np.testing.assert_allclose(flat, want, rtol=1e-5)
+
+
+def test_landmark_l2_gradient_jit_vmap_bf16():
+    rng = np.random.default_rng(10)
+    pred = jnp.asarray(rng.normal(size=(4, 5, 2)).astype(np.float32))
+    target = jnp.asarray(rng.normal(size=(4, 5, 2)).astype(np.float32))
+    grad = jax.grad(lambda p: landmark_l2_loss(p, target, reduction="sum"))(pred)
+    np.testing.assert_allclose(grad, pred - target, rtol=1e-6)  # d/dp of 1/2 ||p - t||^2
+    with jax.enable_x64(True):
+        t64 = jnp.asarray(target, jnp.float64)
+        check_grads(jax.jit(lambda p: landmark_l2_loss(p, t64)), (jnp.asarray(pred, jnp.float64),),
+                    order=1, modes=["rev"])
+    jitted = jax.jit(landmark_l2_loss)
+    np.testing.assert_allclose(jitted(pred, target), landmark_l2_loss(pred, target), rtol=1e-6)
+    batched = jax.vmap(jitted)(jnp.stack([pred, target]), jnp.stack([target, target]))
+    np.testing.assert_allclose(batched, [jitted(pred, target), 0.0], rtol=1e-6)
+    out = jitted(pred.astype(jnp.bfloat16), target.astype(jnp.bfloat16))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, landmark_l2_loss(pred, target), rtol=0.05)
+
+
+def test_nrmse_hand_computed():
+    # Eyes at (0, 0) and (10, 0): d = 10. Point errors 5 (3-4-5), 0, 1 -> mean 2 -> 0.2.
+    target = np.array([[[0, 0], [10, 0], [5, 5]],
+                       [[0, 0], [0, 4], [2, 2]]], np.float32)
+    pred = target + np.array([[[3, 4], [0, 0], [0, 1]],
+                              [[0, 0], [0, 2], [0, 0]]], np.float32)
+    # Second image: d = 4, errors 0, 2, 0 -> mean 2/3 -> 1/6.
+    per_image = nrmse(jnp.asarray(pred), jnp.asarray(target), reduction=None)
+    np.testing.assert_allclose(per_image, [0.2, 1 / 6], rtol=1e-6)
+    np.testing.assert_allclose(nrmse(jnp.asarray(pred), jnp.asarray(target)),
+                               (0.2 + 1 / 6) / 2, rtol=1e-6)
+    # Bounding-box diagonal: image 0 box 10 x 5 -> sqrt(125); image 1 box 2 x 4 -> sqrt(20).
+    bbox = nrmse(jnp.asarray(pred), jnp.asarray(target), normalization="bbox_diagonal",
+                 reduction=None)
+    np.testing.assert_allclose(bbox, [2 / math.sqrt(125), (2 / 3) / math.sqrt(20)], rtol=1e-6)
+    # Interleaved [N, 2K] layout gives the same numbers.
+    np.testing.assert_allclose(nrmse(jnp.asarray(pred.reshape(2, 6)),
+                                     jnp.asarray(target.reshape(2, 6)), reduction=None),
+                               per_image, rtol=1e-6)
+
+
+def test_nrmse_inter_pupil_matches_loop():
+    rng = np.random.default_rng(11)
+    target = rng.uniform(0, 100, size=(3, 8, 2)).astype(np.float32)
+    pred = target + rng.normal(size=(3, 8, 2)).astype(np.float32)
+    left, right = (0, 1, 2), (4, 5)
+    want = []
+    for p, t in zip(pred.astype(np.float64), target.astype(np.float64)):
+        lc = [sum(t[i][a] for i in left) / len(left) for a in range(2)]
+        rc = [sum(t[i][a] for i in right) / len(right) for a in range(2)]
+        d = math.hypot(lc[0] - rc[0], lc[1] - rc[1])
+        want.append(sum(math.hypot(*(p[k] - t[k])) for k in range(8)) / 8 / d)
+    got = nrmse(jnp.asarray(pred), jnp.asarray(target), normalization="inter_pupil",
+                left_eye=left, right_eye=right, reduction=None)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    got = jax.jit(lambda p, t: nrmse(p, t, left_eye=2, right_eye=6))(pred, target)
+    eager = nrmse(jnp.asarray(pred), jnp.asarray(target), left_eye=2, right_eye=6)
+    np.testing.assert_allclose(got, eager, rtol=1e-6)
+
+
+def test_landmark_bad_inputs():
+    x = jnp.ones((2, 5, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        landmark_l2_loss(x, x[:1])
+    with pytest.raises(ValueError, match=r"\[N, K, 2\] or \[N, 2K\]"):
+        landmark_l2_loss(jnp.ones((2, 5)), jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"\[N, K, 2\] or \[N, 2K\]"):
+        nrmse(jnp.ones((2, 5, 3)), jnp.ones((2, 5, 3)))
+    with pytest.raises(TypeError, match="floating"):
+        landmark_l2_loss(jnp.ones((2, 5, 2), jnp.int32), x)
+    with pytest.raises(ValueError, match="normalization"):
+        nrmse(x, x, normalization="face_size")
+    with pytest.raises(ValueError, match="out of range"):
+        nrmse(x, x, right_eye=5)
+    with pytest.raises(TypeError, match="left_eye"):
+        nrmse(x, x, left_eye=(0, 1))  # sequences only for 'inter_pupil'
+    with pytest.raises(ValueError, match="reduction"):
+        nrmse(x, x, reduction="median")
