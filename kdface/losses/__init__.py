@@ -13,6 +13,9 @@ from kdface.losses._feature import angular_distillation_loss, l2_hint_loss, norm
 from kdface.losses._logit import hard_loss, hinton_kd_loss, soft_prediction_loss
 from kdface.losses._metric import landmark_l2_loss, nrmse, triplet_loss
 
+# PWR, pairwise ranking distillation (seed nikitin2020): dense / tiled / sorted / sharded.
+from kdface.losses._pwr import pairwise_scores, pwr_loss, pwr_loss_from_scores
+
 # MK-MMD (seed wang2019) and the relational baselines RKD-D, RKD-A, DarkRank-hard (nikitin2020 §4),
 # plus their batch-global versions across devices (call inside jax.shard_map, or via a mesh).
 from kdface.losses._mmd import mk_mmd
