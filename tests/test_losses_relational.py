@@ -272,3 +272,13 @@ def test_bad_options():
         darkrank_hard_loss(s, t, alpha=-1.0)
     with pytest.raises(ValueError, match="list_length"):
         darkrank_hard_loss(s, t, list_length=0)
+
+
+def test_angle_tile_budget_uses_the_global_batch():
+    """Tiles are [block, N, N] with N the whole batch, also when a device does fewer vertices."""
+    budget = _relational.ANGLE_TILE_ELEMENTS
+    assert _relational.angle_block_size(1024, 1024, None) == max(1, budget // 1024 ** 2)
+    assert _relational.angle_block_size(1024, 256, None) == max(1, budget // 1024 ** 2)
+    assert _relational.angle_block_size(64, 16, None) == 16
+    assert _relational.angle_block_size(64, 64, 8) == 8
+    assert _relational.angle_block_size(64, 4, 8) == 4

@@ -151,14 +151,14 @@ def rkd_distance_loss(student: Array, teacher: Array, *, reduction: str | None =
 
 # ----------------------------------------------------------------------------------- RKD-A
 
-def angle_block_size(n: int, block_size: int | None) -> int:
-    """Vertices per tile: the user's choice, else as many as keep a tile near
-    ``ANGLE_TILE_ELEMENTS`` elements (at least 1, at most ``n``)."""
+def angle_block_size(n: int, n_vertices: int, block_size: int | None) -> int:
+    """Vertices per ``[block, n, n]`` tile: the user's choice, else as many as keep a tile near
+    ``ANGLE_TILE_ELEMENTS`` elements; at least 1, at most ``n_vertices`` (the vertices to do)."""
     if block_size is None:
-        return max(1, min(n, ANGLE_TILE_ELEMENTS // (n * n)))
+        return max(1, min(n_vertices, ANGLE_TILE_ELEMENTS // (n * n)))
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
-    return min(block_size, n)
+    return min(block_size, n_vertices)
 
 
 def _inverse_distances(g_rows: Array, sq_rows: Array, sq_all: Array, vertices: Array) -> Array:
@@ -231,7 +231,7 @@ def rkd_angle_loss(student: Array, teacher: Array, *, block_size: int | None = N
     """
     student, teacher = prepare_pair(student, teacher, min_n=3)
     n = student.shape[0]
-    block = angle_block_size(n, block_size)
+    block = angle_block_size(n, n, block_size)
     gs = gram(centered(student), centered(student))
     gt = gram(centered(teacher), centered(teacher))
     return rkd_angle_sum(gs, gt, 0, n, block) / (n * (n - 1) * (n - 2))

@@ -87,7 +87,7 @@ def rkd_angle_loss_sharded(student: Array, teacher: Array, *, axis_name: str = "
     ``N^3 / P`` angle work)."""
     s_all, t_all, offset, n_local = _global_pair(student, teacher, axis_name, 3)
     n = s_all.shape[0]
-    block = _relational.angle_block_size(n_local, block_size)
+    block = _relational.angle_block_size(n, n_local, block_size)
     gs = _relational.gram(s_all, s_all)
     gt = _relational.gram(t_all, t_all)
     partial_sum = _relational.rkd_angle_sum(gs, gt, offset, n_local, block)
