@@ -128,7 +128,8 @@ def main(argv: list[str]) -> None:
             f"this load. Memory does not grow with the probe count except for the impostor tail "
             f"kept for TPR@FPR=1e-3 (floor(1e-3 x {impostors_target:.2e}) + 1 float32 values, "
             f"{_tail_gib(impostors_target):.2f} GiB, up to ~5x that transiently while "
-            f"compacting) and the [probes, 10] top-k state ({_TARGET.value * 10 * 4 / 2**20:.0f} MiB).",
+            f"compacting) and the [probes, 10] top-k state "
+            f"({_TARGET.value * 10 * 4 / 2**20:.0f} MiB).",
             "",
         ]
     lines += [
