@@ -13,6 +13,7 @@ against a brute-force full similarity matrix + argsort. Time is linear in the nu
 """
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -158,12 +159,10 @@ def _fmt(v) -> str:
 
 
 def _cpu_count() -> int:
-    import os
     return len(os.sched_getaffinity(0))
 
 
 def _loadavg() -> str:
-    import os
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
