@@ -86,7 +86,7 @@ def test_weight_decay_skips_vectors():
 
 
 @pytest.mark.parametrize("bad", [dict(schedule="linear"), dict(warmup_steps=100),
-                                 dict(base_lr=0.0)])
+                                 dict(base_lr=-0.1)])
 def test_schedule_rejects_bad_arguments(bad):
     kwargs = dict(base_lr=0.1, total_steps=100, schedule="step")
     kwargs.update(bad)
@@ -238,7 +238,7 @@ def _source(n=32):
 
 @pytest.mark.parametrize("recipe,extra", [
     ("kd_im", {}),
-    ("pwr", {"kd_loss": "rkd_da", "relation_scope": "device"}),
+    ("pwr", {"kd_loss": "rkd_da", "relation_scope": "device", "batch_size": 16}),
     ("pwr", {"kd_loss": "darkrank"}),
     ("vargface", {}),
     ("shrinktea", {}),

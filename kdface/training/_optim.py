@@ -27,8 +27,8 @@ def learning_rate_schedule(*, base_lr: float, total_steps: int, schedule: str = 
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if base_lr <= 0 or total_steps <= 0:
-        raise ValueError(f"need base_lr > 0 and total_steps > 0, got {base_lr}, {total_steps}")
+    if base_lr < 0 or total_steps <= 0:
+        raise ValueError(f"need base_lr >= 0 and total_steps > 0, got {base_lr}, {total_steps}")
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(f"warmup_steps must be in [0, total_steps), got {warmup_steps}")
     if schedule == "constant":
