@@ -18,9 +18,10 @@ PReLU everywhere except the linear layers (as in Chen et al.); BN after every co
 final linear layer (insightface's "GDC" output, with BN scale fixed to 1). The GDConv kernel equals
 the final spatial size (7x7 at 112x112, 7x6 at 112x96).
 
-Embedding size: Chen et al. use D = 128 (0.99 M parameters; we measure 1.00 M). Seed duong2019
-reports 1.2 M parameters for its MobileFaceNet student (Table 2), which is exactly what D = 512
-gives (1.20 M measured), so kdface's default of 512 agrees with the seed that uses it.
+Embedding size: Chen et al. use D = 128 (0.99 M parameters, 221 M multiply-adds; we measure
+1.00 M and 221.0 M). Seed duong2019 reports 1.2 M parameters for its MobileFaceNet student
+(Table 2), which is exactly what D = 512 gives (1.20 M measured), so kdface's default of 512
+agrees with the seed that uses it.
 
 MobileFaceNet-R (seed duong2019 sec. 4.2: "similar to MobileFacenet except the feature size of
 each resnet-block is equal to the size of its corresponding features in the teacher network") is
@@ -31,7 +32,7 @@ conv after its 7x7 stage; MFN-R's 7x7 stage already has 512 channels, so that co
 the stage's three bottlenecks use expansion t = 1, keeping the 1x1 expansion conv every
 MobileFaceNet block has (with MobileFaceNet's t = 2 and 4 at 512 channels the 7x7 stage alone
 would exceed 3 M parameters). Stages 1-2 keep MobileFaceNet's expansions and depths. This gives
-3.69 M parameters at D = 512, 1% under the seed's 3.73 M.
+3.69 M parameters at D = 512, 1% under the seed's 3.73 M, and 723 M multiply-adds at 112x112.
 """
 from __future__ import annotations
 
@@ -106,20 +107,9 @@ class InvertedResidual(nnx.Module):
         return x + h if self.residual else h
 
 
-class Sequence_(nnx.Module):
-    """Applies ``layers`` in order (an ``nnx.List`` so the layers are part of the state)."""
-
-    def __init__(self, layers):
-        self.layers = nnx.List(layers)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 def bottleneck_stage(c_in: int, spec: Sequence[tuple[int, int, int, int]], *, act: str,
-                     expand_at_1: bool = False, rngs: nnx.Rngs) -> tuple[Sequence_, int]:
+                     expand_at_1: bool = False,
+                     rngs: nnx.Rngs) -> tuple[nnx.Sequential, int]:
     """Bottleneck groups ``(t, c, n, s)`` (MobileNetV2 Table 2 notation: the first of the ``n``
     blocks has stride ``s``, the rest stride 1) -> ``(stage, out_channels)``."""
     layers = []
@@ -128,7 +118,7 @@ def bottleneck_stage(c_in: int, spec: Sequence[tuple[int, int, int, int]], *, ac
             layers.append(InvertedResidual(c_in, c, expansion=t, stride=s if j == 0 else 1,
                                            act=act, expand_at_1=expand_at_1, rngs=rngs))
             c_in = c
-    return Sequence_(layers), c_in
+    return nnx.Sequential(*layers), c_in
 
 
 class GDCEmbedding(nnx.Module):

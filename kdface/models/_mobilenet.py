@@ -13,8 +13,10 @@ but not how they were adapted to faces. Our adaptation, one rule for both:
   MobileFaceNet's), since 1280 would put the network at 2.9 M parameters, 37% over the seed.
 * Activations are the originals: ReLU (V1), ReLU6 (V2).
 
-Measured at D = 512: MV1 3.78 M parameters (seed 3.53 M, +7%: the seed's head is not described;
-a 1024 -> 512 linear alone is 0.52 M), MV2 2.28 M (seed 2.15 M, +6%).
+Measured at D = 512 and 112x112: MV1 3.78 M parameters (seed 3.53 M, +7%: the seed does not
+describe its head; a 1024 -> 512 linear alone is 0.52 M) and 568 M multiply-adds; MV2 2.27 M
+parameters (seed 2.15 M, +5%) and 288 M multiply-adds (the ImageNet networks' 569 M / 300 M at
+224x224, as the feature sizes are the same).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from flax import nnx
 
 from kdface.models._base import Backbone
 from kdface.models._layers import check_input_size
-from kdface.models._mobilefacenet import (ConvBNAct, GDCEmbedding, Sequence_, bottleneck_stage,
+from kdface.models._mobilefacenet import (ConvBNAct, GDCEmbedding, bottleneck_stage,
                                           final_spatial)
 from kdface.models._registry import register
 
@@ -87,7 +89,7 @@ class MobileNetV1(Backbone):
                 layers.append(DepthwiseSeparable(c, width(out), stride=s, act=act, rngs=rngs))
                 c = width(out)
                 strides.append(s)
-            stages.append(Sequence_(layers))
+            stages.append(nnx.Sequential(*layers))
         self.stages = nnx.List(stages)
         self.head = GDCEmbedding(c, final_spatial(hw, strides), embedding_size,
                                  last_channels=None, act=act, rngs=rngs)

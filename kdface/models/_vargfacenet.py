@@ -119,16 +119,6 @@ class DownsamplingBlock(nnx.Module):
         return self.act(self.sep2(h) + self.shortcut(x))
 
 
-class _Sequence(nnx.Module):
-    def __init__(self, layers):
-        self.layers = nnx.List(layers)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 class VarGFaceNet(Backbone):
     """VarGFaceNet (seed yan2019 Table 1): ``[B, H, W, 3] -> [B, embedding_size]``.
 
@@ -162,14 +152,15 @@ class VarGFaceNet(Backbone):
 
         # Seed sec. 2.3.1: stride-1 first conv keeps 112x112 (VarGNet used stride 2).
         self.conv1 = ConvBN(3, widths[0], 3, stride=1, act=act, rngs=rngs)
-        stages = [_Sequence([NormalBlock(widths[0], widths[0], stride=2, factor=1,
-                                         use_se=use_se, se_reduction=se_reduction, **block)])]
+        stages = [nnx.Sequential(NormalBlock(widths[0], widths[0], stride=2, factor=1,
+                                             use_se=use_se, se_reduction=se_reduction,
+                                             **block))]
         for i, units in enumerate(_STAGE_UNITS):
             c_in, c_out = widths[i], widths[i + 1]
             layers = [DownsamplingBlock(c_in, c_out, factor=factor, **block)]
             layers += [NormalBlock(c_out, c_out, factor=factor, use_se=use_se,
                                    se_reduction=se_reduction, **block) for _ in range(units)]
-            stages.append(_Sequence(layers))
+            stages.append(nnx.Sequential(*layers))
         self.stages = nnx.List(stages)
 
         fh, fw = h, w
