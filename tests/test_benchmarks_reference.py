@@ -1,0 +1,188 @@
+"""The PyTorch references of the loss benchmark compute kdface's losses (apples to apples).
+
+Every implementation registered in ``benchmarks._loss_cases`` (the peers' formulations, the
+best-effort torch versions of kdface's algorithms, and kdface's own JAX methods) is run through
+the benchmark's own builders on small inputs; values and gradients must agree with kdface's
+function to rtol 1e-4 (float32). The measurement helpers' isolation (memory cap, timeout) is
+checked too. Skipped only when torch is not importable (it is in the ``bench`` extra).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch (the 'bench' extra) is not installed")
+
+from benchmarks import _measure  # noqa: E402
+from benchmarks import torch_reference as ref  # noqa: E402
+from benchmarks._torch_pwr_sorted import dominance_sums  # noqa: E402
+from benchmarks._loss_cases import LOSSES, PWR_VARIANTS, Config, make_inputs  # noqa: E402
+
+CFG = Config(dim=16, classes=12, seed=3)
+N = 11
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_value_grad_cached(key, impl_name, n):
+    loss = LOSSES[key]
+    arrays, argnums = make_inputs(loss.kind, n, CFG)
+    fn = jax.jit(jax.value_and_grad(loss.impl(impl_name).build(n, CFG), argnums=argnums))
+    value, grads = fn(*[jax.numpy.asarray(a) for a in arrays])
+    return float(value), [np.asarray(g) for g in grads]
+
+
+def _jax_value_grad(impl, loss, n, cfg):
+    assert cfg is CFG
+    return _jax_value_grad_cached(loss.key, impl.name, n)
+
+
+def _torch_value_grad(impl, loss, n, cfg):
+    arrays, argnums = make_inputs(loss.kind, n, cfg)
+    tensors = [torch.from_numpy(a) for a in arrays]
+    if loss.kind == "head":
+        tensors[2] = tensors[2].long()
+    args = [t.clone().requires_grad_() if i in argnums else t for i, t in enumerate(tensors)]
+    value = impl.build(n, cfg)(*args)
+    value.backward()
+    return float(value), [args[i].grad.numpy() for i in argnums]
+
+
+def _value_grad(impl, loss, n, cfg):
+    runner = _jax_value_grad if impl.framework == "jax" else _torch_value_grad
+    return runner(impl, loss, n, cfg)
+
+
+def _reference(loss):
+    return next(i for i in loss.impls if i.framework == "jax")
+
+
+# kdface's other PWR methods (tiled, sorted) against its dense one are tests/test_losses_pwr*'s
+# business; here every torch implementation is checked against kdface.
+CASES = [(key, impl.name) for key, loss in LOSSES.items() for impl in loss.impls
+         if impl.framework == "torch"]
+
+
+@pytest.mark.parametrize("key,impl_name", CASES)
+def test_implementation_matches_kdface(key, impl_name):
+    loss = LOSSES[key]
+    impl = loss.impl(impl_name)
+    n = N
+    v_ref, g_ref = _value_grad(_reference(loss), loss, n, CFG)
+    v, g = _value_grad(impl, loss, n, CFG)
+    assert np.isfinite(v_ref) and v_ref != 0.0
+    np.testing.assert_allclose(v, v_ref, rtol=1e-4, err_msg=f"{key}: {impl_name}")
+    for a, b in zip(g, g_ref):
+        scale = np.max(np.abs(b))
+        assert scale > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=f"{key}: {impl_name} gradient")
+
+
+def _lattice_embeddings(rng, n, dim=8, support=4):
+    """Unit vectors with ``support`` entries +-0.5: norms are exactly 1 and every cosine is a
+    multiple of 1/4, exact in float32 in every framework, so teacher ties are real ties."""
+    e = np.zeros((n, dim), np.float32)
+    for row in e:
+        idx = rng.choice(dim, size=support, replace=False)
+        row[idx] = rng.choice([-0.5, 0.5], size=support)
+    return e
+
+
+@pytest.mark.parametrize("variant", sorted(PWR_VARIANTS))
+def test_pwr_references_agree_with_teacher_ties(variant):
+    """With exactly tied teacher scores (most pairs share a value), tied pairs contribute
+    nothing in every formulation: the official dense math, the torch tiled and sorted ones
+    and kdface's dense method agree."""
+    rng = np.random.default_rng(7)
+    teacher = _lattice_embeddings(rng, 10)
+    student = (teacher + 0.3 * rng.standard_normal(teacher.shape)).astype(np.float32)
+    options = PWR_VARIANTS[variant]
+    s, t = torch.from_numpy(student), torch.from_numpy(teacher)
+    scores = ref.pwr_scores(t)
+    assert len(torch.unique(scores)) < len(scores) // 3     # heavily tied
+    dense = ref.pwr_dense_official(s, t, **options).item()
+    np.testing.assert_allclose(ref.pwr_tiled_torch(s, t, **options, block_elements=64).item(),
+                               dense, rtol=1e-4)
+    if options["inversion"] != "ranknet":
+        np.testing.assert_allclose(ref.pwr_sorted_torch(s, t, **options).item(), dense,
+                                   rtol=1e-4)
+    from kdface.losses._pwr import pwr_loss
+    kd = float(jax.jit(lambda a, b: pwr_loss(a, b, method="dense", **options))(student, teacher))
+    np.testing.assert_allclose(dense, kd, rtol=1e-4)
+
+
+def test_dominance_sums_against_loop():
+    rng = np.random.default_rng(1)
+    t = torch.from_numpy(rng.integers(0, 5, 40).astype(np.float32))   # many ties
+    x = torch.from_numpy(rng.standard_normal(40).astype(np.float32))
+    y = torch.from_numpy(rng.standard_normal(40).astype(np.float32))
+    w = torch.from_numpy(rng.random(40).astype(np.float32))
+    got_w, got_c = dominance_sums(t, x, y, w)
+    for a in range(40):
+        keep = [b for b in range(40) if t[b] < t[a] and x[b] > y[a]]
+        assert got_c[a].item() == len(keep)
+        np.testing.assert_allclose(got_w[a].item(), float(sum(w[b] for b in keep)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_torchdistill_normalization_factors():
+    """torchdistill averages over all N^2 / N^3 entries (zeros included); KDFACE_SCALE undoes
+    exactly that, checked against the best-effort versions that average over distinct ones."""
+    rng = np.random.default_rng(2)
+    s = torch.from_numpy(rng.standard_normal((7, 5)).astype(np.float32))
+    t = torch.from_numpy(rng.standard_normal((7, 5)).astype(np.float32))
+    np.testing.assert_allclose(
+        ref.KDFACE_SCALE["rkd_distance"](7) * ref.rkd_distance_torchdistill(s, t).item(),
+        ref.rkd_distance_torch(s, t).item(), rtol=1e-5)
+    np.testing.assert_allclose(
+        ref.KDFACE_SCALE["rkd_angle"](7) * ref.rkd_angle_torchdistill(s, t).item(),
+        ref.rkd_angle_torch(s, t).item(), rtol=1e-5)
+
+
+def _allocate(mib):
+    block = np.ones(mib * 2**20 // 8)
+    time.sleep(0.5)
+    return {"sum": float(block.sum())}
+
+
+def _sleep():
+    time.sleep(30)
+    return {}
+
+
+# The forked children below only touch NumPy, never JAX, so JAX's fork warning does not apply.
+pytestmark_fork = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called")
+
+
+@pytestmark_fork
+def test_run_isolated_kills_past_memory_cap():
+    out = _measure.run_isolated(_allocate, (400,), timeout_s=60, rss_cap_bytes=200 * 2**20)
+    assert out["status"] == "killed", out
+    assert out["max_rss_mib"] > 200
+
+
+@pytestmark_fork
+def test_run_isolated_timeout_and_result():
+    out = _measure.run_isolated(_sleep, timeout_s=0.5, rss_cap_bytes=2**31)
+    assert out["status"] == "timeout"
+    out = _measure.run_isolated(_allocate, (8,), timeout_s=60, rss_cap_bytes=2**31)
+    assert out["status"] == "ok" and out["sum"] == 8 * 2**20 // 8
+
+
+@pytestmark_fork
+def test_case_memory_counts_a_large_allocation():
+    def case():
+        mem = _measure.CaseMemory()
+        block = np.ones(300 * 2**20 // 8)
+        block.sum()
+        del block
+        return mem.report()
+
+    out = _measure.run_isolated(case, timeout_s=60, rss_cap_bytes=2**31)
+    assert out["status"] == "ok", out
+    if out["peak_reset"]:
+        assert 290 < out["peak_mib"] < 400, out
