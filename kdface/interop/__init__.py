@@ -1,0 +1,24 @@
+"""Interoperability: third-party pretrained teachers in, ONNX students out.
+
+* Teachers: insightface IResNet-18/34/50/100 from a PyTorch state dict (read without PyTorch,
+  by a restricted unpickler) or an ONNX file, into kdface's IResNet
+  (:func:`load_teacher_backbone`, the trainer's ``--teacher=pth:[ARCH:]PATH`` /
+  ``--teacher=onnx:[ARCH:]PATH``).
+* Students: any kdface backbone to ONNX with a dynamic batch dimension (:func:`export_onnx`,
+  ``python -m kdface.export``).
+
+Neither PyTorch nor ONNX is imported by ``import kdface.interop``; ``onnx`` is needed only to read
+or write ``.onnx`` files.
+"""
+from kdface.interop._iresnet_mapping import (IRESNET_ARCHS, infer_iresnet_arch,
+                                             iresnet_from_state_dict)
+from kdface.interop._onnx_import import iresnet_state_from_onnx
+from kdface.interop._teacher import (TEACHER_FORMATS, imported_teacher, is_imported_teacher,
+                                     load_teacher_backbone, parse_teacher_spec)
+from kdface.interop._torch_state import UnsafeTorchPickleError, read_torch_state_dict
+
+__all__ = ["IRESNET_ARCHS", "infer_iresnet_arch", "iresnet_from_state_dict"]
+__all__ += ["iresnet_state_from_onnx"]
+__all__ += ["TEACHER_FORMATS", "imported_teacher", "is_imported_teacher",
+            "load_teacher_backbone", "parse_teacher_spec"]
+__all__ += ["UnsafeTorchPickleError", "read_torch_state_dict"]

@@ -1,0 +1,99 @@
+"""Third-party pretrained teachers: ``--teacher=pth:...`` / ``--teacher=onnx:...`` specs.
+
+Seed wang2019's teacher is a network the student's trainer did not train. Users have insightface's
+IResNet teachers as PyTorch state dicts and ONNX files; a teacher spec names one:
+
+* ``pth:/path/backbone.pth`` - an ``arcface_torch`` IResNet state dict (depth inferred from the
+  tensors), read without PyTorch (:func:`read_torch_state_dict`);
+* ``onnx:/path/model.onnx`` - an insightface IResNet ONNX graph (needs the ``onnx`` package);
+* ``pth:iresnet50:/path/...`` / ``onnx:iresnet100:/path/...`` - the same with the depth stated,
+  checked against the tensors.
+
+Everything after the format (and optional arch) is the path, colons included. The images must be
+RGB normalized as ``(x / 255 - 0.5) / 0.5`` (kdface's pipeline and arcface_torch's training), at
+the run's ``input_size`` (112x112 for insightface's released models).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from kdface.interop._iresnet_mapping import IRESNET_ARCHS, iresnet_from_state_dict
+
+__all__ = ["TEACHER_FORMATS", "imported_teacher", "is_imported_teacher",
+           "load_teacher_backbone", "parse_teacher_spec"]
+
+TEACHER_FORMATS = ("pth", "onnx")
+
+
+def is_imported_teacher(spec: Any) -> bool:
+    """True for a ``pth:...`` / ``onnx:...`` teacher spec (not a kdface backbone name)."""
+    return isinstance(spec, str) and spec.split(":", 1)[0] in TEACHER_FORMATS and ":" in spec
+
+
+def parse_teacher_spec(spec: str) -> tuple[str, str | None, str]:
+    """``'pth:iresnet50:/a/b.pth'`` -> ``('pth', 'iresnet50', '/a/b.pth')`` (arch may be None)."""
+    if not is_imported_teacher(spec):
+        raise ValueError(f"a teacher spec is 'pth:[ARCH:]PATH' or 'onnx:[ARCH:]PATH', got "
+                         f"{spec!r}")
+    fmt, rest = spec.split(":", 1)
+    arch = None
+    head, sep, tail = rest.partition(":")
+    if sep and head in IRESNET_ARCHS:
+        arch, rest = head, tail
+    elif sep and head.startswith("iresnet"):
+        raise ValueError(f"unknown arch {head!r} in teacher spec {spec!r}; choose one of "
+                         f"{sorted(IRESNET_ARCHS)}")
+    if not rest:
+        raise ValueError(f"teacher spec {spec!r} names no file")
+    return fmt, arch, rest
+
+
+def load_teacher_backbone(spec: str, *, input_size: tuple[int, int] = (112, 112)):
+    """Loads a third-party IResNet named by ``spec`` (module docstring) into kdface.
+
+    Returns ``(arch_name, backbone)``: ``backbone`` is an eval-mode ``kdface.models`` IResNet
+    (``[B, H, W, 3]`` images -> ``[B, 512]`` embeddings, stage features, ``forward_from``) built
+    for ``input_size`` ``(H, W)``. Raises ValueError listing missing / unexpected tensors and
+    shape mismatches, :class:`UnsafeTorchPickleError` for a ``.pth`` whose pickle wants to run
+    code, ImportError when ``onnx:`` is used without the ``onnx`` package.
+    """
+    fmt, arch, path = parse_teacher_spec(spec)
+    if fmt == "pth":
+        from kdface.interop._torch_state import read_torch_state_dict
+        state = read_torch_state_dict(path)
+    else:
+        from kdface.interop._onnx_import import iresnet_state_from_onnx
+        state = iresnet_state_from_onnx(path)
+    return iresnet_from_state_dict(state, arch=arch, input_size=tuple(input_size), source=path)
+
+
+def imported_teacher(spec: str, recipe, *, num_classes: int, input_size: tuple[int, int],
+                     options: dict[str, Any] | None = None):
+    """The frozen ``FaceNetwork`` teacher of a recipe around an imported backbone.
+
+    An imported network has no classifier, so its head is a zero softmax layer (logits
+    ``[B, num_classes]`` all 0): terms on the teacher's embedding / stage features work, and a
+    recipe that gives the teacher's logits a non-zero weight (the ``hinton`` term) is refused
+    here, before any compilation. ``options`` (``--teacher_options``) must be empty: the file
+    fixes the architecture.
+    """
+    from kdface.distill._networks import FaceNetwork
+    if options:
+        raise ValueError(f"--teacher_options {dict(options)} do not apply to an imported "
+                         f"teacher ({spec}): the file fixes the architecture")
+    logit_terms = [t for t in recipe.terms if t.name == "hinton" and t.weight != 0]
+    if logit_terms:
+        raise ValueError(
+            f"recipe {recipe.name!r} distils the teacher's class logits (term 'hinton', weight "
+            f"{logit_terms[0].weight}), but the imported teacher {spec} has no classifier head; "
+            f"set that weight to 0 (--lambda_soft=0 / --gamma=0) or use a recipe on "
+            f"embeddings (pwr, vargface, shrinktea, kd_im with feature terms)")
+    _, backbone = load_teacher_backbone(spec, input_size=input_size)
+    network = FaceNetwork(backbone, num_classes=num_classes, head="softmax", rngs=nnx.Rngs(0))
+    linear = network.head.linear
+    linear.kernel[...] = linear.kernel[...] * 0
+    linear.bias[...] = linear.bias[...] * 0
+    network.eval()
+    return network
