@@ -16,18 +16,24 @@ class ArrayBatches:
     images: [N, H, W, 3] float32 (already normalized) or uint8; labels [N] int.
     student_transform(images, indices, epoch) optionally builds the student view from the
     teacher view (e.g. low-resolution degradation); without it both views are the same array.
+    batch_size is the global batch; with ``process_count > 1`` each process yields its own
+    contiguous ``batch_size / process_count`` rows of every global batch (multi-host).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                  seed: int = 0, shuffle: bool = True,
                  student_transform: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None
-                 = None):
+                 = None, process_index: int = 0, process_count: int = 1):
         if len(images) != len(labels):
             raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in N")
         if batch_size > len(images):
             raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} samples")
         self.images, self.labels = images, np.asarray(labels, np.int32)
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} "
+                             f"processes")
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.process_index, self.process_count = process_index, process_count
         self.student_transform = student_transform
         self.epoch, self.position = 0, 0
 
@@ -44,6 +50,8 @@ class ArrayBatches:
             self.epoch, self.position = self.epoch + 1, 0
         idx = self._order(self.epoch)[self.position:self.position + self.batch_size]
         self.position += self.batch_size
+        local = self.batch_size // self.process_count
+        idx = idx[self.process_index * local:(self.process_index + 1) * local]
         teacher = self.images[idx]
         student = (teacher if self.student_transform is None
                    else self.student_transform(teacher, idx, self.epoch))
