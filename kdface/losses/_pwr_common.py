@@ -74,6 +74,24 @@ class Inversion:
             return jnp.where(pos, jnp.expm1(self.beta * jnp.where(pos, z, 0.0)), 0.0)
         return jax.nn.softplus(self.beta * z)
 
+    def penalty_and_slope(self, z: Array) -> tuple[Array, Array]:
+        """``(l(z), l'(z))`` sharing their transcendental functions (one exp/log per pair)."""
+        pos = z > 0
+        if self.kind == "diff" or (self.kind == "power" and self.power == 1.0):
+            return jnp.where(pos, z, 0.0), pos.astype(z.dtype)
+        if self.kind == "power":
+            safe = jnp.where(pos, z, 1.0)
+            zp = jnp.exp(self.power * jnp.log(safe))
+            return jnp.where(pos, zp, 0.0), jnp.where(pos, self.power * zp / safe, 0.0)
+        if self.kind == "exp":
+            em1 = jnp.where(pos, jnp.expm1(self.beta * jnp.where(pos, z, 0.0)), 0.0)
+            return em1, jnp.where(pos, self.beta * (em1 + 1.0), 0.0)
+        bz = self.beta * z
+        e = jnp.exp(-jnp.abs(bz))
+        inv = 1.0 / (1.0 + e)
+        return (jnp.maximum(bz, 0.0) + jnp.log1p(e),
+                self.beta * jnp.where(bz >= 0, inv, e * inv))
+
     def slope(self, z: Array) -> Array:
         """``dl/dz`` elementwise (0 where the penalty is flat)."""
         pos = z > 0
