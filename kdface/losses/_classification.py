@@ -214,6 +214,8 @@ def sphereface_logits(cos_theta: jax.Array, labels: jax.Array, *,
                       lambda_: float | jax.Array = 0.0) -> jax.Array:
     """SphereFace A-Softmax logits with the multiplicative angular margin.
 
+SphereFace (Liu et al. 2017) eq. (7), the loss of the seed wang2019 teacher and student nets.
+
     Target class: ``||x|| ψ(θ_y)`` with ``ψ(θ) = (-1)^k cos(mθ) - 2k`` for
     ``θ ∈ [kπ/m, (k+1)π/m]`` (monotone decreasing on [0, π]); ``cos(mθ)`` is the Chebyshev
     polynomial of ``cos θ``. Non-target classes: ``||x|| cos θ_j``. With the annealing weight
