@@ -1,210 +1,271 @@
-r"""`python -m kdface.evaluate`: compare trained networks under the papers' protocols.
+r"""`python -m kdface.evaluate`: compare a teacher and its students under the papers' protocols.
 
   python -m kdface.evaluate --runs=teacher=runs/teacher,student=runs/kd_im \
-      --val_data=lfw.bin,cfp_fp.bin --lr_sizes=8,12,16,20 --out=report
+      --val_data=lfw.bin,cfp_fp.bin,lfw/pairs.txt=lfw/images --lr_sizes=8,12,16,20 --flip \
+      --identification_data=scface_like.rec --distractors=megaface_emb.npy \
+      --alignment_data=celeba_landmarks --out=report
 
-For every run (a kdface training workdir) and every verification set: the 10-fold accuracy
-(mean ± std), ROC/AUC and TAR@FAR (DESIGN.md protocol; with --flip the image and its mirror
-embeddings are summed), and the LR-LFW protocol of seed wang2019 §3.1 (gallery image unchanged,
-probe degraded to each --lr_sizes px). Model facts (parameters, multiply-accumulates, batch-1
-CPU latency) go in the same report: ``report.json``, ``report.md``, ROC and
-accuracy-vs-probe-size PNGs.
+Runs (``--runs=name=PATH,...``): a kdface training workdir (``config.json`` + ``checkpoints/``;
+the latest checkpoint's student network is rebuilt as trained; a ``generations`` parent uses its
+last ``gen_k``), or an ``.npz`` of exported embeddings, so a model without a checkpoint (another
+framework's, or a run exported earlier) is compared side by side.
+
+Protocols, each optional:
+
+* Verification (``--val_data``: insightface ``.bin``, ``pairs.txt[=IMAGE_ROOT]``, or a
+  verification set built in ``--data_dir``): 10-fold accuracy mean ± std (threshold chosen on
+  nine folds, applied to the tenth; folds = contiguous blocks in file order), best-threshold
+  accuracy, ROC/AUC, TAR@FAR for ``--far_targets`` (a FAR is "n/s", not supported, when some
+  nine-fold training split has fewer than 1/FAR negative pairs; the markdown says which);
+  ``--flip`` sums the image and mirrored-image embeddings.
+* LR protocol (seed wang2019 §3.1): one row per ``--lr_sizes`` entry; the gallery image (first
+  of each pair) is kept, the probe is blurred, downscaled to N px and scaled back.
+* Identification (``--identification_data``: a labelled dataset, see below): per identity the
+  first image in dataset order is the gallery image and the rest are probes; optional
+  distractors from ``--distractors`` (one ``.npy`` float [M, D] shared by all runs, memory-
+  mapped) or ``--distractor_data`` (a dataset embedded by each run; labels ignored). Rank-k
+  accuracy, TPR at FPR (all probe-item pairs), DIR at FPIR, computed in probe x item chunks
+  (``--probe_chunk`` x ``--item_chunk``) so a million distractors fit in memory
+  (benchmarks/IDENTIFICATION_SCALE.md has measured time and memory), and seed kd_transfer's
+  nearest-neighbour top-1 verification (Euclidean, leave-one-out over gallery + probes:
+  give a dataset of identities held out from training).
+* Alignment (``--alignment_data``: a labelled dataset with 5-point landmarks): NRMSE of runs
+  trained with ``--recipe=transfer --transfer_task=alignment`` (seed kd_transfer). Predictions
+  and ground truth are compared in pixels of the network input, the frame the training targets
+  use (the pipeline scales landmarks with the image resize); normalized by the inter-ocular
+  distance (points 0, 1) of the ground truth; failure rate at 0.1 and the CED.
+* Model facts of checkpoint runs: backbone parameters, MACs (multiply-accumulates of one forward
+  pass at the run's input size) and median batch-1 CPU latency.
+
+Labelled datasets: a training set built in ``--data_dir`` (by name) or its directory, an
+insightface ``.rec`` (+ ``.idx``), or a folder per identity; ``--landmarks=CSV`` adds landmarks to
+a ``.rec`` / folder source (keys as ``kdface.data.build_training_dataset`` uses them).
+
+Exported embeddings (``.npz``; ``--export_embeddings=FILE.npz`` for one run, or a directory for
+``<run>.npz`` per run, writes them from the configured sets and datasets):
+
+* ``<set>/emb`` float [2P, D]: embeddings of the set's images in file order (pair i = rows
+  2i, 2i + 1) and ``<set>/issame`` bool [P]; plain ``emb`` / ``issame`` serve any set.
+  ``<set>/lr<N>/emb``: the same with the probes degraded to N px.
+* ``gallery_emb`` [G, D], ``gallery_labels`` int [G], ``probe_emb`` [Q, D], ``probe_labels`` int
+  [Q], optional ``distractor_emb`` [M, D] (used before a shared ``--distractors``).
+* ``flip`` bool: whether the embeddings are image + flip (noted when it differs from --flip).
+
+Output in ``--out``: ``report.json``, ``report.md``, ``roc_<set>.png`` (every run on one figure),
+``lr_<set>.png`` (accuracy vs probe size), ``ced_alignment.png``.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
+from kdface.evaluation import (  # noqa: F401  (the public names of this command)
+    Embedder,
+    EmbeddingFile,
+    FaceRecords,
+    alignment_report,
+    compare,
+    embed_records,
+    export_embeddings,
+    identification_arrays,
+    identification_report,
+    load_sets,
+    lr_report,
+    markdown_table,
+    open_face_records,
+    open_run,
+    split_gallery_probe,
+    verification_from_embeddings,
+    verification_report,
+    write_report,
+)
 
-
-class Embedder:
-    """A trained run's student network as ``embed(uint8 images [N, H, W, 3]) -> [N, E]``."""
-
-    def __init__(self, workdir: str, *, batch_size: int = 128):
-        import jax
-        from flax import nnx
-        from kdface.distill._networks import build_student
-        from kdface.training._checkpoint import load_model_weights
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} missing: {workdir} is not a kdface training workdir")
-        with open(path) as f:
-            cfg = json.load(f)
-        self.config = cfg
-        self.input_size = tuple(cfg["input_size"])
-        student = build_student(cfg["student"], num_classes=cfg["num_classes"],
-                                head=cfg["head_used"], rngs=nnx.Rngs(0),
-                                backbone_options=cfg["student_options"])
-        _, params, rest = nnx.split(student, nnx.Param, ...)
-        weights, _ = load_model_weights(workdir, {"params": params, "rest": rest})
-        nnx.update(student, weights["params"], weights["rest"])
-        self.network = student.network
-        self.network.eval()
-        self.batch_size = batch_size
-        graphdef, state = nnx.split(self.network)
-        self._state = state
-
-        @jax.jit
-        def forward(state, images):
-            return nnx.merge(graphdef, state, copy=True)(images)["embedding"]
-        self._forward = forward
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        import cv2
-        from kdface.training._loop import normalize_images
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            chunk = images[i:i + self.batch_size]
-            if chunk.shape[1:3] != self.input_size:
-                chunk = np.stack([cv2.resize(im, self.input_size[::-1],
-                                             interpolation=cv2.INTER_AREA) for im in chunk])
-            out.append(np.asarray(self._forward(self._state, normalize_images(chunk))))
-        return np.concatenate(out)
-
-    def model_facts(self, *, latency_repeats: int = 20) -> dict[str, float]:
-        """Parameters, MACs (multiply-accumulates) and batch-1 CPU latency (median, ms)."""
-        from kdface.models import count_macs, count_params
-        backbone = self.network.backbone
-        facts = {"params": int(count_params(backbone)),
-                 "macs": int(count_macs(backbone, self.input_size))}
-        x = np.zeros((1, *self.input_size, 3), np.uint8)
-        self(x)  # compile
-        times = []
-        for _ in range(latency_repeats):
-            t0 = time.perf_counter()
-            self(x)
-            times.append(time.perf_counter() - t0)
-        facts["latency_ms"] = 1000 * float(np.median(times))
-        return facts
+PROG = "kdface.evaluate"
 
 
-def verification_report(embed, images: np.ndarray, issame: np.ndarray, *, flip: bool = False,
-                        folds: int = 10) -> dict[str, Any]:
-    """Protocol on interleaved pairs ``images`` [2P, H, W, 3] (pair i = rows 2i, 2i+1)."""
-    from kdface import metrics
-    if images.ndim != 4 or len(images) % 2:
-        raise ValueError(f"images must be interleaved pairs [2P, H, W, 3], got {images.shape}")
-    if len(images) // 2 != len(issame):
-        raise ValueError(f"{len(images) // 2} pairs of images but {len(issame)} labels")
-    emb = embed(images)
-    if flip:
-        emb = metrics.embeddings_with_flip(emb, embed(np.ascontiguousarray(images[:, :, ::-1])))
-    return metrics.verification(emb[0::2], emb[1::2], issame, folds=folds)
+class UsageError(ValueError):
+    """A command-line value that cannot be used; the message says which and why."""
 
 
-def lr_report(embed, images: np.ndarray, issame: np.ndarray, sizes: Sequence[int], *,
-              flip: bool = False) -> dict[int, dict[str, Any]]:
-    """Seed wang2019 LR-LFW: probe (second image of each pair) degraded to each size."""
-    from kdface.data._degrade import lr_probe_pairs
-    return {int(s): verification_report(embed, lr_probe_pairs(images, int(s)), issame, flip=flip)
-            for s in sizes}
+def define_flags(fv):
+    """Defines the command's flags on an absl ``FlagValues`` (not the global one, so that
+    importing this module next to another command's flags never clashes)."""
+    from absl import flags
+    d = dict(flag_values=fv)
+    flags.DEFINE_list("runs", [], "name=PATH,...: kdface training workdirs or exported "
+                      "embedding .npz files. Required.", **d)
+    flags.DEFINE_list("val_data", [], "Verification sets: .bin paths, pairs.txt[=IMAGE_ROOT] "
+                      "paths, or names of sets built in --data_dir.", **d)
+    flags.DEFINE_string("data_dir", "data", "tfds data directory of built datasets.", **d)
+    flags.DEFINE_string("pairs_image_root", None, "Image root of pairs.txt entries without "
+                        "=ROOT (default: the pairs file's folder).", **d)
+    flags.DEFINE_string("pairs_ext", "jpg", "Image extension of pairs.txt sets.", **d)
+    flags.DEFINE_list("lr_sizes", ["8", "12", "16", "20"], "LR probe sizes in px, one row "
+                      "each (seed wang2019 §3.1: 8, 12, 16, 20); empty for none.", **d)
+    flags.DEFINE_bool("flip", False, "Embed image + mirrored image (insightface's option).",
+                      **d)
+    flags.DEFINE_integer("folds", 10, "Verification folds (10, the LFW protocol).", **d)
+    flags.DEFINE_list("far_targets", ["1e-1", "1e-2", "1e-3", "1e-4", "1e-5", "1e-6"],
+                      "FARs of the TAR@FAR table.", **d)
+    flags.DEFINE_string("identification_data", None, "Labelled dataset for identification: "
+                        "first image per identity = gallery, the rest = probes.", **d)
+    flags.DEFINE_string("distractors", None, "Shared distractor embeddings .npy [M, D].", **d)
+    flags.DEFINE_string("distractor_data", None, "Distractor images (a dataset) embedded by "
+                        "each run.", **d)
+    flags.DEFINE_list("ranks", ["1", "5", "10"], "Ranks k of rank-k identification accuracy "
+                      "(seed nikitin2020 MegaFace: 1 and 10).", **d)
+    flags.DEFINE_list("fpr_targets", ["1e-3", "1e-4", "1e-5", "1e-6"], "FPRs of the "
+                      "identification TPR@FPR (seed nikitin2020 MegaFace: 1e-6).", **d)
+    flags.DEFINE_integer("probe_chunk", 1024, "Probes per similarity block.", **d)
+    flags.DEFINE_integer("item_chunk", 16384, "Gallery/distractor items per similarity block.",
+                         **d)
+    flags.DEFINE_string("alignment_data", None, "Labelled dataset with 5-point landmarks for "
+                        "the NRMSE of landmark-head runs (seed kd_transfer).", **d)
+    flags.DEFINE_string("landmarks", None, "Landmarks CSV for a .rec/folder alignment "
+                        "dataset.", **d)
+    flags.DEFINE_bool("model_facts", True, "Report parameters, MACs and batch-1 CPU "
+                      "latency.", **d)
+    flags.DEFINE_integer("latency_repeats", 20, "Timed batch-1 forward passes (median).", **d)
+    flags.DEFINE_integer("batch_size", 128, "Images per forward pass.", **d)
+    flags.DEFINE_string("export_embeddings", None, "Write embeddings instead of a report: "
+                        "FILE.npz (one run) or a directory (<run>.npz per run).", **d)
+    flags.DEFINE_string("out", "report", "Output directory of the report.", **d)
+    return fv
 
 
-def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    keep = ("accuracy", "accuracy_std", "auc", "threshold", "tar_at_far",
-            "tar_at_far_unsupported", "num_pairs")
-    return {k: result[k] for k in keep if k in result}
+def _ints(name: str, values: Sequence[str], *, minimum: int = 1) -> list[int]:
+    out = []
+    for v in values:
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise UsageError(f"--{name}: {v!r} is not an integer") from None
+        if out[-1] < minimum:
+            raise UsageError(f"--{name}: {v!r} must be >= {minimum}")
+    return out
 
 
-def compare(runs: dict[str, str], sets: dict[str, tuple[np.ndarray, np.ndarray]], *,
-            lr_sizes: Sequence[int] = (), flip: bool = False, out_dir: str | None = None,
-            model_facts: bool = True) -> dict[str, Any]:
-    """Evaluates each run on each set (HR and LR probes); writes JSON/markdown/PNGs to out_dir."""
-    from kdface import metrics
-    report: dict[str, Any] = {"runs": {}, "lr_sizes": list(lr_sizes)}
-    rocs: dict[str, dict[str, Any]] = {name: {} for name in sets}
-    for run_name, workdir in runs.items():
-        embed = Embedder(workdir)
-        entry: dict[str, Any] = {"workdir": workdir}
-        if model_facts:
-            entry["model"] = embed.model_facts()
-        for set_name, (images, issame) in sets.items():
-            hr = verification_report(embed, images, issame, flip=flip)
-            rocs[set_name][run_name] = hr["roc"]
-            lr = lr_report(embed, images, issame, lr_sizes, flip=flip)
-            entry[set_name] = {"hr": _summary(hr),
-                               "lr": {str(s): _summary(r) for s, r in lr.items()}}
-        report["runs"][run_name] = entry
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=1, default=float)
-        with open(os.path.join(out_dir, "report.md"), "w") as f:
-            f.write(markdown_table(report))
-        for set_name in sets:
-            metrics.plot_roc(os.path.join(out_dir, f"roc_{set_name}.png"), rocs[set_name],
-                             title=f"ROC on {set_name}")
-            if lr_sizes:
-                series = {}
-                for run_name, entry in report["runs"].items():
-                    accs = [entry[set_name]["lr"][str(s)]["accuracy"] for s in lr_sizes]
-                    series[run_name] = accs
-                metrics.plot_accuracy_vs_probe_size(
-                    os.path.join(out_dir, f"lr_{set_name}.png"), list(lr_sizes), series,
-                    title=f"LR probes on {set_name}")
-    return report
+def _rates(name: str, values: Sequence[str]) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise UsageError(f"--{name}: {v!r} is not a number") from None
+        if not 0.0 < out[-1] <= 1.0:
+            raise UsageError(f"--{name}: {v!r} must lie in (0, 1]")
+    return out
 
 
-def markdown_table(report: dict[str, Any]) -> str:
-    """One row per (run, set): HR accuracy, each LR probe size, and the model facts."""
-    sizes = report["lr_sizes"]
-    head = ["run", "set", "HR acc", *[f"{s}px acc" for s in sizes], "AUC", "params",
-            "MACs", "latency b1 (ms)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run_name, entry in report["runs"].items():
-        model = entry.get("model", {})
-        for set_name, result in entry.items():
-            if set_name in ("workdir", "model"):
-                continue
-            hr = result["hr"]
-            cells = [run_name, set_name,
-                     f"{hr['accuracy']:.4f} ± {hr['accuracy_std']:.4f}",
-                     *[f"{result['lr'][str(s)]['accuracy']:.4f}" for s in sizes],
-                     f"{hr['auc']:.4f}", f"{model.get('params', 0) / 1e6:.2f} M",
-                     f"{model.get('macs', 0) / 1e6:.1f} M",
-                     f"{model.get('latency_ms', float('nan')):.2f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def parse_runs(items: Sequence[str]) -> dict[str, str]:
+    """``['name=PATH', ...]`` -> ``{name: PATH}`` with clear errors."""
+    runs: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise UsageError(f"--runs entry {item!r} is not name=PATH")
+        if name in runs:
+            raise UsageError(f"--runs names {name!r} twice")
+        runs[name] = path
+    return runs
 
 
-def load_sets(val_data: Sequence[str], *, data_dir: str = "data"):
-    """``{name: (images [2P, H, W, 3] uint8, issame [P])}`` from .bin paths or built sets."""
-    from kdface.training._run import resolve_verification_sets
-    return {vs.name: (vs.images, vs.issame)
-            for vs in resolve_verification_sets(val_data, data_dir, None)}
+def _sets_from_files(runs: dict) -> dict:
+    """Verification sets named by exported-embedding files (used when --val_data is empty)."""
+    files = [r for r in runs.values() if isinstance(r, EmbeddingFile)]
+    if len(files) != len(runs):
+        return {}
+    sets = {}
+    for f in files:
+        names = f.set_names() or (["embeddings"] if "issame" in f.arrays else [])
+        for name in names:
+            sets.setdefault(name, (None, f.issame(name)))
+    return sets
 
 
-def main(argv=None) -> int:
-    from absl import app, flags
-    flags.DEFINE_list("runs", [], "name=workdir pairs (kdface training workdirs).")
-    flags.DEFINE_list("val_data", [], "Verification sets: .bin paths or built dataset names.")
-    flags.DEFINE_string("data_dir", "data", "tfds data directory of built datasets.")
-    flags.DEFINE_list("lr_sizes", ["8", "12", "16", "20"], "LR probe sizes in px (seed "
-                      "wang2019: 8, 12, 16, 20).")
-    flags.DEFINE_bool("flip", False, "Sum image and mirrored-image embeddings.")
-    flags.DEFINE_string("out", "report", "Output directory for report.json/.md and plots.")
-
-    def run(_):
-        F = flags.FLAGS
-        if not F.runs or not F.val_data:
-            raise app.UsageError("--runs and --val_data are required")
-        runs = {}
-        for item in F.runs:
-            if "=" not in item:
-                raise app.UsageError(f"--runs entry {item!r} is not name=workdir")
-            name, path = item.split("=", 1)
-            runs[name] = path
-        report = compare(runs, load_sets(F.val_data, data_dir=F.data_dir),
-                         lr_sizes=[int(s) for s in F.lr_sizes], flip=F.flip, out_dir=F.out)
-        print(markdown_table(report))
-        return 0
-    app.run(run, argv=argv)
+def run_command(fv) -> int:
+    """Runs the parsed flags ``fv``: the comparison report or, with --export_embeddings, the
+    export. Returns the exit status."""
+    runs = parse_runs(fv.runs)
+    if not runs:
+        raise UsageError("--runs is required (name=workdir or name=embeddings.npz)")
+    lr_sizes = _ints("lr_sizes", fv.lr_sizes)
+    far_targets = _rates("far_targets", fv.far_targets)
+    fpr_targets = _rates("fpr_targets", fv.fpr_targets)
+    ranks = _ints("ranks", fv.ranks)
+    if fv.folds < 2:
+        raise UsageError(f"--folds must be >= 2, got {fv.folds}")
+    for name in ("batch_size", "latency_repeats", "probe_chunk", "item_chunk"):
+        if getattr(fv, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(fv, name)}")
+    sets = load_sets(fv.val_data, data_dir=fv.data_dir, pairs_image_root=fv.pairs_image_root,
+                     pairs_ext=fv.pairs_ext)
+    data = dict(data_dir=fv.data_dir)
+    ident = (None if fv.identification_data is None else
+             open_face_records(fv.identification_data, **data))
+    distr_data = (None if fv.distractor_data is None else
+                  open_face_records(fv.distractor_data, **data))
+    if fv.export_embeddings:
+        return _export(fv, runs, sets, lr_sizes, ident, distr_data)
+    opened = {name: open_run(path, batch_size=fv.batch_size) for name, path in runs.items()}
+    if not sets and not fv.val_data:
+        sets = _sets_from_files(opened)
+    report = compare(opened, sets, lr_sizes=lr_sizes, flip=fv.flip, out_dir=fv.out,
+                     model_facts=fv.model_facts, folds=fv.folds, far_targets=far_targets,
+                     identification_data=ident, distractors=fv.distractors,
+                     distractor_data=distr_data, ranks=ranks, fpr_targets=fpr_targets,
+                     probe_chunk=fv.probe_chunk, item_chunk=fv.item_chunk,
+                     alignment_data=fv.alignment_data, landmarks=fv.landmarks,
+                     data_dir=fv.data_dir, batch_size=fv.batch_size,
+                     latency_repeats=fv.latency_repeats)
+    print(markdown_table(report))
+    print(f"report written to {os.path.abspath(fv.out)} (report.md, report.json, plots)")
     return 0
+
+
+def _export(fv, runs, sets, lr_sizes, ident, distr_data) -> int:
+    target = fv.export_embeddings
+    single = target.endswith(".npz")
+    if single and len(runs) != 1:
+        raise UsageError(f"--export_embeddings={target} is one file but --runs names "
+                         f"{len(runs)} runs; give a directory to export <run>.npz for each")
+    for name, path in runs.items():
+        if path.endswith(".npz"):
+            raise UsageError(f"run {name!r} is already an embedding file ({path})")
+        out = target if single else os.path.join(target, f"{name}.npz")
+        keys = export_embeddings(Embedder(path, batch_size=fv.batch_size), out, sets=sets,
+                                 lr_sizes=lr_sizes, flip=fv.flip, identification_data=ident,
+                                 distractor_data=distr_data)
+        print(f"{name}: wrote {out} ({', '.join(keys)})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: parses ``argv`` (``sys.argv`` if None; ``argv[0]`` is the program).
+
+    Returns 0 on success, 2 for an unusable command line (unknown flag, bad value; the message
+    goes to stderr), 1 when the inputs cannot be evaluated (missing files, mismatched labels).
+    """
+    from absl import flags
+    argv = list(sys.argv if argv is None else argv)
+    fv = define_flags(flags.FlagValues())
+    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
+        print(__doc__)
+        print(fv.get_help())
+        return 0
+    try:
+        rest = fv(argv)
+        if len(rest) > 1:
+            raise UsageError(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+        return run_command(fv)
+    except (flags.Error, UsageError) as err:
+        print(f"{PROG}: usage error: {err}\nRun python -m {PROG} --help for the flags.",
+              file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

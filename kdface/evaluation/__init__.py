@@ -1,0 +1,28 @@
+"""The pieces of ``python -m kdface.evaluate`` (import them from ``kdface.evaluate``).
+
+``_embedder``: runs (a training workdir's network, or an exported-embedding file);
+``_sources``: verification sets and labelled datasets; ``_protocols``: each paper protocol on
+one model; ``_report``: the side-by-side comparison, markdown and plots.
+"""
+from __future__ import annotations
+
+from kdface.evaluation._embedder import Embedder, EmbeddingFile, resolve_workdir
+from kdface.evaluation._protocols import (
+    alignment_report,
+    check_lr_sizes,
+    export_embeddings,
+    identification_arrays,
+    identification_report,
+    lr_report,
+    verification_from_embeddings,
+    verification_report,
+)
+from kdface.evaluation._report import compare, markdown_table, open_run, to_jsonable, write_report
+from kdface.evaluation._sources import (
+    FaceRecords,
+    embed_records,
+    load_sets,
+    open_face_records,
+    set_name,
+    split_gallery_probe,
+)
