@@ -11,6 +11,7 @@
 * latency: median wall time of ``repeats`` batch-1 eval-mode forward passes on CPU, each blocked
   until ready, after compiling and one warm-up call. On a shared machine the absolute numbers
   move with load; student/teacher ratios are measured back to back and are more stable.
+  Weights are NumPy random values (latency does not depend on them).
 
 The seed wang2019 student (``sphereface36_thin``) vs teacher (``sphereface64``) speed ratio is
 measured at the paper's 112x96 input, alternating the two networks run by run so that load
@@ -30,6 +31,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from kdface.models import count_macs, count_params, create, names  # noqa: E402
@@ -44,8 +46,26 @@ PUBLISHED = {  # params (M), MACs (G) the issue / papers quote
 }
 
 
+def _with_numpy_weights(model, seed: int = 0):
+    """Fills an abstract model with NumPy random values. Latency does not depend on the values,
+    and JAX random initialisation compiles one program per parameter shape (minutes for a
+    100-layer network on a small shared CPU)."""
+    rng = np.random.default_rng(seed)
+    for path, node in nnx.iter_graph(model):
+        if (isinstance(node, nnx.Variable) and not isinstance(node, nnx.RngState)
+                and jnp.issubdtype(node.dtype, jnp.floating)):
+            shape = tuple(node.shape)
+            if str(path[-1]) in ("var", "scale"):
+                value = rng.uniform(0.5, 1.5, shape)
+            else:
+                value = rng.normal(0.0, np.sqrt(0.5 / max(1, int(np.prod(shape[:-1])))), shape)
+            node.set_value(jnp.asarray(value, node.dtype))
+    return model
+
+
 def _compiled_forward(name: str, kwargs: dict, input_hw: tuple[int, int]):
-    model = create(name, rngs=nnx.Rngs(0), **kwargs)
+    model = _with_numpy_weights(nnx.eval_shape(lambda: create(name, rngs=nnx.Rngs(0),
+                                                              **kwargs)))
     model.eval()
     graphdef, state = nnx.split(model)
     fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
