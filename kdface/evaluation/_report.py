@@ -95,12 +95,11 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
     lr_sizes = check_lr_sizes(lr_sizes)
     if not runs:
         raise ValueError("no runs to compare")
-    if not sets and identification_data is None and alignment_data is None:
-        has_ident = any(isinstance(r, EmbeddingFile) for r in runs.values())
-        if not has_ident:
-            raise ValueError("nothing to evaluate: give verification sets, identification data "
-                             "or alignment data")
     opened = {name: open_run(spec, batch_size=batch_size) for name, spec in runs.items()}
+    if not sets and identification_data is None and alignment_data is None and not any(
+            isinstance(r, EmbeddingFile) for r in opened.values()):
+        raise ValueError("nothing to evaluate: give verification sets, identification data "
+                         "or alignment data")
     shared_distr = _load_distractors(distractors)
     ident_records = (None if identification_data is None else
                      open_face_records(identification_data, data_dir=data_dir))

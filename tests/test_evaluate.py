@@ -1,0 +1,435 @@
+"""`python -m kdface.evaluate`: a tiny trained run compared end to end, every number checked
+against the trainer's own forward pass + kdface.metrics (or a NumPy loop), and bad inputs.
+
+The run is a SphereFace-layout net at 16x16 trained for two steps (tests/test_training.py's
+TINY options); the verification .bin holds 24x24 images so that the evaluator's resize is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from kdface import evaluate, metrics
+from kdface.data import (encode_image, lr_probe_pairs, make_verification_arrays,
+                         normalize_images, write_lfw_pairs, write_recordio,
+                         write_verification_bin)
+from kdface.distill import build_recipe, build_student
+from kdface.training import ArrayBatches, Checkpoints, TrainConfig, VerificationSet, fit
+from kdface.training._checkpoint import load_model_weights
+from kdface.training._loop import _embed_fn
+
+HW = (16, 16)
+TINY = {"channels": (4, 8, 8, 8), "units": (0, 1, 0, 0), "embedding_size": 8,
+        "input_size": HW}
+CLASSES = 4
+PAIRS = 40
+BATCH = 64  # Embedder batch: every call below pads to one shape, so one compile
+
+
+def _faces(labels, size, seed):
+    """uint8 images whose mean brightness depends on the label (something to learn)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    base = rng.random((labels.size, size, size, 3)) * 80 + 40
+    return (base + 30 * labels[:, None, None, None]).clip(0, 255).astype(np.uint8)
+
+
+def _pairs(seed=3):
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, CLASSES, PAIRS)
+    issame = np.arange(PAIRS) % 2 == 0
+    second = np.where(issame, first, (first + 1 + rng.integers(0, CLASSES - 1, PAIRS)) % CLASSES)
+    labels = np.stack([first, second], axis=1).reshape(-1)
+    return _faces(labels, 24, seed), issame
+
+
+def _config(workdir, **changes):
+    base = dict(workdir=str(workdir), student="sphereface_custom", student_options=TINY,
+                head="cosface", margin_scale=16.0, margin=0.1, input_size=HW, batch_size=8,
+                steps=2, learning_rate=0.05, schedule="constant", save_every=2, log_every=1,
+                async_checkpoints=False, progress=False)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A trained run, its .bin verification set, and the trainer's own validation accuracy."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    bin_path = str(tmp / "val.bin")
+    images, issame = _pairs()
+    write_verification_bin(bin_path, images, issame, format="png")  # lossless
+    # The trainer validates on the same pairs resized to its input like the evaluator does.
+    first, second, same, _ = make_verification_arrays(bin_path, image_size=HW)
+    val = VerificationSet("val", np.stack([first, second], 1).reshape(-1, *HW, 3), same)
+    labels = np.arange(32) % CLASSES
+    summary = fit(_config(tmp / "run"), ArrayBatches(normalize_images(_faces(labels, 16, 0)),
+                                                     labels, batch_size=8),
+                  num_classes=CLASSES, val_sets=[val])
+    return {"tmp": tmp, "run": str(tmp / "run"), "bin": bin_path, "images": images,
+            "issame": issame, "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def embedder(env):
+    return evaluate.Embedder(env["run"], batch_size=BATCH)
+
+
+@pytest.fixture(scope="module")
+def direct(env):
+    """The trainer's own eval forward (kdface.training._loop._embed_fn) on the restored weights,
+    with the resize + normalization written out here."""
+    with open(os.path.join(env["run"], "config.json")) as f:
+        cfg = json.load(f)
+    abstract = nnx.eval_shape(lambda: build_student(
+        "sphereface_custom", num_classes=CLASSES, head=cfg["head_used"], rngs=nnx.Rngs(0),
+        backbone_options=TINY, logit_scale=16.0))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    weights, _ = load_model_weights(env["run"], {"params": params, "rest": rest})
+    embed = _embed_fn(graphdef)
+
+    def forward(images):
+        x = np.stack([cv2.resize(im, (16, 16), interpolation=cv2.INTER_AREA)
+                      if im.shape[:2] != HW else im for im in images]).astype(np.float32)
+        x = (x / 255.0 - 0.5) / 0.5
+        n = len(x)
+        pad = (-n) % 80  # one compiled shape
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
+        out = [np.asarray(embed(weights["params"], weights["rest"], jnp.asarray(x[i:i + 80])))
+               for i in range(0, len(x), 80)]
+        return np.concatenate(out)[:n]
+    return forward
+
+
+def _records(n=40, size=20, seed=5, landmarks=False):
+    labels = np.arange(n) % 6
+    images = _faces(labels, size, seed)
+    rng = np.random.default_rng(seed)
+    recs = []
+    template = np.array([[7.0, 8.0], [13.0, 8.0], [10.0, 11.0], [8.0, 15.0], [12.0, 15.0]])
+    for label, image in zip(labels, images):
+        rec = {"image": encode_image(image, format="png"), "label": int(label)}
+        if landmarks:
+            rec["landmarks"] = (template * size / 20 + rng.normal(size=(5, 2))).astype(np.float32)
+        recs.append(rec)
+    return recs, images, labels
+
+
+@pytest.fixture(scope="module")
+def report(env, embedder, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report"))
+    recs, _, _ = _records()
+    sets = evaluate.load_sets([env["bin"]])
+    rep = evaluate.compare({"tiny": embedder}, sets, lr_sizes=[4, 8, 12], out_dir=out,
+                           identification_data=recs, ranks=(1, 3), fpr_targets=(0.1, 0.01),
+                           probe_chunk=7, item_chunk=5, latency_repeats=2)
+    return rep, out
+
+
+# --- the network: Embedder == the trainer's forward ------------------------------------------
+
+def test_embedder_equals_trainer_forward_and_padding_is_invisible(env, embedder, direct):
+    images = env["images"]
+    np.testing.assert_allclose(embedder(images), direct(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(embedder(images[:5]), direct(images)[:5], rtol=1e-5, atol=1e-6)
+    assert embedder.input_size == HW and embedder.embedding_size == 8
+    assert not embedder.has_landmarks
+
+
+def test_flip_sums_image_and_mirror_embeddings(env, embedder, direct):
+    images = env["images"]
+    mirrored = images[:, :, ::-1]
+    got = embedder.embed(images, flip=True)
+    a, b = direct(images).astype(np.float64), direct(mirrored).astype(np.float64)
+    want = (a + b) / np.linalg.norm(a + b, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - metrics.l2_normalize(a)).max() > 1e-3  # the mirror changes something
+    res = evaluate.verification_report(embedder, images, env["issame"], flip=True)
+    ref = metrics.verification(want[0::2], want[1::2], env["issame"])
+    assert res["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+
+
+# --- compare(): files, markdown, and numbers -------------------------------------------------
+
+def test_report_files_exist_and_parse(report):
+    rep, out = report
+    with open(os.path.join(out, "report.json")) as f:
+        parsed = json.load(f)
+    assert parsed["lr_sizes"] == [4, 8, 12]
+    for name in ("roc_val.png", "lr_val.png"):
+        image = cv2.imread(os.path.join(out, name))
+        assert image is not None and image.shape == (600, 800, 3)
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    assert "| tiny | val |" in md
+    for s in (4, 8, 12):
+        assert f"{s} px probe" in md
+    # Rendering the parsed JSON (string keys) gives the same markdown as the live report.
+    assert evaluate.markdown_table(parsed) == md
+
+
+def test_report_accuracies_equal_metrics_on_independent_embeddings(env, report, direct):
+    rep, _ = report
+    ver = rep["runs"]["tiny"]["verification"]["val"]
+    emb = direct(env["images"])
+    ref = metrics.verification(emb[0::2], emb[1::2], env["issame"])
+    assert ver["hr"]["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+    assert ver["hr"]["auc"] == pytest.approx(ref["auc"], abs=1e-12)
+    assert ver["hr"]["best_threshold_accuracy"] == pytest.approx(ref["best_threshold_accuracy"])
+    # ... and the trainer's own validation of the same checkpoint agrees.
+    assert ver["hr"]["accuracy"] == pytest.approx(env["summary"]["val"]["val_accuracy"],
+                                                  abs=1e-12)
+    for s in (4, 8, 12):
+        lr = direct(lr_probe_pairs(env["images"], s))
+        ref = metrics.verification(lr[0::2], lr[1::2], env["issame"])
+        assert ver["lr"][str(s)]["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+
+
+def test_unsupported_fars_are_stated(report):
+    rep, out = report
+    hr = rep["runs"]["tiny"]["verification"]["val"]["hr"]
+    # 20 negatives, 18 in each 9-fold training split: FAR 0.1 is supported, 0.01 is not.
+    assert rep["sets"]["val"]["min_train_negatives"] == 18
+    assert hr["tar_at_far_unsupported"] == [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]
+    assert hr["tar_at_far"][0.1] is not None and hr["tar_at_far"][1e-2] is None
+    md = evaluate.markdown_table(rep)
+    assert "n/s" in md and "not supported) at 1e-2, 1e-3, 1e-4, 1e-5, 1e-6" in md
+
+
+def test_identification_from_dataset_equals_identify_on_direct_embeddings(report, direct):
+    rep, _ = report
+    _, images, labels = _records()
+    emb = direct(images)
+    seen, gallery = set(), []
+    for i, lab in enumerate(labels):  # first image of each identity is its gallery image
+        gallery.append(lab not in seen)
+        seen.add(lab)
+    g = np.array(gallery)
+    ref = metrics.identify(emb[~g], labels[~g], emb[g], labels[g], ranks=(1, 3),
+                           fpr_targets=(0.1, 0.01))
+    got = rep["runs"]["tiny"]["identification"]
+    assert got["rank_accuracy"] == pytest.approx(ref["rank_accuracy"])
+    assert got["tpr_at_fpr"] == pytest.approx(ref["tpr_at_fpr"])
+    assert (got["num_gallery"], got["num_probes"]) == (6, 34)
+    # seed kd_transfer nearest neighbour, by a float64 loop over gallery + probes
+    x = np.concatenate([emb[g], emb[~g]]).astype(np.float64)
+    y = np.concatenate([labels[g], labels[~g]])
+    hits = []
+    for i in range(len(x)):
+        d = np.sum((x - x[i]) ** 2, axis=1)
+        d[i] = np.inf
+        hits.append(y[int(np.argmin(d))] == y[i])
+    assert got["nn_top1"] == pytest.approx(np.mean(hits))
+
+
+def test_model_facts(report, env):
+    facts = report[0]["runs"]["tiny"]["model"]
+    with open(os.path.join(env["run"], "config.json")) as f:
+        cfg = json.load(f)
+    abstract = nnx.eval_shape(lambda: build_student(
+        "sphereface_custom", num_classes=CLASSES, head=cfg["head_used"], rngs=nnx.Rngs(0),
+        backbone_options=TINY))
+    backbone = nnx.state(abstract.network.backbone, nnx.Param)
+    assert facts["params"] == sum(int(np.prod(v.shape)) for v in jax.tree.leaves(backbone))
+    assert facts["macs"] > 0 and facts["latency_ms"] > 0
+    assert "MACs" in evaluate.markdown_table(report[0])
+
+
+# --- exported embeddings ---------------------------------------------------------------------
+
+def test_identification_from_npz_equals_identify(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"gallery_emb": rng.normal(size=(10, 8)), "gallery_labels": np.arange(10),
+              "probe_emb": rng.normal(size=(30, 8)), "probe_labels": rng.integers(0, 12, 30)}
+    arrays["probe_emb"][:10] += 2 * arrays["gallery_emb"]
+    shared = rng.normal(size=(50, 8)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", **arrays)
+    np.save(tmp_path / "distr.npy", shared)
+    rep = evaluate.compare({"a": str(tmp_path / "a.npz")}, {}, ranks=(1, 5),
+                           fpr_targets=(1e-1, 1e-2), distractors=str(tmp_path / "distr.npy"),
+                           item_chunk=7)
+    ref = metrics.identify(arrays["probe_emb"], arrays["probe_labels"], arrays["gallery_emb"],
+                           arrays["gallery_labels"], distractor_emb=shared, ranks=(1, 5),
+                           fpr_targets=(1e-1, 1e-2))
+    got = rep["runs"]["a"]["identification"]
+    assert got["num_distractors"] == 50
+    assert got["rank_accuracy"] == pytest.approx(ref["rank_accuracy"])
+    assert got["tpr_at_fpr"] == pytest.approx(ref["tpr_at_fpr"])
+    assert got["dir_at_fpir"] == pytest.approx(ref["dir_at_fpir"])
+    assert "| a | 10 | 30 | 50 |" in evaluate.markdown_table(rep)
+
+
+def test_cli_export_then_compare_with_the_checkpoint(env, direct, tmp_path, capsys):
+    recs, images, labels = _records()
+    rec_path = str(tmp_path / "ident.rec")
+    write_recordio(rec_path, [(int(lab), im) for lab, im in zip(labels, images)],
+                   image_format="png")
+    npz = str(tmp_path / "tiny.npz")
+    common = [f"--val_data={env['bin']}", "--lr_sizes=8", f"--batch_size={BATCH}"]
+    assert evaluate.main(["prog", f"--runs=tiny={env['run']}", f"--export_embeddings={npz}",
+                          f"--identification_data={rec_path}", *common]) == 0
+    with np.load(npz) as z:
+        np.testing.assert_allclose(z["val/emb"], direct(env["images"]), rtol=1e-5, atol=1e-6)
+        assert z["val/issame"].tolist() == env["issame"].tolist() and not z["flip"]
+        assert z["gallery_labels"].tolist() == list(range(6))
+    out = str(tmp_path / "rep")
+    assert evaluate.main(["prog", f"--runs=exported={npz},ckpt={env['run']}", f"--out={out}",
+                          "--latency_repeats=1", "--ranks=1", f"--identification_data={rec_path}",
+                          *common]) == 0
+    with open(os.path.join(out, "report.json")) as f:
+        runs = json.load(f)["runs"]
+    a, b = runs["exported"]["verification"]["val"], runs["ckpt"]["verification"]["val"]
+    assert a["hr"]["accuracy"] == pytest.approx(b["hr"]["accuracy"], abs=1e-12)
+    assert a["lr"]["8"]["accuracy"] == pytest.approx(b["lr"]["8"]["accuracy"], abs=1e-12)
+    assert (runs["exported"]["identification"]["rank_accuracy"]
+            == runs["ckpt"]["identification"]["rank_accuracy"])
+    assert runs["ckpt"]["identification"]["num_gallery"] == 6
+    assert runs["exported"]["kind"] == "embeddings" and "model" in runs["ckpt"]
+    assert "| exported | val |" in capsys.readouterr().out
+
+
+# --- alignment (seed kd_transfer) ------------------------------------------------------------
+
+def _alignment_run(workdir, teacher_dir):
+    """A transfer/alignment run as the trainer lays it out (config.json + an orbax checkpoint
+    through kdface.training.Checkpoints), with freshly initialized weights."""
+    cfg = _config(workdir, recipe="transfer", transfer_task="alignment", head="softmax",
+                  teacher="sphereface_custom", teacher_options=TINY,
+                  teacher_checkpoint=teacher_dir)
+    recipe = build_recipe(cfg.recipe, cfg.as_dict())
+
+    def make():
+        teacher = build_student("sphereface_custom", num_classes=CLASSES, head="cosface",
+                                rngs=nnx.Rngs(1), backbone_options=TINY).network.backbone
+        return build_student("sphereface_custom", num_classes=CLASSES, head=recipe.head,
+                             rngs=nnx.Rngs(0), backbone_options=TINY, logit_scale=16.0,
+                             landmark_head=True, adapt_to=teacher, input_hw=HW)
+    graphdef, _, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    params, rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1:])()
+    state = {"params": params, "rest": rest,
+             "opt_state": optax.sgd(0.1, momentum=0.9).init(params), "step": jnp.int32(1)}
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({**cfg.as_dict(), "head_used": recipe.head, "num_classes": CLASSES}, f,
+                  default=list)
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), keep_best=0, async_save=False)
+    ckpt.save(1, state, {"data": {}, "step": 1}, force=True)
+    ckpt.close()
+    return graphdef, params, rest
+
+
+def test_alignment_nrmse_in_network_input_pixels(env, embedder, tmp_path):
+    workdir = str(tmp_path / "align")
+    graphdef, params, rest = _alignment_run(workdir, env["run"])
+    recs, images, _ = _records(n=12, size=20, landmarks=True)
+    rep = evaluate.compare({"align": workdir, "plain": embedder}, {}, alignment_data=recs,
+                           model_facts=False, out_dir=str(tmp_path / "out"))
+
+    def landmarks(p, r, x):
+        student = nnx.merge(graphdef, p, r)
+        student.eval()
+        return student.network(x)["landmarks"]
+    x = np.stack([cv2.resize(im, (16, 16), interpolation=cv2.INTER_AREA) for im in images])
+    pred = np.asarray(jax.jit(landmarks)(params, rest, normalize_images(x)), np.float64)
+    truth = np.stack([r["landmarks"] for r in recs]).astype(np.float64) * (16 / 20)
+    errors = []
+    for p, t in zip(pred, truth):  # seed kd_transfer NRMSE, inter-ocular (points 0 and 1)
+        d = np.hypot(*(t[0] - t[1]))
+        errors.append(np.mean([np.hypot(*(p[k] - t[k])) for k in range(5)]) / d)
+    got = rep["runs"]["align"]["alignment"]
+    assert got["nrmse"] == pytest.approx(np.mean(errors), rel=1e-5)
+    assert got["num_images"] == 12
+    assert "alignment" not in rep["runs"]["plain"]
+    assert "no landmark head" in " ".join(rep["runs"]["plain"]["notes"])
+    assert os.path.isfile(tmp_path / "out" / "ced_alignment.png")
+    assert "## Alignment" in evaluate.markdown_table(rep)
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+def test_pairs_txt_and_built_set_read_like_the_bin(env, tmp_path):
+    images, issame = env["images"], env["issame"]
+    pairs = []
+    for i in range(PAIRS):  # pair i: person a{i} image 1 (and 2 when same), or b{i} image 1
+        a, b = images[2 * i], images[2 * i + 1]
+        os.makedirs(tmp_path / "img" / f"a{i}")
+        cv2.imwrite(str(tmp_path / "img" / f"a{i}" / f"a{i}_0001.png"), a[..., ::-1])
+        other = f"a{i}" if issame[i] else f"b{i}"
+        os.makedirs(tmp_path / "img" / other, exist_ok=True)
+        n = 2 if issame[i] else 1
+        cv2.imwrite(str(tmp_path / "img" / other / f"{other}_{n:04d}.png"), b[..., ::-1])
+        pairs.append((f"a{i}", 1, 2) if issame[i] else (f"a{i}", 1, f"b{i}", 1))
+    write_lfw_pairs(tmp_path / "pairs.txt", pairs, num_folds=10)
+    sets = evaluate.load_sets([f"{tmp_path / 'pairs.txt'}={tmp_path / 'img'}", env["bin"]],
+                              pairs_ext="png")
+    assert set(sets) == {tmp_path.name, "val"}
+    np.testing.assert_array_equal(sets[tmp_path.name][0], images)
+    np.testing.assert_array_equal(sets[tmp_path.name][1], issame)
+    np.testing.assert_array_equal(sets["val"][0], images)
+
+
+def test_generations_parent_resolves_to_the_last_generation(tmp_path):
+    for k in (1, 2, 10):
+        os.makedirs(tmp_path / f"gen_{k}")
+        (tmp_path / f"gen_{k}" / "config.json").write_text("{}")
+    assert evaluate.Embedder.__module__  # importable
+    from kdface.evaluation import resolve_workdir
+    assert resolve_workdir(str(tmp_path)) == str(tmp_path / "gen_10")
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+
+def test_bad_pair_inputs_raise_clear_errors(env, embedder, tmp_path):
+    images, issame = env["images"], env["issame"]
+    with pytest.raises(ValueError, match="odd number of images"):
+        evaluate.verification_report(embedder, images[:-1], issame[:-1])
+    with pytest.raises(ValueError, match="40 pairs of images but 39 issame"):
+        evaluate.verification_report(embedder, images, issame[:-1])
+    with pytest.raises(ValueError, match="positive ints"):
+        evaluate.lr_report(embedder, images, issame, [0])
+    np.savez(tmp_path / "odd.npz", emb=np.zeros((5, 8)), issame=np.ones(2, bool))
+    with pytest.raises(ValueError, match="odd number of rows"):
+        evaluate.compare({"x": str(tmp_path / "odd.npz")}, {"val": (None, issame)})
+    np.savez(tmp_path / "flipped.npz", emb=np.zeros((80, 8)), issame=~issame)
+    with pytest.raises(ValueError, match="differ from set 'val'"):
+        evaluate.compare({"x": str(tmp_path / "flipped.npz")}, {"val": (None, issame)})
+    np.savez(tmp_path / "short.npz", emb=np.zeros((78, 8)))
+    with pytest.raises(ValueError, match="39 pairs but set 'val' has 40"):
+        evaluate.compare({"x": str(tmp_path / "short.npz")}, {"val": (None, issame)})
+    np.savez(tmp_path / "ident.npz", gallery_emb=np.zeros((4, 8)), gallery_labels=np.arange(3),
+             probe_emb=np.zeros((2, 8)), probe_labels=np.arange(2))
+    with pytest.raises(ValueError, match="one label per row"):
+        evaluate.compare({"x": str(tmp_path / "ident.npz")}, {})
+
+
+def test_workdir_without_config_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a kdface training workdir"):
+        evaluate.Embedder(str(tmp_path))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--nosuchflag=1"], "nosuchflag"),
+    (["--runs=a"], "not name=PATH"),
+    (["--runs=a=x", "--lr_sizes=8,abc"], "'abc' is not an integer"),
+    (["--runs=a=x", "--flip=maybe"], "flip"),
+    (["--runs=a=x", "--far_targets=2"], "must lie in (0, 1]"),
+    ([], "--runs is required"),
+])
+def test_cli_usage_errors(args, needle, capsys):
+    assert evaluate.main(["prog", *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_missing_run_is_an_input_error(env, tmp_path, capsys):
+    code = evaluate.main(["prog", f"--runs=a={tmp_path}", f"--val_data={env['bin']}",
+                          f"--out={tmp_path / 'o'}"])
+    assert code == 1
+    assert "not a kdface training workdir" in capsys.readouterr().err
