@@ -83,11 +83,12 @@ class Timing:
 
 
 def time_call(fn: Callable[[], Any], *, min_repeats: int = 3, max_repeats: int = 10,
-              min_time_s: float = 1.0, max_time_s: float = 10.0) -> Timing:
-    """Runs ``fn`` (which must block until its result is computed) once to warm up, then
+              min_time_s: float = 1.0, max_time_s: float = 10.0, warmup: int = 1) -> Timing:
+    """Runs ``fn`` (which must block until its result is computed) ``warmup`` times, then
     repeats it until at least ``min_repeats`` calls and ``min_time_s`` seconds, at most
     ``max_repeats`` calls, and stops early after ``max_time_s`` (at least one timed call)."""
-    fn()
+    for _ in range(warmup):
+        fn()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_repeats:

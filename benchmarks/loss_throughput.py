@@ -42,6 +42,8 @@ _LOSSES = flags.DEFINE_list("losses", list(DEFAULT_ORDER),
 _SIZES = flags.DEFINE_list("sizes", [], "Batch sizes N (default: each loss's own list, "
                            "64..4096; PWR adds 192).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: N in {64, 128}, one timed repeat.")
+_FULL = flags.DEFINE_bool("full", False, "Every N in {64, ..., 4096} for every loss (the default "
+                          "runs a subset per loss that covers the targets, ~15 min).")
 _IMPLS = flags.DEFINE_list("impls", [], "Only implementations whose name contains one of these.")
 _DIM = flags.DEFINE_integer("dim", 512, "Embedding size D.")
 _CLASSES = flags.DEFINE_integer("classes", 2048, "Classes C of the logit and margin losses.")
@@ -61,13 +63,16 @@ _JSON = flags.DEFINE_string("json", "", "Write the raw results (one dict per cas
 # --------------------------------------------------------------------- inside the child
 
 def _timing_options(predicted_s: float | None, quick: bool) -> dict[str, Any]:
+    """Repeats by the predicted call time: many for fast cases, one (no warm-up) for slow ones,
+    so the whole run stays within its time budget."""
+    once = dict(min_repeats=1, max_repeats=1, min_time_s=0.0, max_time_s=0.0)
     if quick:
-        return dict(min_repeats=1, max_repeats=1, min_time_s=0.0, max_time_s=0.0)
-    if predicted_s is None or predicted_s < 2.0:
-        return dict(min_repeats=3, max_repeats=10, min_time_s=1.0, max_time_s=6.0)
-    if predicted_s < 8.0:
-        return dict(min_repeats=3, max_repeats=3, min_time_s=0.0, max_time_s=0.0)
-    return dict(min_repeats=1, max_repeats=1, min_time_s=0.0, max_time_s=0.0)
+        return dict(once, warmup=1)
+    if predicted_s is None or predicted_s < 1.0:
+        return dict(min_repeats=3, max_repeats=10, min_time_s=1.0, max_time_s=5.0, warmup=1)
+    if predicted_s < 4.0:
+        return dict(min_repeats=3, max_repeats=3, min_time_s=0.0, max_time_s=0.0, warmup=1)
+    return dict(once, warmup=1 if predicted_s < 12.0 else 0)
 
 
 def _run_jax(loss: Loss, impl: Impl, n: int, cfg: Config, timing: dict, cap: float) -> dict:
@@ -164,18 +169,27 @@ class Planner:
         failed = [r for r in past if r["status"] != "ok"]
         if failed and failed[-1].get("skip_kind") != "static":
             return f"N={failed[-1]['n']} already {failed[-1]['status']}"
+        done = [r for r in past if r["status"] == "ok"]
+        last = done[-1] if done else None
+        need = 0.0
         if impl.mem_bytes is not None:
+            # analytic estimate, calibrated by the last measured size when that was larger
             need = impl.mem_bytes(n, cfg)
+            if last is not None:
+                measured = max(0.0, last["peak_mib"]) * _measure.MIB
+                need *= max(1.0, measured / impl.mem_bytes(last["n"], cfg))
             if need > self.cap:
                 return f"needs ~{need / GIB:.1f} GiB (estimated) > {self.cap / GIB:.0f} GiB cap"
-        done = [r for r in past if r["status"] == "ok"]
-        need = 0.0
-        if done:
-            last = done[-1]
+        elif last is not None:
             need = max(0.0, last["peak_mib"]) * _measure.MIB * (n / last["n"]) ** impl.mem_exp
-            if need > self.cap:
+            # JAX cases check XLA's exact buffer plan after compiling; skip early only when the
+            # extrapolation is far past the cap (the compile would be wasted).
+            limit = 2 * self.cap if impl.framework == "jax" else self.cap
+            if need > limit:
                 return (f"peak extrapolated from N={last['n']} (~N^{impl.mem_exp:g}): "
                         f"{need / GIB:.1f} GiB > {self.cap / GIB:.0f} GiB cap")
+            need = min(need, self.cap)
+        if last is not None and n not in impl.always_n:
             t = self.predicted_time(loss, impl, n)
             if t is not None and t > self.max_call_s:
                 return (f"fwd+bwd extrapolated from N={last['n']} (~N^{impl.time_exp:g}): "
@@ -245,12 +259,12 @@ def _machine(torch_missing: str | None, cfg: Config) -> dict[str, Any]:
     return info
 
 
-def _cases(selected: list[str], sizes: list[int], impl_filter: list[str], quick: bool
-           ) -> list[tuple[Loss, int, Impl]]:
+def _cases(selected: list[str], sizes: list[int], impl_filter: list[str], quick: bool,
+           full: bool) -> list[tuple[Loss, int, Impl]]:
     out = []
     for key in selected:
         loss = LOSSES[key]
-        ns = sizes or ((64, 128) if quick else loss.sizes)
+        ns = sizes or ((64, 128) if quick else loss.full_sizes if full else loss.sizes)
         for n in ns:
             for impl in loss.impls:
                 if impl_filter and not any(f in impl.name for f in impl_filter):
@@ -260,7 +274,7 @@ def _cases(selected: list[str], sizes: list[int], impl_filter: list[str], quick:
 
 
 def run(selected: list[str], sizes: list[int], *, cfg: Config, cap: float, timeout_s: float,
-        max_call_s: float, budget_s: float, quick: bool, impl_filter: list[str],
+        max_call_s: float, budget_s: float, quick: bool, full: bool, impl_filter: list[str],
         no_torch: bool) -> tuple[list[dict], dict[str, Any]]:
     """Runs the cases (each in its own forked child) and returns ``(results, machine)``."""
     torch_missing = "disabled by --no_torch" if no_torch else _torch_available()
@@ -274,7 +288,7 @@ def run(selected: list[str], sizes: list[int], *, cfg: Config, cap: float, timeo
     print(f"machine: {json.dumps(machine, default=str)}", flush=True)
     planner = Planner(cap, max_call_s, budget_s)
     results = []
-    for loss, n, impl in _cases(selected, sizes, impl_filter, quick):
+    for loss, n, impl in _cases(selected, sizes, impl_filter, quick, full):
         row = {"loss": loss.key, "impl": impl.name, "framework": impl.framework,
                "role": impl.role, "n": n, "load": _measure.machine_load()[0]}
         reason = (torch_missing if impl.framework == "torch" and torch_missing
@@ -320,7 +334,7 @@ def main(argv: list[str]) -> None:
     sizes = [int(s) for s in _SIZES.value]
     results, machine = run(
         list(_LOSSES.value), sizes, cfg=cfg, cap=cap_gb * GIB, timeout_s=_TIMEOUT.value,
-        max_call_s=_MAX_CALL.value, budget_s=_BUDGET.value, quick=_QUICK.value,
+        max_call_s=_MAX_CALL.value, budget_s=_BUDGET.value, quick=_QUICK.value, full=_FULL.value,
         impl_filter=list(_IMPLS.value), no_torch=_NO_TORCH.value)
     command = "python -m benchmarks.loss_throughput " + " ".join(sys.argv[1:])
     machine["command"] = command.strip()
