@@ -21,7 +21,9 @@ Protocols, each optional:
 * LR protocol (seed wang2019 §3.1): one row per ``--lr_sizes`` entry; the gallery image (first
   of each pair) is kept, the probe is blurred, downscaled to N px and scaled back.
 * Identification (``--identification_data``: a labelled dataset, see below): per identity the
-  first image in dataset order is the gallery image and the rest are probes; optional
+  first image in dataset order is the gallery image and the rest are probes (dataset order:
+  record order of a ``.rec``; sorted file names of a folder; for a built set, the order tfds
+  stored, which is fixed but not the source's); optional
   distractors from ``--distractors`` (one ``.npy`` float [M, D] shared by all runs, memory-
   mapped) or ``--distractor_data`` (a dataset embedded by each run; labels ignored). Rank-k
   accuracy, TPR at FPR (all probe-item pairs), DIR at FPIR, computed in probe x item chunks

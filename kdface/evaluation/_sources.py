@@ -224,7 +224,9 @@ def split_gallery_probe(labels: Any) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(gallery [G], probes [Q])`` of a labelled set: each identity's first image in
     dataset order is its gallery image, the rest are its probes (seed wang2019 §3.1 SCFace
     layout: one enrolment image per identity). Identities with one image are gallery only and
-    act as extra non-mates for everyone else."""
+    act as extra non-mates for everyone else. Dataset order is the ``.rec`` record order, the
+    sorted file names of a folder per identity, or, for a built tfds training set, the order
+    tfds stored (fixed by its key hashing, not the source's order)."""
     lab = np.asarray(labels)
     if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
         raise ValueError(f"labels must be int [N], got {lab.dtype} {lab.shape}")
