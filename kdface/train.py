@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from kdface.training._config import TrainConfig
 
@@ -202,6 +202,7 @@ def config_from_flags() -> TrainConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter out of the progress bar
     import jax
     if F.coordinator_address or os.environ.get("SLURM_JOB_ID") or \
             os.environ.get("OMPI_COMM_WORLD_SIZE"):
