@@ -438,6 +438,8 @@ def test_bad_pair_inputs_raise_clear_errors(env, embedder, tmp_path):
         evaluate.verification_report(embedder, images, issame[:-1])
     with pytest.raises(ValueError, match="positive ints"):
         evaluate.lr_report(embedder, images, issame, [0])
+    with pytest.raises(ValueError, match="smaller than the set's images"):
+        evaluate.lr_report(embedder, images, issame, [8, 24])
     np.savez(tmp_path / "odd.npz", emb=np.zeros((5, 8)), issame=np.ones(2, bool))
     with pytest.raises(ValueError, match="odd number of rows"):
         evaluate.compare({"x": str(tmp_path / "odd.npz")}, {"val": (None, issame)})
@@ -476,3 +478,11 @@ def test_cli_missing_run_is_an_input_error(env, tmp_path, capsys):
                           f"--out={tmp_path / 'o'}"])
     assert code == 1
     assert "not a kdface training workdir" in capsys.readouterr().err
+
+
+def test_cli_help_lists_the_flags(capsys):
+    assert evaluate.main(["prog", "--help"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("--runs", "--val_data", "--lr_sizes", "--identification_data",
+                   "--export_embeddings", "gallery_emb", "seed wang2019"):
+        assert needle in text

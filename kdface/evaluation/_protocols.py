@@ -97,9 +97,14 @@ def lr_report(embed, images: np.ndarray, issame: np.ndarray, sizes: Sequence[int
     (``kdface.data.lr_probe_pairs``); one verification result per size."""
     from kdface.data import lr_probe_pairs
     issame = _check_pairs(images, issame)
+    sizes = check_lr_sizes(sizes)
+    longer = max(np.asarray(images).shape[1:3])
+    if any(s >= longer for s in sizes):
+        raise ValueError(f"LR probe sizes {sizes} must be smaller than the set's images "
+                         f"({longer} px on the longer side)")
     return {s: verification_report(embed, lr_probe_pairs(images, s), issame, flip=flip,
                                    folds=folds, far_targets=far_targets)
-            for s in check_lr_sizes(sizes)}
+            for s in sizes}
 
 
 def identification_report(probe_emb: Any, probe_labels: Any, gallery_emb: Any,
@@ -114,8 +119,9 @@ def identification_report(probe_emb: Any, probe_labels: Any, gallery_emb: Any,
     probe_emb: [Q, D], probe_labels: [Q]; gallery_emb: [G, D], gallery_labels: [G];
     distractor_emb: [M, D] or None (may be memory-mapped). Returns identify's dict (rank-k
     accuracy, CMC, TPR@FPR over all probe-item pairs, DIR@FPIR, unsupported targets, counts;
-    a rank above the number of gallery + distractor items is None), ``seconds``, and with ``nn_top1`` the leave-one-out Euclidean nearest-neighbour accuracy over
-    gallery + probes together (``kdface.metrics.nearest_neighbour_verification``; seed
+    a rank above the number of gallery + distractor items is None), ``seconds``, and with
+    ``nn_top1`` the leave-one-out Euclidean nearest-neighbour accuracy over gallery + probes
+    together (``kdface.metrics.nearest_neighbour_verification``; seed
     kd_transfer §5.1: each test sample's nearest other sample shares its identity).
     """
     from kdface import metrics
