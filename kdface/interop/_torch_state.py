@@ -193,13 +193,18 @@ def _read_legacy(path: str) -> Any:
             f"{path} is in PyTorch's legacy (pre-1.6, non-zip) format, which kdface reads only "
             f"through PyTorch: install torch, or re-save it with torch>=1.6 "
             f"(torch.save(torch.load(path), path))") from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # PyTorch's restricted loader refused a global
+        raise UnsafeTorchPickleError(f"{path}: PyTorch's weights-only loader refused it ({err}); "
+                                     f"this file may be malicious and was not loaded") from None
     return _tensors_to_numpy(obj, torch)
 
 
 def _tensors_to_numpy(obj, torch):
     if isinstance(obj, torch.Tensor):
-        return obj.detach().float().numpy() if obj.is_floating_point() else obj.numpy()
+        obj = obj.detach().cpu()
+        return (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()
     if isinstance(obj, dict):
         return {k: _tensors_to_numpy(v, torch) for k, v in obj.items()}
     return obj

@@ -63,11 +63,17 @@ def _recipe(config: TrainConfig) -> Recipe:
 
 
 def build_teacher(config: TrainConfig, num_classes: int, recipe: Recipe) -> FaceNetwork | None:
-    """The frozen teacher, loaded params-only from a ``scratch`` run's checkpoint."""
+    """The frozen teacher, loaded params-only from a ``scratch`` run's checkpoint, or a
+    third-party pretrained one named ``pth:[ARCH:]PATH`` / ``onnx:[ARCH:]PATH`` (kdface.interop)."""
     if not recipe.needs_teacher:
         return None
     if not config.teacher:
         raise ValueError(f"recipe {recipe.name!r} needs --teacher (a backbone name)")
+    from kdface import interop
+    if interop.is_imported_teacher(config.teacher):
+        return interop.imported_teacher(config.teacher, recipe, num_classes=num_classes,
+                                        input_size=tuple(config.input_size),
+                                        options=config.teacher_options)
     if not config.teacher_checkpoint:
         raise ValueError(f"recipe {recipe.name!r} needs --teacher_checkpoint (the workdir of a "
                          f"'scratch' run of the teacher)")

@@ -1,0 +1,402 @@
+"""Third-party teachers: PyTorch state dicts (and ONNX files exported from PyTorch) -> kdface.
+
+The reference is an IResNet written here in PyTorch from the ArcFace paper's description of the
+improved residual unit (BN-Conv-BN-PReLU-Conv-BN + shortcut, "option E" head BN-FC-BN), with
+insightface's parameter names; random weights with non-trivial BatchNorm statistics. Tests that
+need PyTorch skip without it (it is in the ``bench`` extra); the reader's safety tests do not.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kdface import interop
+from kdface.interop import UnsafeTorchPickleError, read_torch_state_dict
+
+UNITS18 = (2, 2, 2, 2)
+
+
+def _torch():
+    return pytest.importorskip("torch", reason="the IResNet reference is written in PyTorch "
+                                               "(pip install kdface[bench])")
+
+
+# --- a PyTorch IResNet written from the paper, insightface parameter names -------------------
+
+def _torch_iresnet(units, *, embedding=512, final_hw=(7, 7), seed=0):
+    torch = _torch()
+    nn = torch.nn
+
+    class Unit(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
+            self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
+            self.prelu = nn.PReLU(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
+            self.downsample = None
+            if stride != 1 or cin != cout:
+                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                                nn.BatchNorm2d(cout, eps=1e-5))
+
+        def forward(self, x):
+            y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+            return y + (x if self.downsample is None else self.downsample(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
+            self.prelu = nn.PReLU(64)
+            cin = 64
+            for i, (planes, n) in enumerate(zip((64, 128, 256, 512), units)):
+                blocks = [Unit(cin, planes, 2)] + [Unit(planes, planes, 1) for _ in range(n - 1)]
+                setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+                cin = planes
+            self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+            self.fc = nn.Linear(512 * final_hw[0] * final_hw[1], embedding)
+            self.features = nn.BatchNorm1d(embedding, eps=1e-5)
+
+        def forward(self, x):
+            x = self.prelu(self.bn1(self.conv1(x)))
+            for i in range(4):
+                x = getattr(self, f"layer{i + 1}")(x)
+            return self.features(self.fc(torch.flatten(self.bn2(x), 1)))
+
+    torch.manual_seed(seed)
+    net = Net()
+    g = torch.Generator().manual_seed(seed)
+    u = lambda n, lo, hi: lo + (hi - lo) * torch.rand(n, generator=g)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                c = m.num_features
+                m.weight.copy_(u(c, 0.5, 1.5))  # also features.weight != 1: exercises the fold
+                m.bias.copy_(u(c, -0.2, 0.2))
+                m.running_mean.copy_(u(c, -0.2, 0.2))
+                m.running_var.copy_(u(c, 0.5, 1.5))
+            elif isinstance(m, nn.PReLU):
+                m.weight.copy_(u(m.weight.shape[0], 0.0, 0.5))
+    return net.eval()
+
+
+def _torch_embed(net, images_nhwc):
+    torch = _torch()
+    with torch.no_grad():
+        return net(torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted(graphdef):
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+
+
+def _kdface_embed(model, images):
+    """One compile per architecture: models built alike share their graphdef."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(_jitted(graphdef)(state, jnp.asarray(images)))
+
+
+def _assert_match(got, want, tol=1e-4):
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
+
+
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory):
+    """IResNet-18 at 112x112: the PyTorch net, its .pth, inputs and PyTorch embeddings."""
+    net = _torch_iresnet(UNITS18)
+    path = str(tmp_path_factory.mktemp("r18") / "backbone.pth")
+    _torch().save(net.state_dict(), path)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 112, 112, 3)).astype(np.float32)
+    return net, path, images, _torch_embed(net, images)
+
+
+# --- importing: embeddings match PyTorch -----------------------------------------------------
+
+def test_onnx_iresnet18_matches_pytorch(r18, tmp_path):
+    pytest.importorskip("onnx", reason="reading .onnx files needs the onnx package")
+    torch = _torch()
+    net, _, images, want = r18
+    path = str(tmp_path / "r18.onnx")
+    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), path, dynamo=False,
+                      input_names=["input"], output_names=["embedding"],
+                      dynamic_axes={"input": {0: "batch"}})
+    arch, model = interop.load_teacher_backbone(f"onnx:iresnet18:{path}")
+    assert arch == "iresnet18"
+    _assert_match(_kdface_embed(model, images), want)
+
+
+def test_read_torch_state_dict_equals_torch_load(tmp_path):
+    torch = _torch()
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = {"t": base.t(), "view": base[1:, 2:], "half": torch.randn(5).half(),
+               "bf16": torch.randn(3).bfloat16(), "step": torch.tensor(7),
+               "mask": torch.tensor([True, False])}
+    path = tmp_path / "sd.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in tensors.items()}, "epoch": 3}, path)
+    got = read_torch_state_dict(path)
+    assert sorted(got) == sorted(tensors)
+    for k, v in tensors.items():
+        want = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+        assert got[k].dtype == want.dtype, k
+        np.testing.assert_array_equal(got[k], want)
+
+
+def test_legacy_format_goes_through_torch_weights_only(tmp_path):
+    torch = _torch()
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    np.testing.assert_array_equal(read_torch_state_dict(path)["w"], [0.0, 1.0, 2.0])
+    evil = tmp_path / "evil_legacy.pth"
+    marker = tmp_path / "pwned_legacy"
+    evil.write_bytes(pickle.dumps(_Evil(str(marker))))
+    with pytest.raises(UnsafeTorchPickleError):
+        read_torch_state_dict(evil)
+    assert not marker.exists()
+
+
+# --- the teacher inside the trainer ------------------------------------------------------------
+
+def test_pth_teacher_matches_pytorch_through_build_teacher(r18):
+    """``--teacher=pth:PATH``: the trainer's teacher embeds as the PyTorch net, zero logits."""
+    from kdface.distill import build_recipe
+    from kdface.training import TrainConfig
+    from kdface.training._loop import build_teacher
+    net, path, images, want = r18
+    assert want.shape == (2, 512) and float(np.std(want)) > 1e-2  # a non-degenerate output
+    assert interop.infer_iresnet_arch(read_torch_state_dict(path)) == "iresnet18"
+    config = TrainConfig(workdir="unused", recipe="vargface", teacher=f"onnx:{path}")
+    recipe = build_recipe("vargface", config.as_dict())
+    with pytest.raises(ValueError, match="PyTorch file|ONNX"):
+        build_teacher(config, 5, recipe)  # a .pth given as onnx: is not readable as ONNX
+    teacher = build_teacher(config.replace(teacher=f"pth:{path}"), 5, recipe)
+    embedding = _kdface_embed(teacher.backbone, images)
+    _assert_match(embedding, want)
+    np.testing.assert_array_equal(np.asarray(teacher.head(jnp.asarray(embedding))),
+                                  np.zeros((2, 5), np.float32))
+    kd = build_recipe("kd_im", {**config.as_dict(), "lambda_soft": 0.5})
+    with pytest.raises(ValueError, match=r"term 'hinton', weight 0\.5.*no classifier head"):
+        build_teacher(config.replace(teacher=f"pth:{path}"), 5, kd)
+
+
+@pytest.mark.skipif(not os.environ.get("KDFACE_SLOW_TESTS"),
+                    reason="opt-in (~60 s on a loaded 2-core machine: compiles a student's init "
+                           "and train step); set KDFACE_SLOW_TESTS=1")
+def test_imported_teacher_trains_kd_im_and_refuses_teacher_logits(tmp_path):
+    from kdface.training import ArrayBatches, TrainConfig, fit
+    hw = (16, 16)  # IResNet strides 16: a 1x1 final map
+    net = _torch_iresnet(UNITS18, embedding=16, final_hw=(1, 1), seed=1)
+    path = str(tmp_path / "teacher.pth")
+    _torch().save(net.state_dict(), path)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (16, *hw, 3)).astype(np.float32)
+    labels = np.arange(16) % 4
+    tiny = {"channels": (4, 8, 8, 8), "units": (0, 1, 0, 0), "embedding_size": 16,
+            "input_size": hw}
+    # Seed wang2019 KD_im with the soft (logit) term off: hard loss + normalized-feature term.
+    config = TrainConfig(workdir=str(tmp_path / "run"), recipe="kd_im",
+                         student="sphereface_custom", student_options=tiny,
+                         teacher=f"pth:iresnet18:{path}", feature_loss="normalized_l2",
+                         lambda_soft=0.0, head="cosface", margin_scale=16.0, margin=0.1,
+                         input_size=hw, batch_size=8, steps=2, learning_rate=0.01,
+                         schedule="constant", save_every=2, log_every=1,
+                         async_checkpoints=False, progress=False)
+    summary = fit(config, ArrayBatches(images, labels, batch_size=8), num_classes=4)
+    assert summary["step"] == 2
+    assert np.isfinite(summary["metrics"]["normalized_l2"]) and summary["metrics"]["loss"] > 0
+    with pytest.raises(ValueError, match="no classifier head"):
+        fit(config.replace(workdir=str(tmp_path / "kd"), lambda_soft=1.0),
+            ArrayBatches(images, labels, batch_size=8), num_classes=4)
+    with pytest.raises(ValueError, match="teacher_options"):
+        fit(config.replace(workdir=str(tmp_path / "opt"), teacher_options={"dropout": 0.1}),
+            ArrayBatches(images, labels, batch_size=8), num_classes=4)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def _insightface_state(units, *, embedding=8, final_hw=(1, 1), seed=0):
+    """insightface iresnet.py keys and shapes (from the layer list), random values."""
+    rng = np.random.default_rng(seed)
+    state = {}
+
+    def bn(prefix, c):
+        for name in ("weight", "bias", "running_mean"):
+            state[f"{prefix}.{name}"] = rng.normal(size=c).astype(np.float32)
+        state[f"{prefix}.running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        state[f"{prefix}.num_batches_tracked"] = np.asarray(5, np.int64)
+
+    state["conv1.weight"] = rng.normal(size=(64, 3, 3, 3)).astype(np.float32)
+    bn("bn1", 64)
+    state["prelu.weight"] = np.full(64, 0.25, np.float32)
+    cin = 64
+    for layer, (planes, n) in enumerate(zip((64, 128, 256, 512), units), start=1):
+        for i in range(n):
+            p = f"layer{layer}.{i}"
+            bn(f"{p}.bn1", cin)
+            state[f"{p}.conv1.weight"] = rng.normal(size=(planes, cin, 3, 3)).astype(np.float32)
+            bn(f"{p}.bn2", planes)
+            state[f"{p}.prelu.weight"] = np.full(planes, 0.25, np.float32)
+            state[f"{p}.conv2.weight"] = rng.normal(size=(planes, planes, 3, 3)).astype(
+                np.float32)
+            bn(f"{p}.bn3", planes)
+            if i == 0:
+                state[f"{p}.downsample.0.weight"] = rng.normal(size=(planes, cin, 1, 1)).astype(
+                    np.float32)
+                bn(f"{p}.downsample.1", planes)
+            cin = planes
+    bn("bn2", 512)
+    state["fc.weight"] = rng.normal(size=(embedding, 512 * final_hw[0] * final_hw[1])).astype(
+        np.float32)
+    state["fc.bias"] = np.zeros(embedding, np.float32)
+    bn("features", embedding)
+    return state
+
+
+def test_complete_state_dict_loads_and_infers_depth():
+    state = _insightface_state(UNITS18)
+    arch, model = interop.iresnet_from_state_dict(state, input_size=(16, 16))
+    assert arch == "iresnet18" and model.embedding_size == 8
+    np.testing.assert_array_equal(np.asarray(model.stem_conv.kernel[...]),
+                                  state["conv1.weight"].transpose(2, 3, 1, 0))
+    assert interop.infer_iresnet_arch(_insightface_state((3, 4, 6, 3))) == "iresnet34"
+
+
+def test_missing_and_unexpected_tensors_are_listed():
+    state = _insightface_state(UNITS18)
+    del state["layer2.0.bn1.running_var"]
+    del state["features.weight"]
+    state["head.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError) as err:
+        interop.iresnet_from_state_dict(state, input_size=(16, 16), source="x.pth")
+    message = str(err.value)
+    assert "missing tensors (2)" in message and "layer2.0.bn1.running_var" in message
+    assert "features.weight" in message
+    assert "unexpected tensors (1): head.weight" in message
+
+
+def test_shape_mismatch_names_fc_and_input_size():
+    state = _insightface_state(UNITS18)
+    with pytest.raises(ValueError, match=r"fc\.weight: file \(8, 512\), network \(8, 25088\)"):
+        interop.iresnet_from_state_dict(state, input_size=(112, 112))
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:, :, :1]
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight: file \(64, 64, 1, 3\)"):
+        interop.iresnet_from_state_dict(state, input_size=(16, 16))
+
+
+def test_wrong_arch_and_non_iresnet_refused():
+    state = _insightface_state(UNITS18)
+    with pytest.raises(ValueError, match="asked for iresnet50 but the tensors are those of "
+                                         "iresnet18"):
+        interop.iresnet_from_state_dict(state, arch="iresnet50", input_size=(16, 16))
+    with pytest.raises(ValueError, match="match no insightface IResNet"):
+        interop.iresnet_from_state_dict({"conv1.weight": np.zeros((64, 3, 3, 3))})
+
+
+def test_teacher_spec_parsing():
+    assert interop.parse_teacher_spec("pth:/a/b.pth") == ("pth", None, "/a/b.pth")
+    assert interop.parse_teacher_spec("onnx:iresnet100:/a:b.onnx") == (
+        "onnx", "iresnet100", "/a:b.onnx")
+    assert interop.parse_teacher_spec("pth:C:/w.pth") == ("pth", None, "C:/w.pth")
+    assert interop.is_imported_teacher("onnx:/m.onnx")
+    assert not interop.is_imported_teacher("iresnet50")
+    with pytest.raises(ValueError, match="unknown arch 'iresnet7'"):
+        interop.parse_teacher_spec("pth:iresnet7:/a.pth")
+    with pytest.raises(ValueError, match="names no file"):
+        interop.parse_teacher_spec("pth:")
+    with pytest.raises(ValueError, match="pth:\\[ARCH:\\]PATH"):
+        interop.parse_teacher_spec("iresnet50")
+
+
+# --- the reader without PyTorch: hand-assembled pickles --------------------------------------
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _unicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _tensor_pickle(size: int, stride: int) -> bytes:
+    """Protocol-2 opcodes of ``{'w': _rebuild_tensor_v2(storage 0, 0, (size,), (stride,),
+    False, OrderedDict())}``, as torch.save writes them."""
+    storage = (b"(" + _unicode("storage") + _global("torch", "FloatStorage") + _unicode("0")
+               + _unicode("cpu") + b"K\x04" + b"tQ")
+    args = (b"(" + storage + b"K\x00" + b"K" + bytes([size]) + b"\x85" + b"M"
+            + struct.pack("<H", stride) + b"\x85" + b"\x89"
+            + _global("collections", "OrderedDict") + b")R" + b"t")
+    return (b"\x80\x02}" + _unicode("w") + _global("torch._utils", "_rebuild_tensor_v2")
+            + args + b"Rs.")
+
+
+def _archive(path, pickled: bytes, storage: bytes = b"") -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickled)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/data/0", storage)
+
+
+def test_hand_assembled_state_dict_reads_without_torch(tmp_path):
+    path = tmp_path / "ok.pth"
+    _archive(path, _tensor_pickle(2, 3), np.arange(4, dtype="<f4").tobytes())
+    got = read_torch_state_dict(path)
+    np.testing.assert_array_equal(got["w"], [0.0, 3.0])
+
+
+def test_out_of_bounds_strides_refused(tmp_path):
+    path = tmp_path / "oob.pth"
+    _archive(path, _tensor_pickle(4, 1000), np.arange(4, dtype="<f4").tobytes())
+    with pytest.raises(UnsafeTorchPickleError, match="reaching element 3000"):
+        read_torch_state_dict(path)
+
+
+def test_malicious_pickle_refused_without_side_effect(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    _archive(path, pickle.dumps(_Evil(str(marker)), protocol=2))
+    with pytest.raises(UnsafeTorchPickleError, match="refusing the global posix.system|"
+                                                     "refusing the global os.system"):
+        read_torch_state_dict(path)
+    assert not marker.exists()
+    # BUILD (setting state) is allowed on dicts only (a state dict's _metadata) ...
+    sneaky = b"\x80\x02" + _global("collections", "OrderedDict") + b")R}" + b"b."
+    _archive(path, sneaky)
+    with pytest.raises(ValueError, match="holds no tensors"):
+        read_torch_state_dict(path)
+    # ... never on the allowed helper functions themselves.
+    builder = b"\x80\x02" + _global("torch._utils", "_rebuild_tensor_v2") + b"}b."
+    _archive(path, builder)
+    with pytest.raises(UnsafeTorchPickleError, match="BUILD"):
+        read_torch_state_dict(path)
+
+
+def test_import_kdface_interop_needs_neither_torch_nor_onnx():
+    code = ("import sys, kdface.interop, kdface.export; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', "
+            "'onnxruntime')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
