@@ -13,6 +13,8 @@ exported) and writes it with a dynamic batch dimension:
 The graph is translated from the network's jaxpr (``kdface.interop._onnx_export``), so every
 kdface backbone exports. With ONNX Runtime installed, ``--check`` (default on) runs the file on
 random images and reports the largest difference from JAX.
+
+Only the backbone's weights are read (the network is built abstractly, so exporting is quick).
 """
 from __future__ import annotations
 
@@ -26,6 +28,36 @@ import numpy as np
 FORMATS = ("onnx",)
 
 
+def load_student_backbone(checkpoint: str):
+    """``(backbone, config)``: the eval-mode student backbone of a training workdir.
+
+    The network is built abstractly (``nnx.eval_shape``: no random initialization to compile)
+    and filled params-only from the latest checkpoint, as ``kdface.evaluate.Embedder`` loads it.
+    """
+    import jax
+    from flax import nnx
+    from kdface.distill._networks import build_student
+    from kdface.training._checkpoint import load_model_weights
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} missing: {checkpoint} is not a kdface training workdir")
+    with open(path) as f:
+        config = json.load(f)
+    student = nnx.eval_shape(lambda: build_student(
+        config["student"], num_classes=config["num_classes"], head=config["head_used"],
+        rngs=nnx.Rngs(0), backbone_options=config["student_options"]))
+    _, params, rest = nnx.split(student, nnx.Param, ...)
+    # An explicit single-device target lets a checkpoint written on N devices load here.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {"params": params, "rest": rest})
+    weights, _ = load_model_weights(checkpoint, like)
+    nnx.update(student, weights["params"], weights["rest"])
+    backbone = student.network.backbone
+    backbone.eval()
+    return backbone, config
+
+
 def export_checkpoint(checkpoint: str, out: str, *, format: str = "onnx",
                       input_layout: str = "nchw", check: bool = True) -> dict[str, Any]:
     """Exports the student of training workdir ``checkpoint`` to ``out``; returns a summary.
@@ -34,35 +66,33 @@ def export_checkpoint(checkpoint: str, out: str, *, format: str = "onnx",
     ``bytes`` and, when ``check`` and ONNX Runtime is available, ``max_abs_diff`` /
     ``max_rel_diff`` between ONNX Runtime and JAX on 3 random images.
     """
-    from kdface.evaluate import Embedder
     from kdface.interop import export_onnx
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    embedder = Embedder(checkpoint)
-    backbone = embedder.network.backbone
-    h, w = embedder.input_size
+    backbone, config = load_student_backbone(checkpoint)
+    h, w = (int(v) for v in config["input_size"])
     model = export_onnx(backbone, out, input_size=(h, w), input_layout=input_layout)
     summary: dict[str, Any] = {
-        "out": os.path.abspath(out), "student": embedder.config["student"],
+        "out": os.path.abspath(out), "student": config["student"],
         "input_shape": ["batch", 3, h, w] if input_layout == "nchw" else ["batch", h, w, 3],
         "embedding_size": int(backbone.embedding_size), "nodes": len(model.graph.node),
         "bytes": os.path.getsize(out)}
     if check:
-        summary.update(_check(out, embedder, input_layout))
+        summary.update(_check(out, backbone, (h, w), input_layout))
     return summary
 
 
-def _check(path: str, embedder, input_layout: str) -> dict[str, Any]:
+def _check(path: str, backbone, input_size, input_layout: str) -> dict[str, Any]:
     try:
         import onnxruntime as ort
     except ImportError:
         return {"check": "skipped (onnxruntime not installed)"}
-    from kdface.training._loop import normalize_images
-    h, w = embedder.input_size
-    images = np.random.default_rng(0).integers(0, 256, (3, h, w, 3), dtype=np.uint8)
-    expected = embedder(images)
-    feed = normalize_images(images)
-    feed = feed.transpose(0, 3, 1, 2) if input_layout == "nchw" else feed
+    import jax
+    from flax import nnx
+    images = np.random.default_rng(0).uniform(-1, 1, (3, *input_size, 3)).astype(np.float32)
+    graphdef, state = nnx.split(backbone)
+    expected = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, images))
+    feed = images.transpose(0, 3, 1, 2) if input_layout == "nchw" else images
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = session.run(["embedding"], {"input": np.ascontiguousarray(feed)})[0]
     diff = float(np.max(np.abs(got - expected)))
