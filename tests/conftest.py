@@ -11,3 +11,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Random initializers compile once per parameter shape; threefry's take ~10x longer to compile
+# on CPU than rbg's, which dominated model-building tests. Values differ, determinism does not.
+jax.config.update("jax_default_prng_impl", "rbg")
