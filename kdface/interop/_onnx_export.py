@@ -215,7 +215,11 @@ def _fold(eqn, ins: list[_Value]) -> list[_Value] | None:
         return None
     if any(not _is_static(d) for var in eqn.outvars for d in var.aval.shape):
         return None
-    out = eqn.primitive.bind(*[jnp.asarray(v.const) for v in ins], **eqn.params)
+    # Pending broadcasts (size-1 axes) are carried out first: primitives want exact shapes.
+    args = [jnp.asarray(np.broadcast_to(v.const, tuple(int(d) for d in var.aval.shape)))
+            if all(_is_static(d) for d in var.aval.shape) else jnp.asarray(v.const)
+            for v, var in zip(ins, eqn.invars)]
+    out = eqn.primitive.bind(*args, **eqn.params)
     out = out if eqn.primitive.multiple_results else [out]
     return [_const_value(np.asarray(o)) for o in out]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from kdface.interop._onnx_export import (_BINARY, _UNARY, UnsupportedExportError, _Value,
-                                         _broadcast_shape, _identity, _preferred_perm)
+                                         _broadcast_shape, _identity, _preferred_perm,
+                                         _same_dim)
 
 
 def _layout(ins: list[_Value], rank: int) -> tuple[int, ...]:
@@ -283,7 +284,17 @@ def op_slice(t, eqn, ins):
     v = t.full(ins[0], tuple(eqn.invars[0].aval.shape))
     p = eqn.params
     strides = p["strides"] or (1,) * len(v.shape)
-    vec = lambda xs: t.initializer(np.asarray([int(xs[a]) for a in v.perm], np.int64), "slice")
+    def vec(values):
+        out = []
+        for a in v.perm:
+            if isinstance(values[a], (int, np.integer)):
+                out.append(int(values[a]))
+            elif values is p["limit_indices"] and _same_dim(values[a], v.shape[a]):
+                out.append(np.iinfo(np.int64).max)  # up to the (dynamic) end
+            else:
+                raise UnsupportedExportError(f"slice bound {values[a]} on a dynamic axis")
+        return t.initializer(np.asarray(out, np.int64), "slice")
+
     name = t.node("Slice", [v.name, vec(p["start_indices"]), vec(p["limit_indices"]),
                             t.initializer(np.arange(len(v.shape), dtype=np.int64), "axes"),
                             vec(strides)])[0]
