@@ -173,10 +173,6 @@ def _preferred_perm(rank: int) -> tuple[int, ...]:
     return (0, 3, 1, 2) if rank == 4 else _identity(rank)
 
 
-def _onnx_dtype(helper, dtype) -> int:
-    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-
-
 def _literal(var, aval) -> _Value:
     value = np.asarray(var.val, dtype=aval.dtype)
     return _Value(tuple(value.shape), value.dtype, _identity(value.ndim), const=value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from kdface.interop._iresnet_mapping import IRESNET_ARCHS, iresnet_from_state_dict
@@ -93,7 +94,7 @@ def imported_teacher(spec: str, recipe, *, num_classes: int, input_size: tuple[i
     _, backbone = load_teacher_backbone(spec, input_size=input_size)
     network = FaceNetwork(backbone, num_classes=num_classes, head="softmax", rngs=nnx.Rngs(0))
     linear = network.head.linear
-    linear.kernel[...] = linear.kernel[...] * 0
-    linear.bias[...] = linear.bias[...] * 0
+    linear.kernel.set_value(jnp.zeros_like(linear.kernel[...]))
+    linear.bias.set_value(jnp.zeros_like(linear.bias[...]))
     network.eval()
     return network
