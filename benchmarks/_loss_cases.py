@@ -69,12 +69,21 @@ SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 # The default run (~15 min on the shared 2-core machine) takes these subsets.
 DEFAULT_SIZES = {
     "pwr_exp_tdiff": PWR_SIZES,
-    "pwr_diff_none": (64, 128, 160, 192, 512, 2048),
-    "pwr_ranknet_const": (64, 128, 160, 192, 512),
+    "pwr_diff_none": (64, 128, 192, 512),
+    "pwr_ranknet_const": (64, 128, 192, 512),
     "mmd": (64, 256, 512, 1024, 4096),
     "rkd_da": (64, 128, 256, 512),
     "rkd_d": (64, 256, 1024, 4096),
     "rkd_a": (64, 256, 512),
+    "darkrank": (64, 256, 512, 4096),
+}
+# ... and runs these implementations only up to this N (slow references whose scaling the
+# first sizes already show).
+DEFAULT_MAX_N = {
+    ("pwr_exp_tdiff", "torch tiled"): 160,
+    ("pwr_diff_none", "torch tiled"): 128,
+    ("pwr_ranknet_const", "torch tiled"): 128,
+    ("rkd_d", "torch Gram"): 1024,
 }
 PWR_VARIANTS = {
     "pwr_exp_tdiff": dict(inversion="exp", margin="teacher_diff", margin_value=0.0),
@@ -226,11 +235,12 @@ def _pwr_loss(key: str) -> Loss:
         Impl("kdface dense", "jax", "kdface", _kdface_pwr("dense", variant), 4, 4,
              limit=_kdface_dense_limit, matches="torch dense (official)"),
         Impl("kdface tiled", "jax", "kdface", _kdface_pwr("tiled", variant), 4, 2,
-             limit=_tiled_limit, matches="torch tiled"),
+             limit=_tiled_limit, matches="torch tiled", always_n=(512,)),
     ]
     if separable:
         impls.append(Impl("kdface sorted", "jax", "kdface", _kdface_pwr("sorted", variant),
-                          2.4, 2.2, limit=_sorted_limit, matches="torch sorted"))
+                          2.4, 2.2, limit=_sorted_limit, matches="torch sorted",
+                          always_n=(4096,) if key == "pwr_exp_tdiff" else ()))
     impls += [
         Impl("torch dense (official)", "torch", "peer", _torch("pwr_dense_official", **variant),
              4, 4, mem_bytes=_dense_official_bytes),

@@ -1,6 +1,6 @@
 r"""Loss throughput: kdface's JAX losses against PyTorch reference implementations (CPU).
 
-    python -m benchmarks.loss_throughput                      # full run, ~15 min on 2 cores
+    python -m benchmarks.loss_throughput                      # default run, ~15-20 min here
     python -m benchmarks.loss_throughput --quick              # smoke run, N in {64, 128}
     python -m benchmarks.loss_throughput --losses=mmd,rkd_da --sizes=256,512 \
         --write_md=benchmarks/RESULTS.md
@@ -35,7 +35,8 @@ from typing import Any
 from absl import app, flags
 
 from benchmarks import _measure
-from benchmarks._loss_cases import DEFAULT_ORDER, GIB, LOSSES, Config, Impl, Loss, make_inputs
+from benchmarks._loss_cases import (DEFAULT_MAX_N, DEFAULT_ORDER, GIB, LOSSES, Config, Impl, Loss,
+                                    make_inputs)
 
 _LOSSES = flags.DEFINE_list("losses", list(DEFAULT_ORDER),
                             f"Losses to run, from: {', '.join(DEFAULT_ORDER)}.")
@@ -58,6 +59,8 @@ _THREADS = flags.DEFINE_integer(
 _NO_TORCH = flags.DEFINE_bool("no_torch", False, "Run the kdface columns only.")
 _WRITE_MD = flags.DEFINE_string("write_md", "", "Write the markdown report here.")
 _JSON = flags.DEFINE_string("json", "", "Write the raw results (one dict per case) here.")
+_REPORT_FROM = flags.DEFINE_string("report_from", "", "Only rebuild the markdown report from a "
+                                   "--json file of an earlier run (no measuring).")
 
 
 # --------------------------------------------------------------------- inside the child
@@ -72,7 +75,7 @@ def _timing_options(predicted_s: float | None, quick: bool) -> dict[str, Any]:
         return dict(min_repeats=3, max_repeats=10, min_time_s=1.0, max_time_s=5.0, warmup=1)
     if predicted_s < 4.0:
         return dict(min_repeats=3, max_repeats=3, min_time_s=0.0, max_time_s=0.0, warmup=1)
-    return dict(once, warmup=1 if predicted_s < 12.0 else 0)
+    return dict(once, warmup=1 if predicted_s < 8.0 else 0)
 
 
 def _run_jax(loss: Loss, impl: Impl, n: int, cfg: Config, timing: dict, cap: float) -> dict:
@@ -92,10 +95,12 @@ def _run_jax(loss: Loss, impl: Impl, n: int, cfg: Config, timing: dict, cap: flo
     if stats is not None:
         xla_bytes = (stats.temp_size_in_bytes + stats.argument_size_in_bytes
                      + stats.output_size_in_bytes)
-        if xla_bytes > cap:
+        # measured RSS peaks of the dense PWR ran to 1.6x the plan (allocator, scratch outside
+        # the plan): keep a 2x margin
+        if 2.0 * xla_bytes > cap:
             return {"status": "skipped", "compile_s": compile_s,
-                    "reason": f"XLA plans {xla_bytes / GIB:.1f} GiB of buffers > "
-                              f"{cap / GIB:.1f} GiB cap"}
+                    "reason": f"XLA plans {xla_bytes / GIB:.1f} GiB of buffers; 2x that "
+                              f"passes the {cap / GIB:.1f} GiB cap"}
     mem.mark_compiled()
     out: list = []
 
@@ -162,9 +167,13 @@ class Planner:
         last = done[-1]
         return last["time_s"] * (n / last["n"]) ** impl.time_exp
 
-    def skip_reason(self, loss: Loss, impl: Impl, n: int, cfg: Config) -> str | None:
+    def skip_reason(self, loss: Loss, impl: Impl, n: int, cfg: Config, full: bool
+                    ) -> str | None:
         if impl.limit is not None and (reason := impl.limit(n)):
             return reason
+        scope = None if full else DEFAULT_MAX_N.get((loss.key, impl.name))
+        if scope is not None and n > scope:
+            return f"run to N={scope} by default (--full runs every N)"
         past = self.history.get((loss.key, impl.name), [])
         failed = [r for r in past if r["status"] != "ok"]
         if failed and failed[-1].get("skip_kind") != "static":
@@ -182,10 +191,7 @@ class Planner:
                 return f"needs ~{need / GIB:.1f} GiB (estimated) > {self.cap / GIB:.0f} GiB cap"
         elif last is not None:
             need = max(0.0, last["peak_mib"]) * _measure.MIB * (n / last["n"]) ** impl.mem_exp
-            # JAX cases check XLA's exact buffer plan after compiling; skip early only when the
-            # extrapolation is far past the cap (the compile would be wasted).
-            limit = 2 * self.cap if impl.framework == "jax" else self.cap
-            if need > limit:
+            if need > self.cap:
                 return (f"peak extrapolated from N={last['n']} (~N^{impl.mem_exp:g}): "
                         f"{need / GIB:.1f} GiB > {self.cap / GIB:.0f} GiB cap")
             need = min(need, self.cap)
@@ -292,7 +298,7 @@ def run(selected: list[str], sizes: list[int], *, cfg: Config, cap: float, timeo
         row = {"loss": loss.key, "impl": impl.name, "framework": impl.framework,
                "role": impl.role, "n": n, "load": _measure.machine_load()[0]}
         reason = (torch_missing if impl.framework == "torch" and torch_missing
-                  else planner.skip_reason(loss, impl, n, cfg))
+                  else planner.skip_reason(loss, impl, n, cfg, full))
         if reason:
             static = impl.limit is not None and impl.limit(n) is not None
             row.update(status="skipped", reason=reason,
@@ -324,6 +330,18 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")   # a CPU benchmark: no accelerator probing
     from benchmarks import _report
 
+    if _REPORT_FROM.value:
+        with open(_REPORT_FROM.value) as f:
+            saved = json.load(f)
+        conf = saved["machine"].get("config", {})
+        cfg = Config(dim=conf.get("dim", 512), classes=conf.get("classes", 2048),
+                     threads=conf.get("threads", 1))
+        report = _report.markdown(saved["results"], saved["machine"], cfg)
+        print(report)
+        if _WRITE_MD.value:
+            with open(_WRITE_MD.value, "w") as f:
+                f.write(report)
+        return
     unknown = [k for k in _LOSSES.value if k not in LOSSES]
     if unknown:
         raise app.UsageError(f"unknown losses {unknown}; choose from {list(LOSSES)}")
