@@ -248,6 +248,11 @@ def iresnet_state_from_onnx(path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a readable ONNX model: {err}") from err
     g = _Graph(model.graph, numpy_helper, path)
     state: dict[str, np.ndarray] = {}
+    first = [n.op_type for n in g.next_nodes(g.input)]
+    if first and first[0] in ("Sub", "Mul", "Div", "Add", "Transpose"):
+        g.fail(f"the input goes through {first[0]} before the stem convolution; graphs with "
+               f"built-in preprocessing are not read (kdface feeds NCHW-ordered, normalized "
+               f"(x / 255 - 0.5) / 0.5 RGB images itself)")
     stem = g.single_next(g.input, "Conv", "the stem convolution right after the input")
     w, bn, h = _conv_bn(g, stem, stride=1, what="stem")
     state["conv1.weight"] = w
