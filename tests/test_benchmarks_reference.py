@@ -186,3 +186,41 @@ def test_case_memory_counts_a_large_allocation():
     assert out["status"] == "ok", out
     if out["peak_reset"]:
         assert 290 < out["peak_mib"] < 400, out
+
+
+def _row(loss, impl, n, time_s, peak_mib=100.0, value=1.0, status="ok"):
+    return {"loss": loss, "impl": impl, "n": n, "status": status, "time_s": time_s,
+            "times": [time_s], "compile_s": 1.0, "peak_mib": peak_mib, "value": value,
+            "load": 1.0, "role": LOSSES[loss].impl(impl).role,
+            "framework": LOSSES[loss].impl(impl).framework}
+
+
+def test_report_targets_measured_and_extrapolated():
+    from benchmarks import _report
+
+    cfg = Config()
+    results = [
+        _row("pwr_exp_tdiff", "kdface tiled", 512, 5.0, peak_mib=150.0),
+        _row("pwr_exp_tdiff", "kdface sorted", 512, 0.6),
+        _row("pwr_exp_tdiff", "kdface sorted", 4096, 40.0),
+        _row("pwr_exp_tdiff", "kdface tiled", 192, 0.2),
+        _row("pwr_exp_tdiff", "torch dense (official)", 160, 10.0),
+        _row("mmd", "kdface", 512, 0.05),
+        _row("mmd", "torch broadcast (library)", 256, 5.0),
+        _row("mmd", "torch GEMM", 512, 0.04),
+        _row("rkd_da", "kdface", 512, 7.0, peak_mib=300.0),
+        _row("rkd_da", "torchdistill", 512, 28.0, peak_mib=3000.0),
+    ]
+    machine = {"jax_baseline_mib": 200.0, "gemm_gflops": {"jax": 20.0}}
+    lines = "\n".join(_report.targets(results, machine, cfg))
+    assert "350 MiB = JAX-only process baseline 200 MiB + case peak 150 MiB" in lines
+    assert "| PWR sorted (exp, teacher-diff) N=512 < 0.5 s | 600 ms | **missed** |" in lines
+    # dense torch at 192 scaled from 160 by M^2: 10 s * (18336 / 12720)^2 = 20.8 s -> 104x
+    assert "extrapolated from N=160 by pair comparisons): 104x | **met**" in lines
+    # broadcast at 512 scaled from 256 by (2N)^2: 20 s -> 400x; GEMM torch is faster: missed
+    assert "400x | **met**" in lines
+    assert "50.0 ms vs 40.0 ms: 0.80x | **missed**" in lines
+    assert "7,000 ms vs 28,000 ms: 4.00x | **missed**" in lines
+    assert "300 MiB vs 2.93 GiB: 1/10.0 | **met**" in lines
+    report = _report.markdown(results, machine, cfg)
+    assert report.count("### ") == 3
