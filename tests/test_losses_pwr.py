@@ -73,32 +73,36 @@ def _emb(seed: int, n: int, d: int) -> np.ndarray:
 
 @pytest.mark.parametrize("inversion,param", INVERSIONS)
 @pytest.mark.parametrize("margin,margin_value", MARGINS)
-def test_dense_matches_reference(inversion, param, margin, margin_value):
-    power = param if inversion == "power" else 1.0
-    beta = param if inversion in ("exp", "ranknet") else 1.0
-    for relation, seed in (("cosine", 1), ("euclidean", 2)):
-        s, t = _emb(seed, 9, 5), _emb(seed + 10, 9, 7)   # D differs between student/teacher
-        got = pwr_loss(jnp.asarray(s), jnp.asarray(t), relation=relation, inversion=inversion,
-                       margin=margin, margin_value=margin_value, power=power, beta=beta,
-                       method="dense")
-        want = ref_pwr(ref_scores(s, relation), ref_scores(t, relation), inversion, power,
-                       beta, margin, margin_value)
-        np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=relation)
-
-
-@pytest.mark.parametrize("inversion,param", INVERSIONS)
-@pytest.mark.parametrize("margin,margin_value", MARGINS)
-def test_dense_scores_with_ties_match_reference(inversion, param, margin, margin_value):
-    """Ties in teacher and student scores (small integers / 4 are exact in float32)."""
+def test_dense_scores_match_reference(inversion, param, margin, margin_value):
+    """Random scores, and scores with ties in teacher and student (multiples of 1/4 are exact
+    in float32), through one compiled function."""
     power = param if inversion == "power" else 1.0
     beta = param if inversion in ("exp", "ranknet") else 1.0
     rng = np.random.default_rng(3)
-    ps = rng.integers(-4, 5, 40).astype(np.float32) / 4
-    pt = rng.integers(-3, 4, 40).astype(np.float32) / 4
-    got = pwr_loss_from_scores(jnp.asarray(ps), jnp.asarray(pt), inversion=inversion,
-                               margin=margin, margin_value=margin_value, power=power,
-                               beta=beta, method="dense")
-    want = ref_pwr(ps, pt, inversion, power, beta, margin, margin_value)
+    cases = [(rng.uniform(-1, 1, 40), rng.uniform(-1, 1, 40)),
+             (rng.integers(-4, 5, 40) / 4, rng.integers(-3, 4, 40) / 4)]
+    for ps, pt in cases:
+        ps, pt = ps.astype(np.float32), pt.astype(np.float32)
+        got = pwr_loss_from_scores(jnp.asarray(ps), jnp.asarray(pt), inversion=inversion,
+                                   margin=margin, margin_value=margin_value, power=power,
+                                   beta=beta, method="dense")
+        want = ref_pwr(ps, pt, inversion, power, beta, margin, margin_value)
+        np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("relation,inversion,param,margin,margin_value", [
+    ("cosine", "exp", 1.0, "teacher_diff", 0.0), ("euclidean", "diff", 1.0, "const", 0.1),
+    ("cosine", "power", 0.5, "teacher_std", 0.0), ("euclidean", "ranknet", 2.0, "none", 0.0),
+    ("euclidean", "exp", 3.0, "teacher_std", 0.0)])
+def test_dense_embeddings_match_reference(relation, inversion, param, margin, margin_value):
+    power = param if inversion == "power" else 1.0
+    beta = param if inversion in ("exp", "ranknet") else 1.0
+    s, t = _emb(1, 9, 5), _emb(11, 9, 7)   # D differs between student and teacher
+    got = pwr_loss(jnp.asarray(s), jnp.asarray(t), relation=relation, inversion=inversion,
+                   margin=margin, margin_value=margin_value, power=power, beta=beta,
+                   method="dense")
+    want = ref_pwr(ref_scores(s, relation), ref_scores(t, relation), inversion, power, beta,
+                   margin, margin_value)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 

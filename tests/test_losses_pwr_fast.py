@@ -8,17 +8,18 @@ relations (embedding level).
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdface.losses import _pwr, _pwr_common, _pwr_tiled, pwr_loss
+from kdface.losses import _pwr, _pwr_common, _pwr_sorted, _pwr_tiled, pwr_loss
 from kdface.losses._pwr_common import Inversion
 
 M = 300  # scores: above one 256-tile so the tiled sweep has off-diagonal tiles and padding
 MARGINS = [("none", 0.0), ("const", 0.1), ("teacher_std", 0.0), ("teacher_diff", 0.0)]
-VARIANTS = [("diff", 1.0, 1.0), ("power", 2.0, 1.0), ("power", 3.0, 1.0), ("power", 0.5, 1.0),
-            ("exp", 1.0, 1.0), ("exp", 1.0, 3.0), ("exp", 1.0, 20.0), ("ranknet", 1.0, 2.0)]
+VARIANTS = [("diff", 1.0, 1.0), ("power", 2.0, 1.0), ("power", 0.5, 1.0), ("exp", 1.0, 1.0),
+            ("exp", 1.0, 3.0), ("exp", 1.0, 20.0), ("ranknet", 1.0, 2.0)]
 
 
 def _scores(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -71,12 +72,33 @@ def problems():
     return tuple(jnp.asarray(a) for a in _problems())
 
 
-@pytest.mark.parametrize("kind,power,beta", VARIANTS)
-def test_tiled_equals_dense_every_margin_and_tie_pattern(problems, kind, power, beta):
+def _fast_cases():
+    bound = _pwr_common.value_range_bound("cosine", "teacher_diff", 0.0)
+    cases = [("tiled",) + v for v in VARIANTS]
+    cases += [("sorted",) + v for v in VARIANTS
+              if _pwr_common.sorted_supports(Inversion(*v), bound)]
+    return cases
+
+
+@pytest.mark.parametrize("method,kind,power,beta", _fast_cases())
+def test_fast_equals_dense_every_margin_and_tie_pattern(problems, method, kind, power, beta):
     t, x, y = problems
     inversion = Inversion(kind, power, beta)
     want = _mean_fn("dense", inversion)(x, y, t)
-    _assert_same(_mean_fn("tiled", inversion)(x, y, t), want, f"tiled {kind} {power} {beta}")
+    got = _mean_fn(method, inversion)(x, y, t)
+    _assert_same(got, want, f"{method} {kind} {power} {beta}")
+    if kind != "ranknet":  # student == teacher, margin none / teacher_diff: exactly 0
+        equal = 4 * len(MARGINS)
+        assert np.all(np.asarray(got[0])[[equal, equal + 3]] == 0.0)
+
+
+def test_sorted_covers_the_separable_variants():
+    bound = _pwr_common.value_range_bound("cosine", "teacher_diff", 0.0)
+    covered = {tuple(v) for m, *v in _fast_cases() if m == "sorted"}
+    assert covered == {("diff", 1.0, 1.0), ("power", 2.0, 1.0), ("exp", 1.0, 1.0),
+                       ("exp", 1.0, 3.0)}
+    assert not _pwr_common.sorted_supports(Inversion("exp", 1.0, 20.0), bound)
+    assert not _pwr_common.sorted_supports(Inversion("power", 3.0), bound)
 
 
 def test_tiled_exp_falls_back_when_scores_exceed_the_factor_bound():
@@ -102,21 +124,134 @@ def _embeddings(n: int, seed: int, ties: bool):
     return jnp.asarray(s), jnp.asarray(t)
 
 
-@pytest.mark.parametrize("relation", ["cosine", "euclidean"])
-@pytest.mark.parametrize("method", ["tiled"])
-@pytest.mark.parametrize("inversion,margin,margin_value", [
-    ("exp", "teacher_diff", 0.0), ("diff", "const", 0.1), ("power", "none", 0.0),
-    ("ranknet", "teacher_std", 0.0)])
-def test_embeddings_equal_dense(relation, method, inversion, margin, margin_value):
+@pytest.mark.parametrize("method,relation,inversion,margin,margin_value", [
+    ("sorted", "cosine", "exp", "teacher_diff", 0.0), ("sorted", "euclidean", "diff", "const", 0.1),
+    ("tiled", "cosine", "ranknet", "teacher_std", 0.0), ("tiled", "euclidean", "power", "none", 0.0)])
+def test_embeddings_equal_dense(method, relation, inversion, margin, margin_value):
+    """Both relations, through the scores' chain rule; duplicate rows give teacher and student
+    ties."""
     kw = dict(relation=relation, inversion=inversion, margin=margin, margin_value=margin_value,
               power=2.0, beta=2.0)
-
-    def loss(m):
-        return jax.jit(jax.value_and_grad(lambda a, b: pwr_loss(a, b, method=m, **kw)))
-    fast, dense = loss(method), loss("dense")
+    fast, dense = (jax.jit(jax.value_and_grad(lambda a, b, m=m: pwr_loss(a, b, method=m, **kw)))
+                   for m in (method, "dense"))
     for seed, ties in ((0, False), (1, True)):
         s, t = _embeddings(24, seed, ties)
         (v, g), (v0, g0) = fast(s, t), dense(s, t)
         np.testing.assert_allclose(float(v), float(v0), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4,
                                    atol=1e-5 * float(jnp.abs(g0).max()))
+
+
+# ------------------------------------------------------------------------------ known answers
+
+def test_sorted_exp_beyond_the_factor_bound_is_nan_not_wrong():
+    rng = np.random.default_rng(2)
+    t = jnp.asarray(rng.normal(size=100).astype(np.float32))
+    x = jnp.asarray(rng.uniform(-40, 40, 100).astype(np.float32))
+    total, _ = jax.jit(lambda a, b: _pwr_sorted.sorted_pair_sum(a, b, b, Inversion("exp")))(t, x)
+    assert np.isnan(float(total))
+
+
+def test_medium_batch_sorted_equals_tiled():
+    """N=128 (M=8128, 3 levels of tiles, 15 sorted levels): value and gradient agree."""
+    s, t = _embeddings(128, 5, True)
+    f = {m: jax.jit(jax.value_and_grad(lambda a, b, m=m: pwr_loss(a, b, method=m)))
+         for m in ("tiled", "sorted")}
+    (v, g), (v0, g0) = f["sorted"](s, t), f["tiled"](s, t)
+    np.testing.assert_allclose(float(v), float(v0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(g0).max()))
+
+
+# ------------------------------------------------------------------------------- the pieces
+
+def test_radix_argsort_is_a_stable_float_argsort():
+    rng = np.random.default_rng(6)
+    v = rng.normal(size=5000).astype(np.float32)
+    v[::7] = 0.25
+    v[1::11] = -0.0
+    v[2::13] = 0.0
+    v[3::17] = -3e38
+    got = _pwr_sorted.radix_argsort(_pwr_sorted.unsigned_key(jnp.asarray(v)))
+    np.testing.assert_array_equal(np.asarray(got), np.argsort(v + 0.0, kind="stable"))
+    bit = rng.integers(0, 2, 5000).astype(np.int32)
+    got = _pwr_sorted.radix_argsort(_pwr_sorted.unsigned_key(jnp.asarray(v)), jnp.asarray(bit))
+    np.testing.assert_array_equal(np.asarray(got), np.lexsort((bit, v + 0.0)))
+
+
+def test_event_order_shared_values_matches_general():
+    x = jnp.asarray(np.random.default_rng(7).integers(0, 5, 300).astype(np.float32))
+    general, shared = _pwr_sorted.event_order(x, x), _pwr_sorted.event_order(x)
+    values = np.concatenate([np.asarray(x)] * 2)
+    kinds = np.repeat([0, 1], 300)
+    np.testing.assert_array_equal(values[np.asarray(general)], values[np.asarray(shared)])
+    np.testing.assert_array_equal(kinds[np.asarray(general)], kinds[np.asarray(shared)])
+
+
+def test_block_scan_matches_cumsum():
+    v = np.random.default_rng(8).normal(size=(2, 1 << 13)).astype(np.float32)
+    scan = jax.jit(_pwr_sorted.block_scan, static_argnames="reverse")
+    for log_block in (0, 3, 6, 9, 13):
+        blocks = v.astype(np.float64).reshape(2, -1, 1 << log_block)
+        prefix = np.cumsum(blocks, axis=2) - blocks
+        suffix = np.cumsum(blocks[:, :, ::-1], axis=2)[:, :, ::-1] - blocks
+        for got, want in ((scan(jnp.asarray(v), log_block), prefix),
+                          (scan(jnp.asarray(v), log_block, reverse=True), suffix)):
+            np.testing.assert_allclose(np.asarray(got), want.reshape(2, -1), rtol=1e-5,
+                                       atol=1e-4)
+
+
+# ------------------------------------------------------------------ auto, jit, dtypes, memory
+
+def test_auto_picks_an_exact_method():
+    bound = _pwr_common.value_range_bound("cosine", "teacher_diff", 0.0)
+    big = 10 * _pwr.AUTO_DENSE_MAX_M
+    assert _pwr.resolve_method("auto", 100, Inversion("exp"), bound) == "dense"
+    assert _pwr.resolve_method("auto", big, Inversion("exp"), bound) == "sorted"
+    assert _pwr.resolve_method("auto", big, Inversion("diff"), bound) == "sorted"
+    assert _pwr.resolve_method("auto", big, Inversion("ranknet"), bound) == "tiled"
+    assert _pwr.resolve_method("auto", big, Inversion("power", 0.5), bound) == "tiled"
+    assert _pwr.resolve_method("auto", big, Inversion("exp", 1.0, 50.0), bound) == "tiled"
+    s, t = _embeddings(64, 9, False)   # M = 2016 > AUTO_DENSE_MAX_M: sorted
+    auto, dense = (jax.jit(lambda a, b, m=m: pwr_loss(a, b, method=m)) for m in ("auto", "dense"))
+    np.testing.assert_allclose(float(auto(s, t)), float(dense(s, t)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tiled", "sorted"])
+def test_jit_equals_eager_and_bfloat16_compiles(method):
+    s, t = _embeddings(8, 10, True)
+    eager = pwr_loss(s, t, method=method)
+    jitted = jax.jit(lambda a, b: pwr_loss(a, b, method=method))(s, t)
+    np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+    g = jax.jit(jax.grad(lambda a, b: pwr_loss(a, b, method=method)))(
+        s.astype(jnp.bfloat16), t.astype(jnp.bfloat16))
+    assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+
+
+def _largest_intermediate(jaxpr) -> int:
+    """Most elements of any value in a jaxpr, sub-jaxprs (scan, cond, custom_vjp) included."""
+    biggest = 0
+    for eqn in jaxpr.eqns:
+        for var in list(eqn.invars) + list(eqn.outvars):
+            shape = getattr(getattr(var, "aval", None), "shape", ())
+            biggest = max(biggest, int(np.prod(shape)) if shape else 1)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            biggest = max(biggest, _largest_intermediate(sub))
+    return biggest
+
+
+@pytest.mark.parametrize("method,inversion", [("tiled", "exp"), ("tiled", "ranknet"),
+                                              ("sorted", "exp"), ("sorted", "diff"),
+                                              ("dense", "exp")])
+def test_no_m_squared_intermediate(method, inversion):
+    """N=64, M=2016: neither pass of tiled/sorted holds anything with >= M^2 elements (the dense
+    method does, which shows the check can fail)."""
+    s, t = _embeddings(64, 11, False)
+    m = 64 * 63 // 2
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(
+        lambda a: pwr_loss(a, t, inversion=inversion, method=method)))(s)
+    largest = _largest_intermediate(jaxpr.jaxpr)
+    if method == "dense":
+        assert largest >= m * m
+    else:
+        assert largest < m * m // 8, largest

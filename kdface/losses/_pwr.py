@@ -8,7 +8,7 @@ besides the literal ``dense`` form (an ``[M, M]`` matrix, for small N) there are
 * ``tiled`` (``_pwr_tiled``): exact for every variant, blocks of the comparison matrix in a
   scan, memory O(M + block^2) in the forward and the backward pass;
 * ``sorted`` (``_pwr_sorted``): exact in O(M log M) for the separable variants (diff, integer
-  power <= 3, exp), a 2-D dominance sum over the teacher order and the student values;
+  power <= 2, exp), a 2-D dominance sum over the teacher order and the student values;
 * ``auto``: the fastest exact one for the variant and size.
 
 Choices where the paper is open (following the official MXNet code where it exists):
