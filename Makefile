@@ -2,27 +2,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.kdface-installed
+RUNTIME := $(VENV)/.kdface-runtime
+TESTING := $(VENV)/.kdface-testing
 
 .PHONY: test demo bench install clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME)
 
-install: $(STAMP)
+# Tests also need pytest, ONNX Runtime and the CPU build of PyTorch (reference comparisons).
+$(TESTING): $(RUNTIME)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(TESTING)
 
-test: $(STAMP)
+install: $(TESTING)
+
+test: $(TESTING)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(PY) -m kdface.demo
 
-bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+bench: $(TESTING)
 	$(PY) -m benchmarks.loss_throughput
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info demo_out

@@ -31,8 +31,9 @@ flags.DEFINE_enum("recipe", "scratch", ["scratch", "kd_im", "kd", "pwr", "transf
 flags.DEFINE_string("student", "iresnet18", "Student backbone name (kdface.models.names()).")
 flags.DEFINE_string("student_options", "", "Backbone kwargs as k=v,k=v (Python literals), "
                     "e.g. embedding_size=512,width_divisor=4.")
-flags.DEFINE_string("teacher", None, "Teacher backbone name; its weights come from "
-                    "--teacher_checkpoint.")
+flags.DEFINE_string("teacher", None, "Teacher backbone name (weights from "
+                    "--teacher_checkpoint), or a third-party insightface IResNet: "
+                    "pth:[ARCH:]PATH (PyTorch state dict) or onnx:[ARCH:]PATH.")
 flags.DEFINE_string("teacher_options", "", "Teacher backbone kwargs as k=v,k=v.")
 flags.DEFINE_string("teacher_checkpoint", None, "Workdir of a finished 'scratch' run of the "
                     "teacher (loaded params-only, never written into this run).")

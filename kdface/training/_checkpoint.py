@@ -22,7 +22,20 @@ _policy = ocp.checkpoint_managers.preservation_policy
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Restore targets. Leaves without a concrete sharding (e.g. from ``nnx.eval_shape``) are
+    placed on this process's first device: otherwise orbax falls back to the sharding saved in
+    the checkpoint, which fails ("topology mismatch") when the run that wrote it had a different
+    number of devices than the one reading it (train on 4 GPUs, evaluate on a CPU)."""
+    device = jax.local_devices()[0]
+
+    def target(x):
+        struct = ocp.utils.to_shape_dtype_struct(x)
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            sharding = jax.sharding.SingleDeviceSharding(device)
+        return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding)
+
+    return jax.tree.map(target, tree)
 
 
 class Checkpoints:

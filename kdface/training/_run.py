@@ -92,6 +92,10 @@ def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | N
         val_sets = resolve_verification_sets(config.val_data, data_dir, config.input_size)
     if config.recipe == "kd":
         # Step 1 of seed wang2019's KD: fine-tune the teacher on LR-augmented data.
+        if config.teacher and config.teacher.split(":", 1)[0] in ("pth", "onnx"):
+            raise ValueError("recipe 'kd' fine-tunes the teacher, which needs a kdface teacher "
+                             "checkpoint; with an imported (pth:/onnx:) teacher use 'kd_im', "
+                             "the seed's scheme that leaves the teacher untouched")
         teacher_dir = os.path.join(config.workdir, "teacher_lr")
         tune = config.replace(workdir=teacher_dir, recipe="scratch", student=config.teacher,
                               student_options=config.teacher_options,

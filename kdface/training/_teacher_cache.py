@@ -52,8 +52,10 @@ class TeacherCache:
             raise ValueError(f"recipe {recipe.name!r} runs student features through the "
                              f"teacher; the cache holds only embeddings and logits")
         key = hashlib.sha256(json.dumps(
-            [config.teacher, config.teacher_options, os.path.abspath(config.teacher_checkpoint),
-             _latest_step(config.teacher_checkpoint), len(source), list(config.input_size)],
+            [config.teacher, config.teacher_options,
+             os.path.abspath(config.teacher_checkpoint) if config.teacher_checkpoint else None,
+             _latest_step(config.teacher_checkpoint) if config.teacher_checkpoint else None,
+             len(source), list(config.input_size)],
             sort_keys=True, default=str).encode()).hexdigest()[:16]
         directory = os.path.join(config.workdir, "teacher_cache")
         paths = [os.path.join(directory, f"{key}_{n}.npy") for n in ("embedding", "logits")]
