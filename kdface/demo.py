@@ -10,6 +10,11 @@ r"""`make demo`: the main job end to end on the embedded synthetic dataset.
 5. Evaluates all three on the held-out verification pairs, HR and LR probes (8/12/16/20 px),
    prints the table and writes ``demo_out/report/{report.md,report.json,*.png}``.
 
+The teacher must be clearly better than the student for distillation to show: with 300
+teacher steps (HR accuracy 0.911, barely above the self-studied student's 0.905) the distilled
+student's LR gain was ~1 point and not consistent across seeds; with 600 steps (0.944) it was
+2-3 points at every probe size for both seeds tried (measured on 2 CPU cores, 2026-11-24).
+
 The networks are the SphereFace residual family (seed wang2019 Tables 1-2) at demo width and
 48x48 input so that the whole job fits in minutes on 2 CPU cores; the full-size recipes are the
 flagfiles in kdface/configs/.
@@ -26,7 +31,7 @@ from absl import app, flags, logging
 flags.DEFINE_string("out", "demo_out", "Output directory (data, runs, report).")
 flags.DEFINE_integer("identities", 200, "Synthetic training identities.")
 flags.DEFINE_integer("images_per_identity", 30, "Images per training identity.")
-flags.DEFINE_integer("teacher_steps", 300, "Teacher training steps.")
+flags.DEFINE_integer("teacher_steps", 600, "Teacher training steps.")
 flags.DEFINE_integer("student_steps", 300, "Student training steps (each student).")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_integer("seed", 0, "Seed of data and training.")

@@ -194,9 +194,6 @@ def test_pth_teacher_matches_pytorch_through_build_teacher(r18):
         build_teacher(config.replace(teacher=f"pth:{path}"), 5, kd)
 
 
-@pytest.mark.skipif(not os.environ.get("KDFACE_SLOW_TESTS"),
-                    reason="opt-in (~60 s on a loaded 2-core machine: compiles a student's init "
-                           "and train step); set KDFACE_SLOW_TESTS=1")
 def test_imported_teacher_trains_kd_im_and_refuses_teacher_logits(tmp_path):
     from kdface.training import ArrayBatches, TrainConfig, fit
     hw = (16, 16)  # IResNet strides 16: a 1x1 final map
