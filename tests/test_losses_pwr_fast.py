@@ -12,6 +12,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from kdface.losses import _pwr, _pwr_common, _pwr_sorted, _pwr_tiled, pwr_loss
 from kdface.losses._pwr_common import Inversion
@@ -205,16 +206,33 @@ def test_block_scan_matches_cumsum():
 
 def test_auto_picks_an_exact_method():
     bound = _pwr_common.value_range_bound("cosine", "teacher_diff", 0.0)
-    big = 10 * _pwr.AUTO_DENSE_MAX_M
-    assert _pwr.resolve_method("auto", 100, Inversion("exp"), bound) == "dense"
+    small, mid, big = _pwr.AUTO_DENSE_MAX_M, _pwr.AUTO_TILED_MAX_M, _pwr.AUTO_TILED_MAX_M + 1
+    assert _pwr.resolve_method("auto", small, Inversion("exp"), bound) == "dense"
+    assert _pwr.resolve_method("auto", mid, Inversion("exp"), bound) == "tiled"
     assert _pwr.resolve_method("auto", big, Inversion("exp"), bound) == "sorted"
     assert _pwr.resolve_method("auto", big, Inversion("diff"), bound) == "sorted"
+    assert _pwr.resolve_method("auto", big, Inversion("power", 2.0), bound) == "sorted"
     assert _pwr.resolve_method("auto", big, Inversion("ranknet"), bound) == "tiled"
     assert _pwr.resolve_method("auto", big, Inversion("power", 0.5), bound) == "tiled"
     assert _pwr.resolve_method("auto", big, Inversion("exp", 1.0, 50.0), bound) == "tiled"
-    s, t = _embeddings(64, 9, False)   # M = 2016 > AUTO_DENSE_MAX_M: sorted
+    s, t = _embeddings(72, 9, False)   # M = 2556: sorted
     auto, dense = (jax.jit(lambda a, b, m=m: pwr_loss(a, b, method=m)) for m in ("auto", "dense"))
     np.testing.assert_allclose(float(auto(s, t)), float(dense(s, t)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,inversion,margin", [
+    ("tiled", "exp", "teacher_diff"), ("tiled", "ranknet", "none"),
+    ("sorted", "diff", "const"), ("sorted", "power", "teacher_std")])
+def test_fast_gradients_finite_differences_float64(method, inversion, margin):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(12)
+        s, t = jnp.asarray(rng.normal(size=(10, 4))), jnp.asarray(rng.normal(size=(10, 5)))
+        t = t.at[1].set(t[0])
+        f = jax.jit(lambda a: pwr_loss(a, t, method=method, inversion=inversion, margin=margin,
+                                       margin_value=0.1 if margin == "const" else 0.0,
+                                       power=2.0))
+        assert f(s).dtype == jnp.float64
+        check_grads(f, (s,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["tiled", "sorted"])

@@ -15,6 +15,7 @@ from kdface.losses._metric import landmark_l2_loss, nrmse, triplet_loss
 
 # PWR, pairwise ranking distillation (seed nikitin2020): dense / tiled / sorted / sharded.
 from kdface.losses._pwr import pairwise_scores, pwr_loss, pwr_loss_from_scores
+from kdface.losses._pwr_sharded import pwr_loss_sharded
 
 # MK-MMD (seed wang2019) and the relational baselines RKD-D, RKD-A, DarkRank-hard (nikitin2020 §4),
 # plus their batch-global versions across devices (call inside jax.shard_map, or via a mesh).

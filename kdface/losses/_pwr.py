@@ -50,9 +50,12 @@ Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 # method='dense' refuses an [M, M] matrix with 2^31 or more elements (N > ~305).
 DENSE_MAX_ELEMENTS = 2**31 - 1
-# method='auto' thresholds, measured on the project's 2-core CPU (fwd+bwd, D=512, see the
-# helper report in benchmarks/): the dense matrix wins while M^2 is small.
-AUTO_DENSE_MAX_M = 1_200
+# method='auto' thresholds from fwd+bwd timings (D=512, exp / ranknet) on the project's shared
+# 2-core CPU: dense wins only for tiny batches (N=16: 0.15 ms vs tiled 0.24 ms; N=32: dense
+# 1.6 ms, tiled 0.6 ms, sorted 0.9 ms); tiled and sorted tie near N=64 (~1.8 ms); beyond, sorted
+# wins and the gap grows as M / log M (N=128: tiled 20 ms, sorted 8 ms; dense 1.1 s).
+AUTO_DENSE_MAX_M = 256
+AUTO_TILED_MAX_M = 2_048
 
 
 def _normalize(e: Array) -> Array:
@@ -162,7 +165,7 @@ def resolve_method(method: str, m: int, inversion: Inversion, range_bound: float
         return method
     if m <= AUTO_DENSE_MAX_M:
         return "dense"
-    return "sorted" if supported else "tiled"
+    return "sorted" if supported and m > AUTO_TILED_MAX_M else "tiled"
 
 
 def pwr_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, method: str,

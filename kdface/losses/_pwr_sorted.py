@@ -116,13 +116,27 @@ def _tie_groups(sorted_keys: Array) -> tuple[Array, Array]:
     return start, end
 
 
+def value_argsort(v: Array, *, descending: bool = False, low_bit: Array | None = None
+                  ) -> tuple[Array, Array]:
+    """``(perm, keys)``: a stable argsort of ``v`` (then of ``low_bit`` in {0, 1}, ascending,
+    among equal values) and per-element keys that compare equal exactly where the values do
+    (-0.0 == +0.0). float32 goes through ``radix_argsort``; float64 (x64 on) through
+    ``jnp.lexsort``, slower but exact."""
+    if v.dtype != jnp.float64:
+        key = unsigned_key(v)
+        key = ~key if descending else key
+        return radix_argsort(key, low_bit), key
+    key = -(v + 0.0) if descending else v + 0.0
+    cols = (key,) if low_bit is None else (low_bit, key)
+    return jnp.lexsort(cols).astype(jnp.int32), key
+
+
 def teacher_layout(t: Array) -> tuple[Array, Array, Array]:
     """``(e_query, e_data, lower)``, ``[M]`` int32 each, in element order: the event ids of
     every score as a query and as a data event, and its number of strictly smaller teacher
     scores (its row count of ordered pairs)."""
     m = t.shape[0]
-    key = unsigned_key(t)
-    perm = radix_argsort(key)
+    perm, key = value_argsort(t)
     start, end = _tie_groups(key[perm])
     idx = jnp.arange(m, dtype=jnp.int32)
     out = jnp.zeros((3, m), jnp.int32).at[:, perm].set(
@@ -137,15 +151,14 @@ def event_order(x: Array, y: Array | None = None) -> Array:
     then its data."""
     m = x.shape[0]
     if y is None:
-        perm = radix_argsort(~unsigned_key(x))
-        start, end = _tie_groups(unsigned_key(x)[perm])
+        perm, key = value_argsort(x, descending=True)
+        start, end = _tie_groups(key[perm])
         idx = jnp.arange(m, dtype=jnp.int32)
         slots = jnp.concatenate([start + idx, idx + end])
         return jnp.zeros((2 * m,), jnp.int32).at[slots].set(
             jnp.concatenate([perm, perm + m]), unique_indices=True)
-    key = ~unsigned_key(jnp.concatenate([y, x]))
     kind = jnp.concatenate([jnp.zeros((m,), jnp.int32), jnp.ones((m,), jnp.int32)])
-    return radix_argsort(key, kind)
+    return value_argsort(jnp.concatenate([y, x]), descending=True, low_bit=kind)[0]
 
 
 # ----------------------------------------------------------------------- dominance by levels
@@ -313,18 +326,23 @@ def _channels(inversion: Inversion, x: Array, y: Array
     return phi, psi, (False,) + (True,) * p
 
 
-def sorted_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion) -> tuple[Array, Array]:
+def sorted_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, *,
+                    query_mask: Array | None = None) -> tuple[Array, Array]:
     """``(sum, count)`` over ordered pairs with t_a > t_b of ``l(x_b - y_a)`` (seed nikitin2020
     eq. 3) for diff, integer power and exp, in O(M log M) time and O(M) memory.
 
     Args:
       t: ``[M]`` teacher scores (no gradient); x, y: ``[M]`` student pair values
         (``_pwr.pair_values``); inversion: a variant ``_pwr_common.sorted_supports`` accepts.
+      query_mask: optional ``[M]`` 0/1: only the pairs whose higher-ranked score a has mask 1
+        (a device's share inside shard_map); the sum is then partial, the count total.
     """
     t = jax.lax.stop_gradient(t)
     e_query, e_data, lower = teacher_layout(t)
     order = event_order(jax.lax.stop_gradient(x), None if y is x else jax.lax.stop_gradient(y))
     phi, psi, live = _channels(inversion, x, y)
+    if query_mask is not None:
+        psi = psi * query_mask.astype(psi.dtype)[None]
     total = _bilinear(live, e_query, e_data, order, phi, psi)
     if inversion.kind == "exp":
         spread = jax.lax.stop_gradient(jnp.max(x) - jnp.min(y))

@@ -118,7 +118,9 @@ def _sweep(inversion: Inversion, mode: str, block: int, with_grad: bool,
         gy_all = jax.lax.dynamic_update_slice(gy_all, piece(gy_all, i) + w * gy, (i * block,))
         return (acc, gx_all, gy_all), None
 
-    zero = jnp.zeros((), x.dtype)
+    # Zeros derived from x carry its device variance (inside shard_map the tile list varies
+    # per device, so the carries do too).
+    zero = jnp.sum(x[:0])
     init = ((zero, zero),) + ((jnp.zeros_like(x), jnp.zeros_like(x)) if with_grad else ())
     carry, _ = jax.lax.scan(step, init, (rows, cols, weight.astype(x.dtype)))
     if not with_grad:
@@ -184,8 +186,20 @@ def sorted_lower_ranks(t_sorted: Array) -> Array:
     return jax.lax.cummax(jnp.where(starts, idx, 0))
 
 
+def tile_share(n_blocks: int, n_shares: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, cols, weight)``, ``[n_shares, T]`` each: the lower tiles dealt round-robin
+    (balanced work per share), padded with weight-0 tiles."""
+    rows, cols = lower_tiles(n_blocks)
+    per = -(-rows.shape[0] // n_shares)
+    pad = per * n_shares - rows.shape[0]
+    weight = np.concatenate([np.ones_like(rows), np.zeros(pad, np.int32)])
+    rows, cols = np.pad(rows, (0, pad)), np.pad(cols, (0, pad))
+    return tuple(a.reshape(per, n_shares).T for a in (rows, cols, weight))
+
+
 def tiled_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, range_bound: float, *,
-                   block: int | None = None) -> tuple[Array, Array]:
+                   block: int | None = None, share: tuple[Array, int] | None = None
+                   ) -> tuple[Array, Array]:
     """``(sum, count)`` over ordered pairs with t_a > t_b of ``l(x_b - y_a)`` (seed nikitin2020
     eq. 3), by lower-triangular tiles of the teacher-sorted comparison matrix.
 
@@ -193,13 +207,15 @@ def tiled_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, range_bou
       t: ``[M]`` teacher scores (no gradient); x, y: ``[M]`` student pair values
         (``_pwr.pair_values``); inversion: the penalty; range_bound: static bound on
         max(x) - min(y) deciding the exp factorization; block: tile edge (default 512).
+      share: ``(index, n_shares)``: only the tiles of share ``index`` (may be traced, e.g. a
+        device's axis index) of ``n_shares``; the sum is then partial, the count total.
     """
     m = t.shape[0]
     b = block_size(m, block)
     order, t_s, x_s, y_s = sort_and_pad(jax.lax.stop_gradient(t), x, y, b)
     del order
-    rows, cols = lower_tiles(t_s.shape[0] // b)
-    total = _tiled_sum(inversion, range_bound, b, t_s, x_s, y_s, jnp.asarray(rows),
-                       jnp.asarray(cols), jnp.ones(rows.shape, jnp.int32))
+    index, n_shares = (0, 1) if share is None else share
+    rows, cols, weight = (jnp.asarray(a)[index] for a in tile_share(t_s.shape[0] // b, n_shares))
+    total = _tiled_sum(inversion, range_bound, b, t_s, x_s, y_s, rows, cols, weight)
     count = common.sum_counts(sorted_lower_ranks(t_s[:m]))
     return total, count
