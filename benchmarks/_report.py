@@ -140,6 +140,22 @@ def targets(results: list[dict], machine: dict, cfg: Config) -> list[str]:
     return lines
 
 
+def auto_choices(key: str, sizes: list[int]) -> str:
+    """Which concrete method ``pwr_loss(method='auto')`` resolves to at each N (not timed
+    separately: it runs exactly the row of that method)."""
+    try:
+        from kdface.losses import _pwr, _pwr_common
+        options = PWR_VARIANTS[key]
+        inv = _pwr_common.Inversion(options["inversion"], 1.0, 1.0)
+        bound = _pwr_common.value_range_bound("cosine", options["margin"],
+                                              options["margin_value"])
+        picks = [f"N={n}: {_pwr.resolve_method('auto', n * (n - 1) // 2, inv, bound)}"
+                 for n in sizes]
+    except Exception as e:   # the report must not fail on an internal API change
+        return f"`method='auto'`: could not resolve ({type(e).__name__}: {e})."
+    return "`method='auto'` picks " + ", ".join(picks) + "."
+
+
 def loss_table(loss: Loss, results: list[dict], machine: dict, cfg: Config) -> list[str]:
     idx = _index(results)
     rows = [r for r in results if r["loss"] == loss.key]
@@ -157,6 +173,8 @@ def loss_table(loss: Loss, results: list[dict], machine: dict, cfg: Config) -> l
     out = [f"### {loss.title}", ""]
     if loss.notes:
         out += [loss.notes, ""]
+    if loss.key in PWR_VARIANTS:
+        out += [auto_choices(loss.key, sorted({r["n"] for r in rows})), ""]
     out += [head, sep]
     for n in sorted({r["n"] for r in rows}):
         kd_value = next((r["value"] for r in rows
@@ -227,7 +245,7 @@ def markdown(results: list[dict], machine: dict, cfg: Config) -> str:
         "(torch's OpenMP regions waited up to 0.3 s for descheduled threads), so the default "
         "pins both frameworks to one core: the ratios compare equal resources.",
         f"- Python {machine.get('python')}, JAX {machine.get('jax')}, NumPy "
-        f"{machine.get('numpy')}, {torch_line}.",
+        f"{machine.get('numpy')}, {torch_line}; kdface at commit {machine.get('git', '?')}.",
         f"- D = {cfg.dim}; logit and margin losses use C = {cfg.classes} classes. Inputs: "
         "teacher ~ N(0, 1), student = 0.8 teacher + 0.6 noise (float32).",
         "",

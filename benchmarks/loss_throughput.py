@@ -228,6 +228,18 @@ def _fresh_baseline(code: str) -> float | None:
         return None
 
 
+def _git_state() -> str:
+    """``HEAD`` of the checkout, with a note when kdface/ or benchmarks/ differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "kdface", "benchmarks"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" (with uncommitted changes in kdface/ or benchmarks/)" if dirty else "")
+
+
 def _machine(torch_missing: str | None, cfg: Config) -> dict[str, Any]:
     import jax
     import numpy as np
@@ -249,6 +261,7 @@ def _machine(torch_missing: str | None, cfg: Config) -> dict[str, Any]:
     if torch_missing is None:
         import torch
         info["torch"] = torch.__version__
+    info["git"] = _git_state()
     def gemm(threads: int) -> dict:
         _measure.limit_cores(threads)
         return {"gflops": _measure.gemm_gflops()}
