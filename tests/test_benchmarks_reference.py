@@ -48,7 +48,7 @@ def _torch_value_grad(impl, loss, n, cfg):
     args = [t.clone().requires_grad_() if i in argnums else t for i, t in enumerate(tensors)]
     value = impl.build(n, cfg)(*args)
     value.backward()
-    return float(value), [args[i].grad.numpy() for i in argnums]
+    return value.item(), [args[i].grad.numpy() for i in argnums]
 
 
 def _value_grad(impl, loss, n, cfg):
