@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdface.losses import _pwr_common as common
+from kdface.losses import _pwr_sorted, _pwr_tiled
 from kdface.losses._checks import (check_embeddings, check_float, check_option, check_positive,
                                    check_rank, check_same_rows, check_same_shape, compute_dtype)
 from kdface.losses._pwr_common import Inversion
@@ -158,6 +159,9 @@ def resolve_method(method: str, m: int, inversion: Inversion, range_bound: float
             f"{common.SORTED_MAX_POWER} and 'exp' with beta * score range <= "
             f"{common.EXP_FACTOR_LIMIT}; got inversion={inversion.kind!r}, power="
             f"{inversion.power}, beta={inversion.beta}: use method='tiled' or 'auto'")
+    if method == "sorted" and m > _pwr_sorted.SORTED_MAX_M:
+        raise ValueError(f"method='sorted' handles up to M={_pwr_sorted.SORTED_MAX_M} scores "
+                         f"(N <= 5793), got M={m}")
     if method == "dense" and m * m > DENSE_MAX_ELEMENTS:
         raise ValueError(f"method='dense' would build an [M, M] matrix with M={m} "
                          f"({m * m:.3g} elements); use method='tiled', 'sorted' or 'auto'")
@@ -165,7 +169,8 @@ def resolve_method(method: str, m: int, inversion: Inversion, range_bound: float
         return method
     if m <= AUTO_DENSE_MAX_M:
         return "dense"
-    return "sorted" if supported and m > AUTO_TILED_MAX_M else "tiled"
+    fits = AUTO_TILED_MAX_M < m <= _pwr_sorted.SORTED_MAX_M
+    return "sorted" if supported and fits else "tiled"
 
 
 def pwr_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, method: str,
@@ -174,9 +179,7 @@ def pwr_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, method: str
     if method == "dense":
         return dense_pair_sum(t, x, y, inversion)
     if method == "tiled":
-        from kdface.losses import _pwr_tiled
         return _pwr_tiled.tiled_pair_sum(t, x, y, inversion, range_bound)
-    from kdface.losses import _pwr_sorted
     return _pwr_sorted.sorted_pair_sum(t, x, y, inversion)
 
 
@@ -238,9 +241,10 @@ def pwr_loss_from_scores(student_scores: Array, teacher_scores: Array, *, invers
     Args:
       student_scores: ``[M]`` float student scores psi^S (trained).
       teacher_scores: ``[M]`` float teacher scores psi^T (frozen; no gradient), same order.
-      inversion, margin, margin_value, power, beta, method: as in ``pwr_loss``. With scores
-        outside [-1, 2] the exp factorization bound assumed by ``'auto'``/``'sorted'`` (score
-        range 2) may not hold: pass ``method='tiled'`` for such exp losses.
+      inversion, margin, margin_value, power, beta, method: as in ``pwr_loss``. For exp,
+        ``'auto'`` assumes scores spanning at most 2 (as cosine / normalized distances do) when
+        it picks ``'sorted'``; the sorted method returns NaN (never a wrong number) when
+        beta * value range exceeds 60, and ``'tiled'`` is exact for any range.
 
     Returns:
       Scalar mean of the inversion loss over the ordered pairs with teacher_a > teacher_b.

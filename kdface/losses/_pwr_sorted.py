@@ -20,22 +20,25 @@ wavelet tree is built:
    events get distinct ids ``e``: query a -> g_a + pos_a, data b -> pos_b + h_b.
 2. One sort of all events by value (descending; a query before a data event of equal value, so
    only x_b > y_a strictly counts).
-3. Levels k = L-1 .. 0 (E = 2^L >= 2M): the arrays are ordered by (e >> (k+1), value). Within each
-   block of 2^(k+1) ids, every query in the right half adds the sum of the data weights in the
-   left half that come before it (higher value): one blockwise prefix sum. Then each block is
-   stably partitioned by bit k of e (new order: (e >> k, value)). After level 0 the arrays are in
-   id order. Every (b, a) pair with e_b < e_a is counted exactly once, at the level of the highest
-   bit where e_b and e_a differ.
+3. Levels k = L-1 .. 4 (E = 2^L >= 2M), one traced ``fori_loop`` body: the arrays are ordered by
+   (e >> (k+1), value). Within each block of 2^(k+1) ids, every query in the right half adds the
+   sum of the data weights in the left half that come before it (higher value): one blockwise
+   prefix sum. Then each block is stably partitioned by bit k of e (new order: (e >> k, value)).
+   Every (b, a) pair with e_b < e_a is counted exactly once, at the level of the highest bit
+   where e_b and e_a differ. The last four levels run at once as all pairs inside blocks of 16
+   events; a final scatter puts the events in id order.
 
 Blockwise prefix sums are small matrix products with a triangular 0/1 matrix over chunks of 64
-plus a recursion over chunk totals: no sequential scan, sums of at most 64 terms per product
-(float32 error does not grow with M), exact for the integer counts. Sorting uses the fast
-single-operand int32 sort of XLA through an LSD radix over (digit, index) packed keys.
+plus a fixed number of stages over chunk totals: no sequential scan, each product sums at most
+64 terms (float32 error does not grow with M), and the integer counts of the partition stay exact
+while they are below 2^24 (hence ``SORTED_MAX_M``). Sorting uses XLA's fast single-operand int32
+sort through an LSD radix over (digit, index) packed keys (float64 inputs: ``jnp.lexsort``).
 
-The gradient: dS/dpsi_c(a) = F_c(a) (kept from the forward pass) and dS/dphi_c(b) = sum over a
-with t_a > t_b and y_a < x_b of psi_c(y_a), itself a dominance sum: it is the same event list
-mirrored (ids e -> 2M-1-e, order reversed, query/data swapped), run through the same levels in a
-``custom_vjp``. Memory is O(M) in both passes (no per-level residuals).
+The gradient: dS/dpsi_c(a) = F_c(a) and dS/dphi_c(b) = G_c(b) = sum over a with t_a > t_b and
+y_a < x_b of psi_c(y_a), the same pairs seen from the other end: in the same levels, each data
+event in a left half adds the query weights of the right half that come *after* it (a suffix
+sum). The ``custom_vjp`` forward runs this one fused sweep for F and G (the primal alone skips G);
+the backward only scales them. Memory is O(M) (no per-level residuals).
 
 Exactness and accuracy: the set of counted pairs is the dense one exactly (strict comparisons of
 the same float32 values, teacher ties excluded). Sums differ from dense by rounding only: the
@@ -61,6 +64,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 QUERY, DATA, PAD = 0, 1, 2
 TYPE_SHIFT = 29          # event code = id | type << 29 (ids < 2^29)
 CHUNK = 64               # edge of the triangular matrices of the blockwise prefix sums
+# Partition counts (up to half an id block) are float32 sums, exact up to 2^24: 2M <= 2^25 ids.
+SORTED_MAX_M = 1 << 24   # N <= 5793
 BRUTE_BLOCK = 16         # the last levels run as all pairs inside blocks of this many events
 INT_MIN = np.int32(-(2**31))
 
