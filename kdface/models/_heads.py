@@ -80,7 +80,8 @@ class LandmarkHead(nnx.Module):
     A feature map is global-average-pooled over ``H, W`` first; then one linear layer gives
     ``2 * num_points`` numbers read as ``(x, y)`` per point (seed kd_transfer regresses the
     5 points with a fully connected mapping on the hidden layer). The coordinate units are
-    whatever the training targets use (kdface uses coordinates divided by the image size).
+    whatever the training targets use (kdface's pipeline and evaluation use pixel
+    coordinates of the network input).
     """
 
     def __init__(self, in_features: int, num_points: int = 5, *, rngs: nnx.Rngs):
