@@ -93,20 +93,6 @@ class Inversion:
         return (jnp.maximum(bz, 0.0) + jnp.log1p(e),
                 self.beta * jnp.where(bz >= 0, inv, e * inv))
 
-    def slope(self, z: Array) -> Array:
-        """``dl/dz`` elementwise (0 where the penalty is flat)."""
-        pos = z > 0
-        if self.kind == "diff":
-            return pos.astype(z.dtype)
-        if self.kind == "power":
-            if self.power == 1.0:
-                return pos.astype(z.dtype)
-            safe = jnp.where(pos, z, 1.0)
-            return jnp.where(pos, self.power * safe ** (self.power - 1.0), 0.0)
-        if self.kind == "exp":
-            return jnp.where(pos, self.beta * jnp.exp(self.beta * jnp.where(pos, z, 0.0)), 0.0)
-        return self.beta * jax.nn.sigmoid(self.beta * z)
-
 
 def value_range_bound(relation: str, margin: str, margin_value: float) -> float:
     """An upper bound on ``max(x) - min(y)`` (hence on every pair difference z).
