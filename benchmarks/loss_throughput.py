@@ -190,7 +190,11 @@ class Planner:
             if need > self.cap:
                 return f"needs ~{need / GIB:.1f} GiB (estimated) > {self.cap / GIB:.0f} GiB cap"
         elif last is not None:
-            need = max(0.0, last["peak_mib"]) * _measure.MIB * (n / last["n"]) ** impl.mem_exp
+            # the smallest size's peak is mostly fixed cost (compilation, runtime): only the
+            # part above it is scaled
+            base = max(0.0, min(r["peak_mib"] for r in done)) * _measure.MIB
+            grow = max(0.0, last["peak_mib"] * _measure.MIB - base)
+            need = base + grow * (n / last["n"]) ** impl.mem_exp
             if need > self.cap:
                 return (f"peak extrapolated from N={last['n']} (~N^{impl.mem_exp:g}): "
                         f"{need / GIB:.1f} GiB > {self.cap / GIB:.0f} GiB cap")
