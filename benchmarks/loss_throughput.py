@@ -1,6 +1,6 @@
 r"""Loss throughput: kdface's JAX losses against PyTorch reference implementations (CPU).
 
-    python -m benchmarks.loss_throughput                      # default run, ~15-20 min here
+    python -m benchmarks.loss_throughput                      # default run, 10-15 min here
     python -m benchmarks.loss_throughput --quick              # smoke run, N in {64, 128}
     python -m benchmarks.loss_throughput --losses=mmd,rkd_da --sizes=256,512 \
         --write_md=benchmarks/RESULTS.md
@@ -44,7 +44,7 @@ _SIZES = flags.DEFINE_list("sizes", [], "Batch sizes N (default: each loss's own
                            "64..4096; PWR adds 192).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: N in {64, 128}, one timed repeat.")
 _FULL = flags.DEFINE_bool("full", False, "Every N in {64, ..., 4096} for every loss (the default "
-                          "runs a subset per loss that covers the targets, ~15 min).")
+                          "runs a subset per loss that covers the targets, 10-15 min).")
 _IMPLS = flags.DEFINE_list("impls", [], "Only implementations whose name contains one of these.")
 _DIM = flags.DEFINE_integer("dim", 512, "Embedding size D.")
 _CLASSES = flags.DEFINE_integer("classes", 2048, "Classes C of the logit and margin losses.")
