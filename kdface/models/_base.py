@@ -52,6 +52,14 @@ class Backbone(nnx.Module):
         emb = self.embed(h)
         return (emb, stages) if return_stages else emb
 
+    def check_final_map(self, h: jax.Array) -> None:
+        """Raises ValueError when stage 3's map is not the ``final_hw`` the FC was sized for
+        (networks whose embedding flattens the last map set ``final_hw`` and ``input_size``)."""
+        if tuple(h.shape[1:3]) != self.final_hw:
+            raise ValueError(f"network built for input_size={self.input_size} expects a final "
+                             f"{self.final_hw} feature map, got {tuple(h.shape)}; pass "
+                             f"input_size=(H, W) when creating it")
+
     def stage_features(self, x: jax.Array) -> list[jax.Array]:
         """The four stage outputs ``[s0, s1, s2, s3]`` for images ``x``."""
         return self(x, return_stages=True)[1]

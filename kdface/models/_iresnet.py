@@ -113,10 +113,7 @@ class IResNet(Backbone):
         return h
 
     def embed(self, h: jax.Array) -> jax.Array:
-        if tuple(h.shape[1:3]) != self.final_hw:
-            raise ValueError(f"network built for input_size={self.input_size} expects a final "
-                             f"{self.final_hw} feature map, got {tuple(h.shape)}; pass "
-                             f"input_size=(H, W) when creating it")
+        self.check_final_map(h)
         h = self.bn_out(h)
         if self.dropout is not None:
             h = self.dropout(h)

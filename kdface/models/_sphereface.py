@@ -114,10 +114,7 @@ class SphereNet(Backbone):
         return h
 
     def embed(self, h: jax.Array) -> jax.Array:
-        if tuple(h.shape[1:3]) != self.final_hw:
-            raise ValueError(f"network built for input_size={self.input_size} expects a final "
-                             f"{self.final_hw} feature map, got {tuple(h.shape)}; pass "
-                             f"input_size=(H, W) when creating it")
+        self.check_final_map(h)
         return self.fc(flatten(h))
 
 
