@@ -8,8 +8,9 @@ All three are written in their fast, memory-bounded form:
   invariant) so the Gram trick loses little precision, and the matmuls ask for
   ``Precision.HIGHEST`` so TF32 on GPUs cannot silently cost three decimal digits;
 * RKD-A never holds the ``[N, N, N]`` angle tensor: angles follow from the Gram matrix and are
-  reduced block by block over the angle's vertex under ``jax.checkpoint``, so the backward pass is
-  bounded too;
+  reduced in cache-sized ``[vertices, rows, N]`` tiles, and its gradient with respect to the
+  Gram matrix is accumulated in the same pass (a ``custom_jvp``), so the backward pass is
+  bounded too and nothing is recomputed;
 * each loss is a sum over *rows* (pair rows, vertices, anchors), and the private ``*_rows`` cores
   take a row range and a ``total`` reduction so ``kdface.losses._sharded`` can split the rows over
   devices and psum the partial sums.
@@ -19,6 +20,7 @@ al.'s public code, which computes it under ``torch.no_grad``).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -31,8 +33,12 @@ Array = jax.Array
 Total = Callable[[Array], Array]
 
 HIGHEST = jax.lax.Precision.HIGHEST
-# Elements of one [block, N, N] angle tile; a few such tiles are live in the backward pass.
-ANGLE_TILE_ELEMENTS = 1 << 23
+# RKD-A tiles are [vertices, rows, N]. On the CPU they are sized to stay in a core's L2 cache
+# (1 MiB here): the pass is bound by memory traffic, and a 2^18-element tile ran ~6x faster than
+# a 2^23-element one (benchmarks/RESULTS.md). Elsewhere tiles take whole rows and 2^23 elements.
+ANGLE_TILE_ELEMENTS = 1 << 18
+ANGLE_TILE_ROWS = 32
+ANGLE_TILE_ELEMENTS_ACCEL = 1 << 23
 _REDUCTIONS = ("mean", "sum", None)
 
 
@@ -151,11 +157,18 @@ def rkd_distance_loss(student: Array, teacher: Array, *, reduction: str | None =
 
 # ----------------------------------------------------------------------------------- RKD-A
 
+def angle_tile_rows(n: int) -> int:
+    """Rows ``i`` per ``[vertices, rows, N]`` angle tile (all of them off the CPU)."""
+    return min(n, ANGLE_TILE_ROWS) if jax.default_backend() == "cpu" else n
+
+
 def angle_block_size(n: int, n_vertices: int, block_size: int | None) -> int:
-    """Vertices per ``[block, n, n]`` tile: the user's choice, else as many as keep a tile near
-    ``ANGLE_TILE_ELEMENTS`` elements; at least 1, at most ``n_vertices`` (the vertices to do)."""
+    """Vertices per ``[block, rows, n]`` tile: the user's choice, else as many as keep a tile
+    near ``ANGLE_TILE_ELEMENTS`` elements; at least 1, at most ``n_vertices`` (the vertices to
+    do)."""
     if block_size is None:
-        return max(1, min(n_vertices, ANGLE_TILE_ELEMENTS // (n * n)))
+        budget = ANGLE_TILE_ELEMENTS if jax.default_backend() == "cpu" else ANGLE_TILE_ELEMENTS_ACCEL
+        return max(1, min(n_vertices, budget // (angle_tile_rows(n) * n)))
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
     return min(block_size, n_vertices)
@@ -171,37 +184,132 @@ def _inverse_distances(g_rows: Array, sq_rows: Array, sq_all: Array, vertices: A
     return jnp.where(defined, jax.lax.rsqrt(jnp.where(defined, d2, 1.0)), 0.0)
 
 
-def _block_cosines(g: Array, vertices: Array) -> Array:
-    """``[B, N, N]`` cosines ``<e_ij, e_kj>`` for vertices ``j`` in ``vertices: [B]`` from the
-    Gram matrix ``g: [N, N]``: ``(G_ik - G_ij - G_jk + G_jj) / (d_ij d_kj)``."""
+def _vertex_side(g: Array, vertices: Array, n_pad: int) -> tuple[Array, ...]:
+    """Per-vertex vectors of one vertex block: ``G_jk: [B, N]``, ``G_jj: [B]``,
+    ``1/d_jk: [B, N]``, and the first and last padded to ``n_pad`` columns for the ``i`` side."""
     sq_all = jnp.diagonal(g)
-    g_rows = jnp.take(g, vertices, axis=0)                     # G_ji, [B, N]
-    g_jj = jnp.take(sq_all, vertices)                          # [B]
-    inv_d = _inverse_distances(g_rows, g_jj, sq_all, vertices)  # [B, N]
-    numer = (g[None, :, :] - g_rows[:, :, None] - g_rows[:, None, :]
-             + g_jj[:, None, None])
-    return numer * inv_d[:, :, None] * inv_d[:, None, :]
+    g_rows = jnp.take(g, vertices, axis=0)
+    g_jj = jnp.take(sq_all, vertices)
+    inv_d = _inverse_distances(g_rows, g_jj, sq_all, vertices)
+    pad = ((0, 0), (0, n_pad - g.shape[0]))
+    return g_rows, g_jj, inv_d, jnp.pad(g_rows, pad), jnp.pad(inv_d, pad)
 
 
+def _tile_cosines(g_pad: Array, side: tuple[Array, ...], row0: Array, rows: int
+                  ) -> tuple[Array, Array, Array]:
+    """``[B, R, N]`` cosines ``<e_ij, e_kj> = (G_ik - G_ij - G_jk + G_jj) / (d_ij d_kj)`` for the
+    block's vertices ``j``, rows ``i = row0 .. row0 + R`` and all ``k``; also ``1/d_ij: [B, R]``
+    and ``1/d_kj: [B, N]``."""
+    g_k, g_jj, inv_k, g_i_all, inv_i_all = side
+    g_ik = jax.lax.dynamic_slice_in_dim(g_pad, row0, rows, axis=0)
+    g_ji = jax.lax.dynamic_slice_in_dim(g_i_all, row0, rows, axis=1)
+    inv_i = jax.lax.dynamic_slice_in_dim(inv_i_all, row0, rows, axis=1)
+    numer = g_ik[None] - g_ji[:, :, None] - g_k[:, None, :] + g_jj[:, None, None]
+    return numer * inv_i[:, :, None] * inv_k[:, None, :], inv_i, inv_k
+
+
+def _symmetric(g: Array) -> Array:
+    return 0.5 * (g + g.T)
+
+
+def _angle_sweep(g_student: Array, g_teacher: Array, vertex_offset: Array | int,
+                 n_vertices: int, block_size: int, rows: int, with_grad: bool
+                 ) -> tuple[Array, Array | None]:
+    """One pass over the triplets with vertex in ``vertex_offset .. + n_vertices``, in
+    ``[block_size, rows, N]`` tiles (vertex blocks outside, row blocks inside). Returns the sum
+    of ``Huber(cos_s - cos_t)`` over them and, with ``with_grad``, its gradient with respect to
+    ``g_student`` in the same pass (see ``rkd_angle_sum``)."""
+    gs, gt = _symmetric(g_student), _symmetric(g_teacher)
+    n = gs.shape[0]
+    n_vblocks, n_rblocks = -(-n_vertices // block_size), -(-n // rows)
+    n_pad = n_rblocks * rows
+    gs_pad = jnp.pad(gs, ((0, n_pad - n), (0, 0)))
+    gt_pad = jnp.pad(gt, ((0, n_pad - n), (0, 0)))
+    columns = jnp.arange(n)
+
+    def vertex_block(carry, vblock):
+        local = vblock * block_size + jnp.arange(block_size)
+        valid = local < n_vertices
+        vertices = jnp.minimum(vertex_offset + local, n - 1)
+        side_s, side_t = _vertex_side(gs, vertices, n_pad), _vertex_side(gt, vertices, n_pad)
+
+        def row_block(inner, rblock):
+            row0 = rblock * rows
+            i = row0 + jnp.arange(rows)
+            cos_s, inv_i, inv_k = _tile_cosines(gs_pad, side_s, row0, rows)
+            cos_t = _tile_cosines(gt_pad, side_t, row0, rows)[0]
+            diff = cos_s - cos_t
+            keep = (valid[:, None, None] & (i < n)[None, :, None]
+                    & (i[:, None] != columns[None, :])[None])
+            total = jnp.sum(jnp.where(keep, huber(diff), 0.0))
+            if not with_grad:
+                return inner + total, None
+            # d/d cos_s of Huber is clip(diff, -1, 1); d cos_s / d numer = 1/(d_ij d_kj)
+            slope = jnp.where(keep, jnp.clip(diff, -1.0, 1.0), 0.0)
+            d_numer = slope * inv_i[:, :, None] * inv_k[:, None, :]
+            acc = jax.lax.dynamic_update_slice_in_dim(
+                inner[1], jax.lax.dynamic_slice_in_dim(inner[1], row0, rows, axis=0)
+                + jnp.sum(d_numer, axis=0), row0, axis=0)
+            return (inner[0] + total, acc), (jnp.sum(d_numer, axis=2),
+                                             jnp.sum(slope * cos_s, axis=2))
+
+        if not with_grad:
+            return jax.lax.scan(row_block, carry, jnp.arange(n_rblocks))[0], None
+        total, acc, diag = carry
+        (total, acc), (numer_rows, slope_cos) = jax.lax.scan(row_block, (total, acc),
+                                                             jnp.arange(n_rblocks))
+        numer_rows = jnp.moveaxis(numer_rows, 0, 1).reshape(block_size, n_pad)[:, :n]
+        slope_cos = jnp.moveaxis(slope_cos, 0, 1).reshape(block_size, n_pad)[:, :n]
+        inv_d = side_s[2]
+        # Both (i, k) orders count and cos is symmetric in them, so the terms through d_ij and
+        # d_kj (and through G_ij and G_jk) are equal: d/d(d_ij^2) = -(1/d_ij^2) sum_k slope cos.
+        d_sq = -(inv_d * inv_d) * slope_cos
+        vertex_row = -2.0 * numer_rows - 2.0 * d_sq                 # d/dG_ji
+        vertex_diag = jnp.sum(numer_rows, axis=1) + jnp.sum(d_sq, axis=1)   # d/dG_jj
+        return (total, acc, diag + jnp.sum(d_sq, axis=0)), (vertex_row, vertex_diag)
+
+    # A zero that varies over the same shard_map axes as the inputs, so scan carries keep their
+    # type when this runs per device (the offset and the gathered Grams are device-varying).
+    zero = 0.0 * (gs[0, 0] + gt[0, 0] + vertex_offset)
+    blocks = jnp.arange(n_vblocks)
+    if not with_grad:
+        return jax.lax.scan(vertex_block, zero, blocks)[0], None
+    init = (zero, jnp.full((n_pad, n), zero), jnp.full((n,), zero))
+    (total, acc, diag), (vertex_row, vertex_diag) = jax.lax.scan(vertex_block, init, blocks)
+    own = vertex_offset + jnp.arange(n_vertices)
+    grad = acc[:n] + jnp.diag(diag)                                  # d/dG_ik, d/dG_ii
+    grad = grad.at[own].add(vertex_row.reshape(-1, n)[:n_vertices])
+    grad = grad.at[own, own].add(vertex_diag.reshape(-1)[:n_vertices])
+    return total, _symmetric(grad)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def rkd_angle_sum(g_student: Array, g_teacher: Array, vertex_offset: Array | int,
                   n_vertices: int, block_size: int) -> Array:
     """Sum of Huber(cos_s - cos_t) over triplets whose vertex lies in
     ``vertex_offset .. vertex_offset + n_vertices`` (other two points distinct from it and from
-    each other), scanned over vertex tiles of ``block_size`` under ``jax.checkpoint``."""
-    n = g_student.shape[0]
-    n_blocks = -(-n_vertices // block_size)
-    not_same = ~jnp.eye(n, dtype=bool)
+    each other), from the Gram matrices (read as ``(G + G^T) / 2``), in tiles of
+    ``block_size`` vertices x ``angle_tile_rows(N)`` rows x ``N``.
 
-    @jax.checkpoint
-    def block_sum(block: Array) -> Array:
-        local = block * block_size + jnp.arange(block_size)
-        valid = local < n_vertices
-        vertices = jnp.minimum(vertex_offset + local, n - 1)
-        diff = _block_cosines(g_student, vertices) - _block_cosines(g_teacher, vertices)
-        keep = valid[:, None, None] & not_same[None, :, :]
-        return jnp.sum(jnp.where(keep, huber(diff), 0.0))
+    Differentiating it runs one fused pass that forms the value and the ``[N, N]`` gradient
+    with respect to ``g_student`` tile by tile (the Huber slope times the derivatives of the
+    cosine through ``G_ik``, ``G_ij``, ``G_jk``, ``G_jj`` and the two distances), so the
+    backward pass neither stores nor recomputes triplet-sized arrays. ``g_teacher`` is the
+    frozen target: no tangent flows from it (callers put it under ``stop_gradient``).
+    """
+    rows = angle_tile_rows(g_student.shape[0])
+    return _angle_sweep(g_student, g_teacher, vertex_offset, n_vertices, block_size, rows,
+                        with_grad=False)[0]
 
-    return jnp.sum(jax.lax.map(block_sum, jnp.arange(n_blocks)))
+
+@rkd_angle_sum.defjvp
+def _rkd_angle_sum_jvp(n_vertices: int, block_size: int, primals: tuple, tangents: tuple
+                       ) -> tuple[Array, Array]:
+    g_student, g_teacher, vertex_offset = primals
+    rows = angle_tile_rows(g_student.shape[0])
+    total, grad = _angle_sweep(g_student, g_teacher, vertex_offset, n_vertices, block_size,
+                               rows, with_grad=True)
+    return total, jnp.vdot(grad, tangents[0])
 
 
 def rkd_angle_loss(student: Array, teacher: Array, *, block_size: int | None = None) -> Array:
@@ -214,8 +322,10 @@ def rkd_angle_loss(student: Array, teacher: Array, *, block_size: int | None = N
     Args:
       student: ``[N, D_s]`` float embeddings.
       teacher: ``[N, D_t]`` float embeddings (``stop_gradient``).
-      block_size: vertices per tile (memory ``~ 4 * block_size * N^2`` floats in the backward
-        pass); ``None`` picks ``~2^23 / N^2``. The result does not depend on it.
+      block_size: vertices per ``[block_size, rows, N]`` tile (``rows = min(N, 32)`` on the CPU,
+        ``N`` elsewhere; a few tiles are live at once); ``None`` keeps a tile near ``2^18``
+        elements on the CPU (in a core's L2 cache), ``2^23`` elsewhere. The result does not
+        depend on it.
 
     Returns:
       Scalar mean over the ``N(N-1)(N-2)`` ordered triplets ``(i, j, k)`` of distinct indices.
