@@ -18,8 +18,8 @@ Two kinds, written from the math (no code copied):
   - ``darkrank_hard_park``: Park et al.'s hard DarkRank: teacher-sorted student scores and a
     Python loop of tail log-sum-exps.
 * **Best-effort PyTorch versions of kdface's algorithms** (``*_torch``): GEMM-based MK-MMD, Gram-
-  based RKD with RKD-A tiled over vertices under activation checkpointing, tiled PWR blocks under
-  checkpointing, and the sort-based PWR (``_torch_pwr_sorted``); they show what the framework
+  based RKD with RKD-A in cache-sized tiles whose pass also forms the Gram gradient (a custom
+  autograd Function, as kdface's ``custom_jvp``), tiled PWR blocks under checkpointing, and the sort-based PWR (``_torch_pwr_sorted``); they show what the framework
   alone buys.
 
 Constants follow kdface so that values agree (the test ``tests/test_benchmarks_reference.py``
@@ -300,37 +300,84 @@ def rkd_distance_torch(student: Tensor, teacher: Tensor) -> Tensor:
     return (_huber(ds - dt) * off).sum() / (n * (n - 1))
 
 
-def _block_cosines(g: Tensor, vertices: Tensor) -> Tensor:
+def _vertex_side(g: Tensor, vertices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``G_jk: [B, N]``, ``G_jj: [B]``, ``1/d_jk: [B, N]`` (0 where undefined) for vertices j."""
     sq = torch.diagonal(g)
-    g_rows = g[vertices]                                      # [B, N]
+    g_rows = g[vertices]
     g_jj = sq[vertices]
     d2 = g_jj[:, None] + sq[None, :] - 2.0 * g_rows
     tol = 8.0 * torch.finfo(g.dtype).eps * (g_jj[:, None] + sq[None, :])
     ok = (d2 > tol) & (vertices[:, None] != torch.arange(g.shape[0])[None, :])
-    inv = torch.where(ok, torch.rsqrt(torch.where(ok, d2, 1.0)), 0.0)
-    numer = g[None, :, :] - g_rows[:, :, None] - g_rows[:, None, :] + g_jj[:, None, None]
-    return numer * inv[:, :, None] * inv[:, None, :]
+    return g_rows, g_jj, torch.where(ok, torch.rsqrt(torch.where(ok, d2, 1.0)), 0.0)
 
 
-def _angle_block(gs: Tensor, gt: Tensor, vertices: Tensor) -> Tensor:
-    diff = _block_cosines(gs, vertices) - _block_cosines(gt, vertices)
-    keep = ~torch.eye(gs.shape[0], dtype=torch.bool)
-    return torch.where(keep[None], _huber(diff), 0.0).sum()
+def _tile_cosines(g: Tensor, side: tuple[Tensor, Tensor, Tensor], r0: int, r1: int) -> Tensor:
+    """``[B, R, N]`` cosines at the block's vertices for rows ``i = r0 .. r1`` and all ``k``."""
+    g_k, g_jj, inv = side
+    numer = g[None, r0:r1, :] - g_k[:, r0:r1, None] - g_k[:, None, :] + g_jj[:, None, None]
+    return numer * inv[:, r0:r1, None] * inv[:, None, :]
 
 
-def rkd_angle_torch(student: Tensor, teacher: Tensor, *, tile_elements: int = 1 << 23
-                    ) -> Tensor:
-    """Best-effort RKD-A: cosines from the Gram matrix, vertex tiles under checkpointing;
-    mean over the ``N(N-1)(N-2)`` distinct triplets (kdface)."""
+def _fused_angle_sum(gs: Tensor, gt: Tensor, vertex_block: int, rows: int
+                     ) -> tuple[Tensor, Tensor]:
+    """kdface's fused RKD-A pass in torch: the triplet sum of Huber(cos_s - cos_t) and its
+    gradient with respect to the (symmetric) student Gram matrix, tile by tile."""
+    n = gs.shape[0]
+    total = gs.new_zeros(())
+    grad = torch.zeros_like(gs)
+    grad_diag = gs.new_zeros(n)
+    columns = torch.arange(n)
+    for v0 in range(0, n, vertex_block):
+        vertices = torch.arange(v0, min(n, v0 + vertex_block))
+        side_s, side_t = _vertex_side(gs, vertices), _vertex_side(gt, vertices)
+        inv = side_s[2]
+        numer_rows = torch.zeros_like(inv)
+        slope_cos = torch.zeros_like(inv)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            cos_s = _tile_cosines(gs, side_s, r0, r1)
+            diff = cos_s - _tile_cosines(gt, side_t, r0, r1)
+            keep = (torch.arange(r0, r1)[:, None] != columns[None, :])[None]
+            total += torch.where(keep, _huber(diff), 0.0).sum()
+            slope = torch.where(keep, diff.clamp(-1.0, 1.0), 0.0)
+            d_numer = slope * inv[:, r0:r1, None] * inv[:, None, :]
+            grad[r0:r1] += d_numer.sum(0)
+            numer_rows[:, r0:r1] = d_numer.sum(2)
+            slope_cos[:, r0:r1] = (slope * cos_s).sum(2)
+        d_sq = -(inv * inv) * slope_cos
+        grad[vertices] += -2.0 * numer_rows - 2.0 * d_sq
+        grad[vertices, vertices] += numer_rows.sum(1) + d_sq.sum(1)
+        grad_diag += d_sq.sum(0)
+    grad += torch.diag(grad_diag)
+    return total, 0.5 * (grad + grad.T)
+
+
+class _FusedAngle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gs: Tensor, gt: Tensor, vertex_block: int, rows: int) -> Tensor:
+        total, grad = _fused_angle_sum(gs, gt, vertex_block, rows)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, ct: Tensor):
+        (grad,) = ctx.saved_tensors
+        return ct * grad, None, None, None
+
+
+def rkd_angle_torch(student: Tensor, teacher: Tensor, *, tile_elements: int = 1 << 18,
+                    rows: int = 32) -> Tensor:
+    """Best-effort RKD-A, kdface's algorithm: cosines from the Gram matrix in cache-sized
+    ``[vertices, rows, N]`` tiles, the Gram gradient accumulated in the same pass (a custom
+    autograd Function); mean over the ``N(N-1)(N-2)`` distinct triplets (kdface)."""
     n = student.shape[0]
     gs = _centered_gram(student)
     with torch.no_grad():
         gt = _centered_gram(teacher)
-    block = max(1, min(n, tile_elements // (n * n)))
-    total = gs.new_zeros(())
-    for v in range(0, n, block):
-        vertices = torch.arange(v, min(n, v + block))
-        total = total + checkpoint(_angle_block, gs, gt, vertices, use_reentrant=False)
+    gs_sym = 0.5 * (gs + gs.T)
+    rows = min(rows, n)
+    vertex_block = max(1, min(n, tile_elements // (rows * n)))
+    total = _FusedAngle.apply(gs_sym, gt, vertex_block, rows)
     return total / (n * (n - 1) * (n - 2))
 
 

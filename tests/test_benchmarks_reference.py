@@ -143,6 +143,22 @@ def test_torchdistill_normalization_factors():
         ref.rkd_angle_torch(s, t).item(), rtol=1e-5)
 
 
+def test_fused_rkd_angle_gradient_matches_torchdistill_autograd():
+    """The best-effort RKD-A forms its gradient by hand (kdface's fused pass): it must equal
+    autograd through torchdistill's dense formulation, over several vertex and row tiles."""
+    rng = np.random.default_rng(3)
+    s = torch.from_numpy(rng.standard_normal((11, 6)).astype(np.float32))
+    t = torch.from_numpy(rng.standard_normal((11, 4)).astype(np.float32))
+    s_fused = s.clone().requires_grad_(True)
+    s_dense = s.clone().requires_grad_(True)
+    fused = ref.rkd_angle_torch(s_fused, t, tile_elements=2 * 4 * 11, rows=4)
+    dense = ref.KDFACE_SCALE["rkd_angle"](11) * ref.rkd_angle_torchdistill(s_dense, t)
+    fused.backward()
+    dense.backward()
+    np.testing.assert_allclose(fused.item(), dense.item(), rtol=1e-5)
+    np.testing.assert_allclose(s_fused.grad.numpy(), s_dense.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
 def _allocate(mib):
     block = np.ones(mib * 2**20 // 8)
     time.sleep(0.5)
