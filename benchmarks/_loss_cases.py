@@ -72,7 +72,7 @@ DEFAULT_SIZES = {
     "pwr_diff_none": (64, 128, 192, 512),
     "pwr_ranknet_const": (64, 128, 192, 512),
     "mmd": (64, 256, 512, 1024, 4096),
-    "rkd_da": (64, 128, 256, 512),
+    "rkd_da": (64, 128, 256, 512, 1024),
     "rkd_d": (64, 256, 1024, 4096),
     "rkd_a": (64, 256, 512),
     "darkrank": (64, 256, 512, 4096),
@@ -276,18 +276,18 @@ def _registry() -> dict[str, Loss]:
     losses["rkd_a"] = Loss(
         "rkd_a", "RKD-A", "embed", (
             Impl("kdface", "jax", "kdface", _kdface("rkd_angle_loss"), 3, 2,
-                 matches="torch Gram tiled"),
+                 matches="torch Gram fused"),
             Impl("torchdistill", "torch", "peer",
                  _torch("rkd_angle_torchdistill", _scale("rkd_angle")), 3, 3,
                  mem_bytes=_rkd_angle_td_bytes),
-            Impl("torch Gram tiled", "torch", "best", _torch("rkd_angle_torch"), 3, 2),
+            Impl("torch Gram fused", "torch", "best", _torch("rkd_angle_torch"), 3, 2),
         ), lambda n, cfg: float(n) ** 3, "triplets", SIZES)
     losses["rkd_da"] = Loss(
         "rkd_da", "RKD-D + RKD-A", "embed", (
-            Impl("kdface", "jax", "kdface", _kdface_rkd_da, 3, 2, matches="torch Gram tiled"),
+            Impl("kdface", "jax", "kdface", _kdface_rkd_da, 3, 2, matches="torch Gram fused"),
             Impl("torchdistill", "torch", "peer", _torch_rkd_da_torchdistill, 3, 3,
                  mem_bytes=_rkd_angle_td_bytes, always_n=(512,)),
-            Impl("torch Gram tiled", "torch", "best", _torch("rkd_da_torch"), 3, 2),
+            Impl("torch Gram fused", "torch", "best", _torch("rkd_da_torch"), 3, 2),
         ), lambda n, cfg: float(n) ** 3, "triplets", SIZES)
     losses["darkrank"] = Loss(
         "darkrank", "DarkRank-hard (alpha 3, beta 3, full list)", "embed", (
