@@ -20,23 +20,17 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from kdface.distill import build_student  # noqa: E402
-from kdface.training import ArrayBatches, TrainConfig, fit  # noqa: E402
+from kdface.training import ArrayBatches, fit  # noqa: E402
 from kdface.training._checkpoint import load_model_weights  # noqa: E402
 
-HW = (16, 16)
-TINY = {"channels": (4, 8, 8, 8), "units": (0, 1, 0, 0), "embedding_size": 8, "input_size": HW}
-rng = np.random.default_rng(0)
-labels = np.arange(32) % 4
-images = (rng.normal(size=(32, *HW, 3)) * 0.5 + labels[:, None, None, None] * 0.3)
-images = images.astype(np.float32)
-config = TrainConfig(workdir=workdir, student="sphereface_custom", student_options=TINY,
-                     head="cosface", margin_scale=16.0, margin=0.1, input_size=HW, batch_size=8,
-                     steps=4, learning_rate=0.05, schedule="constant", save_every=2,
-                     log_every=1, async_checkpoints=False, progress=False)
+from _train_helpers import CLASSES, TINY, labelled_images, tiny_config  # noqa: E402
+
+images, labels = labelled_images(32)
+config = tiny_config(workdir)
 batches = ArrayBatches(images, labels, batch_size=8, process_index=pid, process_count=nproc)
-summary = fit(config, batches, num_classes=4)
+summary = fit(config, batches, num_classes=CLASSES)
 # Every process restores (collective in multi-host orbax), process 0 writes the result.
-student = build_student("sphereface_custom", num_classes=4, head="cosface", rngs=nnx.Rngs(1),
+student = build_student("sphereface_custom", num_classes=CLASSES, head="cosface", rngs=nnx.Rngs(1),
                         backbone_options=TINY)
 _, params, rest = nnx.split(student, nnx.Param, ...)
 weights, meta = load_model_weights(workdir, {"params": params, "rest": rest})

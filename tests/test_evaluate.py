@@ -23,14 +23,11 @@ from kdface.data import (build_training_dataset, build_verification_dataset, enc
                          write_landmarks_csv, write_lfw_pairs, write_recordio,
                          write_verification_bin)
 from kdface.distill import build_recipe, build_student
-from kdface.training import ArrayBatches, Checkpoints, TrainConfig, VerificationSet, fit
+from kdface.training import ArrayBatches, Checkpoints, VerificationSet, fit
 from kdface.training._checkpoint import load_model_weights
 from kdface.training._loop import _embed_fn
 
-HW = (16, 16)
-TINY = {"channels": (4, 8, 8, 8), "units": (0, 1, 0, 0), "embedding_size": 8,
-        "input_size": HW}
-CLASSES = 4
+from _train_helpers import CLASSES, HW, TINY, tiny_config
 PAIRS = 40
 BATCH = 64  # Embedder batch: every call below pads to one shape, so one compile
 
@@ -53,12 +50,7 @@ def _pairs(seed=3):
 
 
 def _config(workdir, **changes):
-    base = dict(workdir=str(workdir), student="sphereface_custom", student_options=TINY,
-                head="cosface", margin_scale=16.0, margin=0.1, input_size=HW, batch_size=8,
-                steps=2, learning_rate=0.05, schedule="constant", save_every=2, log_every=1,
-                async_checkpoints=False, progress=False)
-    base.update(changes)
-    return TrainConfig(**base)
+    return tiny_config(workdir, **{"steps": 2, **changes})
 
 
 @pytest.fixture(scope="module")

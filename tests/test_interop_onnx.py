@@ -24,8 +24,7 @@ ort = pytest.importorskip("onnxruntime", reason="the checks run the exported fil
 from kdface import interop  # noqa: E402
 from kdface.interop import UnsupportedExportError, backbone_to_onnx  # noqa: E402
 
-HW = (16, 16)
-TINY = {"channels": (4, 8, 8, 8), "units": (0, 1, 0, 0), "embedding_size": 8, "input_size": HW}
+from _train_helpers import CLASSES, HW, TINY, labelled_images, tiny_config  # noqa: E402
 
 
 def _session(model):
@@ -72,18 +71,11 @@ def _ort_vs_jax(module, input_size, *, layout="nchw", optimize=True, batches=(1,
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from kdface.training import ArrayBatches, TrainConfig, fit
+    from kdface.training import ArrayBatches, fit
     tmp = tmp_path_factory.mktemp("run")
-    rng = np.random.default_rng(0)
-    labels = np.arange(16) % 4
-    images = rng.normal(size=(16, *HW, 3)).astype(np.float32) * 0.5
-    images += labels[:, None, None, None].astype(np.float32) * 0.3
-    config = TrainConfig(workdir=str(tmp / "student"), student="sphereface_custom",
-                         student_options=TINY, head="cosface", margin_scale=16.0, margin=0.1,
-                         input_size=HW, batch_size=8, steps=2, learning_rate=0.05,
-                         schedule="constant", save_every=2, log_every=1,
-                         async_checkpoints=False, progress=False)
-    fit(config, ArrayBatches(images, labels, batch_size=8), num_classes=4)
+    images, labels = labelled_images(16)
+    config = tiny_config(tmp / "student", steps=2)
+    fit(config, ArrayBatches(images, labels, batch_size=8), num_classes=CLASSES)
     return config.workdir
 
 

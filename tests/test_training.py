@@ -16,34 +16,19 @@ from flax import nnx
 
 from kdface.data import encode_image
 from kdface.distill import build_recipe, build_student
-from kdface.training import (ArrayBatches, NonFiniteLossError, StepConfig, TrainConfig, fit,
-                             init_state, learning_rate_schedule, make_optimizer,
-                             make_train_step, read_events)
+from kdface.training import (ArrayBatches, NonFiniteLossError, StepConfig, fit, init_state,
+                             learning_rate_schedule, make_optimizer, make_train_step,
+                             read_events)
 from kdface.training._checkpoint import load_model_weights
 from kdface.training._run import run
 
-HW = (16, 16)
-TINY = {"channels": (4, 8, 8, 8), "units": (0, 1, 0, 0), "embedding_size": 8,
-        "input_size": HW}
-CLASSES = 4
+from _train_helpers import CLASSES, HW, TINY, labelled_images, tiny_config
 
-
-def _data(n=32, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % CLASSES
-    # Class-dependent mean so that training has something to learn.
-    images = rng.normal(size=(n, *HW, 3)).astype(np.float32) * 0.5
-    images += labels[:, None, None, None].astype(np.float32) * 0.3
-    return images, labels
+_data = labelled_images
 
 
 def _config(tmp_path, name, **changes):
-    base = dict(workdir=str(tmp_path / name), student="sphereface_custom", student_options=TINY,
-                head="cosface", margin_scale=16.0, margin=0.1, input_size=HW, batch_size=8,
-                steps=4, learning_rate=0.05, schedule="constant", save_every=2, log_every=1,
-                async_checkpoints=False, progress=True)
-    base.update(changes)
-    return TrainConfig(**base)
+    return tiny_config(tmp_path / name, **{"progress": True, **changes})
 
 
 @pytest.fixture(scope="module")
