@@ -19,8 +19,8 @@ Two kinds, written from the math (no code copied):
     Python loop of tail log-sum-exps.
 * **Best-effort PyTorch versions of kdface's algorithms** (``*_torch``): GEMM-based MK-MMD, Gram-
   based RKD with RKD-A in cache-sized tiles whose pass also forms the Gram gradient (a custom
-  autograd Function, as kdface's ``custom_jvp``), tiled PWR blocks under checkpointing, and the sort-based PWR (``_torch_pwr_sorted``); they show what the framework
-  alone buys.
+  autograd Function, as kdface's ``custom_jvp``), tiled PWR blocks under checkpointing, and
+  the sort-based PWR (``_torch_pwr_sorted``); they show what the framework alone buys.
 
 Constants follow kdface so that values agree (the test ``tests/test_benchmarks_reference.py``
 checks it): MK-MMD uses seed wang2019's kernel ``exp(-d^2 / (2 sigma^2 m))``, m in

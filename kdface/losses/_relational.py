@@ -158,9 +158,13 @@ def rkd_distance_loss(student: Array, teacher: Array, *, reduction: str | None =
 
 # ----------------------------------------------------------------------------------- RKD-A
 
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def angle_tile_rows(n: int) -> int:
     """Rows ``i`` per ``[vertices, rows, N]`` angle tile (all of them off the CPU)."""
-    return min(n, ANGLE_TILE_ROWS) if jax.default_backend() == "cpu" else n
+    return min(n, ANGLE_TILE_ROWS) if _on_cpu() else n
 
 
 def angle_block_size(n: int, n_vertices: int, block_size: int | None) -> int:
@@ -168,7 +172,7 @@ def angle_block_size(n: int, n_vertices: int, block_size: int | None) -> int:
     near ``ANGLE_TILE_ELEMENTS`` elements; at least 1, at most ``n_vertices`` (the vertices to
     do)."""
     if block_size is None:
-        budget = ANGLE_TILE_ELEMENTS if jax.default_backend() == "cpu" else ANGLE_TILE_ELEMENTS_ACCEL
+        budget = ANGLE_TILE_ELEMENTS if _on_cpu() else ANGLE_TILE_ELEMENTS_ACCEL
         return max(1, min(n_vertices, budget // (angle_tile_rows(n) * n)))
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
@@ -214,14 +218,15 @@ def _symmetric(g: Array) -> Array:
 
 
 def _angle_sweep(g_student: Array, g_teacher: Array, vertex_offset: Array | int,
-                 n_vertices: int, block_size: int, rows: int, with_grad: bool
+                 n_vertices: int, block_size: int, with_grad: bool
                  ) -> tuple[Array, Array | None]:
     """One pass over the triplets with vertex in ``vertex_offset .. + n_vertices``, in
-    ``[block_size, rows, N]`` tiles (vertex blocks outside, row blocks inside). Returns the sum
-    of ``Huber(cos_s - cos_t)`` over them and, with ``with_grad``, its gradient with respect to
-    ``g_student`` in the same pass (see ``rkd_angle_sum``)."""
+    ``[block_size, angle_tile_rows(N), N]`` tiles (vertex blocks outside, row blocks inside).
+    Returns the sum of ``Huber(cos_s - cos_t)`` over them and, with ``with_grad``, its gradient
+    with respect to ``g_student`` in the same pass (see ``rkd_angle_sum``)."""
     gs, gt = _symmetric(g_student), _symmetric(g_teacher)
     n = gs.shape[0]
+    rows = angle_tile_rows(n)
     n_vblocks, n_rblocks = -(-n_vertices // block_size), -(-n // rows)
     n_pad = n_rblocks * rows
     gs_pad = jnp.pad(gs, ((0, n_pad - n), (0, 0)))
@@ -300,8 +305,7 @@ def rkd_angle_sum(g_student: Array, g_teacher: Array, vertex_offset: Array | int
     backward pass neither stores nor recomputes triplet-sized arrays. ``g_teacher`` is the
     frozen target: no tangent flows from it (callers put it under ``stop_gradient``).
     """
-    rows = angle_tile_rows(g_student.shape[0])
-    return _angle_sweep(g_student, g_teacher, vertex_offset, n_vertices, block_size, rows,
+    return _angle_sweep(g_student, g_teacher, vertex_offset, n_vertices, block_size,
                         with_grad=False)[0]
 
 
@@ -309,9 +313,8 @@ def rkd_angle_sum(g_student: Array, g_teacher: Array, vertex_offset: Array | int
 def _rkd_angle_sum_jvp(n_vertices: int, block_size: int, primals: tuple, tangents: tuple
                        ) -> tuple[Array, Array]:
     g_student, g_teacher, vertex_offset = primals
-    rows = angle_tile_rows(g_student.shape[0])
     total, grad = _angle_sweep(g_student, g_teacher, vertex_offset, n_vertices, block_size,
-                               rows, with_grad=True)
+                               with_grad=True)
     return total, jnp.vdot(grad, tangents[0])
 
 
