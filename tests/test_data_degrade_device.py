@@ -71,7 +71,7 @@ def test_operator_columns_are_opencv_applied_to_impulses():
     host = degrade_to_low_resolution(image, size).astype(np.float64)[:, w // 2, 0]
     # uint8 output: the bicubic kernel's negative lobes are clipped at 0 by OpenCV.
     np.testing.assert_allclose(np.clip(op[:, 20] * 255.0, 0, 255), host, atol=1.5)
-    np.testing.assert_allclose(op.sum(axis=0), 1.0, atol=1e-4)  # flat fields stay flat
+    np.testing.assert_allclose(op.sum(axis=1), 1.0, atol=1e-4)  # flat fields stay flat
 
 
 def test_decide_only_draws_what_the_host_augment_draws():
