@@ -129,3 +129,14 @@ def test_progress_bar_shown_only_when_watched(monkeypatch, capsys):
     with _progress.progress(total=4, desc="hidden") as bar:
         bar.update(4)
     assert capsys.readouterr().err == ""
+
+
+def test_run_log_progress_bar_follows_the_logged_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KDFACE_PROGRESS", "1")
+    log = RunLog(str(tmp_path), total_steps=30)
+    log.progress(10, {"loss": 2.0})  # a resumed run may start anywhere
+    log.progress(30, {"loss": 0.123456})
+    assert log._bar.n == 30
+    log.close()
+    err = capsys.readouterr().err
+    assert "30/30" in err and "loss=0.1235" in err
