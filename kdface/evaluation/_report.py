@@ -226,31 +226,30 @@ def write_report(report: dict[str, Any], out_dir: str, *,
                   if np.all(np.isfinite(c["fpr"])) and np.all(np.isfinite(c["tpr"]))}
         if finite:
             path = os.path.join(out_dir, f"roc_{_file_part(set_name)}.png")
-            metrics.plot_roc(path, finite, title=f"ROC on {set_name}")
-            written.append(path)
+            written += metrics.plot_roc(path, finite, title=f"ROC on {set_name}")
     sizes = report["lr_sizes"]
     for set_name, info in report["sets"].items():
         if not sizes:
             break
-        x = list(sizes) + ([max(info["image_size"])] if info["image_size"] else [])
-        series = {}
+        series, full = {}, {}
         for run_name, entry in report["runs"].items():
             ver = entry.get("verification", {}).get(set_name)
             if ver is None:
                 continue
-            accs = [ver["lr"].get(str(s), {}).get("accuracy") for s in sizes]
-            if info["image_size"]:
-                accs.append(ver["hr"]["accuracy"])
-            series[run_name] = accs
+            series[run_name] = [ver["lr"].get(str(s), {}).get("accuracy") for s in sizes]
+            # full-resolution probes are seen at the network's input size (the set's image
+            # size only where the run's input size is unknown)
+            side = entry.get("model", {}).get("input_size") or info["image_size"]
+            if side:
+                full[run_name] = (max(side), ver["hr"]["accuracy"])
         if series:
             path = os.path.join(out_dir, f"lr_{_file_part(set_name)}.png")
-            metrics.plot_accuracy_vs_probe_size(path, x, series,
-                                                title=f"{set_name}: accuracy vs probe size")
-            written.append(path)
+            written += metrics.plot_accuracy_vs_probe_size(
+                path, sizes, series, full_resolution=full,
+                title=f"{set_name}: accuracy vs probe size")
     if ceds:
         path = os.path.join(out_dir, "ced_alignment.png")
-        metrics.plot_ced(path, ceds, title="Alignment: cumulative NRMSE distribution")
-        written.append(path)
+        written += metrics.plot_ced(path, ceds, title="Alignment: cumulative NRMSE distribution")
     return written
 
 

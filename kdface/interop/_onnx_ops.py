@@ -1,33 +1,46 @@
-"""ONNX translations of JAX primitives for the jaxpr exporter (``_onnx_export``).
+"""ONNX translations of JAX primitives: the op table of the jaxpr exporter (``_onnx_export``).
 
-Each ``op_<primitive>(t, eqn, ins) -> [values]`` receives the translator ``t`` and translated
-inputs (``_Value``: an ONNX tensor or a NumPy constant, with its physical axis order and pending
-broadcasts; see ``_onnx_export``). Constant-only equations never get here (they are folded).
+``OPS`` maps a primitive name to its translation ``(graph, eqn, ins) -> [values]``, which
+receives the :class:`~kdface.interop._onnx_graph.GraphBuilder` and the translated inputs
+(``Value``: an ONNX tensor or a NumPy constant, with its physical axis order and pending
+broadcasts). Constant-only equations never get here (the exporter folds them). A primitive
+missing from ``OPS`` is reported by name.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from kdface.interop._onnx_export import (_BINARY, _UNARY, UnsupportedExportError, _Value,
-                                         _broadcast_shape, _identity, _preferred_perm,
-                                         _same_dim)
+from kdface.interop._onnx_graph import (GraphBuilder, UnsupportedExportError, Value,
+                                        broadcast_shape, identity, preferred_perm, same_dim)
+
+_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min",
+           "pow": "Pow", "ge": "GreaterOrEqual", "gt": "Greater", "le": "LessOrEqual",
+           "lt": "Less", "eq": "Equal", "and": "And", "or": "Or", "rem": "Mod"}
+_UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "tanh": "Tanh", "logistic": "Sigmoid",
+          "sqrt": "Sqrt", "abs": "Abs", "sign": "Sign", "erf": "Erf", "floor": "Floor",
+          "ceil": "Ceil", "not": "Not", "sin": "Sin", "cos": "Cos"}
+# Identity at inference: copies, autodiff and rematerialization markers, and reduce_precision
+# (the exported graph computes in the network's float32 throughout).
+_PASS = ("copy", "copy_p", "optimization_barrier", "stop_gradient", "reduce_precision")
 
 
-def _layout(ins: list[_Value], rank: int) -> tuple[int, ...]:
+def _layout(ins: list[Value], rank: int) -> tuple[int, ...]:
     for v in ins:
         if v.const is None and len(v.shape) == rank:
             return v.perm
-    return _identity(rank)
+    return identity(rank)
 
 
-def _operand_dtype(ins: list[_Value]):
+def _operand_dtype(ins: list[Value]):
     for v in ins:
         if v.const is None:
             return v.dtype
     return ins[0].dtype
 
 
-def _broadcasting_node(t, op: str, ins: list[_Value], aval, dtypes=None, **attrs) -> _Value:
+def _broadcasting_node(t, op: str, ins: list[Value], aval, dtypes=None, **attrs) -> Value:
     """An ONNX op with numpy broadcasting over ``ins`` laid out alike; pending broadcasts stay."""
     rank = len(aval.shape)
     perm = _layout(ins, rank)
@@ -42,53 +55,78 @@ def _broadcasting_node(t, op: str, ins: list[_Value], aval, dtypes=None, **attrs
         else:
             names.append(v.name)  # rank 0
     full_rank = [v.shape for v in ins if len(v.shape) == rank]
-    shape = _broadcast_shape(full_rank) if full_rank else tuple(aval.shape)
+    shape = broadcast_shape(full_rank) if full_rank else tuple(aval.shape)
     out = t.node(op, names, **attrs)[0]
-    return _Value(shape, np.dtype(aval.dtype), perm, name=out)
+    return Value(shape, np.dtype(aval.dtype), perm, name=out)
 
 
-def elementwise(t, name: str, ins: list[_Value], aval) -> _Value:
+def _same(v: Value, name: str, dtype=None) -> Value:
+    return Value(v.shape, np.dtype(dtype) if dtype is not None else v.dtype, v.perm, name=name)
+
+
+def _binary(onnx_op: str):
     """Binary arithmetic / comparison; literals take the other operand's dtype."""
-    dtype = _operand_dtype(ins)
-    dtypes = [dtype] * len(ins)
-    if name == "ne":
-        eq = _broadcasting_node(t, "Equal", ins, aval, dtypes)
-        return _Value(eq.shape, eq.dtype, eq.perm, name=t.node("Not", [eq.name])[0])
-    return _broadcasting_node(t, _BINARY[name], ins, aval, dtypes)
+    def translate(t, eqn, ins):
+        dtypes = [_operand_dtype(ins)] * len(ins)
+        return [_broadcasting_node(t, onnx_op, ins, eqn.outvars[0].aval, dtypes)]
+    return translate
 
 
-def _same(v: _Value, name: str, dtype=None) -> _Value:
-    return _Value(v.shape, np.dtype(dtype) if dtype is not None else v.dtype, v.perm, name=name)
+def _unary(onnx_op: str):
+    def translate(t, eqn, ins):
+        return [_same(ins[0], t.node(onnx_op, [ins[0].name])[0], eqn.outvars[0].aval.dtype)]
+    return translate
 
 
-def unary(t, name: str, v: _Value, aval, params) -> _Value:
-    x = v.name
-    if name == "convert_element_type":
-        new = np.dtype(params["new_dtype"])
-        if new == v.dtype:
-            return v
-        return _same(v, t.node("Cast", [x], to=_onnx_type(t, new))[0], new)
-    if name == "rsqrt":
-        return _same(v, t.node("Reciprocal", t.node("Sqrt", [x]))[0])
-    if name == "square" or (name == "integer_pow" and params["y"] == 2):
-        return _same(v, t.node("Mul", [x, x])[0])
-    if name == "integer_pow":
-        y = int(params["y"])
-        if y == 1:
-            return v
-        if y == -1:
-            return _same(v, t.node("Reciprocal", [x])[0])
-        return _same(v, t.node("Pow", [x, t.initializer(np.asarray(y, v.dtype))])[0])
-    one = lambda: t.initializer(np.asarray(1, v.dtype))
-    if name == "log1p":
-        return _same(v, t.node("Log", t.node("Add", [x, one()]))[0])
-    if name == "expm1":
-        return _same(v, t.node("Sub", [t.node("Exp", [x])[0], one()])[0])
-    return _same(v, t.node(_UNARY[name], [x])[0], aval.dtype)
+def _passthrough(t, eqn, ins):
+    return ins[:len(eqn.outvars)]
 
 
-def _onnx_type(t, dtype) -> int:
-    return t.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+def op_ne(t, eqn, ins):
+    dtypes = [_operand_dtype(ins)] * len(ins)
+    eq = _broadcasting_node(t, "Equal", ins, eqn.outvars[0].aval, dtypes)
+    return [Value(eq.shape, eq.dtype, eq.perm, name=t.node("Not", [eq.name])[0])]
+
+
+def op_convert_element_type(t, eqn, ins):
+    (v,) = ins
+    new = np.dtype(eqn.params["new_dtype"])
+    if new == v.dtype:
+        return [v]
+    return [_same(v, t.node("Cast", [v.name], to=t.onnx_type(new))[0], new)]
+
+
+def op_rsqrt(t, eqn, ins):
+    return [_same(ins[0], t.node("Reciprocal", t.node("Sqrt", [ins[0].name]))[0])]
+
+
+def op_square(t, eqn, ins):
+    x = ins[0].name
+    return [_same(ins[0], t.node("Mul", [x, x])[0])]
+
+
+def op_integer_pow(t, eqn, ins):
+    (v,) = ins
+    y = int(eqn.params["y"])
+    if y == 1:
+        return [v]
+    if y == 2:
+        return op_square(t, eqn, ins)
+    if y == -1:
+        return [_same(v, t.node("Reciprocal", [v.name])[0])]
+    return [_same(v, t.node("Pow", [v.name, t.initializer(np.asarray(y, v.dtype))])[0])]
+
+
+def op_log1p(t, eqn, ins):
+    (v,) = ins
+    one = t.initializer(np.asarray(1, v.dtype))
+    return [_same(v, t.node("Log", t.node("Add", [v.name, one]))[0])]
+
+
+def op_expm1(t, eqn, ins):
+    (v,) = ins
+    one = t.initializer(np.asarray(1, v.dtype))
+    return [_same(v, t.node("Sub", [t.node("Exp", [v.name])[0], one])[0])]
 
 
 def op_select_n(t, eqn, ins):
@@ -98,7 +136,7 @@ def op_select_n(t, eqn, ins):
     if len(cases) != 2:
         raise UnsupportedExportError(f"select_n with {len(cases)} cases")
     if pred.const is None and pred.dtype != np.bool_:
-        pred = _same(pred, t.node("Cast", [pred.name], to=_onnx_type(t, np.bool_))[0], np.bool_)
+        pred = _same(pred, t.node("Cast", [pred.name], to=t.onnx_type(np.bool_))[0], np.bool_)
     dtype = _operand_dtype(cases)
     out = _broadcasting_node(t, "Where", [pred, cases[1], cases[0]], eqn.outvars[0].aval,
                              [np.bool_, dtype, dtype])
@@ -113,7 +151,7 @@ def op_clamp(t, eqn, ins):
     return [_broadcasting_node(t, "Max", [upper, low], aval, dtypes)]
 
 
-def _reshaped(t, v: _Value, in_shape, out_shape) -> _Value:
+def _reshaped(t, v: Value, in_shape, out_shape) -> Value:
     v = t.full(v, tuple(in_shape))
     dims = list(out_shape)
     symbolic = [i for i, d in enumerate(dims) if not isinstance(d, (int, np.integer))]
@@ -122,8 +160,8 @@ def _reshaped(t, v: _Value, in_shape, out_shape) -> _Value:
         shape = t.initializer(np.asarray(target, np.int64), "shape")
     else:
         shape = t.shape_vector(dims)
-    name = t.node("Reshape", [t.tensor(v, _identity(len(in_shape))), shape])[0]
-    return _Value(tuple(out_shape), v.dtype, _identity(len(out_shape)), name=name)
+    name = t.node("Reshape", [t.tensor(v, identity(len(in_shape))), shape])[0]
+    return Value(tuple(out_shape), v.dtype, identity(len(out_shape)), name=name)
 
 
 def op_reshape(t, eqn, ins):
@@ -146,7 +184,7 @@ def op_squeeze(t, eqn, ins):
     dims = [d % len(v.shape) for d in eqn.params["dimensions"]]
     axes = t.initializer(np.asarray(sorted(v.perm.index(d) for d in dims), np.int64), "axes")
     name = t.node("Squeeze", [v.name, axes])[0]
-    return [_Value(tuple(eqn.outvars[0].aval.shape), v.dtype, _drop_axes(v.perm, dims),
+    return [Value(tuple(eqn.outvars[0].aval.shape), v.dtype, _drop_axes(v.perm, dims),
                    name=name)]
 
 
@@ -162,27 +200,27 @@ def op_broadcast_in_dim(t, eqn, ins):
     if v.const is not None:
         order = sorted(range(len(bd)), key=lambda i: bd[i])
         c = np.transpose(v.const, order).reshape([int(d) for d in logical])
-        return [_Value(tuple(logical), v.dtype, _identity(rank), const=c)]
-    if len(v.shape) == rank and bd == _identity(rank):
-        return [_Value(tuple(logical), v.dtype, v.perm, name=v.name)]
-    target = _preferred_perm(rank)
+        return [Value(tuple(logical), v.dtype, identity(rank), const=c)]
+    if len(v.shape) == rank and bd == identity(rank):
+        return [Value(tuple(logical), v.dtype, v.perm, name=v.name)]
+    target = preferred_perm(rank)
     kept = [a for a in target if a in bd]
     if kept != [bd[a] for a in v.perm]:
-        target = _identity(rank)
+        target = identity(rank)
         source = tuple(sorted(range(len(bd)), key=lambda i: bd[i]))
         name = t.tensor(v, source)
     else:
         name = v.name
     axes = [i for i, a in enumerate(target) if a not in bd]
     name = t.node("Unsqueeze", [name, t.initializer(np.asarray(axes, np.int64), "axes")])[0]
-    return [_Value(tuple(logical), v.dtype, target, name=name)]
+    return [Value(tuple(logical), v.dtype, target, name=name)]
 
 
 def op_transpose(t, eqn, ins):
     v = ins[0]
     p = tuple(eqn.params["permutation"])
     perm = tuple(p.index(a) for a in v.perm)
-    return [_Value(tuple(v.shape[i] for i in p), v.dtype, perm, name=v.name)]
+    return [Value(tuple(v.shape[i] for i in p), v.dtype, perm, name=v.name)]
 
 
 def _reduce(t, eqn, ins, op: str):
@@ -194,7 +232,7 @@ def _reduce(t, eqn, ins, op: str):
                       keepdims=0)[0]
     else:  # opset 17: axes is an attribute of ReduceMax / ReduceMin
         name = t.node(op, [v.name], axes=phys, keepdims=0)[0]
-    return [_Value(tuple(eqn.outvars[0].aval.shape), v.dtype, _drop_axes(v.perm, axes),
+    return [Value(tuple(eqn.outvars[0].aval.shape), v.dtype, _drop_axes(v.perm, axes),
                    name=name)]
 
 
@@ -219,8 +257,8 @@ def op_dot_general(t, eqn, ins):
     if not lb and rr == 2 and tuple(lc) == (lr - 1,) and tuple(rc) in ((0,), (1,)):
         w = t.tensor(rhs, (0, 1) if tuple(rc) == (0,) else (1, 0))
         # Gemm for 2-D inputs: the bias and BatchNorm that follow fold into it.
-        name = t.node("Gemm" if lr == 2 else "MatMul", [t.tensor(lhs, _identity(lr)), w])[0]
-        return [_Value(out_shape, np.dtype(eqn.outvars[0].aval.dtype), _identity(len(out_shape)),
+        name = t.node("Gemm" if lr == 2 else "MatMul", [t.tensor(lhs, identity(lr)), w])[0]
+        return [Value(out_shape, np.dtype(eqn.outvars[0].aval.dtype), identity(len(out_shape)),
                        name=name)]
     letters = iter("abcdefghijklmnopqrstuvwxyz")
     left = [next(letters) for _ in range(lr)]
@@ -232,9 +270,9 @@ def op_dot_general(t, eqn, ins):
     free_r = [right[i] for i in range(rr) if i not in rc and i not in rb]
     out = [left[i] for i in lb] + free_l + free_r
     equation = f"{''.join(left)},{''.join(right)}->{''.join(out)}"
-    name = t.node("Einsum", [t.tensor(lhs, _identity(lr)), t.tensor(rhs, _identity(rr))],
+    name = t.node("Einsum", [t.tensor(lhs, identity(lr)), t.tensor(rhs, identity(rr))],
                   equation=equation)[0]
-    return [_Value(out_shape, np.dtype(eqn.outvars[0].aval.dtype), _identity(len(out_shape)),
+    return [Value(out_shape, np.dtype(eqn.outvars[0].aval.dtype), identity(len(out_shape)),
                    name=name)]
 
 
@@ -255,7 +293,7 @@ def op_conv_general_dilated(t, eqn, ins):
                   pads=[lo for lo, _ in pads] + [hi for _, hi in pads],
                   dilations=[int(d) for d in p["rhs_dilation"]],
                   group=int(p["feature_group_count"]))[0]
-    return [_Value(tuple(eqn.outvars[0].aval.shape), lhs.dtype, tuple(dn.out_spec), name=name)]
+    return [Value(tuple(eqn.outvars[0].aval.shape), lhs.dtype, tuple(dn.out_spec), name=name)]
 
 
 def op_concatenate(t, eqn, ins):
@@ -263,7 +301,7 @@ def op_concatenate(t, eqn, ins):
     vals = [t.full(v, tuple(var.aval.shape)) for v, var in zip(ins, eqn.invars)]
     perm = _layout(vals, len(vals[0].shape))
     name = t.node("Concat", [t.tensor(v, perm) for v in vals], axis=perm.index(dim))[0]
-    return [_Value(tuple(eqn.outvars[0].aval.shape), vals[0].dtype, perm, name=name)]
+    return [Value(tuple(eqn.outvars[0].aval.shape), vals[0].dtype, perm, name=name)]
 
 
 def op_pad(t, eqn, ins):
@@ -277,7 +315,7 @@ def op_pad(t, eqn, ins):
         raise UnsupportedExportError("pad with a computed padding value")
     name = t.node("Pad", [v.name, t.initializer(np.asarray(pads, np.int64), "pads"),
                           t.initializer(np.asarray(value.const, v.dtype))])[0]
-    return [_Value(tuple(eqn.outvars[0].aval.shape), v.dtype, v.perm, name=name)]
+    return [Value(tuple(eqn.outvars[0].aval.shape), v.dtype, v.perm, name=name)]
 
 
 def op_slice(t, eqn, ins):
@@ -289,7 +327,7 @@ def op_slice(t, eqn, ins):
         for a in v.perm:
             if isinstance(values[a], (int, np.integer)):
                 out.append(int(values[a]))
-            elif values is p["limit_indices"] and _same_dim(values[a], v.shape[a]):
+            elif values is p["limit_indices"] and same_dim(values[a], v.shape[a]):
                 out.append(np.iinfo(np.int64).max)  # up to the (dynamic) end
             else:
                 raise UnsupportedExportError(f"slice bound {values[a]} on a dynamic axis")
@@ -298,7 +336,7 @@ def op_slice(t, eqn, ins):
     name = t.node("Slice", [v.name, vec(p["start_indices"]), vec(p["limit_indices"]),
                             t.initializer(np.arange(len(v.shape), dtype=np.int64), "axes"),
                             vec(strides)])[0]
-    return [_Value(tuple(eqn.outvars[0].aval.shape), v.dtype, v.perm, name=name)]
+    return [Value(tuple(eqn.outvars[0].aval.shape), v.dtype, v.perm, name=name)]
 
 
 def op_split(t, eqn, ins):
@@ -306,5 +344,37 @@ def op_split(t, eqn, ins):
     axis = eqn.params["axis"]
     sizes = t.initializer(np.asarray(eqn.params["sizes"], np.int64), "split")
     names = t.node("Split", [v.name, sizes], n_out=len(eqn.outvars), axis=v.perm.index(axis))
-    return [_Value(tuple(var.aval.shape), v.dtype, v.perm, name=n)
+    return [Value(tuple(var.aval.shape), v.dtype, v.perm, name=n)
             for var, n in zip(eqn.outvars, names)]
+
+
+Translation = Callable[[GraphBuilder, object, list[Value]], list[Value]]
+
+OPS: dict[str, Translation] = {
+    **{name: _binary(op) for name, op in _BINARY.items()},
+    **{name: _unary(op) for name, op in _UNARY.items()},
+    **{name: _passthrough for name in _PASS},
+    "ne": op_ne,
+    "convert_element_type": op_convert_element_type,
+    "rsqrt": op_rsqrt,
+    "square": op_square,
+    "integer_pow": op_integer_pow,
+    "log1p": op_log1p,
+    "expm1": op_expm1,
+    "select_n": op_select_n,
+    "clamp": op_clamp,
+    "reshape": op_reshape,
+    "expand_dims": op_expand_dims,
+    "squeeze": op_squeeze,
+    "broadcast_in_dim": op_broadcast_in_dim,
+    "transpose": op_transpose,
+    "reduce_sum": op_reduce_sum,
+    "reduce_max": op_reduce_max,
+    "reduce_min": op_reduce_min,
+    "dot_general": op_dot_general,
+    "conv_general_dilated": op_conv_general_dilated,
+    "concatenate": op_concatenate,
+    "pad": op_pad,
+    "slice": op_slice,
+    "split": op_split,
+}

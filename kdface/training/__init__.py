@@ -2,7 +2,7 @@
 from kdface.training._arrays import ArrayBatches
 from kdface.training._checkpoint import Checkpoints, load_model_weights
 from kdface.training._config import TrainConfig
-from kdface.training._logging import EventWriter, RunLog, read_events
+from kdface.training._logging import RunLog, read_events
 from kdface.training._loop import (NonFiniteLossError, VerificationSet, data_mesh, fit,
                                    normalize_images, shard_batch)
 from kdface.training._optim import learning_rate_schedule, make_optimizer

@@ -1,133 +1,104 @@
-"""Run logs without TensorFlow: a JSONL file, TensorBoard event files, and a progress line.
+"""Run logs: a JSONL file, TensorBoard event files (tensorboardX, no TensorFlow), a progress bar.
 
-TensorBoard reads TFRecord files of ``Event`` protocol buffers. Scalars need only three messages
-(Event{wall_time=1, step=2, summary=5}, Summary{value=1}, Value{tag=1, simple_value=2}), so they
-are encoded here by hand rather than pulling in TensorFlow or tensorboard; ``read_events`` parses
-them back (for tests and for users without TensorBoard).
+``log.jsonl`` holds every logged record for scripts; the event file holds the numeric values
+as TensorBoard scalars (tag ``<kind>/<name>``), plus the run's configuration as TensorBoard
+hparams and as a text table when one is given; the bar is :func:`kdface._progress.progress`.
 """
 from __future__ import annotations
 
 import json
+import numbers
 import os
-import socket
 import struct
-import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
-_CRC_TABLE: list[int] = []
+from tensorboardX import SummaryWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.record_writer import masked_crc32c
+from tensorboardX.summary import hparams as hparams_summaries
+
+from kdface._progress import progress
+
+# The tags the hparams dashboard shows next to each run's configuration: what the trainer logs
+# at every log step and at every validation.
+HPARAM_METRICS = ("train/loss", "val/val_accuracy")
 
 
-def _crc32c(data: bytes) -> int:
-    if not _CRC_TABLE:
-        for i in range(256):
-            c = i
-            for _ in range(8):
-                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-            _CRC_TABLE.append(c)
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+class RunLog:
+    """JSONL + TensorBoard events + a progress bar; does nothing when ``enabled`` is False.
 
+    directory: where ``log.jsonl`` and ``events.out.tfevents.*`` go (appended to on resume).
+    total_steps: where the progress bar ends. hparams: the run's configuration ({flag: value});
+    values other than bool/int/float/str are recorded as their JSON text.
+    """
 
-def _masked_crc(data: bytes) -> int:
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    def __init__(self, directory: str, *, enabled: bool = True, total_steps: int = 0,
+                 hparams: Mapping[str, Any] | None = None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self._bar = None
+        if not enabled:
+            return
+        os.makedirs(directory, exist_ok=True)
+        self._jsonl = open(os.path.join(directory, "log.jsonl"), "a")
+        self._writer = SummaryWriter(logdir=directory)
+        if hparams:
+            flat = {k: _hparam_value(v) for k, v in hparams.items()}
+            for summary in hparams_summaries(flat, {tag: 0.0 for tag in HPARAM_METRICS}):
+                self._writer.file_writer.add_summary(summary)
+            table = "\n".join(["| flag | value |", "|---|---|"]
+                              + [f"| {k} | `{v}` |" for k, v in flat.items()])
+            self._writer.add_text("config", table, 0)
+            self._writer.flush()
 
+    def log(self, step: int, values: Mapping[str, Any], *, kind: str = "train") -> None:
+        """Appends ``{step, kind, time, **values}`` to the JSONL and the numbers as scalars.
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | wire) + payload
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _field(number, 2, _varint(len(payload)) + payload)
-
-
-def _event(wall_time: float, step: int, *, summary: bytes | None = None,
-           file_version: str | None = None) -> bytes:
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _length_delimited(3, file_version.encode())
-    if summary is not None:
-        msg += _length_delimited(5, summary)
-    return msg
-
-
-def _scalar_summary(tag: str, value: float) -> bytes:
-    inner = _length_delimited(1, tag.encode()) + _field(2, 5, struct.pack("<f", value))
-    return _length_delimited(1, inner)
-
-
-class EventWriter:
-    """Appends scalar summaries to ``events.out.tfevents.*`` in ``log_dir``."""
-
-    def __init__(self, log_dir: str):
-        os.makedirs(log_dir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(log_dir, name)
-        self._file = open(self.path, "ab")
-        self._write(_event(time.time(), 0, file_version="brain.Event:2"))
-
-    def _write(self, record: bytes) -> None:
-        header = struct.pack("<Q", len(record))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + record
-                         + struct.pack("<I", _masked_crc(record)))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+        Real numbers (Python or NumPy) become scalars ``<kind>/<name>``; other values (text,
+        lists) go to the JSONL only.
+        """
+        if not self.enabled:
+            return
         now = time.time()
-        for tag, value in values.items():
-            self._write(_event(now, step, summary=_scalar_summary(tag, float(value))))
-        self._file.flush()
+        self._jsonl.write(json.dumps({"step": step, "kind": kind, "time": now, **values},
+                                     default=_plain) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            if isinstance(value, numbers.Real):
+                self._writer.add_scalar(f"{kind}/{name}", float(value), step, walltime=now)
+        # Log steps are rare: flushing each one lets TensorBoard show the run as it goes.
+        self._writer.flush()
+
+    def progress(self, step: int, values: Mapping[str, float]) -> None:
+        """Moves the bar to ``step`` and shows ``values`` beside it."""
+        if not self.enabled:
+            return
+        if self._bar is None:
+            # Created at the first report so that a resumed run's rate counts from its restart.
+            self._bar = progress(total=self.total_steps, desc="train", unit="step",
+                                 initial=step)
+        else:
+            self._bar.update(step - self._bar.n)
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=True)
 
     def close(self) -> None:
-        self._file.close()
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return result, pos
-
-
-def _fields(buf: bytes):
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, value
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._jsonl.close()
+        self._writer.close()
 
 
 def read_events(path: str) -> list[tuple[int, str, float]]:
-    """``(step, tag, value)`` of every scalar in an event file, checking both CRCs."""
+    """``(step, tag, value)`` of every scalar in a TensorBoard event file, checking both CRCs.
+
+    For scripts and tests without TensorBoard: the TFRecord framing (length, masked CRC32C of
+    the length, record, masked CRC32C of the record) read with tensorboardX's own checksum and
+    ``Event`` message.
+    """
     out = []
     with open(path, "rb") as f:
         data = f.read()
@@ -135,64 +106,25 @@ def read_events(path: str) -> list[tuple[int, str, float]]:
     while pos < len(data):
         header = data[pos:pos + 8]
         (length,) = struct.unpack("<Q", header)
-        if struct.unpack("<I", data[pos + 8:pos + 12])[0] != _masked_crc(header):
-            raise ValueError(f"{path}: bad length checksum at offset {pos}")
         record = data[pos + 12:pos + 12 + length]
-        if struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] != \
-                _masked_crc(record):
-            raise ValueError(f"{path}: bad record checksum at offset {pos}")
+        (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+        (record_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+        if header_crc != masked_crc32c(header) or record_crc != masked_crc32c(record):
+            raise ValueError(f"{path}: corrupt record at byte {pos} (checksum mismatch)")
         pos += 16 + length
-        step, summary = 0, None
-        for number, value in _fields(record):
-            if number == 2:
-                step = value
-            elif number == 5:
-                summary = value
-        if summary is None:
-            continue
-        for _, value_msg in _fields(summary):
-            tag, scalar = "", float("nan")
-            for number, value in _fields(value_msg):
-                if number == 1:
-                    tag = value.decode()
-                elif number == 2:
-                    (scalar,) = struct.unpack("<f", value)
-            out.append((step, tag, scalar))
+        event = Event.FromString(record)
+        for value in event.summary.value:
+            if value.WhichOneof("value") == "simple_value":
+                out.append((event.step, value.tag, value.simple_value))
     return out
 
 
-class RunLog:
-    """JSONL + TensorBoard events + a one-line progress display, on the main process only."""
+def _hparam_value(value: Any) -> bool | int | float | str:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, default=str)
 
-    def __init__(self, log_dir: str, *, enabled: bool = True, total_steps: int = 0):
-        self.enabled = enabled
-        self.total_steps = total_steps
-        if enabled:
-            os.makedirs(log_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(log_dir, "log.jsonl"), "a")
-            self._events = EventWriter(log_dir)
 
-    def log(self, step: int, values: dict[str, Any], *, kind: str = "train") -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, "kind": kind, "time": time.time(), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        self._events.scalars(step, {f"{kind}/{k}": v for k, v in values.items()
-                                    if isinstance(v, (int, float))})
-
-    def progress(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        done = int(width * step / max(self.total_steps, 1))
-        text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total_steps} "
-                         f"{text}   ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            self._jsonl.close()
-            self._events.close()
+def _plain(value: Any) -> Any:
+    """NumPy / JAX scalars as Python numbers in the JSONL; anything else as its text."""
+    return value.item() if getattr(value, "shape", None) == () else str(value)
