@@ -3,7 +3,7 @@
 Datasets are written as ``array_record`` with images kept **encoded** (the JPEG/PNG bytes the
 user's file already holds, in a ``tfds.features.Tensor(shape=(), dtype=np.object_)``): tfds can
 then build and read them with no TensorFlow installed, nothing is re-compressed, and the input
-pipeline decodes with OpenCV (DESIGN.md, "Facts about the stack"). ``tfds.features.Image`` would
+pipeline decodes with OpenCV. ``tfds.features.Image`` would
 decode on read with PIL and needs TensorFlow to encode arrays, so it is not used.
 
 Layout on disk: ``<data_dir>/kdface_training/<name>/<version>/`` and
