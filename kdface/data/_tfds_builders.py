@@ -184,7 +184,8 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _records(self):
-        """Yields ``(key, landmark_key, label, encoded or exception)`` from the source."""
+        """Yields ``(key, landmark_key, label, encoded or exception, where)`` from the source;
+        ``where`` names the record in errors (the ``.rec`` key, or the file)."""
         cfg = self.builder_config
         if cfg.source_format == "recordio":
             from kdface.data._recordio import RecordIO, RecordIOError
@@ -193,9 +194,10 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
                     try:
                         label, data = rec.read_encoded(i)
                     except RecordIOError as err:
-                        yield i, str(i), -1, err
+                        yield i, str(i), -1, err, ""
                         continue
-                    yield i, str(i), label, data
+                    where = f"{cfg.source} key {int(rec.keys[i])} (image {i})"
+                    yield i, str(i), label, data, where
         else:
             from kdface.data._folders import read_identity_folders
             # The folder reader decodes every image once itself ('error' or 'skip').
@@ -208,7 +210,7 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
                     _progress(items, len(items), cfg.progress, "images")):
                 key = os.path.relpath(path, cfg.source)
                 with open(path, "rb") as f:
-                    yield i, key, int(label), f.read()
+                    yield i, key, int(label), f.read(), path
 
     def _generate_examples(self):
         cfg = self.builder_config
@@ -216,12 +218,12 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         skipped, labels = 0, set()
         self._folder_skipped = 0
         max_label = -1
-        for key, landmark_key, label, data in self._records():
+        for key, landmark_key, label, data, where in self._records():
             try:
                 if isinstance(data, Exception):
                     raise data
                 if cfg.verify_images and cfg.source_format == "recordio":
-                    _check_decodable(data, f"{cfg.source} image {landmark_key}")
+                    _check_decodable(data, where)
             except (UndecodableImageError, ValueError):
                 if not cfg.skip_undecodable:
                     raise
