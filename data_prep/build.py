@@ -10,9 +10,12 @@
 Each command shows a progress bar and ends with a summary (images or pairs, identities,
 skipped records) and the dataset path; ``--json`` prints the summaries as one JSON line
 instead. A bad input ends with one ``error:`` line naming the cause and exit status 2 (1 for an
-unexpected failure); ``--verbose`` shows the full traceback instead. Datasets land in ``<data-dir>/kdface_training/<name>/`` or
-``<data-dir>/kdface_verification/<name>/`` (array_record, encoded images, no TensorFlow) and
-are read with ``kdface.data.load_training_source`` / ``load_verification_source``.
+unexpected failure); ``--verbose`` shows the full traceback instead. Datasets land in
+``<data-dir>/kdface_training/<name>/`` or ``<data-dir>/kdface_verification/<name>/``
+(array_record, encoded images, no TensorFlow) and are read with
+``kdface.data.load_training_source`` / ``load_verification_source``. A name is only ever
+reused for the content it was built from: building another source under a taken name is
+refused (``--overwrite`` replaces it).
 """
 from __future__ import annotations
 

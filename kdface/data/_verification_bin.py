@@ -162,8 +162,8 @@ def _load(path: str):
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except UnsafePickleError as err:
         raise UnsafePickleError(
-            f"{path}: {err}. Only lists, tuples, bytes, bools, ints and numpy bool/int/uint arrays "
-            "may appear; this file may be malicious and was not loaded."
+            f"{path}: {err}. Only lists, tuples, bytes, bools, ints and numpy bool/int/uint "
+            "arrays may appear; this file may be malicious and was not loaded."
         ) from None
     except Exception as err:  # noqa: BLE001 - the pure-Python unpickler raises many kinds
         reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
