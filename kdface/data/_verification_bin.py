@@ -166,7 +166,10 @@ def _load(path: str):
             "arrays may appear; this file may be malicious and was not loaded."
         ) from None
     except Exception as err:  # noqa: BLE001 - the pure-Python unpickler raises many kinds
-        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        if isinstance(err, EOFError):  # the pure-Python unpickler's EOFError has no text
+            reason = "the pickle ends early: the file is truncated"
+        else:
+            reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         raise ValueError(f"{path} is not a readable verification .bin pickle ({reason}; "
                          f"{len(data)} bytes)") from err
 
