@@ -398,3 +398,6 @@ def test_verification_name_taken_by_another_bin_is_refused(tmp_path):
     with pytest.raises(ValueError, match="content differs"):
         build_verification_dataset(paths[1], data_dir)
     assert build_verification_dataset(paths[1], data_dir, name="lfw_b")["pairs"] == 1
+    shutil.copy(paths[1], paths[0])  # the same path, other content: refused as well
+    with pytest.raises(ValueError, match="when it held other content"):
+        build_verification_dataset(paths[0], data_dir)

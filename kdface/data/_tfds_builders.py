@@ -347,11 +347,17 @@ def _check_same_source(builder: str, config, data_dir) -> None:
         same = built["fingerprint"] == config.fingerprint
     else:  # built before sources were fingerprinted: the path is all there is to compare
         same = old_source == os.path.abspath(config.source)
-    if not same:
-        raise ValueError(
-            f"dataset {config.name!r} in {path} was built from {old_source}, whose content "
-            f"differs from {os.path.abspath(config.source)}; choose another name (--name), "
-            "rebuild it from the new source (--overwrite), or use another --data-dir")
+    if same:
+        return
+    new_source = os.path.abspath(config.source)
+    if old_source == new_source:
+        cause = (f"dataset {config.name!r} in {path} was built from {old_source} when it held "
+                 "other content (or with another landmarks CSV)")
+    else:
+        cause = (f"dataset {config.name!r} in {path} was built from {old_source}, whose "
+                 f"content differs from {new_source}")
+    raise ValueError(f"{cause}; choose another name (--name), rebuild it from the new source "
+                     "(--overwrite), or use another --data-dir")
 
 
 def _prepare(builder_cls, config, data_dir: str, overwrite: bool) -> dict:
