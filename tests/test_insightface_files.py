@@ -105,6 +105,31 @@ def test_bin_with_imencode_column_arrays_reads_like_insightface(tmp_path, protoc
         assert bool(source[i]["issame"]) == issame[i]
 
 
+def py2_imencode_column(data):
+    """The pickle Python 2's numpy wrote for ``cv2.imencode`` output ``(N, 1)`` uint8 with
+    protocol 2 (``pickle.HIGHEST_PROTOCOL`` there): ``_reconstruct`` + BUILD with the
+    ``numpy.dtype('u1')`` state, every string a py2 ``str`` (BINSTRING/SHORT_BINSTRING)."""
+    n = struct.pack("<i", len(data))
+    return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+            b"(K\x01J" + n + b"K\x01\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
+            b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T" + n + data
+            + b"tb")
+
+
+def test_bin_from_agedb2pack2_under_python2(tmp_path):
+    jpegs = [imencode_column(im).tobytes() for im in faces(4, seed=8)]
+    raw = (b"\x80\x02(](" + b"".join(py2_imencode_column(j) for j in jpegs)
+           + b"e](\x88\x89et.")
+    bins, issame = pickle.loads(raw, encoding="bytes")  # insightface's load_bin under py3
+    assert bins[0].shape == (len(jpegs[0]), 1) and issame == [True, False]
+    path = tmp_path / "agedb_30.bin"
+    path.write_bytes(raw)
+    encoded, flags = read_verification_bin_encoded(path)
+    assert encoded == jpegs and flags.tolist() == [True, False]
+    want, _ = insightface_load_bin(path)
+    np.testing.assert_array_equal(read_verification_bin(path)[0], want)
+
+
 def test_bin_refuses_arrays_that_are_not_encoded_bytes(tmp_path):
     good = imencode_column(faces(1)[0])
     for bad, match in [(good.astype(np.float32), "refusing numpy data of dtype"),
