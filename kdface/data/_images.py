@@ -130,7 +130,8 @@ class _StderrSink:
         cls.fd = None
 
 
-os.register_at_fork(after_in_child=_StderrSink.reset_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX only, like the fd juggling it protects
+    os.register_at_fork(after_in_child=_StderrSink.reset_after_fork)
 
 
 def _imdecode_with_warnings(buf: np.ndarray):

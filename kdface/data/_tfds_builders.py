@@ -3,8 +3,8 @@
 Datasets are written as ``array_record`` with images kept **encoded** (the JPEG/PNG bytes the
 user's file already holds, in a ``tfds.features.Tensor(shape=(), dtype=np.object_)``): tfds can
 then build and read them with no TensorFlow installed, nothing is re-compressed, and the input
-pipeline decodes with OpenCV. ``tfds.features.Image`` would
-decode on read with PIL and needs TensorFlow to encode arrays, so it is not used.
+pipeline decodes with OpenCV. ``tfds.features.Image`` would decode on read with PIL and needs
+TensorFlow to encode arrays, so it is not used.
 
 Layout on disk: ``<data_dir>/kdface_training/<name>/<version>/`` and
 ``<data_dir>/kdface_verification/<name>/<version>/``; ``<name>`` is the builder config, one per
