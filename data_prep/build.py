@@ -1,6 +1,6 @@
 """Convert face datasets users already have into tfds datasets kdface trains and evaluates on.
 
-    python -m data_prep.build recordio faces_emore/train.rec --data-dir ~/kdface_data
+    python -m data_prep.build recordio faces_emore/train.rec --data-dir ~/kdface_data --name emore
     python -m data_prep.build folders casia_aligned/ --data-dir ~/kdface_data --name casia
     python -m data_prep.build verification-bin faces_emore/lfw.bin faces_emore/cfp_fp.bin \\
         --data-dir ~/kdface_data
@@ -9,9 +9,13 @@
 
 Each command shows a progress bar and ends with a summary (images or pairs, identities,
 skipped records) and the dataset path; ``--json`` prints the summaries as one JSON line
-instead. Datasets land in ``<data-dir>/kdface_training/<name>/`` or
-``<data-dir>/kdface_verification/<name>/`` (array_record, encoded images, no TensorFlow) and
-are read with ``kdface.data.load_training_source`` / ``load_verification_source``.
+instead. A bad input ends with one ``error:`` line naming the cause and exit status 2 (1 for an
+unexpected failure); ``--verbose`` shows the full traceback instead. Datasets land in
+``<data-dir>/kdface_training/<name>/`` or ``<data-dir>/kdface_verification/<name>/``
+(array_record, encoded images, no TensorFlow) and are read with
+``kdface.data.load_training_source`` / ``load_verification_source``. A name is only ever
+reused for the content it was built from: building another source under a taken name is
+refused (``--overwrite`` replaces it).
 """
 from __future__ import annotations
 
@@ -28,38 +32,46 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, *, naming=True):
+    def common(p, *, naming=None):
         p.add_argument("--data-dir", required=True, help="root folder of the tfds datasets")
         if naming:
-            p.add_argument("--name", default=None,
-                           help="dataset name (default: the source's file or folder name)")
+            p.add_argument("--name", default=None, help=f"dataset name (default: {naming})")
         p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
         p.add_argument("--no-verify", action="store_true",
                        help="do not decode every image while building (faster, unchecked)")
         p.add_argument("--json", action="store_true", help="print summaries as JSON")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--verbose", action="store_true",
+                       help="on failure, print the full traceback instead of one line")
 
     p = sub.add_parser("recordio", help="insightface/MXNet train.rec (+ train.idx beside it)")
     p.add_argument("source", help="path of the .rec file")
     p.add_argument("--landmarks", default=None,
                    help="CSV filename,x1,y1,...,x5,y5 with filename = record index")
     p.add_argument("--skip-undecodable", action="store_true",
-                   help="skip and count records whose image cannot be decoded")
-    common(p)
+                   help="skip and count records whose image cannot be decoded or is damaged")
+    common(p, naming="<folder>_<file>_<8 hex digits of the content fingerprint>, e.g. "
+                     "faces_emore_train_1f0c2a9b")
 
     p = sub.add_parser("folders", help="one sub-folder of images per identity")
     p.add_argument("source", help="root folder")
     p.add_argument("--landmarks", default=None,
                    help="CSV filename,x1,y1,...,x5,y5 with filename relative to the root")
     p.add_argument("--skip-undecodable", action="store_true",
-                   help="skip and count images that cannot be decoded")
-    common(p)
+                   help="skip and count images that cannot be decoded or are damaged")
+    common(p, naming="<folder>_<8 hex digits of the content fingerprint>")
 
     p = sub.add_parser("verification-bin", help="insightface verification .bin files")
     p.add_argument("sources", nargs="+", help=".bin files (lfw.bin, cfp_fp.bin, ...)")
     p.add_argument("--num-folds", type=int, default=10,
-                   help="contiguous folds of the pairs (LFW protocol: 10)")
-    common(p, naming=False)
+                   help="contiguous folds of the pairs, sized as sklearn's KFold (10: LFW "
+                        "protocol, as insightface)")
+    p.add_argument("--skip-undecodable", action="store_true",
+                   help="skip and count pairs with an undecodable or damaged image")
+    p.add_argument("--name", default=None,
+                   help="dataset name, with a single source (default: the file name, lfw for "
+                        "lfw.bin)")
+    common(p)
 
     p = sub.add_parser("pairs", help="LFW-style pairs.txt + a folder of identity folders")
     p.add_argument("source", help="pairs.txt")
@@ -68,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ext", default="jpg", help="image file extension (default jpg)")
     p.add_argument("--skip-missing", action="store_true",
                    help="skip and count pairs whose images are missing or undecodable")
-    common(p)
+    common(p, naming="the file name, pairs for pairs.txt")
 
     p = sub.add_parser("synthetic", help="write and build the synthetic default dataset")
     p.add_argument("out_dir", help="where train.rec/.idx, landmarks and the .bin are written")
@@ -82,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="datasets are <name>_train and <name>_val (default synth)")
     p.add_argument("--json", action="store_true", help="print summaries as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="on failure, print the full traceback instead of one line")
     return parser
 
 
@@ -107,8 +121,10 @@ def main(argv=None) -> int:
 
     progress = not args.quiet
     summaries = []
-    # tfds prints "Downloading and preparing..." on stdout; keep stdout for the summary.
-    with contextlib.redirect_stdout(sys.stderr):
+    # tfds prints "Downloading and preparing..." on stdout: keep stdout for the summary, and
+    # show tfds' lines only with --verbose (our progress bars and errors go to stderr).
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(
+            sys.stderr if args.verbose else devnull):
         status = _build(args, progress, summaries)
     if status:
         return status
@@ -120,40 +136,63 @@ def main(argv=None) -> int:
     return 0
 
 
+# What a user can fix; anything else is unexpected and says how to see its traceback.
+_INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, ValueError, TypeError)
+
+
 def _build(args, progress: bool, summaries: list) -> int:
-    from kdface import data
     try:
-        if args.command in ("recordio", "folders"):
-            summaries.append(data.build_training_dataset(
-                args.source, args.data_dir, name=args.name,
-                source_format="recordio" if args.command == "recordio" else "folders",
-                landmarks=args.landmarks, skip_undecodable=args.skip_undecodable,
+        _run_command(args, progress, summaries)
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line unless --verbose
+        if args.verbose:
+            raise
+        from kdface.data import UndecodableImageError
+        message = str(err) or type(err).__name__
+        if isinstance(err, UndecodableImageError) and args.command != "synthetic":
+            flag = "--skip-missing" if args.command == "pairs" else "--skip-undecodable"
+            message += f" (pass {flag} to skip and count such images)"
+        if isinstance(err, _INPUT_ERRORS):
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        print(f"error: {type(err).__name__}: {message} (rerun with --verbose for the "
+              "traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_command(args, progress: bool, summaries: list) -> None:
+    from kdface import data
+    if args.command in ("recordio", "folders"):
+        summaries.append(data.build_training_dataset(
+            args.source, args.data_dir, name=args.name,
+            source_format="recordio" if args.command == "recordio" else "folders",
+            landmarks=args.landmarks, skip_undecodable=args.skip_undecodable,
+            verify_images=not args.no_verify, overwrite=args.overwrite,
+            progress=progress))
+    elif args.command == "verification-bin":
+        if args.name is not None and len(args.sources) > 1:
+            raise ValueError(f"--name names one dataset, got {len(args.sources)} .bin "
+                             "files; build them one at a time or drop --name")
+        for source in args.sources:
+            summaries.append(data.build_verification_dataset(
+                source, args.data_dir, name=args.name, source_format="bin",
+                num_folds=args.num_folds, skip_missing=args.skip_undecodable,
                 verify_images=not args.no_verify, overwrite=args.overwrite,
                 progress=progress))
-        elif args.command == "verification-bin":
-            for source in args.sources:
-                summaries.append(data.build_verification_dataset(
-                    source, args.data_dir, source_format="bin", num_folds=args.num_folds,
-                    verify_images=not args.no_verify, overwrite=args.overwrite,
-                    progress=progress))
-        elif args.command == "pairs":
-            summaries.append(data.build_verification_dataset(
-                args.source, args.data_dir, name=args.name, source_format="pairs",
-                images_root=args.images_root, image_ext=args.ext,
-                skip_missing=args.skip_missing, verify_images=not args.no_verify,
-                overwrite=args.overwrite, progress=progress))
-        else:
-            result = data.make_synthetic_dataset(
-                args.out_dir, num_identities=args.num_identities,
-                images_per_identity=args.images_per_identity,
-                num_verification_identities=args.num_verification_identities,
-                num_verification_pairs=args.num_verification_pairs, seed=args.seed,
-                data_dir=args.data_dir, name=args.name, progress=progress)
-            summaries += [result["train"], result["verification"]]
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    elif args.command == "pairs":
+        summaries.append(data.build_verification_dataset(
+            args.source, args.data_dir, name=args.name, source_format="pairs",
+            images_root=args.images_root, image_ext=args.ext,
+            skip_missing=args.skip_missing, verify_images=not args.no_verify,
+            overwrite=args.overwrite, progress=progress))
+    else:
+        result = data.make_synthetic_dataset(
+            args.out_dir, num_identities=args.num_identities,
+            images_per_identity=args.images_per_identity,
+            num_verification_identities=args.num_verification_identities,
+            num_verification_pairs=args.num_verification_pairs, seed=args.seed,
+            data_dir=args.data_dir, name=args.name, progress=progress)
+        summaries += [result["train"], result["verification"]]
 
 
 if __name__ == "__main__":

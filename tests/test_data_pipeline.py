@@ -217,7 +217,7 @@ def test_tfds_source_resized_landmarks_and_device_batches(tmp_path):
     points = np.tile(np.array([[10, 12], [40, 12], [25, 30], [14, 45], [38, 45]],
                               np.float32), (8, 1, 1))
     builders.write_landmarks_csv(tmp_path / "lm.csv", [str(i) for i in range(8)], points)
-    builders.build_training_dataset(tmp_path / "t.rec", tmp_path / "data",
+    builders.build_training_dataset(tmp_path / "t.rec", tmp_path / "data", name="t",
                                     landmarks=tmp_path / "lm.csv")
     source = builders.load_training_source(tmp_path / "data", "t")
     p = pipe.make_training_pipeline(source, global_batch_size=8, num_devices=4, flip=False,

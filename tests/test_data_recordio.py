@@ -170,14 +170,22 @@ def test_array_labels_identity_is_first(tmp_path):
     rec = tmp_path / "arr.rec"
     write_recordio(rec, zip(labels, imgs), image_format="png")
     records = ref_records(rec.read_bytes())
-    assert ref_header(records[0][2])[:2] == (2, [4.0, 0.5])
-    assert ref_header(records[1][2])[:2] == (3, [1.0, 9.0, 9.0])
+    # Array labels first: a header record [N + 1, N + 1] without image precedes the images, so
+    # insightface's reader (which takes a multi-label record 0 for the header) sees them all.
+    assert ref_header(records[0][2]) == (2, [4.0, 4.0], b"")
+    assert ref_header(records[1][2])[:2] == (2, [4.0, 0.5])
+    assert ref_header(records[2][2])[:2] == (3, [1.0, 9.0, 9.0])
     ds = RecordIO(rec)
-    assert ds.layout == "flat"  # record 0 has flag 2 but carries an image: not a legacy header
+    np.testing.assert_array_equal(ds.keys, [1, 2, 3])
     np.testing.assert_array_equal(ds.labels, [4, 1, 2])
-    header, _ = ds.read_key(1)
+    assert ds.identity_ranges.shape == (0, 2)
+    header, _ = ds.read_key(2)
     assert header.flag == 3 and header.label.tolist() == [1.0, 9.0, 9.0]
     np.testing.assert_array_equal(ds[0][1], imgs[0])
+    # Scalar first, arrays later: stays flat (record 0 has flag 0, which insightface reads so).
+    write_recordio(rec, zip([2, [1, 9, 9]], imgs[:2]), image_format="png")
+    ds = RecordIO(rec)
+    assert ds.layout == "flat" and ds.labels.tolist() == [2, 1]
 
 
 def test_split_record_round_trip_and_raw_parts(tmp_path):

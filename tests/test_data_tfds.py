@@ -33,10 +33,12 @@ def rec_path(tmp_path):
 
 def test_training_round_trip_from_recordio(rec_path, tmp_path):
     summary = builders.build_training_dataset(rec_path, tmp_path / "data")
-    assert summary["name"] == "faces" and summary["images"] == 7
+    name = summary["name"]  # <folder>_<stem>_<8 hex digits of the content fingerprint>
+    assert name == f"{tmp_path.name}_faces_{summary['fingerprint'][:8]}"
+    assert summary["images"] == 7
     assert summary["identities"] == 3 and summary["num_classes"] == 3 and summary["skipped"] == 0
     assert summary["features"] == ["image", "label"]
-    source = builders.load_training_source(tmp_path / "data", "faces")
+    source = builders.load_training_source(tmp_path / "data", name)
     assert len(source) == 7
     got = sorted((int(source[i]["label"]), source[i]["image"]) for i in range(len(source)))
     rec = RecordIO(rec_path)
@@ -136,7 +138,7 @@ def test_bad_arguments(tmp_path, rec_path):
     with pytest.raises(ValueError, match="images_root"):
         (tmp_path / "p.txt").write_text("1 1\n")
         builders.build_verification_dataset(tmp_path / "p.txt", tmp_path / "data")
-    with pytest.raises(FileNotFoundError, match="no built dataset"):
+    with pytest.raises(FileNotFoundError, match="no training dataset named 'missing'"):
         builders.load_training_source(tmp_path / "data", "missing")
 
 
@@ -167,9 +169,10 @@ out = sys.argv[1]
 images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
 write_recordio(out + "/t.rec", [(i % 2, images[i]) for i in range(4)])
 write_verification_bin(out + "/v.bin", images, [True, False])
-assert b.build_training_dataset(out + "/t.rec", out + "/data")["images"] == 4
+built = b.build_training_dataset(out + "/t.rec", out + "/data")
+assert built["images"] == 4
 assert b.build_verification_dataset(out + "/v.bin", out + "/data")["pairs"] == 2
-src = b.load_training_source(out + "/data", "t")
+src = b.load_training_source(out + "/data", built["name"])
 assert sorted(int(src[i]["label"]) for i in range(4)) == [0, 0, 1, 1]
 assert bool(b.load_verification_source(out + "/data", "v")[0]["issame"])
 loaded = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))

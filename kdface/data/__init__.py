@@ -1,5 +1,5 @@
 """Face data without TensorFlow: formats, builders, degradation, alignment, pipeline."""
-# formats and image preparation (issue 5: formats helper)
+# formats and image preparation
 from kdface.data._images import (  # noqa: F401
     UndecodableImageError,
     decode_image,
@@ -37,7 +37,7 @@ from kdface.data._degrade import (  # noqa: F401
     lr_probe,
     lr_probe_pairs,
 )
-# synthetic identities, tfds builders and the two-view pipeline (issue 5: pipeline helper)
+# synthetic identities, tfds builders and the two-view pipeline
 from kdface.data._synthetic import (  # noqa: F401
     IdentityParams,
     identity_params,
@@ -53,10 +53,13 @@ from kdface.data._tfds_builders import (  # noqa: F401
     VERIFICATION_BUILDER,
     build_training_dataset,
     build_verification_dataset,
+    built_dataset_names,
     dataset_path,
+    kfold_fold_ids,
     load_dataset_metadata,
     load_training_source,
     load_verification_source,
+    source_fingerprint,
     write_landmarks_csv,
 )
 from kdface.data._pipeline import (  # noqa: F401

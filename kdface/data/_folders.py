@@ -40,7 +40,8 @@ def read_identity_folders(root, *, on_undecodable: str = "error",
     Labels are ``0..C-1`` over the folder names in sorted (code-point) order, counting only
     folders left with at least one image, so labels stay contiguous; images are sorted by file
     name within a folder. ``on_undecodable``: ``'error'`` decodes every image and raises
-    ``UndecodableImageError`` naming the first bad file; ``'skip'`` decodes every image and
+    ``UndecodableImageError`` naming the first bad file (undecodable, or a damaged JPEG:
+    ``decode_image(strict=True)``); ``'skip'`` decodes every image and
     drops (logs, counts in ``.skipped``) the bad ones; ``'unchecked'`` decodes nothing (fast;
     bad files then fail when read). Decoding costs about a millisecond per 112x112 JPEG.
     """
@@ -65,7 +66,7 @@ def read_identity_folders(root, *, on_undecodable: str = "error",
             path = os.path.join(directory, name)
             if on_undecodable != "unchecked":
                 try:
-                    read_image_file(path)
+                    read_image_file(path, strict=True)
                 except UndecodableImageError:
                     if on_undecodable == "error":
                         raise

@@ -8,6 +8,8 @@ JPEGs inside insightface's ``.rec``/``.bin`` files (which ``mx.image.imdecode`` 
 from __future__ import annotations
 
 import os
+import tempfile
+import threading
 
 import cv2
 import numpy as np
@@ -37,27 +39,56 @@ def check_image(image, *, name: str = "image") -> np.ndarray:
     return image
 
 
-def decode_image(data, *, name: str = "image") -> np.ndarray:
-    """Decodes encoded image bytes (JPEG, PNG, BMP, ...) to uint8 ``[H, W, 3]`` RGB.
+def _encoded_buffer(data, name: str) -> np.ndarray:
+    """Encoded bytes as a 1-D uint8 view: bytes-like, or any C-contiguous uint8 array.
 
-    Grayscale images are expanded to three channels, alpha is dropped and 16-bit images are
-    reduced to 8 bits (OpenCV's ``IMREAD_COLOR``). ``name`` identifies the record in the error
-    raised for bytes that are not a decodable image (``UndecodableImageError``).
+    ``cv2.imencode`` returns an ``(N, 1)`` array in older OpenCV releases and insightface's
+    ``.bin`` packers stored that array as is, so every C-contiguous uint8 array is accepted.
     """
     if isinstance(data, np.ndarray):
-        if data.dtype != np.uint8 or data.ndim != 1:
+        if data.dtype != np.uint8 or data.ndim == 0 or not data.flags.c_contiguous:
             raise TypeError(
-                f"{name}: encoded image arrays must be 1-D uint8, got {data.dtype} {data.shape}"
+                f"{name}: encoded image arrays must be C-contiguous uint8, got {data.dtype} "
+                f"{data.shape}"
             )
-        buf = data
-    elif isinstance(data, (bytes, bytearray, memoryview)):
-        buf = np.frombuffer(data, dtype=np.uint8)
-    else:
-        raise TypeError(f"{name}: expected encoded image bytes, got {type(data).__name__}")
+        return data.reshape(-1)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(data, dtype=np.uint8)
+    raise TypeError(f"{name}: expected encoded image bytes, got {type(data).__name__}")
+
+
+def decode_image(data, *, name: str = "image", strict: bool = False) -> np.ndarray:
+    """Decodes encoded image bytes (JPEG, PNG, BMP, ...) to uint8 ``[H, W, 3]`` RGB.
+
+    ``data``: bytes, or a C-contiguous uint8 array of encoded bytes (any shape, e.g. the
+    ``(N, 1)`` arrays older ``cv2.imencode`` returns). Grayscale images are expanded to three
+    channels, alpha is dropped and 16-bit images are reduced to 8 bits (OpenCV's
+    ``IMREAD_COLOR``). ``name`` identifies the record in the error raised for bytes that are
+    not a decodable image (``UndecodableImageError``).
+
+    ``strict``: also refuse damaged JPEGs that OpenCV decodes anyway, filling the damaged part
+    with grey or garbage: a JPEG that ends before its end-of-image marker, and one for which
+    libjpeg reports corrupt data ("Corrupt JPEG data: premature end of data segment", "...
+    extraneous bytes before marker ..."). Meant for checking a dataset once while building it;
+    it serializes JPEG decoding in the process (see ``_imdecode_with_warnings``).
+    """
+    buf = _encoded_buffer(data, name)
     if buf.size == 0:
         raise UndecodableImageError(f"{name}: cannot decode an image from 0 bytes")
+    is_jpeg = strict and bytes(buf[:2]) == b"\xff\xd8"
+    if is_jpeg:
+        raw = buf.tobytes()
+        start = raw.find(b"\xff\xda")
+        if start < 0 or raw.rfind(b"\xff\xd9") < start:
+            raise UndecodableImageError(
+                f"{name}: damaged JPEG: the {buf.size} bytes end before the end-of-image marker "
+                "(truncated)"
+            )
     try:
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if is_jpeg:
+            bgr, warnings = _imdecode_with_warnings(buf)
+        else:
+            bgr, warnings = cv2.imdecode(buf, cv2.IMREAD_COLOR), []
     except cv2.error as err:  # OpenCV raises for some malformed headers instead of returning None
         raise UndecodableImageError(
             f"{name}: {buf.size} bytes are not a decodable image ({err})"
@@ -67,7 +98,76 @@ def decode_image(data, *, name: str = "image") -> np.ndarray:
         raise UndecodableImageError(
             f"{name}: {buf.size} bytes are not a decodable image (first bytes {head})"
         )
+    if warnings:
+        raise UndecodableImageError(f"{name}: damaged JPEG, libjpeg reports: {warnings[0]}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# libjpeg's warnings that mean the pixel data is damaged (jerror.h, JWRN_*); others (an unknown
+# JFIF revision, an Adobe colour-transform code) leave the pixels intact and are passed through.
+_DAMAGE_WARNINGS = (b"Corrupt JPEG data", b"Premature end of JPEG file",
+                    b"Invalid SOS parameters", b"Inconsistent progression sequence")
+
+
+class _StderrSink:
+    """A per-process temporary file that fd 2 is pointed at while libjpeg runs."""
+
+    lock = threading.Lock()
+    fd = None
+    pid = None
+
+    @classmethod
+    def get(cls) -> int:
+        if cls.fd is None or cls.pid != os.getpid():
+            with tempfile.TemporaryFile() as f:  # already unlinked; the dup keeps it open
+                cls.fd = os.dup(f.fileno())
+            cls.pid = os.getpid()
+        return cls.fd
+
+    @classmethod
+    def reset_after_fork(cls) -> None:
+        cls.lock = threading.Lock()  # a fork taken mid-decode must not inherit a held lock
+        cls.fd = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only, like the fd juggling it protects
+    os.register_at_fork(after_in_child=_StderrSink.reset_after_fork)
+
+
+def _imdecode_with_warnings(buf: np.ndarray):
+    """``(cv2.imdecode result, damage warnings)`` for JPEG bytes.
+
+    OpenCV installs libjpeg's default message handler, which prints warnings with ``fprintf``
+    on stderr and lets the decode succeed; neither ``cv2`` nor any library kdface requires
+    exposes them. So fd 2 points at a temporary file for the duration of the call (under a
+    lock, ~20 us) and what libjpeg wrote there is read back; any other text that landed there
+    meanwhile is written on to the real stderr.
+    """
+    with _StderrSink.lock:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: libjpeg's messages go nowhere, decode unchecked
+            return cv2.imdecode(buf, cv2.IMREAD_COLOR), []
+        sink = _StderrSink.get()
+        try:
+            os.dup2(sink, 2)
+            try:
+                bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+            finally:
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+        size = os.fstat(sink).st_size
+        text = os.pread(sink, size, 0) if size else b""
+        if size:
+            os.ftruncate(sink, 0)
+            os.lseek(sink, 0, os.SEEK_SET)
+    damage, other = [], []
+    for line in text.splitlines(keepends=True):
+        (damage if line.startswith(_DAMAGE_WARNINGS) else other).append(line)
+    if other:
+        os.write(2, b"".join(other))
+    return bgr, [line.decode("utf-8", "replace").strip() for line in damage]
 
 
 def encode_image(image, *, format: str = "jpg", quality: int = 95, name: str = "image") -> bytes:
@@ -91,8 +191,10 @@ def encode_image(image, *, format: str = "jpg", quality: int = 95, name: str = "
     return buf.tobytes()
 
 
-def read_image_file(path) -> np.ndarray:
+def read_image_file(path, *, strict: bool = False) -> np.ndarray:
     """Reads and decodes an image file to uint8 ``[H, W, 3]`` RGB (errors name the path).
+
+    ``strict``: refuse damaged JPEGs as :func:`decode_image` does.
 
     The file is read with Python's ``open`` rather than ``cv2.imread`` so non-ASCII paths work
     and a missing file gives ``FileNotFoundError`` instead of a silent ``None``.
@@ -100,4 +202,4 @@ def read_image_file(path) -> np.ndarray:
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
-    return decode_image(data, name=path)
+    return decode_image(data, name=path, strict=strict)

@@ -10,7 +10,9 @@ implemented in ``_recordio_format.py``. Two layouts exist:
   ``c < end_key - first_identity_key``) has ``flag = 2``, labels ``[a, b]`` (the image keys
   ``a..b-1`` of identity ``c``, which must be contiguous) and no image. A key-0 record is taken as
   the legacy header only when it has ``flag >= 2`` *and* no image bytes, so a flat file whose
-  first image carries array labels is not mistaken for one.
+  first image carries array labels is not mistaken for one. insightface's ``RecBuilder`` and
+  ``face2rec2.py`` write the header record *after* the images; that only matters without the
+  ``.idx`` (see ``build_recordio_index``).
 """
 from __future__ import annotations
 
@@ -256,16 +258,21 @@ def write_recordio(rec_path, samples, *, idx_path=None, layout: str = "flat",
     OpenCV so the file holds true colours) or already-encoded bytes (stored unchanged).
     Payloads holding the magic word at an aligned offset are split like dmlc's writer does.
 
-    ``layout='flat'``: images at keys 0..N-1. ``layout='legacy'``: the insightface layout
-    (module docstring): header record 0, images at keys 1..N, then one identity record per
-    identity. It requires the labels to be exactly 0..C-1 with each identity's images contiguous
-    in ``samples``, and N, C below 2**24 (the header stores keys as float32).
+    ``layout='flat'``: images at keys 0..N-1, except when the first sample has array labels:
+    insightface's ``MXFaceDataset`` takes any multi-label record 0 for the legacy header (and
+    would read ``range(1, label[0])``, i.e. no images), so such a file gets a header record 0
+    holding ``[N + 1, N + 1]`` (images at keys 1..N, no identity records), which insightface and
+    kdface both read as the N images. ``layout='legacy'``: the insightface layout (module
+    docstring): header record 0, images at keys 1..N, then one identity record per identity. It
+    requires the labels to be exactly 0..C-1 with each identity's images contiguous in
+    ``samples``, and N, C below 2**24 (the header stores keys as float32).
     """
     if layout not in ("flat", "legacy"):
         raise ValueError(f"layout must be 'flat' or 'legacy', got {layout!r}")
     rec_path = os.fspath(rec_path)
     idx_path = _default_idx(rec_path) if idx_path is None else os.fspath(idx_path)
     legacy = layout == "legacy"
+    header_only = False  # flat with array labels first: header record 0, no identity records
     index = {}
     ranges = {}  # legacy: identity -> [first_key, end_key)
     previous = None
@@ -275,8 +282,13 @@ def write_recordio(rec_path, samples, *, idx_path=None, layout: str = "flat",
             if legacy:
                 f.write(_frame(pack_irheader([0.0, 0.0])))  # placeholder, see _write_legacy_tail
             key = 1 if legacy else 0
+            num_images = 0
             for n, sample in enumerate(samples):
                 label, image = _check_sample(sample, n)
+                if n == 0 and not legacy and np.ndim(label) > 0:
+                    header_only = True
+                    f.write(_frame(pack_irheader([0.0, 0.0])))  # overwritten below
+                    key = 1
                 if isinstance(image, np.ndarray):
                     data = encode_image(image, format=image_format, quality=quality,
                                         name=f"sample {n}")
@@ -296,8 +308,14 @@ def write_recordio(rec_path, samples, *, idx_path=None, layout: str = "flat",
                 index[key] = f.tell()
                 f.write(_frame(pack_irheader(label, data)))
                 key += 1
+                num_images += 1
             if legacy:
                 _write_legacy_tail(f, index, ranges, key)
+            elif header_only:
+                if key >= _FLOAT32_EXACT:
+                    raise ValueError("array labels on the first sample need a header record "
+                                     "that stores keys as float32: at most 2**24 images")
+                _overwrite_header(f, index, key, key)
         _write_index(tmp_idx, dict(sorted(index.items())))
         os.replace(tmp_rec, rec_path)
         os.replace(tmp_idx, idx_path)
@@ -305,7 +323,7 @@ def write_recordio(rec_path, samples, *, idx_path=None, layout: str = "flat",
         for tmp in (tmp_rec, tmp_idx):
             if os.path.exists(tmp):
                 os.remove(tmp)
-    return len(index) - (1 + len(ranges) if legacy else 0)
+    return num_images
 
 
 def _check_sample(sample, n: int):
@@ -348,9 +366,14 @@ def _write_legacy_tail(f, index, ranges, key) -> None:
         index[key] = f.tell()
         f.write(_frame(pack_irheader([float(v) for v in ranges[c]], id=c)))
         key += 1
+    _overwrite_header(f, index, first, key)
+
+
+def _overwrite_header(f, index, first: int, end: int) -> None:
+    """Writes the legacy header ``[first, end]`` over the placeholder record at offset 0."""
     # The header payload is 32 bytes of small non-negative numbers and can never contain the
     # magic word (whose float32 reading is negative), so its frame has a fixed size and the
     # placeholder written first can be overwritten in place.
     f.seek(0)
-    f.write(_frame(pack_irheader([float(first), float(key)])))
+    f.write(_frame(pack_irheader([float(first), float(end)])))
     index[0] = 0

@@ -7,10 +7,10 @@ File layout (dmlc-core ``recordio.h``, which MXNet and insightface use):
   zero padding to a multiple of 4 (all little-endian).
 * ``cflag`` 0 is a whole record; 1/2/3 are the first/middle/last part of a split record. The
   writer splits a payload wherever the magic word sits at a 4-byte aligned offset inside it and
-  *drops* that word; the reader puts the magic word back between parts. (``DESIGN.md`` wrote the
-  magic as ``0x3ed7230a`` and the flag as ``lrec >> 30``: that is the or-tools/protobuf
-  RecordWriter's magic and an outdated dmlc comment; the dmlc code and every ``.rec`` file use
-  ``0xced7230a`` and 29 length bits, so that is what this module reads and writes.)
+  *drops* that word; the reader puts the magic word back between parts. (``0x3ed7230a`` and
+  ``lrec >> 30``, sometimes quoted, are the or-tools/protobuf RecordWriter's magic and an
+  outdated dmlc comment; the dmlc code and every ``.rec`` file use ``0xced7230a`` and 29 length
+  bits, so that is what this module reads and writes.)
 * ``.idx`` is text, one ``key\\toffset`` line per record: the byte offset of its first part.
 * Each image record's payload starts with an IRHeader ``<IfQQ`` (flag, label, id, id2). With
   ``flag == 0`` the label is the float32 scalar ``label``; with ``flag > 0``, ``flag`` float32
@@ -155,26 +155,58 @@ def _read_parts(fd: int, offset: int, path: str, size: int) -> tuple[bytes, int]
 
 
 def build_recordio_index(rec_path, idx_path=None, *, write: bool = True) -> dict[int, int]:
-    """Scans a ``.rec`` from the start and returns ``{key: offset}`` with keys 0, 1, 2, ... .
+    """Scans a ``.rec`` and returns the ``{key: offset}`` its writer's ``.idx`` would hold.
 
-    Keys follow record order, which is what every insightface/MXNet writer produces. With
-    ``write`` the index is saved as ``key\\toffset`` lines (default path: ``.rec`` -> ``.idx``).
-    Reads the whole file once: minutes for a multi-GB training set.
+    Every writer kdface knows numbers records in the order it writes them, with one exception:
+    the legacy insightface header (key 0) is written *after* the images by insightface's
+    ``RecBuilder`` (after the identity records too) and by ``face2rec2.py`` (before them). So
+    the header is found wherever it lies (:func:`_legacy_header_position`), becomes key 0, and
+    the other records get keys 1, 2, ... in file order; a file without one gets keys 0, 1, ...
+    With ``write`` the index is saved as ``key\\toffset`` lines (default path: ``.rec`` ->
+    ``.idx``). Reads the whole file once: minutes for a multi-GB training set.
     """
     rec_path = os.fspath(rec_path)
-    index = {}
+    offsets, candidates = [], []
     fd = os.open(rec_path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         pos = 0
         while pos < size:
-            index[len(index)] = pos
-            _, pos = _read_parts(fd, pos, rec_path, size)
+            offsets.append(pos)
+            payload, pos = _read_parts(fd, pos, rec_path, size)
+            if len(payload) >= _IR.size:
+                flag = _IR.unpack_from(payload, 0)[0]
+                if flag >= 2 and len(payload) == _IR.size + 4 * flag:  # labels, no image
+                    label = np.frombuffer(payload, np.float32, count=2, offset=_IR.size)
+                    candidates.append((len(offsets) - 1, float(label[0]), float(label[1])))
     finally:
         os.close(fd)
+    header = _legacy_header_position(candidates, len(offsets), rec_path)
+    if header is None:
+        index = dict(enumerate(offsets))
+    else:
+        rest = offsets[:header] + offsets[header + 1:]
+        index = {0: offsets[header], **{k: off for k, off in enumerate(rest, 1)}}
     if write:
         _write_index(_default_idx(rec_path) if idx_path is None else os.fspath(idx_path), index)
     return index
+
+
+def _legacy_header_position(candidates, num_records: int, rec_path: str) -> int | None:
+    """File position of the legacy header among imageless multi-label records, or None.
+
+    The header holds ``[first_identity_key, end]`` with ``end`` the number of keys, i.e. of
+    records; an identity record ``[a, b)`` has ``b <= first_identity_key``, which is below the
+    number of records whenever identity records exist, so none can pass for the header.
+    """
+    found = [pos for pos, first, end in candidates
+             if end == num_records and first.is_integer() and 1 <= first <= end]
+    if len(found) > 1:
+        raise RecordIOError(
+            f"{rec_path}: records at positions {found[:3]} all look like the legacy header "
+            f"[first_identity_key, {num_records}]; the keys cannot be rebuilt without the .idx"
+        )
+    return found[0] if found else None
 
 
 def _default_idx(rec_path: str) -> str:

@@ -3,22 +3,28 @@
 Datasets are written as ``array_record`` with images kept **encoded** (the JPEG/PNG bytes the
 user's file already holds, in a ``tfds.features.Tensor(shape=(), dtype=np.object_)``): tfds can
 then build and read them with no TensorFlow installed, nothing is re-compressed, and the input
-pipeline decodes with OpenCV (DESIGN.md, "Facts about the stack"). ``tfds.features.Image`` would
-decode on read with PIL and needs TensorFlow to encode arrays, so it is not used.
+pipeline decodes with OpenCV. ``tfds.features.Image`` would decode on read with PIL and needs
+TensorFlow to encode arrays, so it is not used.
 
 Layout on disk: ``<data_dir>/kdface_training/<name>/<version>/`` and
 ``<data_dir>/kdface_verification/<name>/<version>/``; ``<name>`` is the builder config, one per
-user dataset (``faces_emore``, ``lfw``, ``cfp_fp``...). Each carries ``metadata.json`` with the
-build summary (images or pairs, identities, skipped records, source path).
+user dataset (``faces_emore_train_<hash>``, ``lfw``, ``cfp_fp``...). Each carries
+``metadata.json`` with the build summary (images or pairs, identities, skipped records, source
+path) and the source's ``fingerprint`` (:func:`source_fingerprint`): a built dataset is reused
+only for the source it was built from, and a name already taken by another source is refused
+(every insightface training set is called ``train.rec``, so training sets are named after
+their folder plus a fingerprint prefix by default).
 
 Features:
 
 * training: ``image`` encoded bytes, ``label`` int64 identity, and ``landmarks`` float32
   ``[5, 2]`` (x, y pixels; left eye, right eye, nose, left and right mouth corner) when a
   landmarks CSV is given.
-* verification: ``image1``, ``image2`` encoded bytes, ``issame`` bool, ``fold`` int64 (pairs
-  split into ``num_folds`` contiguous folds as in LFW unless the source names them), ``pair``
-  int64 (position in the source file). Verification sets keep the source order.
+* verification: ``image1``, ``image2`` encoded bytes, ``issame`` bool, ``fold`` int64 (unless
+  the source names them, pairs split into ``num_folds`` contiguous folds sized as scikit-learn's
+  ``KFold(n_splits=num_folds, shuffle=False)``, which insightface's evaluation uses:
+  :func:`kfold_fold_ids`), ``pair`` int64 (position in the source file). Verification sets keep
+  the source order.
 """
 from __future__ import annotations
 
@@ -34,6 +40,13 @@ from etils import epath
 
 from kdface.data._align import read_landmarks_csv
 from kdface.data._images import UndecodableImageError, decode_image
+from kdface.data._sources import (
+    _check_name,
+    _default_name,
+    _default_training_name,
+    kfold_fold_ids,
+    source_fingerprint,
+)
 
 __all__ = [
     "TRAINING_BUILDER",
@@ -46,6 +59,9 @@ __all__ = [
     "build_verification_dataset",
     "write_landmarks_csv",
     "dataset_path",
+    "built_dataset_names",
+    "kfold_fold_ids",
+    "source_fingerprint",
     "load_training_source",
     "load_verification_source",
     "load_dataset_metadata",
@@ -76,13 +92,14 @@ class FaceTrainingConfig(tfds.core.BuilderConfig):
     skip_undecodable: bool = False
     verify_images: bool = True
     progress: bool = False
+    fingerprint: str = ""
 
 
 @dataclasses.dataclass
 class FaceVerificationConfig(tfds.core.BuilderConfig):
     """One verification set: an insightface ``.bin`` or an LFW ``pairs.txt`` + image root.
 
-    ``num_folds``: contiguous folds for a ``.bin`` (it does not store them). ``pairs.txt``
+    ``num_folds``: KFold-sized contiguous folds for a ``.bin`` (it stores none). ``pairs.txt``
     images are ``images_root/<name>/<name>_%04d.<image_ext>``. ``skip_missing``: skip (and
     count) pairs naming missing or undecodable images instead of failing.
     """
@@ -95,6 +112,7 @@ class FaceVerificationConfig(tfds.core.BuilderConfig):
     skip_missing: bool = False
     verify_images: bool = True
     progress: bool = False
+    fingerprint: str = ""
 
 
 def _progress(iterable, total: int | None, enabled: bool, desc: str):
@@ -105,7 +123,7 @@ def _progress(iterable, total: int | None, enabled: bool, desc: str):
 
 
 def _check_decodable(data: bytes, name: str) -> None:
-    image = decode_image(data, name=name)
+    image = decode_image(data, name=name, strict=True)
     if image.ndim != 3 or image.shape[2] != 3:
         raise UndecodableImageError(f"{name}: decoded to shape {image.shape}, not [H, W, 3]")
 
@@ -166,18 +184,20 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _records(self):
-        """Yields ``(key, landmark_key, label, encoded or exception)`` from the source."""
+        """Yields ``(key, landmark_key, label, encoded or exception, where)`` from the source;
+        ``where`` names the record in errors (the ``.rec`` key, or the file)."""
         cfg = self.builder_config
         if cfg.source_format == "recordio":
             from kdface.data._recordio import RecordIO, RecordIOError
-            with RecordIO(cfg.source) as rec:
+            with RecordIO(cfg.source, build_index=True) as rec:
                 for i in _progress(range(len(rec)), len(rec), cfg.progress, "records"):
                     try:
                         label, data = rec.read_encoded(i)
                     except RecordIOError as err:
-                        yield i, str(i), -1, err
+                        yield i, str(i), -1, err, ""
                         continue
-                    yield i, str(i), label, data
+                    where = f"{cfg.source} key {int(rec.keys[i])} (image {i})"
+                    yield i, str(i), label, data, where
         else:
             from kdface.data._folders import read_identity_folders
             # The folder reader decodes every image once itself ('error' or 'skip').
@@ -190,7 +210,7 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
                     _progress(items, len(items), cfg.progress, "images")):
                 key = os.path.relpath(path, cfg.source)
                 with open(path, "rb") as f:
-                    yield i, key, int(label), f.read()
+                    yield i, key, int(label), f.read(), path
 
     def _generate_examples(self):
         cfg = self.builder_config
@@ -198,12 +218,12 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         skipped, labels = 0, set()
         self._folder_skipped = 0
         max_label = -1
-        for key, landmark_key, label, data in self._records():
+        for key, landmark_key, label, data, where in self._records():
             try:
                 if isinstance(data, Exception):
                     raise data
                 if cfg.verify_images and cfg.source_format == "recordio":
-                    _check_decodable(data, f"{cfg.source} record {landmark_key}")
+                    _check_decodable(data, where)
             except (UndecodableImageError, ValueError):
                 if not cfg.skip_undecodable:
                     raise
@@ -220,7 +240,7 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update({
             "source": os.path.abspath(cfg.source), "source_format": cfg.source_format,
             "identities": len(labels), "num_classes": max_label + 1,
-            "skipped": skipped + self._folder_skipped,
+            "skipped": skipped + self._folder_skipped, "fingerprint": cfg.fingerprint,
         })
 
 
@@ -283,10 +303,11 @@ class KdfaceVerification(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         if num_pairs == 0:
             raise ValueError(f"{cfg.source}: no verification pairs")
         kept = []
+        default_folds = kfold_fold_ids(num_pairs, cfg.num_folds)
         for i, (a, b, same, fold) in enumerate(
                 _progress(pairs, num_pairs, cfg.progress, "pairs")):
             if fold is None:
-                fold = i * cfg.num_folds // num_pairs
+                fold = default_folds[i]
             try:
                 if cfg.verify_images:
                     _check_decodable(a, f"{cfg.source} pair {i} image 1")
@@ -303,6 +324,7 @@ class KdfaceVerification(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
             "source": os.path.abspath(cfg.source), "source_format": cfg.source_format,
             "pairs": len(kept), "same": int(sum(same for same, _ in kept)),
             "skipped": int(skipped), "num_folds": len({fold for _, fold in kept}),
+            "fingerprint": cfg.fingerprint,
         })
 
 
@@ -314,23 +336,35 @@ def dataset_path(data_dir, builder: str, name: str) -> str:
     return os.path.join(os.fspath(data_dir), builder, name, _VERSION)
 
 
-def _default_name(source: str) -> str:
-    base = os.path.basename(os.path.normpath(source))
-    stem = base.rsplit(".", 1)[0] if "." in base else base
-    return "".join(c if c.isalnum() or c in "_-" else "_" for c in stem) or "dataset"
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
-        raise ValueError(f"name must be a non-empty string of letters, digits, '_', '-', '.', "
-                         f"got {name!r}")
-    return name
+def _check_same_source(builder: str, config, data_dir) -> None:
+    """Refuses to hand out a dataset built under ``config.name`` from a different source."""
+    path = dataset_path(data_dir, builder, config.name)
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        return
+    built = load_dataset_metadata(data_dir, builder, config.name)
+    old_source = built.get("source", "?")
+    if built.get("fingerprint"):
+        same = built["fingerprint"] == config.fingerprint
+    else:  # built before sources were fingerprinted: the path is all there is to compare
+        same = old_source == os.path.abspath(config.source)
+    if same:
+        return
+    new_source = os.path.abspath(config.source)
+    if old_source == new_source:
+        cause = (f"dataset {config.name!r} in {path} was built from {old_source} when it held "
+                 "other content (or with another landmarks CSV)")
+    else:
+        cause = (f"dataset {config.name!r} in {path} was built from {old_source}, whose "
+                 f"content differs from {new_source}")
+    raise ValueError(f"{cause}; choose another name (--name), rebuild it from the new source "
+                     "(--overwrite), or use another --data-dir")
 
 
 def _prepare(builder_cls, config, data_dir: str, overwrite: bool) -> dict:
     path = dataset_path(data_dir, builder_cls.name, config.name)
     if overwrite and os.path.isdir(path):
         shutil.rmtree(path)
+    _check_same_source(builder_cls.name, config, data_dir)
     builder = builder_cls(config=config, data_dir=os.fspath(data_dir),
                           file_format="array_record")
     builder.download_and_prepare(
@@ -345,9 +379,15 @@ def build_training_dataset(source, data_dir, *, name: str | None = None,
     """Builds ``<data_dir>/kdface_training/<name>`` from a ``.rec`` (+ ``.idx``) or folders.
 
     ``source_format``: 'recordio', 'folders' or 'auto' (a directory means folders). ``name``
-    defaults to the source's file or folder name. An already built dataset is reused unless
-    ``overwrite``. Returns the build summary: ``images``, ``identities``, ``num_classes``,
-    ``skipped``, ``source``, ``path``.
+    defaults to the source's folder (and file) name plus the first 8 hex digits of its
+    :func:`source_fingerprint`, e.g. ``faces_emore_train_1f0c2a9b``. An already built dataset
+    is reused when it was built from the same content (unless ``overwrite``); a name taken by a
+    dataset built from other content is refused (``ValueError`` naming both sources). A
+    ``.rec`` without ``.idx`` is indexed in memory. Images are decoded once to find bad ones
+    (``verify_images``): undecodable or damaged (see ``decode_image(strict=True)``) images
+    raise ``UndecodableImageError``, or are skipped and counted with ``skip_undecodable``.
+    Returns the build summary: ``name``, ``images``, ``identities``, ``num_classes``,
+    ``skipped``, ``source``, ``fingerprint``, ``path``.
     """
     source = os.fspath(source)
     if source_format == "auto":
@@ -359,10 +399,12 @@ def build_training_dataset(source, data_dir, *, name: str | None = None,
         raise FileNotFoundError(f"training source not found: {source}")
     if landmarks is not None and not os.path.isfile(landmarks):
         raise FileNotFoundError(f"landmarks CSV not found: {landmarks}")
+    fingerprint = source_fingerprint(source, source_format, landmarks=landmarks)
     config = FaceTrainingConfig(
-        name=_check_name(name or _default_name(source)), source=source,
+        name=_check_name(name or _default_training_name(source, fingerprint)), source=source,
         source_format=source_format, landmarks=None if landmarks is None else os.fspath(landmarks),
-        skip_undecodable=skip_undecodable, verify_images=verify_images, progress=progress)
+        skip_undecodable=skip_undecodable, verify_images=verify_images, progress=progress,
+        fingerprint=fingerprint)
     return _prepare(KdfaceTraining, config, data_dir, overwrite)
 
 
@@ -374,9 +416,13 @@ def build_verification_dataset(source, data_dir, *, name: str | None = None,
     """Builds ``<data_dir>/kdface_verification/<name>`` from a ``.bin`` or a ``pairs.txt``.
 
     ``source_format``: 'bin', 'pairs' or 'auto' (by extension, ``.txt`` means pairs, which
-    need ``images_root``). ``.bin`` pairs get ``num_folds`` contiguous folds (the LFW
-    convention insightface's evaluation uses). Returns the build summary: ``pairs``, ``same``,
-    ``skipped``, ``num_folds``, ``source``, ``path``.
+    need ``images_root``). ``name`` defaults to the file name (``lfw`` for ``lfw.bin``); as for
+    training sets, a dataset is reused only for the content it was built from and a name taken
+    by other content is refused. ``.bin`` pairs get ``num_folds`` contiguous folds sized as
+    sklearn's ``KFold`` (:func:`kfold_fold_ids`, what insightface's evaluation uses). Damaged
+    or undecodable images are refused, or skipped and counted with ``skip_missing``. Returns
+    the build summary: ``pairs``, ``same``, ``skipped``, ``num_folds``, ``source``,
+    ``fingerprint``, ``path``.
     """
     source = os.fspath(source)
     if source_format == "auto":
@@ -395,18 +441,46 @@ def build_verification_dataset(source, data_dir, *, name: str | None = None,
         source_format=source_format,
         images_root=None if images_root is None else os.fspath(images_root), image_ext=image_ext,
         num_folds=num_folds, skip_missing=skip_missing, verify_images=verify_images,
-        progress=progress)
+        progress=progress,
+        fingerprint=source_fingerprint(source, source_format, images_root=images_root))
     return _prepare(KdfaceVerification, config, data_dir, overwrite)
+
+
+def built_dataset_names(data_dir, builder: str) -> list[str]:
+    """Names of the datasets built under ``<data_dir>/<builder>`` (sorted)."""
+    root = os.path.dirname(os.path.dirname(dataset_path(data_dir, builder, "x")))
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root)
+                  if os.path.isfile(os.path.join(root, n, _VERSION, "dataset_info.json")))
 
 
 def _read_only_builder(data_dir, builder: str, name: str):
     path = dataset_path(data_dir, builder, name)
     if not os.path.isfile(os.path.join(path, "dataset_info.json")):
-        raise FileNotFoundError(
-            f"no built dataset at {path}; build it with kdface.data.build_"
-            f"{'training' if builder == TRAINING_BUILDER else 'verification'}_dataset or "
-            "`python -m data_prep.build`")
+        raise FileNotFoundError(_missing_dataset_message(data_dir, builder, name))
     return tfds.builder_from_directory(path)
+
+
+def _missing_dataset_message(data_dir, builder: str, name: str) -> str:
+    """One line: what is missing, what is built under ``data_dir``, the command that builds it."""
+    training = builder == TRAINING_BUILDER
+    kind = "training" if training else "verification"
+    root = os.path.join(os.fspath(data_dir), builder)
+    built = built_dataset_names(data_dir, builder)
+    listing = f"built there: {', '.join(built)}" if built else "none is built there"
+    command = "recordio PATH.rec" if training else "verification-bin PATH.bin"
+    if os.sep in name or (os.altsep and os.altsep in name) or name.endswith(
+            (".bin", ".rec", ".idx", ".txt")):
+        cause = (f"file {name} not found, and no {kind} dataset of that name is built under "
+                 f"{root}")
+        fix = (f"pass the path of an existing file, or the name of a built dataset "
+               f"(`python -m data_prep.build {command} --data-dir {data_dir}` builds one)")
+    else:
+        cause = f"no {kind} dataset named {name!r} under {root}"
+        fix = (f"pass one of those names or a {'.rec or folder' if training else '.bin'} path, "
+               f"or build it with `python -m data_prep.build {command} --data-dir {data_dir}`")
+    return f"{cause} ({listing}); {fix}"
 
 
 def load_dataset_metadata(data_dir, builder: str, name: str) -> dict:

@@ -2,8 +2,12 @@
 
 A ``.bin`` is a pickle of ``(bins, issame_list)``: ``bins[2i]`` and ``bins[2i + 1]`` are the
 encoded JPEG/PNG bytes of pair ``i`` and ``issame_list[i]`` says whether they show the same
-person. Files written by Python 2 hold ``str`` objects, so they are loaded with
-``encoding='bytes'`` (which leaves Python 3 pickles unchanged).
+person. insightface's packers write it with ``pickle.HIGHEST_PROTOCOL`` of the Python that ran
+them (2 for the Python 2 files distributed with faces_emore & co., 5 today). ``lfw2pack.py``
+stores the file bytes; ``agedb2pack2.py``, ``cfp2pack.py`` and ``build_eval_pack.py`` store
+``cv2.imencode`` output directly, a uint8 numpy array (``(N, 1)``-shaped with older OpenCV):
+every C-contiguous uint8 array is read as encoded bytes. Files written by Python 2 hold ``str``
+objects, so they are loaded with ``encoding='bytes'`` (which leaves Python 3 pickles unchanged).
 
 Unpickling runs code named by the file, so the reader uses a restricted unpickler. Lists,
 tuples, bytes, bools and ints need no code and always load. Everything that needs a global is
@@ -37,7 +41,7 @@ __all__ = [
 _SAFE_KINDS = "biu"
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A verification ``.bin`` asked to load something other than plain data; nothing ran."""
 
 
@@ -143,6 +147,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if type(target) not in (np.ndarray,) and not isinstance(target, np.dtype):
             _refuse(f"BUILD (setting state) on a {type(target).__name__}")
         pickle._Unpickler.load_build(self)
+        # A dtype's or an array's state may name another dtype; it must pass the same check.
+        _checked_dtype(target if isinstance(target, np.dtype) else target.dtype)
 
     dispatch[pickle.BUILD[0]] = _load_build
 
@@ -150,15 +156,22 @@ class _RestrictedUnpickler(pickle._Unpickler):
 def _load(path: str):
     with open(path, "rb") as f:
         data = f.read()
+    if not data:
+        raise ValueError(f"{path} is empty (0 bytes), not a verification .bin pickle")
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except UnsafePickleError as err:
         raise UnsafePickleError(
-            f"{path}: {err}. Only lists, tuples, bytes, bools, ints and numpy bool/int arrays "
-            "may appear; this file may be malicious and was not loaded."
+            f"{path}: {err}. Only lists, tuples, bytes, bools, ints and numpy bool/int/uint "
+            "arrays may appear; this file may be malicious and was not loaded."
         ) from None
     except Exception as err:  # noqa: BLE001 - the pure-Python unpickler raises many kinds
-        raise ValueError(f"{path} is not a readable verification .bin pickle: {err}") from err
+        if isinstance(err, EOFError):  # the pure-Python unpickler's EOFError has no text
+            reason = "the pickle ends early: the file is truncated"
+        else:
+            reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable verification .bin pickle ({reason}; "
+                         f"{len(data)} bytes)") from err
 
 
 def _as_bytes(item, where: str) -> bytes:
@@ -166,9 +179,16 @@ def _as_bytes(item, where: str) -> bytes:
         return item
     if isinstance(item, bytearray):
         return bytes(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim >= 1:
+        # cv2.imencode output as insightface's packers store it: [N] or [N, 1] (older OpenCV).
+        if not item.flags.c_contiguous:
+            raise ValueError(f"{where}: a uint8 array of encoded bytes must be C-contiguous, "
+                             f"got shape {item.shape} with strides {item.strides}")
         return item.tobytes()
-    raise ValueError(f"{where} must be encoded image bytes, got {type(item).__name__}")
+    what = type(item).__name__
+    if isinstance(item, np.ndarray):
+        what = f"a {item.dtype} array of shape {item.shape}"
+    raise ValueError(f"{where} must be encoded image bytes (bytes or a uint8 array), got {what}")
 
 
 def read_verification_bin_encoded(path) -> tuple[list[bytes], np.ndarray]:
@@ -202,19 +222,20 @@ def read_verification_bin_encoded(path) -> tuple[list[bytes], np.ndarray]:
     return encoded, flags.astype(bool)
 
 
-def read_verification_bin(path) -> tuple[np.ndarray, np.ndarray]:
+def read_verification_bin(path, *, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Reads an insightface verification ``.bin``.
 
     Returns ``images``: uint8 ``[2P, H, W, 3]`` RGB (pair ``i`` is rows ``2i`` and ``2i + 1``)
     and ``issame``: bool ``[P]``. All images must share one size (insightface sets are
     112x112). Refuses pickles that would run code (:class:`UnsafePickleError`, module
-    docstring); undecodable images raise ``UndecodableImageError`` naming the index.
+    docstring); undecodable images raise ``UndecodableImageError`` naming the index, and with
+    ``strict`` (default) so do damaged JPEGs OpenCV would decode with grey or garbage blocks.
     """
     path = os.fspath(path)
     encoded, issame = read_verification_bin_encoded(path)
     images = None
     for i, data in enumerate(encoded):
-        image = decode_image(data, name=f"{path} image {i} (pair {i // 2})")
+        image = decode_image(data, name=f"{path} image {i} (pair {i // 2})", strict=strict)
         if images is None:
             images = np.empty((len(encoded),) + image.shape, dtype=np.uint8)
         elif image.shape != images.shape[1:]:
@@ -229,14 +250,19 @@ def read_verification_bin(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_verification_bin(path, images_or_encoded, issame, *, format: str = "jpg",
-                           quality: int = 95) -> None:
-    """Writes ``(bins, issame_list)`` as insightface does (pickle protocol 4).
+                           quality: int = 95, protocol: int = pickle.HIGHEST_PROTOCOL) -> None:
+    """Writes ``(bins, issame_list)`` as insightface's packers do.
 
     ``images_or_encoded``: uint8 ``[2P, H, W, 3]`` RGB (or a sequence of such images), encoded
     here as ``format`` (``'jpg'`` at ``quality``, or ``'png'``), or a sequence of ``2P`` encoded
-    bytes stored unchanged. ``issame``: ``[P]`` bools.
+    bytes stored unchanged. ``issame``: ``[P]`` bools. Images are stored as ``bytes`` (what
+    ``lfw2pack.py`` writes) and the pickle uses ``protocol``, by default
+    ``pickle.HIGHEST_PROTOCOL`` as insightface's scripts do; pass ``protocol=2`` for a file that
+    Python 2 (the insightface releases of 2018-2019) can also read.
     """
     path = os.fspath(path)
+    if protocol not in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        raise ValueError(f"protocol must be 2..{pickle.HIGHEST_PROTOCOL}, got {protocol!r}")
     flags = np.asarray(issame)
     if flags.ndim != 1 or not (flags.dtype == bool or np.isin(flags, (0, 1)).all()):
         raise ValueError(f"issame must be a 1-D sequence of bools, got {flags.dtype} {flags.shape}")
@@ -252,5 +278,5 @@ def write_verification_bin(path, images_or_encoded, issame, *, format: str = "jp
             bins.append(encode_image(image, format=format, quality=quality, name=f"image {i}"))
     tmp = path + ".partial"
     with open(tmp, "wb") as f:
-        pickle.dump((bins, [bool(v) for v in flags]), f, protocol=4)
+        pickle.dump((bins, [bool(v) for v in flags]), f, protocol=protocol)
     os.replace(tmp, path)
