@@ -133,6 +133,9 @@ def test_teacher_flags_may_restate_the_run_but_not_contradict_it(runs, tmp_path)
                       recipe)
     with pytest.raises(ValueError, match="--input_size=16,16.*16,24"):
         build_teacher(base.replace(input_size=(16, 24)), CLASSES, recipe)
+    # A run with a landmark head and adapters (kd_transfer alignment) loads as a teacher too.
+    aligned = build_teacher(base.replace(teacher_checkpoint=runs["align"]), CLASSES, recipe)
+    assert aligned.landmark_head is not None
 
 
 # --- --input_size reaches the networks ----------------------------------------------------------
