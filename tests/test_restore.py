@@ -1,8 +1,9 @@
 """restore_run: any run rebuilt from its workdir, for teacher loading, evaluation and export.
 
 Runs are tiny SphereFace-layout nets at 16x16 trained for 2 steps: a softmax classification
-"teacher", a ShrinkTeaNet student (stage adapters) and a kd_transfer alignment student (landmark
-head + adapters, fully initialized from the classification run). The reference for every
+"teacher", a ShrinkTeaNet student (stage adapters) and a landmark student (landmark regression +
+a stage hint: landmark head + adapters, fully initialized from the classification run; declared
+here so that the test does not depend on the papers' recipe values). The reference for every
 restored network is built here by hand with ``build_student`` from the architecture the test
 knows, and filled with ``load_model_weights``.
 """
@@ -18,7 +19,8 @@ import pytest
 from flax import nnx
 
 from kdface import models
-from kdface.distill import build_recipe, build_student
+from kdface.distill import (RECIPES, RecipeSpec, TermDecl, build_recipe, build_student,
+                            register_recipe)
 from kdface.evaluate import Embedder
 from kdface.export import export_checkpoint
 from kdface.training import ArrayBatches, fit, restore_run
@@ -28,6 +30,12 @@ from kdface.training._restore import build_run_student
 from kdface.training._run import run
 
 from _train_helpers import CLASSES, HW, TINY, encoded_source, tiny_config
+
+
+LANDMARKS = "test_restore_landmarks"
+if LANDMARKS not in RECIPES:
+    register_recipe(RecipeSpec(name=LANDMARKS, head="softmax", terms=(
+        TermDecl("softmax", 1.0), TermDecl("landmark", 1.0), TermDecl("hint_stages", 1.0))))
 
 
 def _run(config):
@@ -43,8 +51,8 @@ def runs(tmp_path_factory):
     shrink = tiny_config(tmp / "shrinktea", recipe="shrinktea", steps=2,
                          teacher_checkpoint=teacher.workdir)
     _run(shrink)
-    align = tiny_config(tmp / "align", recipe="transfer", transfer_task="alignment",
-                        head="softmax", steps=2, learning_rate=0.0,
+    align = tiny_config(tmp / "align", recipe=LANDMARKS, head="softmax", steps=2,
+                        learning_rate=0.0,
                         teacher_checkpoint=teacher.workdir, init_checkpoint=teacher.workdir)
     _run(align)
     return {"teacher": teacher.workdir, "shrinktea": shrink.workdir, "align": align.workdir}
@@ -107,8 +115,9 @@ def test_run_records_the_teacher_stage_shapes_it_adapted_to(runs):
 
 
 def test_full_initialization_copies_the_backbone_into_a_student_with_more_parts(runs):
-    # The alignment student (landmark head + adapters) starts from the classification run;
-    # with lr 0 its backbone and head are still exactly the classification run's.
+    # The landmark student (landmark head + adapters) starts from the classification run, as
+    # kd_transfer's full initialization does; with lr 0 its backbone and head are still exactly
+    # the classification run's.
     align, teacher = restore_run(runs["align"]), restore_run(runs["teacher"])
     for part in ("backbone", "head"):
         for a, b in zip(_leaves(getattr(align.network, part)),
@@ -133,7 +142,7 @@ def test_teacher_flags_may_restate_the_run_but_not_contradict_it(runs, tmp_path)
                       recipe)
     with pytest.raises(ValueError, match="--input_size=16,16.*16,24"):
         build_teacher(base.replace(input_size=(16, 24)), CLASSES, recipe)
-    # A run with a landmark head and adapters (kd_transfer alignment) loads as a teacher too.
+    # A run with a landmark head and adapters loads as a teacher too.
     aligned = build_teacher(base.replace(teacher_checkpoint=runs["align"]), CLASSES, recipe)
     assert aligned.landmark_head is not None
 
