@@ -17,6 +17,7 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {}
 _BACKBONE_MODULES = (
     "kdface.models._sphereface",
     "kdface.models._iresnet",
+    "kdface.models._resnet90",
     "kdface.models._resnet",
     "kdface.models._vargfacenet",
     "kdface.models._mobilenet",
