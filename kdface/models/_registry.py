@@ -22,6 +22,7 @@ _BACKBONE_MODULES = (
     "kdface.models._vargfacenet",
     "kdface.models._mobilenet",
     "kdface.models._mobilefacenet",
+    "kdface.models._mobilefacenet_y2",
 )
 
 

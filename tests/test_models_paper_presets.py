@@ -1,7 +1,8 @@
-"""ResNet-90, ShrinkTeaNet's teacher: its parameter count against the paper's and a hand count."""
+"""Networks named by the papers and built from presets: ShrinkTeaNet's ResNet-90 teacher and
+VarGFaceNet's y2 baseline, against the figures the papers print and hand counts."""
 from __future__ import annotations
 
-from kdface.models import count_params, names
+from kdface.models import count_macs, count_params, names
 
 from tests._model_helpers import abstract_model
 
@@ -34,3 +35,14 @@ def test_resnet90_has_the_papers_parameter_count():
     # One unit fewer or more in any stage moves the count by >= 0.29 M: the layout is pinned.
     for units in [(3, 7, 30, 3), (3, 8, 29, 3), (2, 8, 30, 3), (3, 8, 30, 2)]:
         assert _iresnet_params(units) // 10_000 != 6367
+
+
+def test_y2_matches_the_flops_yan2019_prints():
+    # Yan et al. 2019, Table 2: "y2 ... 933M" FLOPs, "VarGFaceNet ... 1022M"; FLOPs there are
+    # 2 x multiply-adds. kdface's y2 (insightface's net_blocks [2, 8, 16, 4], 256-d embedding).
+    y2 = abstract_model("mobilefacenet_y2")
+    assert "mobilefacenet_y2" in names() and y2.embedding_size == 256
+    flops = 2 * count_macs(y2)
+    assert abs(flops - 933e6) / 933e6 < 0.01
+    # Deeper than MobileFaceNet: the residual groups carry 2, 8, 16, 4 blocks (+ stride-2 ones).
+    assert [len(s.layers) for s in y2.stages] == [2, 9, 17, 5]
