@@ -119,6 +119,7 @@ flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adamw"], "Optimizer (SGD momentum
 flags.DEFINE_float("learning_rate", 0.1, "Base learning rate (0.1 in seeds nikitin2020 and "
                    "duong2019).")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum (0.9).")
+flags.DEFINE_bool("nesterov", False, "Nesterov momentum for SGD.")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay (5e-4, insightface).")
 flags.DEFINE_enum("schedule", "step", ["constant", "step", "cosine"], "LR schedule.")
 flags.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.")
@@ -192,7 +193,8 @@ def config_from_flags() -> TrainConfig:
         relation_scope=F.relation_scope, train_data=F.train_data,
         val_data=tuple(F.val_data), student_view=F.student_view, flip=F.flip, seed=F.seed,
         batch_size=F.batch_size, steps=F.steps, optimizer=F.optimizer,
-        learning_rate=F.learning_rate, momentum=F.momentum, weight_decay=F.weight_decay,
+        learning_rate=F.learning_rate, momentum=F.momentum, nesterov=F.nesterov,
+        weight_decay=F.weight_decay,
         schedule=F.schedule, warmup_steps=F.warmup_steps,
         decay_steps=tuple(int(s) for s in F.decay_steps), decay_factor=F.decay_factor,
         clip_norm=F.clip_norm, bf16=F.bf16, save_every=F.save_every, keep=F.keep,

@@ -1,4 +1,7 @@
-"""Distillation objectives: loss terms, the five papers' recipes, and the networks they train."""
+"""Distillation objectives: loss terms with their contracts, the recipes (methods as data), and
+the networks they train."""
 from kdface.distill._networks import DistillStudent, FaceNetwork, build_student
-from kdface.distill._recipes import RECIPES, Recipe, Term, build_recipe, objective
-from kdface.distill._terms import TERMS, TermInputs
+from kdface.distill._recipes import (HEAD, RECIPES, Option, Recipe, RecipeSpec, TeacherPhase,
+                                     Term, TermDecl, build_recipe, objective, recipe_names,
+                                     recipe_spec, register_recipe)
+from kdface.distill._terms import TERMS, TermInputs, TermSpec, register_term, term, term_spec

@@ -65,6 +65,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     learning_rate: float = 0.1
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: str = "step"
     warmup_steps: int = 0

@@ -58,10 +58,6 @@ def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
             for k, v in batch.items()}
 
 
-def _recipe(config: TrainConfig) -> Recipe:
-    return build_recipe(config.recipe, config.as_dict())
-
-
 def build_teacher(config: TrainConfig, num_classes: int, recipe: Recipe) -> FaceNetwork | None:
     """The frozen teacher, loaded params-only from a ``scratch`` run's checkpoint, or a
     third-party pretrained one named ``pth:[ARCH:]PATH`` / ``onnx:[ARCH:]PATH`` (kdface.interop)."""
@@ -113,16 +109,15 @@ def _check_shapes(config: TrainConfig, recipe: Recipe, student: DistillStudent,
         return
     s_size = student.network.backbone.embedding_size
     t_size = teacher.backbone.embedding_size
-    embedding_terms = {"mk_mmd", "normalized_l2", "angular"}
-    if s_size != t_size and any(t.name in embedding_terms for t in recipe.terms):
+    same_embedding = recipe.requiring("same_embedding")
+    if s_size != t_size and same_embedding:
         raise ValueError(f"student embedding {s_size} != teacher embedding {t_size}: the "
-                         f"recipe's feature terms compare embeddings directly")
-    if any(t.name == "hinton" for t in recipe.terms):
-        s_classes = student.network.num_classes
-        t_classes = teacher.num_classes
-        if s_classes != t_classes:
-            raise ValueError(f"Hinton KD needs the same classes: student {s_classes}, "
-                             f"teacher {t_classes}")
+                         f"recipe's terms {list(same_embedding)} compare embeddings directly")
+    same_classes = recipe.requiring("same_classes")
+    s_classes, t_classes = student.network.num_classes, teacher.num_classes
+    if s_classes != t_classes and same_classes:
+        raise ValueError(f"terms {list(same_classes)} compare class logits, which needs the same "
+                         f"classes: student {s_classes}, teacher {t_classes}")
 
 
 def init_key(seed: int) -> jax.Array:
@@ -185,7 +180,7 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     Returns a summary: final step, last metrics, validation metrics, images/s, workdir.
     """
     import json
-    recipe = _recipe(config)
+    recipe = build_recipe(config.recipe, config)
     teacher = build_teacher(config, num_classes, recipe)
     student = make_student(config, num_classes, recipe, teacher)
     _check_shapes(config, recipe, student, teacher)
@@ -196,9 +191,10 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
         base_lr=config.learning_rate, total_steps=config.steps, schedule=config.schedule,
         warmup_steps=config.warmup_steps, decay_steps=config.decay_steps,
         decay_factor=config.decay_factor)
-    optimizer = make_optimizer(optimizer=config.optimizer, learning_rate=schedule,
-                               momentum=config.momentum, weight_decay=config.weight_decay,
-                               clip_norm=config.clip_norm or None)
+    optimizer = make_optimizer(**{
+        "optimizer": config.optimizer, "learning_rate": schedule, "momentum": config.momentum,
+        "nesterov": config.nesterov, "weight_decay": config.weight_decay,
+        "clip_norm": config.clip_norm or None, **recipe.optimizer})
     graphdef, state = init_state(student, optimizer)
     teacher_def, teacher_state = split_teacher(teacher) if teacher is not None else (None, None)
 

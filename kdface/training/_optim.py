@@ -51,10 +51,11 @@ def _decay_mask(params):
 
 
 def make_optimizer(*, optimizer: str, learning_rate: optax.Schedule, momentum: float = 0.9,
-                   weight_decay: float = 5e-4, clip_norm: float | None = None
-                   ) -> optax.GradientTransformation:
-    """SGD-momentum (weight decay as L2 added to the gradient, as the papers' MXNet code) or
-    AdamW (decoupled decay), optionally after global-norm gradient clipping."""
+                   nesterov: bool = False, weight_decay: float = 5e-4,
+                   clip_norm: float | None = None) -> optax.GradientTransformation:
+    """SGD-momentum (weight decay as L2 added to the gradient, as the papers' MXNet code; Nesterov
+    momentum with ``nesterov=True``) or AdamW (decoupled decay), optionally after global-norm
+    gradient clipping."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     chain = []
@@ -63,7 +64,11 @@ def make_optimizer(*, optimizer: str, learning_rate: optax.Schedule, momentum: f
     if optimizer == "sgd":
         if weight_decay:
             chain.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
-        chain.append(optax.sgd(learning_rate, momentum=momentum or None))
+        if nesterov and not momentum:
+            raise ValueError("nesterov=True needs a non-zero momentum (--momentum)")
+        chain.append(optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
     else:
+        if nesterov:
+            raise ValueError("nesterov applies to optimizer='sgd' only (--optimizer=sgd)")
         chain.append(optax.adamw(learning_rate, weight_decay=weight_decay, mask=_decay_mask))
     return optax.chain(*chain)

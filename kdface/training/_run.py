@@ -5,10 +5,11 @@
 * ``train_data`` names a built tfds training set in ``data_dir``, or is a ``.rec`` / identity
   folder that is built there on first use; ``val_data`` entries are ``.bin`` files or built
   verification sets.
-* ``recipe='kd'`` (seed wang2019's original scheme) first fine-tunes the teacher on
-  low-resolution-augmented data in ``workdir/teacher_lr`` (a ``scratch`` run initialized from
-  ``teacher_checkpoint``), then distils from that fine-tuned teacher.
-* ``generations=K`` (seed yan2019's recursive KD) runs K student generations in
+* a recipe's declared ``phases`` run first: a ``TeacherPhase`` trains the teacher again in
+  ``workdir/<subdir>`` (e.g. seed wang2019's ``kd`` fine-tunes it on low-resolution-augmented
+  data in ``workdir/teacher_lr``, a ``scratch`` run initialized from ``teacher_checkpoint``),
+  and the run then distils from that teacher.
+* a recipe's ``generations=K`` (seed yan2019's recursive KD) runs K student generations in
   ``workdir/gen_1 .. gen_K``; generation k+1 starts from generation k's student, same teacher.
 """
 from __future__ import annotations
@@ -85,37 +86,24 @@ def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | N
         val_sets: list[VerificationSet] | None = None) -> dict[str, Any]:
     """Runs ``config`` end to end (see module docstring); returns the last fit's summary."""
     from kdface.distill._recipes import build_recipe
-    recipe = build_recipe(config.recipe, config.as_dict())
+    recipe = build_recipe(config.recipe, config)
     if source is None:
         source, num_classes = resolve_training_data(config.train_data, data_dir)
     if val_sets is None:
         val_sets = resolve_verification_sets(config.val_data, data_dir, config.input_size)
-    if config.recipe == "kd":
-        # Step 1 of seed wang2019's KD: fine-tune the teacher on LR-augmented data.
-        if config.teacher and config.teacher.split(":", 1)[0] in ("pth", "onnx"):
-            raise ValueError("recipe 'kd' fine-tunes the teacher, which needs a kdface teacher "
-                             "checkpoint; with an imported (pth:/onnx:) teacher use 'kd_im', "
-                             "the seed's scheme that leaves the teacher untouched")
-        teacher_dir = os.path.join(config.workdir, "teacher_lr")
-        tune = config.replace(workdir=teacher_dir, recipe="scratch", student=config.teacher,
-                              student_options=config.teacher_options,
-                              init_checkpoint=config.teacher_checkpoint, teacher=None,
-                              teacher_checkpoint=None, student_view="low_resolution",
-                              generations=1)
-        run(tune, data_dir=data_dir, source=source, num_classes=num_classes,
-            val_sets=val_sets)
-        config = config.replace(teacher_checkpoint=teacher_dir)
-    if config.generations > 1:
+    for phase in recipe.phases:
+        config = _teacher_phase(config, phase, data_dir=data_dir, source=source,
+                                num_classes=num_classes, val_sets=val_sets)
+    if recipe.generations > 1:
         summary, previous = {}, config.init_checkpoint
-        for k in range(1, config.generations + 1):
+        for k in range(1, recipe.generations + 1):
             gen = config.replace(workdir=os.path.join(config.workdir, f"gen_{k}"),
                                  init_checkpoint=previous, generations=1)
             summary = run(gen, data_dir=data_dir, source=source, num_classes=num_classes,
                           val_sets=val_sets)
             previous = gen.workdir
         return summary
-    student_view = recipe.student_view
-    batches = _pipeline(config, source, student_view, recipe.teacher_view or "original")
+    batches = _pipeline(config, source, recipe.student_view, recipe.teacher_view or "original")
     cache = None
     if config.teacher_cache and recipe.needs_teacher:
         from kdface.training._teacher_cache import TeacherCache
@@ -123,3 +111,19 @@ def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | N
     return fit(config, batches, num_classes=num_classes, val_sets=val_sets,
                teacher_cache=cache)
 
+
+def _teacher_phase(config: TrainConfig, phase, **data) -> TrainConfig:
+    """Trains the teacher again as ``phase`` declares (in ``workdir/<phase.subdir>``, from
+    ``teacher_checkpoint``) and returns ``config`` distilling from that run instead."""
+    if config.teacher and config.teacher.split(":", 1)[0] in ("pth", "onnx"):
+        raise ValueError(f"recipe {config.recipe!r} trains the teacher again before distilling "
+                         f"({phase.cite or phase.subdir}), which needs a kdface teacher "
+                         f"checkpoint (--teacher_checkpoint), not an imported {config.teacher}")
+    teacher_dir = os.path.join(config.workdir, phase.subdir)
+    tune = config.replace(workdir=teacher_dir, recipe=phase.recipe, student=config.teacher,
+                          student_options=config.teacher_options,
+                          init_checkpoint=config.teacher_checkpoint, teacher=None,
+                          teacher_checkpoint=None, student_view=phase.student_view,
+                          generations=1)
+    run(tune, **data)
+    return config.replace(teacher_checkpoint=teacher_dir)

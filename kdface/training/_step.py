@@ -22,8 +22,6 @@ from kdface.distill._networks import DistillStudent, FaceNetwork, cast_floating
 from kdface.distill._recipes import Recipe, objective
 from kdface.distill._terms import TermInputs
 
-STAGE_TERMS = ("angular_stages", "hint_stages")
-
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
@@ -68,13 +66,11 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
     metrics: ``loss``, one entry per term, ``finite`` (bool).
     """
     needs_teacher = recipe.needs_teacher
-    student_stages = any(t.name in STAGE_TERMS for t in recipe.terms)
-    teacher_stages = any(t.name == "hint_stages" for t in recipe.terms)
+    student_stages, teacher_stages = recipe.student_stages, recipe.teacher_stages
     if needs_teacher and teacher_def is None and not config.teacher_cached:
         raise ValueError(f"recipe {recipe.name!r} needs a teacher")
-    if config.teacher_cached and student_stages:
-        raise ValueError("the teacher cache holds embeddings and logits only; recipes with "
-                         "stage terms need the teacher's forward pass")
+    if config.teacher_cached and not recipe.cacheable:
+        raise ValueError(recipe.uncacheable_reason())
     cdt = config.compute_dtype
 
     def loss_fn(params, rest, teacher_state, batch):

@@ -45,12 +45,9 @@ class TeacherCache:
     def for_run(cls, config: TrainConfig, recipe: Recipe, source, num_classes: int,
                 *, batch_size: int = 64) -> "TeacherCache":
         """Loads the cache from ``workdir/teacher_cache`` or computes it with the teacher."""
-        if recipe.teacher_view != "original":
-            raise ValueError(f"recipe {recipe.name!r} shows the teacher a random "
-                             f"({recipe.teacher_view}) view; its outputs cannot be cached")
-        if any(t.name in ("angular_stages", "hint_stages") for t in recipe.terms):
-            raise ValueError(f"recipe {recipe.name!r} runs student features through the "
-                             f"teacher; the cache holds only embeddings and logits")
+        reason = recipe.uncacheable_reason()
+        if reason is not None:
+            raise ValueError(reason)
         key = hashlib.sha256(json.dumps(
             [config.teacher, config.teacher_options,
              os.path.abspath(config.teacher_checkpoint) if config.teacher_checkpoint else None,
