@@ -25,6 +25,7 @@ class TrainConfig:
     margin: float = 0.35
     arcface_margin: float = 0.5
     sphereface_m: int = 4
+    sphereface_anneal: bool = False
     input_size: tuple[int, int] = (112, 112)
     # loss weights (recipes read the ones they use)
     lambda_hard: float = 1.0
@@ -50,6 +51,7 @@ class TrainConfig:
     vargface_alpha: float = 7.0
     generations: int = 1
     shrinktea_lambda: float = 1.0
+    shrinktea_distance: str = "angular"
     relation_scope: str = "global"
     # data
     train_data: str = ""
@@ -57,6 +59,7 @@ class TrainConfig:
     student_view: str = "original"
     lr_sizes: tuple[int, ...] = (8, 12, 16, 20, 30)
     lr_fraction: float = 0.4
+    crop_from: tuple[int, int] | None = None
     flip: bool = True
     seed: int = 0
     # optimization
