@@ -14,7 +14,8 @@ The graph is translated from the network's jaxpr (``kdface.interop._onnx_export`
 kdface backbone exports. With ONNX Runtime installed, ``--check`` (default on) runs the file on
 random images and reports the largest difference from JAX.
 
-Only the backbone's weights are read (the network is built abstractly, so exporting is quick).
+The run is rebuilt by ``kdface.training.restore_run`` (abstractly, so exporting is quick), for
+every recipe: runs with stage adapters or a landmark head included.
 """
 from __future__ import annotations
 
@@ -29,33 +30,18 @@ FORMATS = ("onnx",)
 
 
 def load_student_backbone(checkpoint: str):
-    """``(backbone, config)``: the eval-mode student backbone of a training workdir.
+    """``(backbone, config)``: the eval-mode student backbone of a training workdir and the run's
+    config.json dict.
 
-    The network is built abstractly (``nnx.eval_shape``: no random initialization to compile)
-    and filled params-only from the latest checkpoint, as ``kdface.evaluate.Embedder`` loads it.
+    The whole student (head, landmark head and stage adapters included, so the checkpoint tree
+    matches whatever recipe trained it) is rebuilt abstractly and filled params-only by
+    ``kdface.training.restore_run``; only its backbone is exported.
     """
-    import jax
-    from flax import nnx
-    from kdface.distill._networks import build_student
-    from kdface.training._checkpoint import load_model_weights
-    path = os.path.join(checkpoint, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} missing: {checkpoint} is not a kdface training workdir")
-    with open(path) as f:
-        config = json.load(f)
-    student = nnx.eval_shape(lambda: build_student(
-        config["student"], num_classes=config["num_classes"], head=config["head_used"],
-        rngs=nnx.Rngs(0), backbone_options=config["student_options"]))
-    _, params, rest = nnx.split(student, nnx.Param, ...)
-    # An explicit single-device target lets a checkpoint written on N devices load here.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        {"params": params, "rest": rest})
-    weights, _ = load_model_weights(checkpoint, like)
-    nnx.update(student, weights["params"], weights["rest"])
-    backbone = student.network.backbone
+    from kdface.training import restore_run
+    restored = restore_run(checkpoint)
+    backbone = restored.network.backbone
     backbone.eval()
-    return backbone, config
+    return backbone, restored.run
 
 
 def export_checkpoint(checkpoint: str, out: str, *, format: str = "onnx",

@@ -6,6 +6,7 @@ stage adapters that map student stages onto the teacher's (seed duong2019 §3.3)
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdface import models
-from kdface.models._adapters import stage_adapters
+from kdface.models._adapters import ConvAdapter, stage_adapters
 from kdface.models._heads import LandmarkHead, MarginHead, SoftmaxHead
 
 MARGIN_HEADS = ("cosface", "arcface", "sphereface")
@@ -75,16 +76,35 @@ class DistillStudent(nnx.Module):
 
 def build_student(backbone_name: str, *, num_classes: int, head: str, rngs: nnx.Rngs,
                   backbone_options: dict[str, Any] | None = None, logit_scale: float = 64.0,
-                  landmark_head: bool = False, adapt_to: models.Backbone | None = None,
+                  landmark_head: bool = False,
+                  adapt_to: models.Backbone | Sequence[Sequence[int]] | None = None,
                   input_hw: tuple[int, int] = (112, 112)) -> DistillStudent:
-    """Creates the student network (and stage adapters to ``adapt_to``'s stages, if given)."""
+    """Creates the student network, with stage adapters when ``adapt_to`` is given: the teacher
+    backbone, or its four stage shapes ``(H, W, C)`` at ``input_hw`` (as a run records them, so
+    that a run can be rebuilt without its teacher)."""
     backbone = models.create(backbone_name, rngs=rngs, **(backbone_options or {}))
     network = FaceNetwork(backbone, num_classes=num_classes, head=head, rngs=rngs,
                           logit_scale=logit_scale, landmark_head=landmark_head)
     adapters = None
-    if adapt_to is not None:
+    if isinstance(adapt_to, models.Backbone):
         adapters = stage_adapters(backbone, adapt_to, input_hw, rngs=rngs)
+    elif adapt_to is not None:
+        adapters = adapters_to_shapes(backbone, adapt_to, input_hw, rngs=rngs)
     return DistillStudent(network, adapters=adapters)
+
+
+def adapters_to_shapes(student: models.Backbone, teacher_shapes: Sequence[Sequence[int]],
+                       input_hw: tuple[int, int], *, rngs: nnx.Rngs) -> list[ConvAdapter]:
+    """The four ``ConvAdapter``s from ``student``'s stages (at ``input_hw``) to stage shapes
+    ``(H, W, C)`` of a teacher; the same modules ``stage_adapters`` builds from the teacher."""
+    if len(teacher_shapes) != models.NUM_STAGES:
+        raise ValueError(f"need {models.NUM_STAGES} teacher stage shapes, got {teacher_shapes!r}")
+    out = []
+    for (sh, sw, sc), (th, tw, tc) in zip(student.stage_shapes(tuple(input_hw)),
+                                         (tuple(int(v) for v in s) for s in teacher_shapes)):
+        out.append(ConvAdapter(sc, tc, out_hw=None if (sh, sw) == (th, tw) else (th, tw),
+                               rngs=rngs))
+    return out
 
 
 def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:

@@ -1,16 +1,15 @@
 """What a compared model is: a trained run's network (``Embedder``) or an exported embedding file.
 
-``Embedder(workdir)`` rebuilds the student network of a kdface training run exactly as the trainer
-built it (``kdface.training._loop.make_student``: same backbone, head, landmark head and stage
-adapters) and restores its latest checkpoint's ``model`` item. The network is built abstractly
-(``nnx.eval_shape``), so nothing is initialized only to be overwritten.
+``Embedder(workdir)`` rebuilds the student network of a kdface training run with
+``kdface.training.restore_run`` (the trainer's own constructor: same backbone, input size, head,
+landmark head and stage adapters) and restores a checkpoint's ``model`` item. The network is built
+abstractly (``nnx.eval_shape``), so nothing is initialized only to be overwritten.
 
 ``EmbeddingFile(path)`` is a run without a checkpoint: an ``.npz`` of exported embeddings (the
 format is in :mod:`kdface.evaluate`'s docstring).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,23 +19,10 @@ import numpy as np
 
 
 def resolve_workdir(workdir: str) -> str:
-    """The directory holding the run's ``config.json``.
-
-    A ``generations=K`` run (seed yan2019) keeps its students in ``workdir/gen_1..gen_K`` with no
-    top-level config: the last generation is the run's result and is used.
-    """
-    workdir = os.fspath(workdir)
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"run directory {workdir} does not exist")
-    if os.path.isfile(os.path.join(workdir, "config.json")):
-        return workdir
-    gens = sorted((int(d[4:]), d) for d in os.listdir(workdir)
-                  if d.startswith("gen_") and d[4:].isdigit()
-                  and os.path.isfile(os.path.join(workdir, d, "config.json")))
-    if gens:
-        return os.path.join(workdir, gens[-1][1])
-    raise FileNotFoundError(f"{os.path.join(workdir, 'config.json')} missing: {workdir} is not "
-                            f"a kdface training workdir (made by python -m kdface.train)")
+    """The directory holding the run's ``config.json`` (the last ``gen_k`` of a ``generations=K``
+    run, seed yan2019); see ``kdface.training._restore.resolve_run_dir``."""
+    from kdface.training._restore import resolve_run_dir
+    return resolve_run_dir(workdir)
 
 
 def _next_pow2(n: int) -> int:
@@ -63,44 +49,15 @@ class Embedder:
     def __init__(self, workdir: str, *, batch_size: int = 128, step: int | None = None):
         import jax
         from flax import nnx
-        from kdface import models
-        from kdface.distill._networks import build_student
-        from kdface.distill._recipes import build_recipe
-        from kdface.training._checkpoint import load_model_weights
+        from kdface.training import restore_run
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.workdir = resolve_workdir(workdir)
-        with open(os.path.join(self.workdir, "config.json")) as f:
-            cfg = json.load(f)
-        missing = [k for k in ("student", "student_options", "num_classes", "head_used",
-                               "input_size", "recipe") if k not in cfg]
-        if missing:
-            raise ValueError(f"{self.workdir}/config.json lacks {missing}: not written by "
-                             f"kdface.training")
-        self.config = cfg
-        self.input_size = tuple(int(v) for v in cfg["input_size"])
-        recipe = build_recipe(cfg["recipe"], cfg)
-
-        def shell():
-            # Mirrors kdface.training._loop.make_student so that the checkpoint tree matches.
-            adapt_to = None
-            if recipe.adapters:
-                adapt_to = models.create(cfg["teacher"], rngs=nnx.Rngs(0),
-                                         **(cfg.get("teacher_options") or {}))
-            return build_student(cfg["student"], num_classes=int(cfg["num_classes"]),
-                                 head=cfg["head_used"], rngs=nnx.Rngs(0),
-                                 backbone_options=cfg["student_options"],
-                                 logit_scale=float(cfg.get("margin_scale", 64.0)),
-                                 landmark_head=recipe.landmark_head, adapt_to=adapt_to,
-                                 input_hw=self.input_size)
-
-        abstract = nnx.eval_shape(shell)
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        weights, meta = load_model_weights(self.workdir, {"params": params, "rest": rest},
-                                           step=step)
-        self.step = int(meta.get("step", -1)) if isinstance(meta, dict) else -1
-        student = nnx.merge(graphdef, weights["params"], weights["rest"])
-        self.network = student.network
+        restored = restore_run(workdir, step=step)
+        self.workdir = restored.workdir
+        self.config = restored.run
+        self.input_size = restored.input_size
+        self.step = restored.step
+        self.network = restored.network
         self.network.eval()
         self.has_landmarks = self.network.landmark_head is not None
         self.embedding_size = int(self.network.backbone.embedding_size)

@@ -5,5 +5,7 @@ from kdface.training._config import TrainConfig
 from kdface.training._logging import EventWriter, RunLog, read_events
 from kdface.training._loop import (NonFiniteLossError, VerificationSet, data_mesh, fit,
                                    normalize_images, shard_batch)
-from kdface.training._optim import learning_rate_schedule, make_optimizer
+from kdface.training._optim import (StepSchedule, epochs_to_steps, learning_rate_schedule,
+                                    make_optimizer, resolve_schedule)
+from kdface.training._restore import Restored, read_run_config, restore_run
 from kdface.training._step import StepConfig, init_state, make_train_step

@@ -37,6 +37,11 @@ class ArrayBatches:
         self.student_transform = student_transform
         self.epoch, self.position = 0, 0
 
+    @property
+    def num_examples(self) -> int:
+        """Training-set size (what ``--epochs`` is resolved against)."""
+        return len(self.images)
+
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.images))

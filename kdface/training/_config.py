@@ -1,93 +1,226 @@
-"""Everything a training run is configured by, as one frozen dataclass.
+"""Everything a training run is configured by, as one frozen dataclass: the only declaration.
 
-The command line (``kdface/train.py``) fills it from flags; tests and the demo build it directly.
-Defaults are the papers' where a paper gives one (see the flag help texts).
+Each field is an option: its type, its default and its help text (which paper, which value) are
+declared here once; ``python -m kdface.train`` generates one command-line flag per field from
+them (``kdface/train.py``), tests and the demo build ``TrainConfig`` directly, and the run's
+``config.json`` is ``as_dict()``. Defaults are the papers' where a paper gives one.
+
+Types the flags understand: ``str``, ``int``, ``float``, ``bool`` (each optionally ``| None``),
+``tuple[int, int]`` / ``tuple[int, ...]`` / ``tuple[float, ...]`` / ``tuple[str, ...]`` (comma
+lists) and ``dict[str, Any]`` (``k=v,k=v`` of Python literals). A field with ``choices`` is an
+enum flag and any other value is refused when the config is built.
 """
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *,
+           choices: tuple[Any, ...] | None = None) -> Any:
+    """A ``TrainConfig`` field with its flag help text and, for enum options, its choices."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (dict, list)):
+        factory = (lambda d=default: type(d)(d))
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    workdir: str
-    recipe: str = "scratch"
-    # networks
-    student: str = "iresnet18"
-    student_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    teacher: str | None = None
-    teacher_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    teacher_checkpoint: str | None = None
-    init_checkpoint: str | None = None
-    head: str = "cosface"
-    margin_scale: float = 64.0
-    margin: float = 0.35
-    arcface_margin: float = 0.5
-    sphereface_m: int = 4
-    sphereface_anneal: bool = False
-    input_size: tuple[int, int] = (112, 112)
-    # loss weights (recipes read the ones they use)
-    lambda_hard: float = 1.0
-    lambda_soft: float = 1.0
-    lambda_feature: float = 1.0
-    temperature: float = 4.0
-    feature_loss: str = "mk_mmd"
-    kd_loss: str = "pwr"
-    alpha: float = 100.0
-    beta: float = 1.0
-    gamma: float = 0.0
-    pwr_relation: str = "cosine"
-    pwr_inversion: str = "exp"
-    pwr_margin: str = "teacher_diff"
-    pwr_margin_value: float = 0.0
-    pwr_power: float = 1.0
-    pwr_beta: float = 1.0
-    pwr_method: str = "auto"
-    transfer_task: str = "classification"
-    triplet_margin: float = 0.2
-    triplet_mining: str = "batch_hard"
-    extra_softmax: float = 0.0
-    vargface_alpha: float = 7.0
-    generations: int = 1
-    shrinktea_lambda: float = 1.0
-    shrinktea_distance: str = "angular"
-    relation_scope: str = "global"
-    # data
-    train_data: str = ""
-    val_data: tuple[str, ...] = ()
-    student_view: str = "original"
-    lr_sizes: tuple[int, ...] = (8, 12, 16, 20, 30)
-    lr_fraction: float = 0.4
-    crop_from: tuple[int, int] | None = None
-    flip: bool = True
-    seed: int = 0
-    # optimization
-    batch_size: int = 128
-    steps: int = 1000
-    optimizer: str = "sgd"
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    warmup_steps: int = 0
-    decay_steps: tuple[int, ...] = ()
-    decay_factor: float = 0.1
-    clip_norm: float = 0.0
-    bf16: bool = False
-    # bookkeeping
-    save_every: int = 500
-    keep: int = 2
-    keep_best: int = 1
-    eval_every: int = 500
-    log_every: int = 10
-    teacher_cache: bool = False
-    async_checkpoints: bool = True
-    progress: bool = True
+    workdir: str = option(help="Run directory: checkpoints, logs, config.json. Required.")
+    recipe: str = option("scratch", "Method (kdface.distill.recipe_names()): scratch (no "
+                         "teacher) | kd_im, kd (seed wang2019) | pwr (seed nikitin2020) | "
+                         "transfer (seed kd_transfer) | vargface (seed yan2019) | shrinktea "
+                         "(seed duong2019).")
+    # --- networks -----------------------------------------------------------------------------
+    student: str = option("iresnet18", "Student backbone name (kdface.models.names()).")
+    student_options: dict[str, Any] = option({}, "Backbone kwargs as k=v,k=v (Python literals), "
+                                             "e.g. embedding_size=512,width_divisor=4.")
+    teacher: str | None = option(None, "Teacher backbone name; with --teacher_checkpoint it may "
+                                 "be left out (the teacher run's config.json names it) and must "
+                                 "not contradict it. Or a third-party insightface IResNet: "
+                                 "pth:[ARCH:]PATH (PyTorch state dict) or onnx:[ARCH:]PATH.")
+    teacher_options: dict[str, Any] = option({}, "Teacher backbone kwargs as k=v,k=v; taken "
+                                             "from the teacher run when left empty.")
+    teacher_checkpoint: str | None = option(None, "Workdir of a finished kdface run of the "
+                                            "teacher (its architecture and options come from "
+                                            "its config.json; loaded params-only, never "
+                                            "written into this run).")
+    init_checkpoint: str | None = option(None, "Initialize the student from this run's weights "
+                                         "(seed nikitin2020 starts from the pretrained "
+                                         "baseline student; seed kd_transfer's "
+                                         "full-initialization trick).")
+    head: str = option("cosface", "Classifier head of the hard loss (seed nikitin2020: CosFace; "
+                       "seed wang2019 teachers: SphereFace; seed yan2019: ArcFace).",
+                       choices=("softmax", "cosface", "arcface", "sphereface"))
+    margin_scale: float = option(64.0, "Scale s of CosFace/ArcFace (64 in seeds nikitin2020 and "
+                                 "yan2019); also the logit scale s*cos for Hinton KD on margin "
+                                 "heads.")
+    margin: float = option(0.35, "CosFace margin m (0.35, seed nikitin2020 §4.2).")
+    arcface_margin: float = option(0.5, "ArcFace margin m (0.5: Deng et al.'s ArcFace default; "
+                                   "seeds yan2019 and duong2019 print no value, so kdface's "
+                                   "choice there).")
+    sphereface_m: int = option(4, "A-Softmax angular margin m (4, SphereFace).")
+    sphereface_anneal: bool = option(False, "A-Softmax λ annealing max(5, 1000 (1 + 0.12 "
+                                     "step)^-1), SphereFace's public solver (kdface's choice "
+                                     "for seed wang2019's SphereFace nets).")
+    input_size: tuple[int, int] = option((112, 112), "Network input H,W of the student and the "
+                                         "teacher (112x112; seed wang2019 used 112x96).")
+    # --- loss weights (recipes read the ones they use) ----------------------------------------
+    lambda_hard: float = option(1.0, "λ1, hard (classification) loss weight (seed wang2019 "
+                                "eq. 6/9; the paper does not print values: 1.0).")
+    lambda_soft: float = option(1.0, "λ2, weight of the soft loss H(p_t, p_s) (seed wang2019 "
+                                "eq. 3/9; seed kd_transfer's soft-prediction target, α of its "
+                                "eq. 5). The papers print no value: 1.0 is kdface's choice.")
+    lambda_feature: float = option(1.0, "λ3, feature loss weight (seed wang2019 eq. 6/9); in "
+                                   "transfer, β of seed kd_transfer eq. 5: the hidden-layer "
+                                   "target (the embedding feeding the head).")
+    temperature: float = option(4.0, "Softmax temperature τ of the soft losses (4.0, seed "
+                                "nikitin2020 HKD; kdface's choice for seeds wang2019 and "
+                                "kd_transfer, which print none).")
+    feature_loss: str = option("mk_mmd", "Feature term of kd/kd_im: MK-MMD on normalized "
+                               "features (seed wang2019 eq. 9) or normalized L2 (eq. 6, the "
+                               "ablation).", choices=("mk_mmd", "normalized_l2"))
+    kd_loss: str = option("pwr", "L_KD of the pwr recipe (seed nikitin2020 eq. 12).",
+                          choices=("pwr", "rkd_d", "rkd_a", "rkd_da", "darkrank", "hinton"))
+    alpha: float = option(100.0, "α, weight of L_KD (seed nikitin2020: 100 for PWR-Diff/Exp and "
+                          "RKD-D, 15 for PWR-RankNet, 200 for RKD-A, 1 for DarkRank).")
+    beta: float = option(1.0, "β, weight of CosFace in the pwr recipe (1.0, seed nikitin2020; "
+                         "0.7 with HKD).")
+    gamma: float = option(0.0, "γ, weight of Hinton KD in the pwr recipe (0; 0.3 with HKD, seed "
+                          "nikitin2020).")
+    pwr_relation: str = option("cosine", "PWR relational function ψ (cosine, seed nikitin2020).",
+                               choices=("cosine", "euclidean"))
+    pwr_inversion: str = option("exp", "PWR inversion loss (exp: PWR-Exp, the paper's best).",
+                                choices=("diff", "power", "exp", "ranknet"))
+    pwr_margin: str = option("teacher_diff", "PWR margin (teacher_diff: the paper's best, "
+                             "eq. 9).", choices=("none", "const", "teacher_std", "teacher_diff"))
+    pwr_margin_value: float = option(0.0, "Constant margin for --pwr_margin=const (0.1 in the "
+                                     "paper's tables).")
+    pwr_power: float = option(1.0, "p of the power difference loss (eq. 5).")
+    pwr_beta: float = option(1.0, "β of the exp / RankNet inversion losses (eqs. 6, 10).")
+    pwr_method: str = option("auto", "PWR algorithm (all exact; auto picks the fastest).",
+                             choices=("auto", "dense", "tiled", "sorted"))
+    transfer_task: str = option("classification", "Seed kd_transfer task of the transfer "
+                                "recipe.", choices=("classification", "alignment",
+                                                    "verification"))
+    triplet_margin: float = option(0.2, "Triplet loss margin (seed kd_transfer).")
+    triplet_mining: str = option("batch_hard", "Triplet mining.",
+                                 choices=("batch_all", "batch_hard"))
+    extra_softmax: float = option(1.0, "Weight of the additional softmax loss in transfer/"
+                                  "verification (seed kd_transfer Table 5, its best result; "
+                                  "the weight 1 is kdface's choice; 0 gives its Table 4).")
+    vargface_alpha: float = option(7.0, "α of the normalized-L2 term (7, seed yan2019).")
+    generations: int = option(1, "Recursive KD generations (seed yan2019): generation k+1 "
+                              "starts from generation k's student; each in workdir/gen_k.")
+    shrinktea_lambda: float = option(1.0, "λ_n of the final angular loss (1, seed duong2019); "
+                                     "stage weights λ_i = λ_{i+1}/2; 0.001 for the ℓ2 "
+                                     "baseline).")
+    shrinktea_distance: str = option("angular", "Distance of the shrinktea levels: angular "
+                                     "(seed duong2019 eq. 4) or l2 (its 'Student-1' baseline).",
+                                     choices=("angular", "l2"))
+    relation_scope: str = option("global", "Relational losses over the global batch, or per "
+                                 "device as the papers' multi-GPU code did.",
+                                 choices=("global", "device"))
+    # --- data ---------------------------------------------------------------------------------
+    train_data: str = option("", "Training set: a built dataset name in --data_dir, or a .rec "
+                             "file / identity-folder directory (built on first use). Required "
+                             "on the command line.")
+    val_data: tuple[str, ...] = option((), "Verification sets: .bin paths or built dataset "
+                                       "names, comma-separated.")
+    student_view: str = option("original", "What the student sees in recipes that do not fix it "
+                               "(kd/kd_im always use low_resolution).",
+                               choices=("original", "low_resolution"))
+    lr_sizes: tuple[int, ...] = option((8, 12, 16, 20, 30), "Low-resolution view: side lengths "
+                                       "an image is shrunk to before being resized back (seed "
+                                       "wang2019 §2.2: 8, 12, 16, 20, 30).")
+    lr_fraction: float = option(0.4, "Low-resolution view: fraction of images degraded (0.4, "
+                                "seed wang2019 §2.2).")
+    crop_from: tuple[int, int] | None = option(None, "Random crop: resize faces to H,W and "
+                                               "cut a random --input_size window, shared by "
+                                               "both views (seed kd_transfer: 'randomly "
+                                               "cropped and flipped'); unset: resize only.")
+    flip: bool = option(True, "Random horizontal flip, identical for both views.")
+    seed: int = option(0, "Seed of initialization, shuffling, flips and degradation.")
+    # --- optimization -------------------------------------------------------------------------
+    batch_size: int = option(128, "Global batch size (seeds: 512; divisible by devices).")
+    steps: int | None = option(None, "Training steps (1000 when neither --steps nor --epochs "
+                               "is given; not with --epochs).")
+    epochs: float | None = option(None, "Training length in passes over the training set: "
+                                  "steps = ceil(epochs * N / batch_size) (seed nikitin2020: 13; "
+                                  "not with --steps).")
+    optimizer: str = option("sgd", "Optimizer (SGD momentum 0.9 in the seeds).",
+                            choices=("sgd", "adamw"))
+    learning_rate: float = option(0.1, "Base learning rate (0.1 in seeds nikitin2020 and "
+                                  "duong2019).")
+    momentum: float = option(0.9, "SGD momentum (0.9).")
+    nesterov: bool = option(False, "Nesterov momentum for SGD (seed kd_transfer trains with "
+                            "NAG).")
+    weight_decay: float = option(5e-4, "Weight decay (5e-4, insightface).")
+    schedule: str = option("step", "LR schedule.", choices=("constant", "step", "cosine"))
+    warmup_steps: int = option(0, "Linear warmup steps (not with --warmup_epochs).")
+    warmup_epochs: float = option(0.0, "Linear warmup in epochs (not with --warmup_steps).")
+    decay_steps: tuple[int, ...] = option((), "Steps where the step schedule multiplies the LR "
+                                          "by --decay_factor (not with --decay_epochs).")
+    decay_epochs: tuple[float, ...] = option((), "Epochs where the step schedule multiplies the "
+                                             "LR by --decay_factor (seed nikitin2020: every 2 "
+                                             "epochs; not with --decay_steps).")
+    decay_factor: float = option(0.1, "Step-schedule factor (0.1).")
+    clip_norm: float = option(0.0, "Global gradient-norm clipping (0 = off).")
+    bf16: bool = option(False, "Run the networks in bfloat16 (losses stay float32).")
+    # --- bookkeeping --------------------------------------------------------------------------
+    save_every: int = option(500, "Checkpoint every K steps (and at the end).")
+    keep: int = option(2, "Keep the latest N checkpoints.")
+    keep_best: int = option(1, "Also keep the best N by mean validation accuracy.")
+    eval_every: int = option(500, "Verify on --val_data every K steps.")
+    log_every: int = option(10, "Log every K steps.")
+    teacher_cache: bool = option(False, "Compute the frozen teacher's outputs once and skip its "
+                                 "forward pass (needs a deterministic teacher view).")
+    async_checkpoints: bool = option(True, "Write checkpoints in the background.")
+    progress: bool = option(True, "Show the progress line and write logs (process 0).")
+
+    def __post_init__(self):
+        hints = _hints()
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            hint = hints[field.name]
+            if typing.get_origin(hint) is tuple and isinstance(value, list):
+                object.__setattr__(self, field.name, tuple(value))  # e.g. from config.json
+            choices = field.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{field.name} must be one of {choices}, got {value!r} "
+                                 f"(--{field.name})")
+        if len(self.input_size) != 2:
+            raise ValueError(f"input_size must be (H, W), got {self.input_size!r} "
+                             f"(--input_size=H,W)")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from ``as_dict()`` output (e.g. a run's ``config.json``); keys that are not
+        fields (what the trainer adds: ``num_classes``, ``head_used`` ...) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _hints() -> dict[str, Any]:
+    """The fields' resolved type annotations (the module uses postponed annotations)."""
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainConfig))
+    return _HINTS
+
+
+def option_fields() -> list[tuple[dataclasses.Field, Any]]:
+    """Every option as ``(field, resolved type)``, in declaration order (for flag generation)."""
+    hints = _hints()
+    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]

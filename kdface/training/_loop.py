@@ -12,6 +12,7 @@ batch) with ``get_state()`` / ``set_state(state)`` (the data iterator's resumabl
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,16 +21,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdface import models
-from kdface.distill._networks import DistillStudent, FaceNetwork, build_student
+from kdface.distill._networks import DistillStudent, FaceNetwork
 from kdface.distill._recipes import Recipe, build_recipe
-from kdface.training._checkpoint import Checkpoints, load_model_weights
+from kdface.training._checkpoint import Checkpoints
 from kdface.training._config import TrainConfig
 from kdface.training._logging import RunLog
-from kdface.training._optim import learning_rate_schedule, make_optimizer
+from kdface.training._optim import learning_rate_schedule, make_optimizer, resolve_schedule
+from kdface.training._restore import (build_run_student, init_from_run, read_run_config,
+                                      restore_run)
 from kdface.training._step import StepConfig, init_state, make_train_step, split_teacher
 
 
@@ -59,43 +62,52 @@ def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 def build_teacher(config: TrainConfig, num_classes: int, recipe: Recipe) -> FaceNetwork | None:
-    """The frozen teacher, loaded params-only from a ``scratch`` run's checkpoint, or a
-    third-party pretrained one named ``pth:[ARCH:]PATH`` / ``onnx:[ARCH:]PATH`` (kdface.interop)."""
+    """The frozen teacher: the network of the kdface run in ``--teacher_checkpoint``, rebuilt
+    from that run's config.json (``restore_run``), or a third-party pretrained one named
+    ``pth:[ARCH:]PATH`` / ``onnx:[ARCH:]PATH`` (kdface.interop). ``--teacher`` and
+    ``--teacher_options`` may restate the run's architecture but never contradict it."""
     if not recipe.needs_teacher:
         return None
-    if not config.teacher:
-        raise ValueError(f"recipe {recipe.name!r} needs --teacher (a backbone name)")
     from kdface import interop
-    if interop.is_imported_teacher(config.teacher):
+    if config.teacher and interop.is_imported_teacher(config.teacher):
         return interop.imported_teacher(config.teacher, recipe, num_classes=num_classes,
                                         input_size=tuple(config.input_size),
                                         options=config.teacher_options)
     if not config.teacher_checkpoint:
         raise ValueError(f"recipe {recipe.name!r} needs --teacher_checkpoint (the workdir of a "
-                         f"'scratch' run of the teacher)")
+                         f"kdface run of the teacher) or --teacher=pth:PATH / onnx:PATH")
     if not os.path.isdir(config.teacher_checkpoint):
         raise FileNotFoundError(f"teacher checkpoint {config.teacher_checkpoint} not found")
-    meta_head = _checkpoint_head(config.teacher_checkpoint)
-    # Built abstractly: random initialization would only be overwritten (and on CPU it
-    # compiles one initializer per parameter shape).
-    shell = nnx.eval_shape(lambda: build_student(
-        config.teacher, num_classes=num_classes, head=meta_head, rngs=nnx.Rngs(0),
-        backbone_options=config.teacher_options, logit_scale=config.margin_scale))
-    graphdef, params, rest = nnx.split(shell, nnx.Param, ...)
-    weights, _ = load_model_weights(config.teacher_checkpoint, {"params": params, "rest": rest})
-    teacher = nnx.merge(graphdef, weights["params"], weights["rest"]).network
+    teacher_config, _ = read_run_config(config.teacher_checkpoint)
+    check_teacher_flags(config, teacher_config)
+    teacher = restore_run(config.teacher_checkpoint).network
     teacher.eval()
     return teacher
 
 
-def _checkpoint_head(directory: str) -> str:
-    """The classifier head a checkpointed run was trained with (from its run config)."""
-    import json
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} missing: is {directory} a kdface training workdir?")
-    with open(path) as f:
-        return json.load(f)["head_used"]
+def _comparable(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as JSON sees them (tuples and lists alike), without the input size."""
+    out = json.loads(json.dumps(dict(options or {}), default=list))
+    out.pop("input_size", None)
+    return out
+
+
+def check_teacher_flags(config: TrainConfig, teacher: TrainConfig) -> None:
+    """Refuses ``--teacher`` / ``--teacher_options`` / ``--input_size`` that contradict the
+    teacher run ``teacher`` (the architecture comes from the run; the flags may restate it)."""
+    where = config.teacher_checkpoint
+    if config.teacher and config.teacher != teacher.student:
+        raise ValueError(f"--teacher={config.teacher} contradicts the teacher run {where}, which "
+                         f"trained --student={teacher.student}; leave --teacher out")
+    if config.teacher_options and (_comparable(config.teacher_options)
+                                   != _comparable(teacher.student_options)):
+        raise ValueError(f"--teacher_options={config.teacher_options} contradict the teacher run "
+                         f"{where}, trained with --student_options={teacher.student_options}; "
+                         f"leave --teacher_options out")
+    if tuple(teacher.input_size) != tuple(config.input_size):
+        raise ValueError(f"the teacher run {where} was trained at --input_size="
+                         f"{','.join(map(str, teacher.input_size))}, this run feeds "
+                         f"{','.join(map(str, config.input_size))}; use the teacher's size")
 
 
 def _check_shapes(config: TrainConfig, recipe: Recipe, student: DistillStudent,
@@ -129,18 +141,33 @@ def init_key(seed: int) -> jax.Array:
 
 def make_student(config: TrainConfig, num_classes: int, recipe: Recipe,
                  teacher: FaceNetwork | None) -> DistillStudent:
-    student = build_student(
-        config.student, num_classes=num_classes, head=recipe.head,
-        rngs=nnx.Rngs(init_key(config.seed)), backbone_options=config.student_options,
-        logit_scale=config.margin_scale, landmark_head=recipe.landmark_head,
-        adapt_to=teacher.backbone if recipe.adapters else None, input_hw=config.input_size)
+    """The freshly initialized student (``build_run_student``), or, with ``--init_checkpoint``,
+    initialized from that run (seed nikitin2020 / kd_transfer: a pretrained student)."""
+    shapes = teacher_stage_shapes(config, recipe, teacher)
+    student = build_run_student(config, num_classes=num_classes, head=recipe.head,
+                                landmark_head=recipe.landmark_head,
+                                rngs=nnx.Rngs(init_key(config.seed)),
+                                teacher_stage_shapes=shapes)
     if config.init_checkpoint:
-        # Seed nikitin2020 / kd_transfer: start from a pretrained student (params-only).
-        _, params, rest = nnx.split(student, nnx.Param, ...)
-        weights, _ = load_model_weights(config.init_checkpoint,
-                                        {"params": params, "rest": rest})
-        nnx.update(student, weights["params"], weights["rest"])
+        copied = init_from_run(student, config.init_checkpoint)
+        present = {"head": student.network.head, "adapters": student.adapters,
+                   "landmark_head": student.network.landmark_head}
+        skipped = [n for n, part in present.items() if part is not None and n not in copied]
+        if skipped:
+            logging.warning("--init_checkpoint %s: %s keep their fresh initialization (not in "
+                            "that run, or of other shapes)", config.init_checkpoint, skipped)
     return student
+
+
+def teacher_stage_shapes(config: TrainConfig, recipe: Recipe, teacher: FaceNetwork | None):
+    """The teacher's four stage shapes at ``--input_size`` when the recipe adapts the student's
+    stages to them, else None."""
+    if not recipe.adapters:
+        return None
+    if teacher is None:
+        raise ValueError(f"recipe {recipe.name!r} adapts the student's stages to the teacher's, "
+                         f"so it needs a teacher (--teacher_checkpoint)")
+    return [list(s) for s in teacher.backbone.stage_shapes(tuple(config.input_size))]
 
 
 def _embed_fn(graphdef):
@@ -174,12 +201,14 @@ def evaluate_verification(embed: Callable, params, rest, sets: Sequence[Verifica
 
 
 def fit(config: TrainConfig, batches, *, num_classes: int,
-        val_sets: Sequence[VerificationSet] = (), teacher_cache=None) -> dict[str, Any]:
-    """Trains ``config.recipe`` for ``config.steps`` steps (resuming if a checkpoint exists).
+        val_sets: Sequence[VerificationSet] = (), teacher_cache=None,
+        num_examples: int | None = None) -> dict[str, Any]:
+    """Trains ``config.recipe`` for its steps (``--steps``, or ``--epochs`` over
+    ``num_examples`` training images, by default ``batches.num_examples``), resuming if a
+    checkpoint exists.
 
     Returns a summary: final step, last metrics, validation metrics, images/s, workdir.
     """
-    import json
     recipe = build_recipe(config.recipe, config)
     teacher = build_teacher(config, num_classes, recipe)
     student = make_student(config, num_classes, recipe, teacher)
@@ -187,9 +216,13 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     if config.teacher_cache and teacher_cache is None and recipe.needs_teacher:
         raise ValueError("teacher_cache=True needs a TeacherCache (see kdface.training)")
 
+    if num_examples is None:
+        num_examples = getattr(batches, "num_examples", None)
+    plan = resolve_schedule(config, num_examples)
+    total_steps = plan.steps
     schedule = learning_rate_schedule(
-        base_lr=config.learning_rate, total_steps=config.steps, schedule=config.schedule,
-        warmup_steps=config.warmup_steps, decay_steps=config.decay_steps,
+        base_lr=config.learning_rate, total_steps=total_steps, schedule=config.schedule,
+        warmup_steps=plan.warmup_steps, decay_steps=plan.decay_steps,
         decay_factor=config.decay_factor)
     optimizer = make_optimizer(**{
         "optimizer": config.optimizer, "learning_rate": schedule, "momentum": config.momentum,
@@ -203,7 +236,12 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     if main:
         with open(os.path.join(config.workdir, "config.json"), "w") as f:
             json.dump({**config.as_dict(), "head_used": recipe.head,
-                       "num_classes": num_classes}, f, indent=1, default=list)
+                       "num_classes": num_classes, "landmark_head": recipe.landmark_head,
+                       "adapters": recipe.adapters,
+                       "teacher_stage_shapes": teacher_stage_shapes(config, recipe, teacher),
+                       "resolved_steps": total_steps, "resolved_decay_steps": plan.decay_steps,
+                       "resolved_warmup_steps": plan.warmup_steps},
+                      f, indent=1, default=list)
     checkpoints = Checkpoints(os.path.join(config.workdir, "checkpoints"), keep=config.keep,
                               keep_best=config.keep_best if val_sets else 0,
                               async_save=config.async_checkpoints)
@@ -228,10 +266,10 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
                       donate_argnums=(0,))
     embed = _embed_fn(graphdef)
     log = RunLog(os.path.join(config.workdir, "logs"), enabled=main and config.progress,
-                 total_steps=config.steps)
+                 total_steps=total_steps)
     last, val, images_seen, t0 = {}, {}, 0, None
     try:
-        for step in range(start + 1, config.steps + 1):
+        for step in range(start + 1, total_steps + 1):
             batch = next(batches)
             if teacher_cache is not None and recipe.needs_teacher:
                 batch = teacher_cache.attach(batch)
@@ -249,21 +287,21 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
                 t0 = time.perf_counter()  # after the first (compiling) step
             else:
                 images_seen += config.batch_size
-            if step % config.log_every == 0 or step == config.steps:
+            if step % config.log_every == 0 or step == total_steps:
                 last = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 if images_seen:
                     last["images_per_s"] = images_seen / (time.perf_counter() - t0)
                 log.log(step, last)
                 log.progress(step, last)
-            is_eval = val_sets and (step % config.eval_every == 0 or step == config.steps)
+            is_eval = val_sets and (step % config.eval_every == 0 or step == total_steps)
             if is_eval:
                 val = evaluate_verification(embed, state["params"], state["rest"], val_sets)
                 val["val_accuracy"] = float(np.mean(list(val.values())))
                 log.log(step, val, kind="val")
-            if step % config.save_every == 0 or step == config.steps:
+            if step % config.save_every == 0 or step == total_steps:
                 checkpoints.save(step, state, {"data": batches.get_state(), "step": step},
                                  metrics=dict(val) if is_eval else None,
-                                 force=step == config.steps)
+                                 force=step == total_steps)
     finally:
         checkpoints.close()
         log.close()

@@ -109,7 +109,7 @@ def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | N
         from kdface.training._teacher_cache import TeacherCache
         cache = TeacherCache.for_run(config, recipe, source, num_classes)
     return fit(config, batches, num_classes=num_classes, val_sets=val_sets,
-               teacher_cache=cache)
+               teacher_cache=cache, num_examples=len(source))
 
 
 def _teacher_phase(config: TrainConfig, phase, **data) -> TrainConfig:
@@ -119,11 +119,18 @@ def _teacher_phase(config: TrainConfig, phase, **data) -> TrainConfig:
         raise ValueError(f"recipe {config.recipe!r} trains the teacher again before distilling "
                          f"({phase.cite or phase.subdir}), which needs a kdface teacher "
                          f"checkpoint (--teacher_checkpoint), not an imported {config.teacher}")
+    if not config.teacher_checkpoint:
+        raise ValueError(f"recipe {config.recipe!r} trains the teacher again from "
+                         f"--teacher_checkpoint (the workdir of a kdface run of the teacher)")
+    from kdface.training._loop import check_teacher_flags
+    from kdface.training._restore import read_run_config
+    teacher, teacher_run = read_run_config(config.teacher_checkpoint)
+    check_teacher_flags(config, teacher)
     teacher_dir = os.path.join(config.workdir, phase.subdir)
-    tune = config.replace(workdir=teacher_dir, recipe=phase.recipe, student=config.teacher,
-                          student_options=config.teacher_options,
-                          init_checkpoint=config.teacher_checkpoint, teacher=None,
-                          teacher_checkpoint=None, student_view=phase.student_view,
-                          generations=1)
+    tune = config.replace(workdir=teacher_dir, recipe=phase.recipe, student=teacher.student,
+                          student_options=teacher.student_options,
+                          head=teacher_run["head_used"], init_checkpoint=config.teacher_checkpoint,
+                          teacher=None, teacher_options={}, teacher_checkpoint=None,
+                          student_view=phase.student_view, generations=1)
     run(tune, **data)
     return config.replace(teacher_checkpoint=teacher_dir)
