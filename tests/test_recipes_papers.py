@@ -486,3 +486,30 @@ def test_ablation_rows_train_two_steps(tmp_path):
         assert summary["step"] == 2, row
         assert np.isfinite(summary["metrics"]["loss"]), row
         assert {t.name for t in recipe.terms} <= set(summary["metrics"]), row
+
+
+def test_schedules_in_epochs_resolve_against_the_papers_training_sets():
+    from kdface.training._optim import resolve_schedule
+    # nikitin2020 §4.1: "It consists of 5.8 million photos from 85,000 subjects"; batch 552,
+    # 13 epochs, lr / 10 every 2 epochs: ~136.6 k steps, a decay every ~21 k.
+    pwr = resolve_schedule(config_from_flagfile("pwr.flags"), 5_800_000)
+    assert pwr.steps == -(-13 * 5_800_000 // 552) == 136_595
+    assert pwr.decay_steps == tuple(-(-e * 5_800_000 // 552) for e in (2, 4, 6, 8, 10, 12))
+    # wang2019: CASIA-WebFace (494,414 images, Yi et al. 2014), batch 512, "20 epochs".
+    kd_im = resolve_schedule(config_from_flagfile("kd_im.flags"), 494_414)
+    assert kd_im.steps == -(-20 * 494_414 // 512)
+
+
+def test_views_crop_and_low_resolution_reach_the_pipeline():
+    from kdface.training._run import _pipeline
+    source = _tiny_source(hw=16)
+    tiny = dict(batch_size=8, input_size=(16, 16))
+    kd_im = dataclasses.replace(config_from_flagfile("kd_im.flags"), **tiny)
+    recipe = build_recipe(kd_im.recipe, kd_im)
+    state = _pipeline(kd_im, source, recipe.student_view, recipe.teacher_view).get_state()
+    assert state["pipeline"]["student_view"] == "low_resolution"
+    assert state["pipeline"]["teacher_view"] == "original"
+    transfer = dataclasses.replace(config_from_flagfile("transfer_classification.flags"),
+                                   crop_from=(20, 20), **tiny)
+    state = _pipeline(transfer, source, "original", "original").get_state()
+    assert state["pipeline"]["crop_from"] == [20, 20]
