@@ -354,13 +354,14 @@ ABLATION_ROWS = [
     _row("nikitin2020", "PWR-Exp (teacher-diff)", "pwr.flags", "", ("pwr", 100.0)),
     _row("nikitin2020", "PWR-RankNet", "pwr.flags",
          "--pwr_inversion=ranknet --pwr_margin=none --alpha=15", ("pwr", 15.0)),
-    # Wang, Lan, Zhang 2017, Tables 1-5 (init checkpoints are run options, not recipe values).
+    # Wang, Lan, Zhang 2017, Tables 1-5 (init checkpoints are run options, not recipe values;
+    # tests/test_transfer_e2e.py runs the chain of initializations).
     _row("kd_transfer", "teacher ResNet-50 (softmax)", "transfer_pretrain.flags",
          "--student_options=", ("softmax", 1.0)),
     _row("kd_transfer", "softmax-pretrained student (eq. 3)", "transfer_pretrain.flags", "",
          ("softmax", 1.0)),
     _row("kd_transfer", "Table 1 Targets: Hidden", "transfer_classification.flags",
-         "--lambda_soft=0 --lambda_feature=1 --learning_rate=0.1", ("softmax", 1.0), HID),
+         "--lambda_soft=0 --lambda_hidden=1 --learning_rate=0.1", ("softmax", 1.0), HID),
     _row("kd_transfer", "Table 1 Targets: Soft = Initialization: Scratch = Table 2 Scratch",
          "transfer_classification.flags", "--learning_rate=0.1", ("softmax", 1.0), SOFT),
     _row("kd_transfer", "Table 1 Initialization: Ours = Table 2 Ours",
@@ -368,19 +369,19 @@ ABLATION_ROWS = [
     _row("kd_transfer", "Table 2 ResNet-50/2, Ours", "transfer_classification.flags",
          "--student_options=width_divisor=2", ("softmax", 1.0), SOFT),
     _row("kd_transfer", "Table 3 alignment teacher (Euclidean loss)", "transfer_alignment.flags",
-         "--student_options= --lambda_feature=0", ("landmark", 1.0)),
-    _row("kd_transfer", "Table 3 no target", "transfer_alignment.flags", "--lambda_feature=0",
+         "--student_options= --lambda_hidden=0", ("landmark", 1.0)),
+    _row("kd_transfer", "Table 3 no target", "transfer_alignment.flags", "--lambda_hidden=0",
          ("landmark", 1.0)),
     _row("kd_transfer", "Table 3 hidden (β)", "transfer_alignment.flags", "",
          ("landmark", 1.0), HID),
     _row("kd_transfer", "Table 3 soft (α)", "transfer_alignment.flags",
-         "--lambda_feature=0 --lambda_soft=1", ("landmark", 1.0), SOFT),
+         "--lambda_hidden=0 --lambda_soft=1", ("landmark", 1.0), SOFT),
     _row("kd_transfer", "Table 4 verification teacher (triplet)", "transfer_verification.flags",
          "--student_options= --lambda_soft=0 --extra_softmax=0", ("triplet", 1.0)),
     _row("kd_transfer", "Table 4 no target", "transfer_verification.flags",
          "--lambda_soft=0 --extra_softmax=0", ("triplet", 1.0)),
     _row("kd_transfer", "Table 4 hidden (β)", "transfer_verification.flags",
-         "--lambda_soft=0 --lambda_feature=1 --extra_softmax=0", ("triplet", 1.0), HID),
+         "--lambda_soft=0 --lambda_hidden=1 --extra_softmax=0", ("triplet", 1.0), HID),
     _row("kd_transfer", "Table 4 soft (α)", "transfer_verification.flags", "--extra_softmax=0",
          ("triplet", 1.0), SOFT),
     _row("kd_transfer", "Table 5 teacher (triplet + softmax)", "transfer_verification.flags",
@@ -388,7 +389,7 @@ ABLATION_ROWS = [
     _row("kd_transfer", "Table 5 no target", "transfer_verification.flags", "--lambda_soft=0",
          ("triplet", 1.0), ("softmax", 1.0)),
     _row("kd_transfer", "Table 5 hidden (β)", "transfer_verification.flags",
-         "--lambda_soft=0 --lambda_feature=1", ("triplet", 1.0), HID, ("softmax", 1.0)),
+         "--lambda_soft=0 --lambda_hidden=1", ("triplet", 1.0), HID, ("softmax", 1.0)),
     _row("kd_transfer", "Table 5 soft (α)", "transfer_verification.flags", "",
          ("triplet", 1.0), SOFT, ("softmax", 1.0)),
     # Yan et al. 2019, Tables 2-5.
@@ -459,7 +460,7 @@ def _tiny(config: TrainConfig, workdir: str, teacher_dir: str) -> TrainConfig:
                        teacher_checkpoint=teacher_dir)
     return dataclasses.replace(
         config, workdir=workdir, student="sphereface_custom", student_options=dict(TINY),
-        input_size=HW, crop_from=None, batch_size=8, steps=2, epochs=None, decay_epochs=(),
+        input_size=HW, crop_from=None, batch_size=16, steps=2, epochs=None, decay_epochs=(),
         decay_steps=(), warmup_steps=0, margin_scale=16.0, val_data=(), teacher_cache=False,
         save_every=2, log_every=1, async_checkpoints=False, progress=False, **teacher)
 
@@ -467,9 +468,9 @@ def _tiny(config: TrainConfig, workdir: str, teacher_dir: str) -> TrainConfig:
 def test_ablation_rows_train_two_steps(tmp_path):
     from _train_helpers import tiny_config
     from kdface.training._run import run
-    source = _tiny_source()
+    source = _tiny_source(n=32)
     teacher_dir = str(tmp_path / "teacher")
-    run(tiny_config(teacher_dir, steps=2, val_data=()), data_dir="", source=source,
+    run(tiny_config(teacher_dir, steps=2, batch_size=16), data_dir="", source=source,
         num_classes=4, val_sets=[])
     seen = set()
     for k, row in enumerate(ABLATION_ROWS):

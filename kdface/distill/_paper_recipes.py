@@ -156,7 +156,7 @@ register_recipe(RecipeSpec(
                  cite="kd_transfer eqs. 2, 5, 9 (α): 'the cross-entropy between the soft "
                       "predictions of the teacher and student network' (no τ²); τ ('set to be "
                       "[...] by cross-validation', value lost) 4 is kdface's choice"),
-        TermDecl("hidden", Option("lambda_feature"),
+        TermDecl("hidden", Option("lambda_hidden"),
                  cite="kd_transfer eqs. 5, 7 (β): 'the hidden layer [H] ... satisfies [P = f(H)] "
                       "with [f] being a fully-connected mapping': the embedding feeding the head"),
         TermDecl("softmax", Option("extra_softmax"), when={"transfer_task": ("verification",)},

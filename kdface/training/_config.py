@@ -74,9 +74,10 @@ class TrainConfig:
     lambda_soft: float = option(1.0, "λ2, weight of the soft loss H(p_t, p_s) (seed wang2019 "
                                 "eq. 3/9; seed kd_transfer's soft-prediction target, α of its "
                                 "eq. 5). The papers print no value: 1.0 is kdface's choice.")
-    lambda_feature: float = option(1.0, "λ3, feature loss weight (seed wang2019 eq. 6/9); in "
-                                   "transfer, β of seed kd_transfer eq. 5: the hidden-layer "
-                                   "target (the embedding feeding the head).")
+    lambda_feature: float = option(1.0, "λ3, feature loss weight (seed wang2019 eq. 6/9).")
+    lambda_hidden: float = option(0.0, "β of seed kd_transfer eq. 5: weight of the hidden-layer "
+                                  "target (the embedding feeding the head; 1 in its alignment "
+                                  "distillation, eq. 7; 0 in its eqs. 4 and 9).")
     temperature: float = option(4.0, "Softmax temperature τ of the soft losses (4.0, seed "
                                 "nikitin2020 HKD; kdface's choice for seeds wang2019 and "
                                 "kd_transfer, which print none).")
