@@ -514,3 +514,90 @@ def test_views_crop_and_low_resolution_reach_the_pipeline():
                                    crop_from=(20, 20), **tiny)
     state = _pipeline(transfer, source, "original", "original").get_state()
     assert state["pipeline"]["crop_from"] == [20, 20]
+
+
+# --- the terms the papers' forms need, against NumPy --------------------------------------------
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_paper_terms_match_numpy():
+    import jax.numpy as jnp
+    from kdface.distill._terms import TERMS, TermInputs
+    rng = np.random.default_rng(0)
+    zs, zt = rng.normal(size=(6, 5)) * 3, rng.normal(size=(6, 5)) * 3
+    es, et = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    inputs = TermInputs(labels=jnp.zeros(6, jnp.int32),
+                        student={"logits": jnp.asarray(zs, jnp.float32),
+                                 "embedding": jnp.asarray(es, jnp.float32)},
+                        teacher={"logits": jnp.asarray(zt, jnp.float32),
+                                 "embedding": jnp.asarray(et, jnp.float32)})
+    ps, pt = _softmax(zs / 4), _softmax(zt / 4)
+    # wang2019 eq. 3 / kd_transfer eq. 2: H(p_t, p_s), no τ².
+    np.testing.assert_allclose(TERMS["soft_prediction"].fn(inputs, temperature=4.0),
+                               np.mean(-(pt * np.log(ps)).sum(-1)), rtol=1e-5)
+    # nikitin2020's HKD as the authors' code: KL(p_t ‖ p_s) without τ²; Hinton's with τ².
+    kl = np.mean((pt * (np.log(pt) - np.log(ps))).sum(-1))
+    np.testing.assert_allclose(TERMS["hinton"].fn(inputs, temperature=4.0, tau_squared=False),
+                               kl, rtol=1e-5)
+    np.testing.assert_allclose(TERMS["hinton"].fn(inputs, temperature=4.0), 16 * kl, rtol=1e-5)
+    # kd_transfer's hidden-layer target: Euclidean loss 1/2 ||H_s - H_t||², batch mean.
+    np.testing.assert_allclose(TERMS["hidden"].fn(inputs),
+                               np.mean(0.5 * ((es - et) ** 2).sum(-1)), rtol=1e-5)
+    # RKD-D on L2-normalized embeddings = RKD-D of the normalized arrays.
+    from kdface import losses
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(
+        TERMS["rkd_d"].fn(inputs, normalize=True),
+        losses.rkd_distance_loss(jnp.asarray(unit(es), jnp.float32),
+                                 jnp.asarray(unit(et), jnp.float32)), rtol=1e-5)
+
+
+def test_shrinkteanet_levels_weights_and_l2_baseline():
+    """duong2019 eq. 7: four levels, λ_4 = λ, λ_i = λ_{i+1}/2, every level through its adapter
+    G_i^s and the teacher's remaining blocks; against a NumPy sum."""
+    import jax.numpy as jnp
+    from kdface.distill._terms import TERMS, TermInputs
+    rng = np.random.default_rng(1)
+    stages = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(4)]
+    target = rng.normal(size=(5, 3)).astype(np.float32)
+    gain = np.float32([1.5, -2.0, 0.5, 3.0])          # a distinct "adapter" per level
+    tail = lambda i, f: f * (i + 1.0) + 0.25          # a distinct "teacher tail" per level
+    inputs = TermInputs(labels=jnp.zeros(5, jnp.int32),
+                        student={"stages": [jnp.asarray(s) for s in stages]},
+                        teacher={"embedding": jnp.asarray(target)},
+                        teacher_tail=tail, adapters=lambda i, f: f * gain[i])
+
+    def angular(a, b):
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        return np.mean((1 - cos) ** 2)
+
+    def l2(a, b):
+        return np.mean(((a - b) ** 2).sum(-1))
+
+    for distance, d, lam in (("angular", angular, 1.0), ("l2", l2, 0.001)):
+        levels = [d(stages[i] * gain[i] * (i + 1.0) + 0.25, target) for i in range(4)]
+        expected = lam * (levels[3] + levels[2] / 2 + levels[1] / 4 + levels[0] / 8)
+        got = TERMS["angular_stages"].fn(inputs, final_weight=lam, distance=distance)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="distance"):
+        TERMS["angular_stages"].fn(inputs, distance="cosine")
+
+
+def test_sphereface_term_anneals_lambda_with_the_step():
+    import jax.numpy as jnp
+    from kdface import losses
+    from kdface.distill._terms import TERMS, TermInputs
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(4, 3)).astype(np.float32)
+    cos = np.clip(rng.normal(size=(4, 5)) * 0.3, -1, 1).astype(np.float32)
+    labels = jnp.asarray([0, 1, 2, 3], jnp.int32)
+    for step in (0, 100, 10_000):
+        inputs = TermInputs(labels=labels, step=jnp.asarray(step, jnp.int32),
+                            student={"cos": jnp.asarray(cos), "embedding": jnp.asarray(emb)})
+        lam = float(losses.sphereface_lambda(step))   # max(5, 1000 / (1 + 0.12 step))
+        assert lam == pytest.approx(max(5.0, 1000.0 / (1 + 0.12 * step)), rel=1e-6)
+        np.testing.assert_allclose(TERMS["sphereface"].fn(inputs, anneal=True),
+                                   TERMS["sphereface"].fn(inputs, lambda_=lam), rtol=1e-6)
