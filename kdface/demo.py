@@ -105,9 +105,8 @@ def main(argv) -> int:
         steps=F.teacher_steps))
     train("[3/5] student distilled with kd_im (teacher: original, student: LR)", _config(
         os.path.join(runs, "student_kd_im"), recipe="kd_im", student=STUDENT[0],
-        student_options=STUDENT[1], teacher=TEACHER[0], teacher_options=TEACHER[1],
-        teacher_checkpoint=teacher_dir, steps=F.student_steps, lambda_hard=1.0,
-        lambda_soft=1.0, lambda_feature=1.0, temperature=4.0))
+        student_options=STUDENT[1], teacher_checkpoint=teacher_dir, steps=F.student_steps,
+        lambda_hard=1.0, lambda_soft=1.0, lambda_feature=1.0, temperature=4.0))
     train("[4/5] student self-studied (same LR data, no teacher)", _config(
         os.path.join(runs, "student_self"), recipe="scratch", student=STUDENT[0],
         student_options=STUDENT[1], student_view="low_resolution", steps=F.student_steps))

@@ -32,3 +32,16 @@ def labelled_images(n: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     images = rng.normal(size=(n, *HW, 3)).astype(np.float32) * 0.5
     images += labels[:, None, None, None].astype(np.float32) * 0.3
     return images, labels
+
+
+def encoded_source(n: int = 32, hw: tuple[int, int] = HW, seed: int = 1) -> list[dict]:
+    """An in-memory training source (what ``kdface.training._run.run`` reads): encoded uint8
+    images whose brightness depends on the label, with 5 random landmarks each."""
+    from kdface.data import encode_image
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in np.arange(n) % CLASSES:
+        image = (rng.random((*hw, 3)) * 80 + 40 + 30 * label).clip(0, 255).astype(np.uint8)
+        out.append({"image": encode_image(image), "label": int(label),
+                    "landmarks": rng.random((5, 2)).astype(np.float32) * min(hw)})
+    return out

@@ -57,6 +57,14 @@ def test_helpfull_names_the_papers_defaults():
     for needle in ("--recipe", "seed nikitin2020", "seed wang2019", "--vargface_alpha",
                    "seed yan2019", "--shrinktea_lambda", "teacher_cache"):
         assert needle in text
+    import dataclasses
+    from kdface.training import TrainConfig
+    flat = " ".join(text.split())
+    for field in dataclasses.fields(TrainConfig):  # every option, with its help text
+        found = [flat.find(f"--{p}{field.name}:") for p in ("", "[no]")]
+        start = max(found)  # bool flags read --[no]name
+        assert start >= 0, field.name
+        assert " ".join(field.metadata["help"].split())[:30] in flat[start:start + 400]
 
 
 def test_train_without_workdir_is_a_usage_error():
@@ -64,3 +72,47 @@ def test_train_without_workdir_is_a_usage_error():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "workdir" in out.stderr
+
+
+def _parse(argv):
+    """Parses ``argv`` with flags generated here from TrainConfig (a fresh FlagValues)."""
+    from absl import flags
+    from kdface import train
+    values = flags.FlagValues()
+    train.define_config_flags(values)
+    values(["prog", *argv])
+    return values, train.config_from_flags(values)
+
+
+def test_every_config_field_is_a_flag_with_help_and_its_default():
+    import dataclasses
+    from kdface.training import TrainConfig
+    values, config = _parse(["--workdir=w", "--train_data=t"])
+    defaults = TrainConfig(workdir="w", train_data="t")
+    for field in dataclasses.fields(TrainConfig):
+        assert field.name in values, field.name
+        assert values[field.name].help.strip() and field.metadata["help"], field.name
+        assert getattr(config, field.name) == getattr(defaults, field.name), field.name
+
+
+def test_flags_reach_every_field_type():
+    _, config = _parse([
+        "--workdir=w", "--train_data=t", "--recipe=kd_im", "--input_size=112,96",
+        "--lr_sizes=8,16", "--lr_fraction=0.25", "--noasync_checkpoints", "--noprogress",
+        "--student_options=embedding_size=128,channels=(4, 8, 8, 8)", "--epochs=13",
+        "--decay_epochs=2,4.5", "--val_data=a.bin,b.bin", "--nesterov", "--teacher=x"])
+    assert config.input_size == (112, 96) and config.lr_sizes == (8, 16)
+    assert config.lr_fraction == 0.25 and not config.async_checkpoints and not config.progress
+    assert config.student_options == {"embedding_size": 128, "channels": (4, 8, 8, 8)}
+    assert config.epochs == 13.0 and config.decay_epochs == (2.0, 4.5) and config.steps is None
+    assert config.val_data == ("a.bin", "b.bin") and config.nesterov and config.teacher == "x"
+
+
+def test_bad_flag_values_are_one_line_usage_errors():
+    from absl import app, flags
+    with pytest.raises(app.UsageError, match="--input_size=112: expected 2"):
+        _parse(["--workdir=w", "--train_data=t", "--input_size=112"])
+    with pytest.raises(app.UsageError, match="--lr_sizes=8,x"):
+        _parse(["--workdir=w", "--train_data=t", "--lr_sizes=8,x"])
+    with pytest.raises(flags.IllegalFlagValueError):
+        _parse(["--workdir=w", "--train_data=t", "--feature_loss=l1"])

@@ -79,6 +79,50 @@ def test_schedule_rejects_bad_arguments(bad):
         learning_rate_schedule(**kwargs)
 
 
+# --- schedules in epochs ------------------------------------------------------------------
+
+def test_epochs_resolve_against_the_training_set_and_the_global_batch():
+    from kdface.training import TrainConfig, resolve_schedule
+    # Nikitin et al., Pairwise Ranking Distillation for Deep Face Recognition, 2020: cleaned
+    # MS-Celeb-1M "consists of 5.8 million photos"; "Batch size is fixed to 552 (92 x 6)";
+    # "during training it is divided by 10 each 2 epochs. The total number of epochs is 13."
+    n, batch = 5_800_000, 552
+    config = TrainConfig(workdir="unused", batch_size=batch, epochs=13,
+                         decay_epochs=(2, 4, 6, 8, 10, 12), warmup_epochs=0.5)
+    plan = resolve_schedule(config, n)
+    ceil_div = lambda a, b: -(-a // b)  # integer ceiling: no float rounding in the reference
+    assert plan.steps == ceil_div(13 * n, batch) == 136_595  # 136,594.2 steps of 552 images
+    assert plan.decay_steps == tuple(ceil_div(e * n, batch) for e in (2, 4, 6, 8, 10, 12))
+    assert plan.decay_steps[0] == 21_015 and plan.warmup_steps == ceil_div(n, 2 * batch)
+    assert resolve_schedule(TrainConfig(workdir="unused"), None).steps == 1000  # the default
+    steps = resolve_schedule(TrainConfig(workdir="unused", steps=7, decay_steps=(3,)), None)
+    assert (steps.steps, steps.decay_steps, steps.warmup_steps) == (7, (3,), 0)
+
+
+@pytest.mark.parametrize("both,flags", [
+    (dict(steps=10, epochs=1.0), "--steps and --epochs"),
+    (dict(decay_steps=(5,), decay_epochs=(1.0,)), "--decay_steps and --decay_epochs"),
+    (dict(warmup_steps=2, warmup_epochs=0.5), "--warmup_steps and --warmup_epochs")])
+def test_steps_and_epochs_of_one_setting_are_refused_together(both, flags):
+    from kdface.training import TrainConfig, resolve_schedule
+    with pytest.raises(ValueError, match=flags):
+        resolve_schedule(TrainConfig(workdir="unused", **both), 1000)
+    with pytest.raises(ValueError, match="training set's size"):
+        resolve_schedule(TrainConfig(workdir="unused", epochs=2.0), None)
+
+
+def test_fit_runs_the_steps_its_epochs_give(tmp_path):
+    images, labels = _data(24)
+    # 1.5 epochs of 24 images at batch 8 = 4.5 -> 5 steps; decay after 1 epoch = step 3.
+    summary = fit(_config(tmp_path, "ep", steps=None, epochs=1.5, decay_epochs=(1,),
+                          schedule="step"),
+                  ArrayBatches(images, labels, batch_size=8), num_classes=CLASSES)
+    assert summary["step"] == 5
+    with open(tmp_path / "ep" / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["resolved_steps"] == 5 and cfg["resolved_decay_steps"] == [3]
+
+
 # --- the step: 4 devices == 1 device ---------------------------------------------------------
 
 def _run_steps(devices, steps=3):

@@ -211,12 +211,11 @@ def register_recipe(spec: RecipeSpec) -> RecipeSpec:
         raise ValueError(f"recipe {spec.name!r} is already registered")
     if not spec.terms:
         raise ValueError(f"recipe {spec.name!r} declares no terms")
-    for decl in spec.terms:
+    for decl in spec.terms:  # unknown term names fail here, listing the known ones
         if isinstance(decl.name, str) and decl.name != HEAD:
             term_spec(decl.name)
         for name in decl.options_for:
-            if decl.name is not HEAD or name not in HEADS:
-                term_spec(name)
+            term_spec(name)
     _RECIPES[spec.name] = spec
     return spec
 

@@ -1,0 +1,189 @@
+"""restore_run: any run rebuilt from its workdir, for teacher loading, evaluation and export.
+
+Runs are tiny SphereFace-layout nets at 16x16 trained for 2 steps: a softmax classification
+"teacher", a ShrinkTeaNet student (stage adapters) and a landmark student (landmark regression +
+a stage hint: landmark head + adapters, fully initialized from the classification run; declared
+here so that the test does not depend on the papers' recipe values). The reference for every
+restored network is built here by hand with ``build_student`` from the architecture the test
+knows, and filled with ``load_model_weights``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kdface import models
+from kdface.distill import (RECIPES, RecipeSpec, TermDecl, build_recipe, build_student,
+                            register_recipe)
+from kdface.evaluate import Embedder
+from kdface.export import export_checkpoint
+from kdface.training import ArrayBatches, fit, restore_run
+from kdface.training._checkpoint import load_model_weights
+from kdface.training._loop import build_teacher, normalize_images
+from kdface.training._restore import build_run_student
+from kdface.training._run import run
+
+from _train_helpers import CLASSES, HW, TINY, encoded_source, tiny_config
+
+
+LANDMARKS = "test_restore_landmarks"
+if LANDMARKS not in RECIPES:
+    register_recipe(RecipeSpec(name=LANDMARKS, head="softmax", terms=(
+        TermDecl("softmax", 1.0), TermDecl("landmark", 1.0), TermDecl("hint_stages", 1.0))))
+
+
+def _run(config):
+    return run(config, data_dir="", source=encoded_source(), num_classes=CLASSES, val_sets=[])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("restore")
+    teacher = tiny_config(tmp / "teacher", head="softmax", steps=2)
+    _run(teacher)
+    # Neither student names the teacher's architecture: it comes from the teacher's run.
+    shrink = tiny_config(tmp / "shrinktea", recipe="shrinktea", steps=2,
+                         teacher_checkpoint=teacher.workdir)
+    _run(shrink)
+    align = tiny_config(tmp / "align", recipe=LANDMARKS, head="softmax", steps=2,
+                        learning_rate=0.0,
+                        teacher_checkpoint=teacher.workdir, init_checkpoint=teacher.workdir)
+    _run(align)
+    return {"teacher": teacher.workdir, "shrinktea": shrink.workdir, "align": align.workdir}
+
+
+def _reference(workdir, *, head, landmark_head):
+    """The run's network built by hand (adapters onto the tiny teacher's stages) and loaded."""
+    teacher = models.create("sphereface_custom", rngs=nnx.Rngs(0), **TINY)
+    abstract = nnx.eval_shape(lambda: build_student(
+        "sphereface_custom", num_classes=CLASSES, head=head, rngs=nnx.Rngs(0),
+        backbone_options=TINY, logit_scale=16.0, landmark_head=landmark_head, adapt_to=teacher,
+        input_hw=HW))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    weights, _ = load_model_weights(workdir, {"params": params, "rest": rest})
+    student = nnx.merge(graphdef, weights["params"], weights["rest"])
+    student.eval()
+    return student
+
+
+def _leaves(module):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(module))]
+
+
+@pytest.mark.parametrize("name,head,landmark_head", [("shrinktea", "cosface", False),
+                                                     ("align", "softmax", True)])
+def test_restore_evaluate_and_export_runs_with_adapters_and_landmark_head(
+        runs, tmp_path, name, head, landmark_head):
+    ref = _reference(runs[name], head=head, landmark_head=landmark_head)
+    restored = restore_run(runs[name])
+    assert restored.step == 2 and restored.input_size == HW and restored.head == head
+    assert len(restored.student.adapters) == 4
+    assert (restored.network.landmark_head is not None) == landmark_head
+    for a, b in zip(_leaves(restored.student), _leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+
+    images = np.random.default_rng(0).integers(0, 256, (5, *HW, 3), dtype=np.uint8)
+    graphdef, state = nnx.split(ref.network)
+    want = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state,
+                                                          jnp.asarray(normalize_images(images)))
+    embedder = Embedder(runs[name], batch_size=8)
+    np.testing.assert_allclose(embedder(images), np.asarray(want["embedding"]), rtol=1e-5,
+                               atol=1e-6)
+    assert embedder.has_landmarks == landmark_head
+    if landmark_head:
+        np.testing.assert_allclose(embedder.landmarks(images), np.asarray(want["landmarks"]),
+                                   rtol=1e-5, atol=1e-5)
+
+    summary = export_checkpoint(runs[name], str(tmp_path / f"{name}.onnx"))
+    assert summary["embedding_size"] == TINY["embedding_size"]
+    assert summary["input_shape"] == ["batch", 3, *HW]
+    assert summary["max_rel_diff"] < 1e-5
+
+
+def test_run_records_the_teacher_stage_shapes_it_adapted_to(runs):
+    with open(os.path.join(runs["shrinktea"], "config.json")) as f:
+        cfg = json.load(f)
+    teacher = models.create("sphereface_custom", rngs=nnx.Rngs(0), **TINY)
+    assert cfg["teacher"] is None and cfg["adapters"] is True
+    assert [tuple(s) for s in cfg["teacher_stage_shapes"]] == teacher.stage_shapes(HW)
+
+
+def test_full_initialization_copies_the_backbone_into_a_student_with_more_parts(runs):
+    # The landmark student (landmark head + adapters) starts from the classification run, as
+    # kd_transfer's full initialization does; with lr 0 its backbone and head are still exactly
+    # the classification run's.
+    align, teacher = restore_run(runs["align"]), restore_run(runs["teacher"])
+    for part in ("backbone", "head"):
+        for a, b in zip(_leaves(getattr(align.network, part)),
+                        _leaves(getattr(teacher.network, part))):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_teacher_flags_may_restate_the_run_but_not_contradict_it(runs, tmp_path):
+    base = tiny_config(tmp_path / "kd", recipe="kd_im", teacher_checkpoint=runs["teacher"],
+                       feature_loss="normalized_l2", lambda_soft=0.0)
+    recipe = build_recipe("kd_im", base)
+    ref = restore_run(runs["teacher"]).network
+    same = build_teacher(base.replace(teacher="sphereface_custom", teacher_options=TINY),
+                         CLASSES, recipe)
+    for a, b in zip(_leaves(same), _leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="--teacher=sphereface20 contradicts.*"
+                                         "--student=sphereface_custom"):
+        build_teacher(base.replace(teacher="sphereface20"), CLASSES, recipe)
+    with pytest.raises(ValueError, match="--teacher_options=.*contradict"):
+        build_teacher(base.replace(teacher_options=dict(TINY, embedding_size=16)), CLASSES,
+                      recipe)
+    with pytest.raises(ValueError, match="--input_size=16,16.*16,24"):
+        build_teacher(base.replace(input_size=(16, 24)), CLASSES, recipe)
+    # A run with a landmark head and adapters loads as a teacher too.
+    aligned = build_teacher(base.replace(teacher_checkpoint=runs["align"]), CLASSES, recipe)
+    assert aligned.landmark_head is not None
+
+
+# --- --input_size reaches the networks ----------------------------------------------------------
+
+def test_sphereface36_thin_at_112x96_builds_and_runs_abstractly():
+    from kdface.training import TrainConfig
+    config = TrainConfig(workdir="unused", student="sphereface36_thin", head="sphereface",
+                         input_size=(112, 96))
+    student = nnx.eval_shape(lambda: build_run_student(
+        config, num_classes=10, head="sphereface", landmark_head=False, rngs=nnx.Rngs(0)))
+    backbone = student.network.backbone
+    # Four stride-2 3x3 convolutions (padding 1): 112 -> 56 -> 28 -> 14 -> 7, 96 -> 48 -> 24
+    # -> 12 -> 6, with seed wang2019's thin widths 18/36/72/144.
+    assert backbone.stage_shapes((112, 96)) == [(56, 48, 18), (28, 24, 36), (14, 12, 72),
+                                                (7, 6, 144)]
+    graphdef, state = nnx.split(student.network)
+    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                         jax.ShapeDtypeStruct((2, 112, 96, 3), jnp.float32))
+    assert out["embedding"].shape == (2, 512) and out["logits"].shape == (2, 10)
+    # What the trainer used to build: the backbone's default 112x112 FC, which 112x96 breaks.
+    default = nnx.eval_shape(lambda: models.create("sphereface36_thin", rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"expects a final \(7, 7\) feature map"):
+        default.stage_shapes((112, 96))
+
+
+def test_tiny_net_trains_and_restores_at_a_non_square_input(tmp_path):
+    size = (16, 24)
+    options = {k: v for k, v in TINY.items() if k != "input_size"}
+    rng = np.random.default_rng(0)
+    labels = np.arange(16) % CLASSES
+    images = (rng.normal(size=(16, *size, 3)) * 0.5 + labels[:, None, None, None] * 0.3)
+    config = tiny_config(tmp_path / "wide", student_options=options, input_size=size, steps=2)
+    summary = fit(config, ArrayBatches(images.astype(np.float32), labels, batch_size=8),
+                  num_classes=CLASSES)
+    assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
+    restored = restore_run(config.workdir)
+    # 16 -> 8 -> 4 -> 2 -> 1 and 24 -> 12 -> 6 -> 3 -> 2: the FC reads 8 channels x 1 x 2.
+    assert restored.input_size == size and restored.network.backbone.final_hw == (1, 2)
+    assert Embedder(config.workdir)(rng.integers(0, 256, (3, *size, 3), np.uint8)).shape == (3, 8)
+    with pytest.raises(ValueError, match="--student_options input_size=.*contradicts"):
+        fit(config.replace(workdir=str(tmp_path / "bad"), student_options=TINY),
+            ArrayBatches(images.astype(np.float32), labels, batch_size=8), num_classes=CLASSES)
