@@ -86,7 +86,8 @@ WANG = [
     Pin("lr_fraction", 0.4, W_LR),
     Pin("lr_sizes", (8, 12, 16, 20, 30), W_LR),
     Pin("student_view", "low_resolution", W_LR),
-    Pin("batch_size", 512, "wang2019 §3.3.1: 'we use 4 Nvidia Titan Xp GPUs with batchsize as 512'"),
+    Pin("batch_size", 512, "wang2019 §3.3.1: 'we use 4 Nvidia Titan Xp GPUs with batchsize as "
+        "512'"),
     Pin("epochs", 20, "wang2019 §3.3.1: 'the process will last for 20 epochs'"),
     Pin("terms", ("sphereface", "soft_prediction", "mk_mmd"),
         "wang2019 eq. 9: 'L = λ1 L_Hard + λ2 L_Soft + λ3 L^{MK-MMD}_{Feature_Norm}'"),
@@ -180,7 +181,8 @@ T_SOFT = ("kd_transfer eq. 2: 'the cross-entropy between the soft predictions of
           "student network' — no τ²; τ = 4 (value lost) is kdface's choice")
 TRANSFER_PRETRAIN = TRANSFER_COMMON + [
     Pin("terms", ("softmax",), "kd_transfer eq. 3: 'we first train it with softmax loss'"),
-    Pin("learning_rate", 0.1, f"{CHOICE}: the rate 'if the network is trained from scratch' is lost"),
+    Pin("learning_rate", 0.1, f"{CHOICE}: the rate 'if the network is trained from scratch' is "
+        "lost"),
     Pin("epochs", 30, f"{CHOICE}: '[...] epochs are used in each rate' (value lost), 3 rates"),
 ]
 TRANSFER_CLASSIFICATION = TRANSFER_COMMON + [

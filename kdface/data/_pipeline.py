@@ -231,7 +231,8 @@ def make_training_pipeline(
         num_epochs: int | None = None, drop_remainder: bool = True, flip: bool = True,
         teacher_view: str = "original", student_view: str = "low_resolution",
         student_augment: Callable | None = None, image_size: Sequence[int] = (112, 112),
-        crop_from: Sequence[int] | None = None, normalize: bool = True, shard_options: grain.sharding.ShardOptions | None = None,
+        crop_from: Sequence[int] | None = None, normalize: bool = True,
+        shard_options: grain.sharding.ShardOptions | None = None,
         num_devices: int | None = None, num_threads: int = 2,
         prefetch_buffer_size: int | None = None) -> TwoViewPipeline:
     """Builds the two-view training pipeline over a random-access ``source``.
