@@ -187,3 +187,21 @@ def test_tiny_net_trains_and_restores_at_a_non_square_input(tmp_path):
     with pytest.raises(ValueError, match="--student_options input_size=.*contradicts"):
         fit(config.replace(workdir=str(tmp_path / "bad"), student_options=TINY),
             ArrayBatches(images.astype(np.float32), labels, batch_size=8), num_classes=CLASSES)
+
+
+def test_the_checkpoint_says_which_parts_a_run_has(runs, tmp_path):
+    # A run whose config.json names no recipe this process knows and records none of the parts
+    # (as runs written before those keys existed): its tree comes from the checkpoint.
+    import shutil
+    copy = str(tmp_path / "copy")
+    shutil.copytree(runs["align"], copy)
+    with open(os.path.join(copy, "config.json")) as f:
+        cfg = json.load(f)
+    for key in ("adapters", "landmark_head", "teacher_stage_shapes"):
+        del cfg[key]
+    with open(os.path.join(copy, "config.json"), "w") as f:
+        json.dump({**cfg, "recipe": "a_recipe_registered_nowhere"}, f)
+    original, restored = restore_run(runs["align"]), restore_run(copy)
+    assert len(restored.student.adapters) == 4 and restored.network.landmark_head is not None
+    for a, b in zip(_leaves(original.student), _leaves(restored.student)):
+        np.testing.assert_array_equal(a, b)

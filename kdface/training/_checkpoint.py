@@ -123,3 +123,32 @@ def load_model_weights(directory: str, like_model: dict[str, Any], *, step: int 
         return restored["model"], restored["meta"]
     finally:
         manager.close()
+
+
+def model_param_shapes(directory: str, *, step: int | None = None) -> dict[str, Any]:
+    """The ``params`` tree of a run's ``model`` item as nested dicts of shape tuples, read from
+    the checkpoint's metadata (no array is loaded): what parts a saved network has.
+
+    directory: a run's workdir or its ``checkpoints`` directory; step: latest if None.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.isdir(os.path.join(directory, "checkpoints")):  # a run's workdir
+        directory = os.path.join(directory, "checkpoints")
+    if step is None:
+        steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(
+            directory) else []
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {directory}")
+        step = max(steps)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        metadata = checkpointer.metadata(os.path.join(directory, str(step), "model"))
+    finally:
+        checkpointer.close()
+    tree = metadata.item_metadata.tree
+
+    def shapes(node):
+        if isinstance(node, dict):
+            return {k: shapes(v) for k, v in node.items()}
+        return tuple(getattr(node, "shape", ()))
+    return shapes(tree["params"])

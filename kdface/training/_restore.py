@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 
 from kdface.distill._networks import DistillStudent, FaceNetwork, build_student
-from kdface.training._checkpoint import load_model_weights
+from kdface.training._checkpoint import load_model_weights, model_param_shapes
 from kdface.training._config import TrainConfig
 
 # Keys the trainer adds to config.json next to the TrainConfig fields.
@@ -114,22 +114,32 @@ class Restored:
         return tuple(int(v) for v in self.config.input_size)
 
 
-def _student_parts(config: TrainConfig, run: dict[str, Any]) -> tuple[bool, Any]:
-    """``(landmark_head, teacher_stage_shapes or None)`` of a run, from its config.json (older
-    runs: from the recipe and the teacher's architecture)."""
-    if "landmark_head" in run and "adapters" in run:
-        shapes = run.get("teacher_stage_shapes") if run["adapters"] else None
-        return bool(run["landmark_head"]), shapes
+def _student_parts(workdir: str, config: TrainConfig, run: dict[str, Any],
+                   step: int | None) -> tuple[bool, Any]:
+    """``(landmark_head, teacher_stage_shapes or None)`` of a run's student.
+
+    Which parts exist is read from the checkpoint itself (its parameter tree), so any run
+    restores whatever recipe wrote it, even one this process has not registered. The adapters'
+    target sizes are the ones config.json records; a run that did not record them gets
+    adapters without resizing, which have the same parameters (the resize has none) and serve
+    every use of a restored run but re-running the stage terms.
+    """
+    params = model_param_shapes(workdir, step=step)
+    landmark_head = "landmark_head" in params.get("network", {})
+    if "adapters" not in params:
+        return landmark_head, None
+    if run.get("teacher_stage_shapes"):
+        return landmark_head, run["teacher_stage_shapes"]
     from kdface import models
-    from kdface.distill._recipes import build_recipe
-    recipe = build_recipe(config.recipe, config)
-    shapes = None
-    if recipe.adapters:
-        teacher = nnx.eval_shape(lambda: models.create(
-            config.teacher, rngs=nnx.Rngs(0), **backbone_options(
-                config.teacher_options, config.input_size, flag="teacher_options")))
-        shapes = teacher.stage_shapes(tuple(config.input_size))
-    return recipe.landmark_head, shapes
+    student = nnx.eval_shape(lambda: models.create(
+        config.student, rngs=nnx.Rngs(0), **backbone_options(
+            config.student_options, config.input_size, flag="student_options")))
+    shapes = []
+    for i, (h, w, _) in enumerate(student.stage_shapes(tuple(config.input_size))):
+        kernel = params["adapters"][str(i)]["conv"]["kernel"]  # [1, 1, C_student, C_teacher]
+        kernel = kernel.get("value", ()) if isinstance(kernel, dict) else kernel
+        shapes.append((h, w, int(kernel[-1])))
+    return landmark_head, shapes
 
 
 def restore_run(workdir: str, *, step: int | None = None) -> Restored:
@@ -141,7 +151,7 @@ def restore_run(workdir: str, *, step: int | None = None) -> Restored:
     """
     workdir = resolve_run_dir(workdir)
     config, run = read_run_config(workdir)
-    landmark_head, shapes = _student_parts(config, run)
+    landmark_head, shapes = _student_parts(workdir, config, run, step)
     abstract = nnx.eval_shape(lambda: build_run_student(
         config, num_classes=int(run["num_classes"]), head=run["head_used"],
         landmark_head=landmark_head, rngs=nnx.Rngs(0), teacher_stage_shapes=shapes))
