@@ -190,7 +190,8 @@ def test_pth_teacher_matches_pytorch_through_build_teacher(r18):
     np.testing.assert_array_equal(np.asarray(teacher.head(jnp.asarray(embedding))),
                                   np.zeros((2, 5), np.float32))
     kd = build_recipe("kd_im", {**config.as_dict(), "lambda_soft": 0.5})
-    with pytest.raises(ValueError, match=r"term 'hinton', weight 0\.5.*no classifier head"):
+    with pytest.raises(ValueError,
+                       match=r"term 'soft_prediction', weight 0\.5.*no classifier head"):
         build_teacher(config.replace(teacher=f"pth:{path}"), 5, kd)
 
 

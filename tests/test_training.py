@@ -312,7 +312,7 @@ def test_teacher_cache_gives_the_same_losses_and_refuses_random_views(tmp_path, 
     plain = run(base, data_dir="", source=_source(), num_classes=CLASSES, val_sets=[])
     cached = run(base.replace(workdir=str(tmp_path / "cache"), teacher_cache=True), data_dir="",
                  source=_source(), num_classes=CLASSES, val_sets=[])
-    for term in ("hinton", "normalized_l2", "loss"):
+    for term in ("soft_prediction", "normalized_l2", "loss"):
         assert cached["metrics"][term] == pytest.approx(plain["metrics"][term], rel=1e-4)
     assert os.listdir(tmp_path / "cache" / "teacher_cache")
     with pytest.raises(ValueError, match="cannot be cached"):

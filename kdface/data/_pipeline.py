@@ -4,6 +4,8 @@ Every training example becomes two views of one face (seed wang2019 §2.2, "KD_i
 teacher's (the original image) and the student's (the same image degraded to low resolution by
 ``LowResolutionAugment`` for 40% of samples by default). The horizontal flip is drawn once per
 example and applied to the image *before* the views are made, so both views always share it.
+So is the optional random crop (``crop_from``): Wang et al.'s knowledge-transfer paper resizes
+each face and randomly crops and flips a sub-image of the network's input size.
 
 Determinism: the order is a function of ``(seed, epoch)`` (a NumPy permutation), and each
 example's flip and degradation are functions of ``(seed, epoch, record index)`` only, so they
@@ -46,6 +48,7 @@ STUDENT_VIEWS = ("original", "low_resolution")
 _FLIP_LANDMARKS = np.asarray([1, 0, 2, 4, 3])
 _TAG_SHUFFLE = 11
 _TAG_FLIP = 12
+_TAG_CROP = 13
 
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
@@ -106,7 +109,7 @@ class _TwoViews:
     """Turns a stream position into one two-view example (a dict of arrays)."""
 
     def __init__(self, source, *, order, seed, flip, teacher_view, student_augment,
-                 image_size):
+                 image_size, crop_from=None):
         self.source = source
         self.order = order
         self.seed = seed
@@ -114,6 +117,7 @@ class _TwoViews:
         self.teacher_view = teacher_view
         self.student_augment = student_augment
         self.image_size = image_size
+        self.crop_from = crop_from
 
     def __call__(self, stream_index: int, _) -> dict[str, np.ndarray]:
         epoch, record_index = self.order(stream_index)
@@ -121,11 +125,19 @@ class _TwoViews:
         image = decode_image(record["image"], name=f"record {record_index}")
         landmarks = record.get("landmarks")
         height, width = image.shape[:2]
-        if (height, width) != self.image_size:
-            image = cv2.resize(image, self.image_size[::-1], interpolation=cv2.INTER_AREA)
+        resized = self.crop_from or self.image_size
+        if (height, width) != resized:
+            image = cv2.resize(image, resized[::-1], interpolation=cv2.INTER_AREA)
             if landmarks is not None:
-                scale = np.asarray([self.image_size[1] / width, self.image_size[0] / height])
+                scale = np.asarray([resized[1] / width, resized[0] / height])
                 landmarks = landmarks * scale.astype(np.float32)[None, :]
+        if self.crop_from is not None:
+            rng = np.random.default_rng([self.seed, _TAG_CROP, epoch, record_index])
+            top = int(rng.integers(resized[0] - self.image_size[0] + 1))
+            left = int(rng.integers(resized[1] - self.image_size[1] + 1))
+            image = image[top:top + self.image_size[0], left:left + self.image_size[1]].copy()
+            if landmarks is not None:
+                landmarks = landmarks - np.asarray([left, top], np.float32)[None, :]
         flipped = False
         if self.flip:
             rng = np.random.default_rng([self.seed, _TAG_FLIP, epoch, record_index])
@@ -219,7 +231,8 @@ def make_training_pipeline(
         num_epochs: int | None = None, drop_remainder: bool = True, flip: bool = True,
         teacher_view: str = "original", student_view: str = "low_resolution",
         student_augment: Callable | None = None, image_size: Sequence[int] = (112, 112),
-        normalize: bool = True, shard_options: grain.sharding.ShardOptions | None = None,
+        crop_from: Sequence[int] | None = None, normalize: bool = True,
+        shard_options: grain.sharding.ShardOptions | None = None,
         num_devices: int | None = None, num_threads: int = 2,
         prefetch_buffer_size: int | None = None) -> TwoViewPipeline:
     """Builds the two-view training pipeline over a random-access ``source``.
@@ -239,6 +252,11 @@ def make_training_pipeline(
         ``LowResolutionAugment(seed=seed)``: blur + downscale to {8,12,16,20,30} px and back for
         40% of samples, seed wang2019 §2.2). A custom ``student_augment(image, *, epoch, index)
         -> (image, size)`` replaces it.
+      image_size: ``(height, width)`` of the images the networks get.
+      crop_from: ``None`` (the face is resized to ``image_size``), or ``(height, width)`` at
+        least ``image_size``: the face is resized to it and a random ``image_size`` window is
+        cut out (offsets uniform, a function of ``(seed, epoch, record)``; landmarks move with
+        it), before the flip and the views, so both views share the crop.
       shard_options: grain ``ShardOptions``; default one shard per JAX process
         (``ShardByJaxProcess(drop_remainder=drop_remainder)``).
       num_threads, prefetch_buffer_size: grain read threads (0 = in the calling thread) and
@@ -259,6 +277,11 @@ def make_training_pipeline(
     image_size = tuple(int(v) for v in image_size)
     if len(image_size) != 2 or min(image_size) < 1:
         raise ValueError(f"image_size must be (height, width), got {image_size!r}")
+    if crop_from is not None:
+        crop_from = tuple(int(v) for v in crop_from)
+        if len(crop_from) != 2 or crop_from[0] < image_size[0] or crop_from[1] < image_size[1]:
+            raise ValueError(f"crop_from must be (height, width) no smaller than image_size "
+                             f"{image_size}, got {crop_from!r}")
     if num_devices is None:
         import jax
         num_devices = jax.device_count()
@@ -288,7 +311,7 @@ def make_training_pipeline(
     positions = grain.MapDataset.range(end - start).repeat(num_epochs)
     examples = positions.map_with_index(_TwoViews(
         source, order=order, seed=int(seed), flip=flip, teacher_view=teacher_view,
-        student_augment=student_augment, image_size=image_size))
+        student_augment=student_augment, image_size=image_size, crop_from=crop_from))
     batches = examples.batch(host_batch, drop_remainder=drop_remainder)
     if normalize:
         # Once per batch rather than per example: one float32 allocation instead of 2B.
@@ -301,6 +324,8 @@ def make_training_pipeline(
         "teacher_view": teacher_view, "student_view": student_view,
         "batches_per_epoch": per_epoch,
     }
+    if crop_from is not None:  # absent otherwise, so states saved before the option still load
+        fingerprint["crop_from"] = list(crop_from)
     read_options = grain.ReadOptions(
         num_threads=num_threads,
         prefetch_buffer_size=prefetch_buffer_size if prefetch_buffer_size is not None

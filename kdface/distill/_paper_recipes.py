@@ -1,27 +1,36 @@
 """The five papers' methods, each one ``RecipeSpec`` declaration (data only; see ``_recipes``).
 
+Every value a paper states is cited beside it with the paper's words; every value it leaves open
+says "kdface's choice". The numbers themselves are run options (``TrainConfig`` fields) whose
+values the flagfiles in ``kdface/configs/`` set; docs/RECIPES.md tabulates all of them and maps
+each paper's ablation rows to flags.
+
 References:
-  wang2019: Wang, Liu, Hajime et al., Improved Knowledge Distillation for Training Fast Low Resolution Face
-    Recognition Model, ICCV Workshops 2019.
-  nikitin2020: Nikitin, Konushin, Konushin, Pairwise Ranking Distillation for Deep Face Recognition, 2020.
-  kd_transfer: Model Distillation with Knowledge Transfer from Face Classification to Alignment
-    and Verification (C. Wang, X. Lan, Y. Zhang, 2017, arXiv:1709.02929).
-  yan2019: Yan et al., VarGFaceNet: An Efficient Variable Group Convolutional Neural Network for
-    Lightweight Face Recognition, ICCV Workshops 2019.
-  duong2019: Duong, Luu, Quach, Le, ShrinkTeaNet: Million-scale Lightweight Face Recognition via
-    Shrinking Teacher-Student Networks, 2019.
+  wang2019: Mengjiao Wang, Rujie Liu, Nada Hajime, Narishige Abe, Hidetsugu Uchida, Tomoaki
+    Matsunami, Improved Knowledge Distillation for Training Fast Low Resolution Face Recognition
+    Model, ICCV Workshops 2019.
+  nikitin2020: Mikhail Nikitin, Vadim Konushin, Anton Konushin, Pairwise Ranking Distillation for
+    Deep Face Recognition, 2020.
+  kd_transfer: Chong Wang, Xipeng Lan, Yangang Zhang, Model Distillation with Knowledge Transfer
+    from Face Classification to Alignment and Verification, arXiv:1709.02929, 2017.
+  yan2019: Mengjia Yan, Mengao Zhao, Zining Xu, Qian Zhang, Guoli Wang, Zhizhong Su,
+    VarGFaceNet: An Efficient Variable Group Convolutional Neural Network for Lightweight Face
+    Recognition, ICCV Workshops 2019, arXiv:1910.04985.
+  duong2019: Chi Nhan Duong, Khoa Luu, Kha Gia Quach, Ngan Le, ShrinkTeaNet: Million-scale
+    Lightweight Face Recognition via Shrinking Teacher-Student Networks, arXiv:1905.10620, 2019.
 """
 from __future__ import annotations
 
 from kdface.distill._recipes import (HEAD, Option, RecipeSpec, TeacherPhase, TermDecl,
                                      register_recipe)
 
-# The margin options each head term reads (CosFace and ArcFace share --margin_scale/--margin).
+# The margin options each head term reads: CosFace --margin, ArcFace --arcface_margin (each
+# head its own margin: CosFace's 0.35 is not an ArcFace margin), A-Softmax m and its λ schedule.
 HEAD_OPTIONS = {
     "softmax": {},
     "cosface": {"scale": Option("margin_scale"), "margin": Option("margin")},
-    "arcface": {"scale": Option("margin_scale"), "margin": Option("margin")},
-    "sphereface": {"margin": Option("sphereface_m")},
+    "arcface": {"scale": Option("margin_scale"), "margin": Option("arcface_margin")},
+    "sphereface": {"margin": Option("sphereface_m"), "anneal": Option("sphereface_anneal")},
 }
 
 FEATURE_LOSSES = ("mk_mmd", "normalized_l2")
@@ -41,80 +50,171 @@ register_recipe(RecipeSpec(
 ))
 
 
+# --- wang2019 ------------------------------------------------------------------------------
+
 def _wang2019(name: str, teacher_view: str, phases=(), summary=""):
-    # wang2019 eq. 9: λ1·hard + λ2·soft + λ3·MK-MMD (or eq. 6 with normalized L2).
     return RecipeSpec(
         name=name, summary=summary,
         terms=(TermDecl(HEAD, Option("lambda_hard"), options_for=HEAD_OPTIONS,
-                        cite="wang2019 eq. 9, λ1 (the paper prints no value: kdface's choice 1)"),
-               TermDecl("hinton", Option("lambda_soft"), options=TEMPERATURE,
-                        cite="wang2019 eq. 9, λ2 soft loss"),
+                        cite="wang2019 eq. 9, λ1·L_Hard: 'The hard loss is the cross entropy "
+                             "between unsoften class probability X_S and ground truth y' (eq. 4); "
+                             "λ1 = 1 is kdface's choice (the paper prints no value)"),
+               TermDecl("soft_prediction", Option("lambda_soft"), options=TEMPERATURE,
+                        cite="wang2019 eq. 3: 'The soft loss is the cross entropy between X_T^τ "
+                             "and X_S^τ' (no τ², so soft_prediction, not hinton); λ2 = 1 and "
+                             "τ = 4 are kdface's choice"),
                TermDecl(Option("feature_loss"), Option("lambda_feature"),
                         options_for={f: {} for f in FEATURE_LOSSES},
-                        cite="wang2019 eq. 9 (MK-MMD) / eq. 6 (normalized L2), λ3")),
-        student_view="low_resolution", teacher_view=teacher_view, phases=phases)
+                        cite="wang2019 eq. 9: 'we replace the normalized feature L2 loss ... with "
+                             "the normalized feature MK-MMD'; eq. 6 (normalized L2) is the "
+                             "ablation; λ3 = 1 is kdface's choice")),
+        student_view="low_resolution", teacher_view=teacher_view, phases=phases,
+        cite={"student_view": "wang2019 §2.2: '40 percent of the training set are randomly "
+                              "selected for downscaling as LR samples. The size of the LR "
+                              "samples includes 8 × 8, 12 × 12, 16 × 16, 20 × 20 and 30 × 30'",
+              "input_size": "wang2019 §2.2: 'MTCNN [17] is used to detect and align the face "
+                            "region as 112 × 96 image'",
+              "head": "wang2019 §3.2: 'a pre-trained 64-layer ResNet network trained with "
+                      "Sphreface loss [22] as teacher model'; the student's A-Softmax head, m = 4 "
+                      "and SphereFace's λ annealing are kdface's choice",
+              "schedule": "wang2019 §3.3.1: 'batchsize as 512 ... the process will last for 20 "
+                          "epochs'; SGD, lr 0.1 and its decays are kdface's choice"})
 
 
 # kd_im: the untouched teacher sees the original image, the student the LR one.
-register_recipe(_wang2019("kd_im", "original",
-                          summary="wang2019 KD_im: HR teacher, LR student"))
+register_recipe(_wang2019(
+    "kd_im", "original", summary="wang2019 KD_im: HR teacher, LR student (eq. 9)"))
 # kd: the teacher was fine-tuned on LR data first and sees the student's (LR) view.
 register_recipe(_wang2019(
-    "kd", "low_resolution", summary="wang2019 KD: LR-fine-tuned teacher, LR student",
+    "kd", "low_resolution", summary="wang2019 KD: LR-fine-tuned teacher, LR student (eq. 9)",
     phases=(TeacherPhase("teacher_lr", recipe="scratch", student_view="low_resolution",
-                         cite="wang2019 §2.2: the teacher is fine-tuned on LR-augmented data"),)))
+                         cite="wang2019 §3.3.1: 'Step1, use LR augmented data to update "
+                              "teacher's weights; Step2, use same train set to train student "
+                              "model under updated teacher's guidance'"),)))
 
+
+# --- nikitin2020 ---------------------------------------------------------------------------
+
+# The baselines' inputs follow the authors' public KD-PWR code (the paper prints no formula for
+# them): L2-normalized embeddings for RKD and DarkRank, DarkRank over a list of 4 (the anchor and
+# its 3 teacher-nearest neighbours), HKD as KL without τ².
+_BASELINE = "kdface's choice, after the authors' public KD-PWR code"
 register_recipe(RecipeSpec(
     name="pwr",
     summary="nikitin2020: α·L_KD + β·CosFace + γ·HKD (eq. 12)",
     terms=(TermDecl(Option("kd_loss"), Option("alpha"),
-                    options_for={**{k: {} for k in KD_LOSSES}, "pwr": PWR_OPTIONS,
-                                 "hinton": TEMPERATURE},
-                    cite="nikitin2020 eq. 12, α·L_KD"),
+                    options_for={"pwr": PWR_OPTIONS,
+                                 "rkd_d": {"normalize": True}, "rkd_a": {"normalize": True},
+                                 "rkd_da": {"normalize": True},
+                                 "darkrank": {"normalize": True, "list_length": 3},
+                                 "hinton": {**TEMPERATURE, "tau_squared": False}},
+                    cite="nikitin2020 eq. 12, α·L_KD: 'we set α = 100 for RKD-D, α = 200 for "
+                         "RKD-A, and α = 1 for DarkRank ... α = 100 to be a good option for "
+                         "PWR-Diff and PWR-Exp, while for PWR-RankNet ... we use α = 15'; "
+                         f"baseline inputs: {_BASELINE}"),
            TermDecl(HEAD, Option("beta"), options_for=HEAD_OPTIONS,
-                    cite="nikitin2020 eq. 12, β·CosFace"),
-           TermDecl("hinton", Option("gamma"), options=TEMPERATURE,
+                    cite="nikitin2020 eq. 12, β·CosFace: 'When CosFace loss is used ... its "
+                         "weight β is always set to 1.0'; 0 for PWR: 'the effect of inversion "
+                         "loss function used in PWR distillation was explored only in such "
+                         "setting' (PWR alone)"),
+           TermDecl("hinton", Option("gamma"), options={**TEMPERATURE, "tau_squared": False},
                     when={"kd_loss": tuple(k for k in KD_LOSSES if k != "hinton")},
-                    cite="nikitin2020 eq. 12, γ·HKD")),
+                    cite="nikitin2020 §4.2: 'In case if HKD is used, its softmax temperature is "
+                         "set to 4.0, and combination with CosFace is done with β = 0.7 and "
+                         f"γ = 0.3'; KL without τ²: {_BASELINE}")),
+    cite={"head": "nikitin2020 §4.2: 'we set its parameters to be margin = 0.35 and scale = "
+                  "64.0'",
+          "schedule": "nikitin2020 §4.2: 'Batch size is fixed to 552(92 × 6) ... Learning rate is "
+                      "initially set to 0.1, and during training it is divided by 10 each 2 "
+                      "epochs. The total number of epochs is 13'",
+          "init": "nikitin2020 §4.2: 'student models in all distillation experiments are "
+                  "initialized with pretrained weights of the baseline model'"},
 ))
+
+
+# --- kd_transfer ---------------------------------------------------------------------------
 
 register_recipe(RecipeSpec(
     name="transfer",
     summary="kd_transfer: knowledge transfer to classification, alignment or verification",
     head="softmax",
     choices={"transfer_task": TRANSFER_TASKS},
+    optimizer={"nesterov": True},
     terms=(
-        # classification: full initialization from a softmax-pretrained student
-        # (--init_checkpoint), then the teacher's soft predictions + the hard loss.
-        TermDecl("softmax", Option("lambda_hard"), when={"transfer_task": ("classification",)}),
-        TermDecl("hinton", Option("lambda_soft"), options=TEMPERATURE,
-                 when={"transfer_task": ("classification", "verification")}),
-        # alignment: landmark regression + a hidden-layer hint.
-        TermDecl("landmark", 1.0, when={"transfer_task": ("alignment",)}),
-        TermDecl("hint_stages", Option("lambda_feature"), when={"transfer_task": ("alignment",)}),
-        # verification: triplet loss (+ soft predictions, + an optional extra softmax).
+        TermDecl("softmax", Option("lambda_hard"), when={"transfer_task": ("classification",)},
+                 cite="kd_transfer eq. 2: 'the first term is the softmax loss'"),
+        TermDecl("landmark", 1.0, when={"transfer_task": ("alignment",)},
+                 cite="kd_transfer eq. 6: 'we train the teacher network with optimizing the "
+                      "Euclidean loss'"),
         TermDecl("triplet", 1.0, options={"margin": Option("triplet_margin"),
                                           "mining": Option("triplet_mining")},
-                 when={"transfer_task": ("verification",)}),
-        TermDecl("softmax", Option("extra_softmax"), when={"transfer_task": ("verification",)}),
+                 when={"transfer_task": ("verification",)},
+                 cite="kd_transfer eq. 8: 'triplet loss[22] is a widely used metric learning "
+                      "method[22], and we take it'; the margin ('set to be [...] by "
+                      "cross-validation', value lost) 0.2 is kdface's choice"),
+        TermDecl("soft_prediction", Option("lambda_soft"), options=TEMPERATURE,
+                 cite="kd_transfer eqs. 2, 5, 9 (α): 'the cross-entropy between the soft "
+                      "predictions of the teacher and student network' (no τ²); τ ('set to be "
+                      "[...] by cross-validation', value lost) 4 is kdface's choice"),
+        TermDecl("hidden", Option("lambda_hidden"),
+                 cite="kd_transfer eqs. 5, 7 (β): 'the hidden layer [H] ... satisfies [P = f(H)] "
+                      "with [f] being a fully-connected mapping': the embedding feeding the head"),
+        TermDecl("softmax", Option("extra_softmax"), when={"transfer_task": ("verification",)},
+                 cite="kd_transfer §4.2.2: 'we also add the softmax loss ... in Eqn.(8) and "
+                      "Eqn.(9) respectively for further enhancement'; weight 1 is kdface's "
+                      "choice"),
     ),
+    cite={"optimizer": "kd_transfer §5.1: 'the Nesterov Accelerated Gradient(NAG) is adopted "
+                       "for faster convergence'",
+          "targets": "kd_transfer §5.4/§5.5: alignment keeps the hidden layer (α = 0), "
+                     "verification the soft prediction (β = 0): 'discard the target with the "
+                     "negative impact by setting [α = 0] or [β = 0]'",
+          "augmentation": "kd_transfer §5.1: 'we resize it to [...] wherein a sub-image with "
+                          "[...] is randomly cropped and flipped' (sizes lost: kdface's choice "
+                          "128 -> 112)",
+          "schedule": "kd_transfer §5.1: learning rates, epochs per rate and batch sizes are lost "
+                      "in the text: kdface's choice"},
 ))
+
+
+# --- yan2019 -------------------------------------------------------------------------------
 
 register_recipe(RecipeSpec(
     name="vargface",
     summary="yan2019: ArcFace + α·normalized L2 to the teacher's embedding, recursive KD",
     head="arcface",
-    terms=(TermDecl(HEAD, 1.0, options_for={"arcface": {"scale": Option("margin_scale"),
-                                                        "margin": Option("arcface_margin")}},
-                    cite="yan2019: ArcFace"),
-           TermDecl("normalized_l2", Option("vargface_alpha"), cite="yan2019 eq. 5, α")),
+    terms=(TermDecl(HEAD, 1.0, options_for={"arcface": HEAD_OPTIONS["arcface"]},
+                    cite="yan2019 eq. 6: 'we employ arcface [3] as our classification loss'; "
+                         "s = 64 and m = 0.5 (ArcFace's own defaults) are kdface's choice: the "
+                         "paper prints s and m without values"),
+           TermDecl("normalized_l2", Option("vargface_alpha"),
+                    cite="yan2019 eq. 7: 'L = L_Arc + α L_s ... We empirically set α = 7'")),
+    cite={"generations": "yan2019 §2.5: 'employs the first generation of student to initialize "
+                         "the second generation of student'; Table 5: recursive=1, 2",
+          "schedule": "yan2019 states no optimizer, learning rate, batch or epochs: kdface's "
+                      "choice"},
 ))
+
+
+# --- duong2019 -----------------------------------------------------------------------------
 
 register_recipe(RecipeSpec(
     name="shrinktea",
-    summary="duong2019: angular distillation at the embedding and every stage (eq. 7)",
-    terms=(TermDecl(HEAD, 1.0, options_for=HEAD_OPTIONS),
-           TermDecl("angular", Option("shrinktea_lambda"), cite="duong2019 eq. 7, λ_n"),
-           TermDecl("angular_stages", 1.0, options={"final_weight": Option("shrinktea_lambda")},
-                    cite="duong2019 eq. 7, λ_i = λ_{i+1}/2")),
+    summary="duong2019: angular distillation at all four blocks through the teacher (eq. 7)",
+    terms=(TermDecl(HEAD, 1.0, options_for=HEAD_OPTIONS,
+                    cite="duong2019 eq. 7, L_SM: 'this objective function is not limited to "
+                         "specific classification loss'; ArcFace is kdface's choice"),
+           TermDecl("angular_stages", 1.0,
+                    options={"final_weight": Option("shrinktea_lambda"),
+                             "distance": Option("shrinktea_distance")},
+                    cite="duong2019 eq. 7: 'distilling the knowledge to all four blocks'; 'The "
+                         "λ_n is experimentally set to 1 in case of Angular Distillation Loss "
+                         "while this parameter is set to 0.001 as the case of ℓ2 loss ... For "
+                         "the intermediate layers, λ_i = λ_{i+1}/2'; '1×1 convolution followed "
+                         "by batch normalization layer is adopted for G_i^s'")),
+    cite={"schedule": "duong2019 §4.2: 'the batch size is set to 512. The learning rate starts "
+                      "from 0.1 and the momentum is 0.9'; epochs and decays are kdface's "
+                      "choice",
+          "teacher": "duong2019 §4.2: 'we use the Resnet-90 structure [4] as the teacher "
+                     "network' (Table 2: 63.67M parameters)"},
 ))

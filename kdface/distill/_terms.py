@@ -37,6 +37,8 @@ class TermInputs:
     landmarks: [B, 5, 2] ground-truth landmarks when the data has them.
     relation_groups: relational terms split the batch into this many equal groups (1 = the whole
     global batch; the device count = per-device relations, as the papers' multi-GPU code did).
+    step: the optimizer step of this batch (int32 scalar), for terms with a schedule (A-Softmax's
+    λ annealing); None outside training.
     """
     labels: jax.Array
     student: dict[str, Any]
@@ -45,6 +47,7 @@ class TermInputs:
     adapters: Callable[[int, jax.Array], jax.Array] | None = None
     landmarks: jax.Array | None = None
     relation_groups: int = 1
+    step: jax.Array | None = None
 
 
 # Outputs a network may return (``FaceNetwork.__call__``) and the batch fields a term may read.
@@ -180,9 +183,19 @@ def arcface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.5
 
 
 @term("sphereface", student_outputs={"cos", "embedding"})
-def sphereface_term(inputs: TermInputs, *, margin: int = 4, lambda_: float = 0.0) -> jax.Array:
-    """A-Softmax (seed wang2019's networks are SphereFace nets) on cos θ and feature norms."""
+def sphereface_term(inputs: TermInputs, *, margin: int = 4, lambda_: float = 0.0,
+                    anneal: bool = False) -> jax.Array:
+    """A-Softmax (Liu et al., SphereFace, CVPR 2017) on cos θ and feature norms: the loss of
+    Wang et al. 2019's teacher ("trained with Sphreface loss").
+
+    ``anneal=True`` replaces the fixed ``lambda_`` by SphereFace's schedule
+    ``losses.sphereface_lambda(step)`` (λ = max(5, 1000 (1 + 0.12 step)^-1), its public training
+    configuration), read from ``inputs.step``; without a step (evaluation) λ is the floor, 5.
+    """
     norm = jnp.linalg.norm(inputs.student["embedding"].astype(jnp.float32), axis=-1)
+    if anneal:
+        step = inputs.step if inputs.step is not None else jnp.asarray(10**9, jnp.int32)
+        lambda_ = losses.sphereface_lambda(step)
     logits = losses.sphereface_logits(inputs.student["cos"], inputs.labels, feature_norm=norm,
                                       margin=margin, lambda_=lambda_)
     return losses.margin_cross_entropy(logits, inputs.labels)
@@ -191,11 +204,40 @@ def sphereface_term(inputs: TermInputs, *, margin: int = 4, lambda_: float = 0.0
 # --- logit and feature distillation ------------------------------------------------------------
 
 @term("hinton", student_outputs={"logits"}, teacher_outputs={"logits"}, same_classes=True)
-def hinton_term(inputs: TermInputs, *, temperature: float = 4.0) -> jax.Array:
-    """Hinton soft loss τ²·KL (seed wang2019 eq. 4; seed nikitin2020 HKD with τ=4)."""
+def hinton_term(inputs: TermInputs, *, temperature: float = 4.0,
+                tau_squared: bool = True) -> jax.Array:
+    """Hinton et al.'s soft loss ``τ²·KL(p_t ‖ p_s)`` (``losses.hinton_kd_loss``).
+
+    ``tau_squared=False`` drops the τ² factor, giving ``KL(p_t ‖ p_s)``: the HKD term of
+    Nikitin et al. 2020 (eq. 12, τ = 4) as the authors' public KD-PWR code computes it; their
+    paper prints no formula for it.
+    """
     teacher = _teacher(inputs, "hinton")
-    return losses.hinton_kd_loss(inputs.student["logits"], teacher["logits"],
-                                 temperature=temperature)
+    value = losses.hinton_kd_loss(inputs.student["logits"], teacher["logits"],
+                                  temperature=temperature)
+    return value if tau_squared else value / (temperature * temperature)
+
+
+@term("soft_prediction", student_outputs={"logits"}, teacher_outputs={"logits"},
+      same_classes=True)
+def soft_prediction_term(inputs: TermInputs, *, temperature: float = 4.0) -> jax.Array:
+    """Cross-entropy between the softened distributions ``H(p_t, p_s)``, no τ²
+    (``losses.soft_prediction_loss``): the soft loss of Wang et al. 2019 eq. (3) ("the cross
+    entropy between X_T^τ and X_S^τ") and the soft-prediction target of Wang, Lan, Zhang 2017
+    eqs. (2), (5), (9)."""
+    teacher = _teacher(inputs, "soft_prediction")
+    return losses.soft_prediction_loss(inputs.student["logits"], teacher["logits"],
+                                       temperature=temperature)
+
+
+@term("hidden", teacher_outputs={"embedding"}, same_embedding=True)
+def hidden_term(inputs: TermInputs) -> jax.Array:
+    """Hidden-layer target of Wang, Lan, Zhang 2017 (eqs. 5, 7): the layer H with P = f(H), f
+    fully connected, is the embedding feeding the classifier head; the student regresses the
+    teacher's with the Euclidean loss ``1/2 ||H_s - H_t||²`` (batch mean), the same Caffe
+    "Euclidean loss" the paper trains landmarks with (eq. 6)."""
+    teacher = _teacher(inputs, "hidden")
+    return 0.5 * losses.l2_hint_loss(inputs.student["embedding"], teacher["embedding"])
 
 
 @term("mk_mmd", teacher_outputs={"embedding"}, same_embedding=True, relational=True)
@@ -223,24 +265,35 @@ def angular_term(inputs: TermInputs) -> jax.Array:
 
 @term("angular_stages", student_outputs={"stages"}, teacher_outputs={"embedding"},
       teacher_tail=True, adapters=True)
-def angular_stages_term(inputs: TermInputs, *, final_weight: float = 1.0) -> jax.Array:
-    """Σ_i λ_i angular(T_{i+1..n}(G_i(S_i(x))), T(x)) over the four stages (seed duong2019 eq. 7).
+def angular_stages_term(inputs: TermInputs, *, final_weight: float = 1.0,
+                        distance: str = "angular") -> jax.Array:
+    """ShrinkTeaNet's distillation sum Σ_{i=1..4} λ_i L_i (Duong et al. 2019, eqs. 4, 6, 7).
 
-    Student stage i goes through its 1x1 conv + BN adapter G_i and then the frozen teacher's
-    remaining blocks; λ_i = λ_{i+1}/2 with λ_n = ``final_weight`` at the embedding (which is the
-    ``angular`` term, weighted separately by the recipe), so the stages get λ/2, λ/4, λ/8, λ/16
-    from the last stage down.
+    Level i (1..4, one per residual block) takes student block i's output F_i^s through its
+    1x1 conv + BN adapter G_i^s (the paper's "1×1 convolution followed by batch normalization
+    layer is adopted for G_i^s", at every level including the last) and then through the frozen
+    teacher's remaining blocks and embedding layer, T_{i+1..n} (eq. 6); for i = 4 that is only
+    the teacher's embedding layer. The target is the teacher's own embedding, T_{i+1..n}(F_i^t)
+    = T(x) (G_i^t is the identity). λ_4 = ``final_weight`` ("λ_n is experimentally set to 1"),
+    λ_i = λ_{i+1}/2 ("For the intermediate layers, λ_i = λ_{i+1}/2"): λ, λ/2, λ/4, λ/8.
+
+    distance: ``'angular'`` (eq. 4, ``(1 - cos)²``) or ``'l2'``, the paper's "Student-1"
+    baseline: the same sum with the squared ℓ2 distance ``||a - b||²`` summed over features
+    (batch mean; the paper weights it by λ_n = 0.001 "due to the large value of the loss").
     """
+    if distance not in ("angular", "l2"):
+        raise ValueError(f"distance must be 'angular' or 'l2', got {distance!r}")
     teacher = _teacher(inputs, "angular_stages")
     if inputs.teacher_tail is None or inputs.adapters is None:
         raise ValueError("angular_stages needs the teacher's tail and stage adapters")
+    d = losses.angular_distillation_loss if distance == "angular" else losses.l2_hint_loss
     stages = inputs.student["stages"]
     total = jnp.zeros((), jnp.float32)
     weight = final_weight
     for i in reversed(range(len(stages))):
-        weight = weight / 2
         emb = inputs.teacher_tail(i, inputs.adapters(i, stages[i]))
-        total = total + weight * losses.angular_distillation_loss(emb, teacher["embedding"])
+        total = total + weight * d(emb, teacher["embedding"])
+        weight = weight / 2
     return total
 
 
@@ -267,34 +320,52 @@ def pwr_term(inputs: TermInputs, **options) -> jax.Array:
     return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], teacher["embedding"])
 
 
+def _unit(x: jax.Array) -> jax.Array:
+    """Rows scaled to unit L2 norm (the epsilon keeps an all-zero row finite)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _embeddings(inputs: TermInputs, term_name: str, normalize: bool):
+    teacher = _teacher(inputs, term_name)
+    s, t = inputs.student["embedding"], teacher["embedding"]
+    return (_unit(s), _unit(t)) if normalize else (s, t)
+
+
 @term("rkd_d", teacher_outputs={"embedding"}, relational=True)
-def rkd_distance_term(inputs: TermInputs) -> jax.Array:
-    """RKD-D (nikitin2020 §4 baseline)."""
-    teacher = _teacher(inputs, "rkd_d")
-    return _grouped(losses.rkd_distance_loss, inputs.relation_groups,
-                    inputs.student["embedding"], teacher["embedding"])
+def rkd_distance_term(inputs: TermInputs, *, normalize: bool = False) -> jax.Array:
+    """RKD-D (Park et al. 2019), a Nikitin et al. 2020 §4 baseline; ``normalize`` L2-normalizes
+    both embeddings first, as the authors' public KD-PWR code does."""
+    s, t = _embeddings(inputs, "rkd_d", normalize)
+    return _grouped(losses.rkd_distance_loss, inputs.relation_groups, s, t)
 
 
 @term("rkd_a", teacher_outputs={"embedding"}, relational=True)
-def rkd_angle_term(inputs: TermInputs) -> jax.Array:
-    """RKD-A (nikitin2020 §4 baseline)."""
-    teacher = _teacher(inputs, "rkd_a")
-    return _grouped(losses.rkd_angle_loss, inputs.relation_groups,
-                    inputs.student["embedding"], teacher["embedding"])
+def rkd_angle_term(inputs: TermInputs, *, normalize: bool = False) -> jax.Array:
+    """RKD-A (Park et al. 2019), a Nikitin et al. 2020 §4 baseline; ``normalize`` as RKD-D."""
+    s, t = _embeddings(inputs, "rkd_a", normalize)
+    return _grouped(losses.rkd_angle_loss, inputs.relation_groups, s, t)
 
 
 @term("rkd_da", teacher_outputs={"embedding"}, relational=True)
-def rkd_distance_angle_term(inputs: TermInputs, *, angle_weight: float = 2.0) -> jax.Array:
-    """RKD-DA: RKD-D + 2·RKD-A (Park et al.'s weights 25 and 50, relative 1:2)."""
-    return rkd_distance_term(inputs) + angle_weight * rkd_angle_term(inputs)
+def rkd_distance_angle_term(inputs: TermInputs, *, angle_weight: float = 2.0,
+                            normalize: bool = False) -> jax.Array:
+    """RKD-DA: RKD-D + 2·RKD-A (Park et al.'s weights 25 and 50, relative 1:2; at Nikitin et
+    al.'s α = 100 that is their α's for RKD-D and RKD-A, 100 and 200)."""
+    return (rkd_distance_term(inputs, normalize=normalize)
+            + angle_weight * rkd_angle_term(inputs, normalize=normalize))
 
 
 @term("darkrank", teacher_outputs={"embedding"}, relational=True)
-def darkrank_term(inputs: TermInputs, *, alpha: float = 3.0, beta: float = 3.0) -> jax.Array:
-    """DarkRank-hard (nikitin2020 §4 baseline)."""
-    teacher = _teacher(inputs, "darkrank")
-    fn = lambda s, t: losses.darkrank_hard_loss(s, t, alpha=alpha, beta=beta)
-    return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], teacher["embedding"])
+def darkrank_term(inputs: TermInputs, *, alpha: float = 3.0, beta: float = 3.0,
+                  list_length: int | None = None, normalize: bool = False) -> jax.Array:
+    """DarkRank-hard (Chen et al. 2018), a Nikitin et al. 2020 §4 baseline ("we use hard version
+    of DarkRank"). ``list_length``: each anchor ranks its teacher-nearest ``list_length`` others
+    (None: all); ``normalize``: L2-normalized embeddings first."""
+    s, t = _embeddings(inputs, "darkrank", normalize)
+    fn = lambda a, b: losses.darkrank_hard_loss(a, b, alpha=alpha, beta=beta,
+                                                list_length=list_length)
+    return _grouped(fn, inputs.relation_groups, s, t)
 
 
 # --- verification and alignment (seed kd_transfer) ---------------------------------------------

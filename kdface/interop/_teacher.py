@@ -76,7 +76,7 @@ def imported_teacher(spec: str, recipe, *, num_classes: int, input_size: tuple[i
 
     An imported network has no classifier, so its head is a zero softmax layer (logits
     ``[B, num_classes]`` all 0): terms on the teacher's embedding / stage features work, and a
-    recipe that gives the teacher's logits a non-zero weight (the ``hinton`` term) is refused
+    recipe that gives the teacher's logits a non-zero weight (``hinton``, ``soft_prediction``) is refused
     here, before any compilation. ``options`` (``--teacher_options``) must be empty: the file
     fixes the architecture.
     """
@@ -84,11 +84,12 @@ def imported_teacher(spec: str, recipe, *, num_classes: int, input_size: tuple[i
     if options:
         raise ValueError(f"--teacher_options {dict(options)} do not apply to an imported "
                          f"teacher ({spec}): the file fixes the architecture")
-    logit_terms = [t for t in recipe.terms if t.name == "hinton" and t.weight != 0]
+    logit_terms = [t for t in recipe.terms
+                   if "logits" in t.spec.teacher_outputs and t.weight != 0]
     if logit_terms:
         raise ValueError(
-            f"recipe {recipe.name!r} distils the teacher's class logits (term 'hinton', weight "
-            f"{logit_terms[0].weight}), but the imported teacher {spec} has no classifier head; "
+            f"recipe {recipe.name!r} distils the teacher's class logits (term "
+            f"{logit_terms[0].name!r}, weight {logit_terms[0].weight}), but the imported teacher {spec} has no classifier head; "
             f"set that weight to 0 (--lambda_soft=0 / --gamma=0) or use a recipe on "
             f"embeddings (pwr, vargface, shrinktea, kd_im with feature terms)")
     _, backbone = load_teacher_backbone(spec, input_size=input_size)

@@ -17,10 +17,12 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {}
 _BACKBONE_MODULES = (
     "kdface.models._sphereface",
     "kdface.models._iresnet",
+    "kdface.models._resnet90",
     "kdface.models._resnet",
     "kdface.models._vargfacenet",
     "kdface.models._mobilenet",
     "kdface.models._mobilefacenet",
+    "kdface.models._mobilefacenet_y2",
 )
 
 

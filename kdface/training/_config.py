@@ -59,18 +59,28 @@ class TrainConfig:
                                  "yan2019); also the logit scale s*cos for Hinton KD on margin "
                                  "heads.")
     margin: float = option(0.35, "CosFace margin m (0.35, seed nikitin2020 §4.2).")
-    arcface_margin: float = option(0.5, "ArcFace margin m (0.5, seed yan2019).")
+    arcface_margin: float = option(0.5, "ArcFace margin m (0.5: Deng et al.'s ArcFace default; "
+                                   "seeds yan2019 and duong2019 print no value, so kdface's "
+                                   "choice there).")
     sphereface_m: int = option(4, "A-Softmax angular margin m (4, SphereFace).")
+    sphereface_anneal: bool = option(False, "A-Softmax λ annealing max(5, 1000 (1 + 0.12 "
+                                     "step)^-1), SphereFace's public solver (kdface's choice "
+                                     "for seed wang2019's SphereFace nets).")
     input_size: tuple[int, int] = option((112, 112), "Network input H,W of the student and the "
                                          "teacher (112x112; seed wang2019 used 112x96).")
     # --- loss weights (recipes read the ones they use) ----------------------------------------
     lambda_hard: float = option(1.0, "λ1, hard (classification) loss weight (seed wang2019 "
                                 "eq. 6/9; the paper does not print values: 1.0).")
-    lambda_soft: float = option(1.0, "λ2, Hinton soft loss weight (seed wang2019 eq. 6/9).")
-    lambda_feature: float = option(1.0, "λ3, feature loss weight (seed wang2019 eq. 6/9); "
-                                   "hidden-layer hint weight in transfer/alignment.")
-    temperature: float = option(4.0, "Softmax temperature τ of Hinton KD (4.0, seed nikitin2020 "
-                                "HKD).")
+    lambda_soft: float = option(1.0, "λ2, weight of the soft loss H(p_t, p_s) (seed wang2019 "
+                                "eq. 3/9; seed kd_transfer's soft-prediction target, α of its "
+                                "eq. 5). The papers print no value: 1.0 is kdface's choice.")
+    lambda_feature: float = option(1.0, "λ3, feature loss weight (seed wang2019 eq. 6/9).")
+    lambda_hidden: float = option(0.0, "β of seed kd_transfer eq. 5: weight of the hidden-layer "
+                                  "target (the embedding feeding the head; 1 in its alignment "
+                                  "distillation, eq. 7; 0 in its eqs. 4 and 9).")
+    temperature: float = option(4.0, "Softmax temperature τ of the soft losses (4.0, seed "
+                                "nikitin2020 HKD; kdface's choice for seeds wang2019 and "
+                                "kd_transfer, which print none).")
     feature_loss: str = option("mk_mmd", "Feature term of kd/kd_im: MK-MMD on normalized "
                                "features (seed wang2019 eq. 9) or normalized L2 (eq. 6, the "
                                "ablation).", choices=("mk_mmd", "normalized_l2"))
@@ -100,13 +110,18 @@ class TrainConfig:
     triplet_margin: float = option(0.2, "Triplet loss margin (seed kd_transfer).")
     triplet_mining: str = option("batch_hard", "Triplet mining.",
                                  choices=("batch_all", "batch_hard"))
-    extra_softmax: float = option(0.0, "Weight of an extra softmax loss in transfer/"
-                                  "verification (seed kd_transfer's optional term).")
+    extra_softmax: float = option(1.0, "Weight of the additional softmax loss in transfer/"
+                                  "verification (seed kd_transfer Table 5, its best result; "
+                                  "the weight 1 is kdface's choice; 0 gives its Table 4).")
     vargface_alpha: float = option(7.0, "α of the normalized-L2 term (7, seed yan2019).")
     generations: int = option(1, "Recursive KD generations (seed yan2019): generation k+1 "
                               "starts from generation k's student; each in workdir/gen_k.")
     shrinktea_lambda: float = option(1.0, "λ_n of the final angular loss (1, seed duong2019); "
-                                     "stage weights λ_i = λ_{i+1}/2.")
+                                     "stage weights λ_i = λ_{i+1}/2; 0.001 for the ℓ2 "
+                                     "baseline).")
+    shrinktea_distance: str = option("angular", "Distance of the shrinktea levels: angular "
+                                     "(seed duong2019 eq. 4) or l2 (its 'Student-1' baseline).",
+                                     choices=("angular", "l2"))
     relation_scope: str = option("global", "Relational losses over the global batch, or per "
                                  "device as the papers' multi-GPU code did.",
                                  choices=("global", "device"))
@@ -124,6 +139,10 @@ class TrainConfig:
                                        "wang2019 §2.2: 8, 12, 16, 20, 30).")
     lr_fraction: float = option(0.4, "Low-resolution view: fraction of images degraded (0.4, "
                                 "seed wang2019 §2.2).")
+    crop_from: tuple[int, int] | None = option(None, "Random crop: resize faces to H,W and "
+                                               "cut a random --input_size window, shared by "
+                                               "both views (seed kd_transfer: 'randomly "
+                                               "cropped and flipped'); unset: resize only.")
     flip: bool = option(True, "Random horizontal flip, identical for both views.")
     seed: int = option(0, "Seed of initialization, shuffling, flips and degradation.")
     # --- optimization -------------------------------------------------------------------------

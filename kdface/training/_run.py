@@ -79,7 +79,8 @@ def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str)
     return PipelineBatches(make_training_pipeline(
         source, global_batch_size=config.batch_size, seed=config.seed, flip=config.flip,
         teacher_view="original" if teacher_view == "original" else "augmented",
-        student_view=student_view, student_augment=augment, image_size=config.input_size))
+        student_view=student_view, student_augment=augment, image_size=config.input_size,
+        crop_from=config.crop_from or None))
 
 
 def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | None = None,

@@ -73,7 +73,7 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
         raise ValueError(recipe.uncacheable_reason())
     cdt = config.compute_dtype
 
-    def loss_fn(params, rest, teacher_state, batch):
+    def loss_fn(params, rest, teacher_state, batch, step):
         student = nnx.merge(student_def, cast_floating(params, cdt), rest, copy=True)
         s_out = student.network(batch["student_image"].astype(cdt), with_stages=student_stages)
         s_out = cast_floating(s_out, jnp.float32)
@@ -92,7 +92,8 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
             labels=batch["label"], student=s_out, teacher=t_out, teacher_tail=tail,
             adapters=(lambda i, f: student.adapt(i, f.astype(cdt)).astype(jnp.float32))
             if student.adapters is not None else None,
-            landmarks=batch.get("landmarks"), relation_groups=config.relation_groups)
+            landmarks=batch.get("landmarks"), relation_groups=config.relation_groups,
+            step=step)
         total, values = objective(recipe, inputs)
         new_rest = nnx.state(student, nnx.Not(nnx.Param))
         new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
@@ -101,7 +102,7 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
     def step(state, teacher_state, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (total, (values, new_rest)), grads = grad_fn(state["params"], state["rest"],
-                                                    teacher_state, batch)
+                                                    teacher_state, batch, state["step"])
         updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         grads_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))

@@ -1,0 +1,606 @@
+"""Each flagfile runs its paper as written: what it builds, pinned against the paper's values.
+
+For every flagfile in kdface/configs/ a table below lists the values the paper states, each with
+the sentence it comes from, and the values the paper leaves open, marked "kdface's choice". The
+test parses the flagfile exactly as ``python -m kdface.train`` does and compares the run options
+and the resolved recipe (terms, weights, head and margins, optimizer and Nesterov, schedule in
+epochs, input size, views, low-resolution augmentation) with the table. docs/RECIPES.md is the
+same information for readers, with the ablation map whose rows ``test_ablation_rows_build`` and
+``test_ablation_rows_train_two_steps`` build and train.
+
+References: Wang et al. 2019 (ICCV Workshops), Nikitin et al. 2020, Wang, Lan, Zhang 2017
+(arXiv:1709.02929), Yan et al. 2019 (ICCV Workshops), Duong et al. 2019 (arXiv:1905.10620); full
+titles in kdface/distill/_paper_recipes.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from absl import flags
+
+from kdface.distill import build_recipe
+from kdface.training import TrainConfig
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "kdface", "configs")
+CHOICE = "kdface's choice"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pin:
+    """One value a flagfile must carry: ``what`` is a TrainConfig field or a recipe property
+    (``term:<name>`` = ``(weight, options)`` of an active term, ``terms`` = the active term
+    names, ``nesterov``, ``head``, ``student_view`` ...); ``source`` is the paper's sentence or
+    "kdface's choice: why"."""
+    what: str
+    value: object
+    source: str
+
+
+def config_from_flagfile(name: str, *extra: str) -> TrainConfig:
+    """The ``TrainConfig`` ``python -m kdface.train --flagfile=kdface/configs/<name> *extra``
+    runs with (workdir and training data are placeholders)."""
+    from kdface import train  # defines the flags
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["kdface.train", f"--flagfile={os.path.join(CONFIGS, name)}", "--workdir=w",
+                 "--train_data=t", *extra])
+    try:
+        return train.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def _resolved(config: TrainConfig, what: str):
+    recipe = build_recipe(config.recipe, config)
+    if what == "terms":
+        return tuple(t.name for t in recipe.terms)
+    if what.startswith("term:"):
+        term = {t.name: t for t in recipe.terms}[what[5:]]
+        return term.weight, dict(term.options)
+    if what == "nesterov":
+        return bool(recipe.optimizer.get("nesterov", config.nesterov))
+    if what in ("head", "student_view", "teacher_view", "adapters", "landmark_head",
+                "generations", "needs_teacher"):
+        return getattr(recipe, what)
+    if what == "phases":
+        return tuple((p.subdir, p.recipe, p.student_view) for p in recipe.phases)
+    return getattr(config, what)
+
+
+# --- Wang et al. 2019 ----------------------------------------------------------------------
+
+W_LR = ("wang2019 §2.2: '40 percent of the training set are randomly selected for downscaling as "
+        "LR samples. The size of the LR samples includes 8 × 8, 12 × 12, 16 × 16, 20 × 20 and "
+        "30 × 30'")
+W_SOFT = ("wang2019 eq. 3: 'The soft loss is the cross entropy between X_T^τ and X_S^τ' — no τ²; "
+          "λ2 = 1 and τ = 4 are kdface's choice")
+WANG = [
+    Pin("student", "sphereface36_thin", "wang2019 §2.1: 'we adopted a 36-layer thinner ResNet "
+        "network as our student model' (Table 2)"),
+    Pin("teacher", "sphereface64", "wang2019 §3.2: 'a pre-trained 64-layer ResNet network trained "
+        "with Sphreface loss [22] as teacher model'"),
+    Pin("input_size", (112, 96), "wang2019 §2.2: 'MTCNN [17] is used to detect and align the face "
+        "region as 112 × 96 image'"),
+    Pin("lr_fraction", 0.4, W_LR),
+    Pin("lr_sizes", (8, 12, 16, 20, 30), W_LR),
+    Pin("student_view", "low_resolution", W_LR),
+    Pin("batch_size", 512, "wang2019 §3.3.1: 'we use 4 Nvidia Titan Xp GPUs with batchsize as "
+        "512'"),
+    Pin("epochs", 20, "wang2019 §3.3.1: 'the process will last for 20 epochs'"),
+    Pin("terms", ("sphereface", "soft_prediction", "mk_mmd"),
+        "wang2019 eq. 9: 'L = λ1 L_Hard + λ2 L_Soft + λ3 L^{MK-MMD}_{Feature_Norm}'"),
+    Pin("term:sphereface", (1.0, {"margin": 4, "anneal": True}),
+        f"{CHOICE}: A-Softmax m = 4 and λ annealing from SphereFace's public solver; λ1 = 1"),
+    Pin("term:soft_prediction", (1.0, {"temperature": 4.0}), W_SOFT),
+    Pin("term:mk_mmd", (1.0, {}), "wang2019 eq. 9 with λ3 = 1 (kdface's choice)"),
+    Pin("nesterov", False, f"{CHOICE}: plain SGD momentum (the paper names no optimizer)"),
+    Pin("learning_rate", 0.1, f"{CHOICE}: SphereFace's base rate"),
+    Pin("decay_epochs", (11.0, 17.0), f"{CHOICE}: SphereFace's 16 k / 24 k of 28 k iterations "
+        "scaled to 20 epochs"),
+]
+KD_IM = WANG + [Pin("teacher_view", "original", "wang2019 §1: 'only the student's trainset is "
+                    "LR-augmented, while the teacher's input stays unchanged'"),
+                Pin("phases", (), "KD_im: 'a single step'")]
+KD = WANG + [Pin("teacher_view", "low_resolution", "wang2019 §3.3.1 KD: 'Step2, use same train "
+                 "set to train student model'"),
+             Pin("phases", (("teacher_lr", "scratch", "low_resolution"),),
+                 "wang2019 §3.3.1 KD: 'Step1, use LR augmented data to update teacher's "
+                 "weights'")]
+SCRATCH_TEACHER = [
+    Pin("student", "sphereface64", "wang2019 §3.2: the 64-layer SphereFace teacher (Table 1)"),
+    Pin("terms", ("sphereface",), "wang2019 §3.2: 'trained with Sphreface loss [22]'"),
+    Pin("term:sphereface", (1.0, {"margin": 4, "anneal": True}),
+        f"{CHOICE}: SphereFace's m = 4 and λ schedule"),
+    Pin("input_size", (112, 96), "wang2019 §2.2: '112 × 96 image'"),
+    Pin("steps", 28000, f"{CHOICE}: SphereFace's published 28 k iterations"),
+    Pin("decay_steps", (16000, 24000), f"{CHOICE}: SphereFace's published solver"),
+]
+SCRATCH_STUDENT = [
+    Pin("student", "sphereface36_thin", f"{CHOICE}: the kd_im student without a teacher"),
+    Pin("terms", ("sphereface",), f"{CHOICE}: its hard loss alone"),
+    Pin("student_view", "low_resolution", W_LR),
+    Pin("input_size", (112, 96), "wang2019 §2.2: '112 × 96 image'"),
+    Pin("epochs", 20, "wang2019 §3.3.1: '20 epochs' (as kd_im)"),
+]
+
+# --- Nikitin et al. 2020 -------------------------------------------------------------------
+
+N_SCHED = ("nikitin2020 §4.2: 'Learning rate is initially set to 0.1, and during training it is "
+           "divided by 10 each 2 epochs. The total number of epochs is 13.'")
+N_COSFACE = "nikitin2020 §4.2: 'we set its parameters to be margin = 0.35 and scale = 64.0'"
+NIKITIN_COMMON = [
+    Pin("batch_size", 552, "nikitin2020 §4.2: 'Batch size is fixed to 552(92 × 6)'"),
+    Pin("optimizer", "sgd", "nikitin2020 §4.2: 'Stochastic gradient descent (SGD) optimizer is "
+        "used in all experiments'"),
+    Pin("learning_rate", 0.1, N_SCHED),
+    Pin("epochs", 13, N_SCHED),
+    Pin("decay_epochs", (2.0, 4.0, 6.0, 8.0, 10.0, 12.0), N_SCHED),
+    Pin("input_size", (112, 112), "nikitin2020 §4.1: 'cropped to the size of 112×112'"),
+    Pin("margin", 0.35, N_COSFACE),
+    Pin("margin_scale", 64.0, N_COSFACE),
+]
+PWR = NIKITIN_COMMON + [
+    Pin("student", "iresnet18", "nikitin2020 §4.2: 'we use ResNet18 [26] as a student model'"),
+    Pin("teacher", "iresnet50", "nikitin2020 §4.2: 'and ResNet50 [26] as a teacher model'"),
+    Pin("terms", ("pwr",), "nikitin2020 §4.3: 'proposed PWR approach demonstrates quality "
+        "improvement when used alone ... the effect of inversion loss function used in PWR "
+        "distillation was explored only in such setting'"),
+    Pin("term:pwr", (100.0, {"relation": "cosine", "inversion": "exp", "margin": "teacher_diff",
+                             "margin_value": 0.0, "power": 1.0, "beta": 1.0, "method": "auto"}),
+        "nikitin2020 §4.2: 'we found α = 100 to be a good option for PWR-Diff and PWR-Exp'; §4.3: "
+        "'the best ... is PWR-Exp with adaptively chosen margin (teacher-std or teacher-diff)'; "
+        "§3.1: 'cosine similarity performs slightly better'; eq. 6's β = 1 is kdface's choice"),
+    Pin("relation_scope", "device", f"{CHOICE}: relations per GPU as the authors' '92 × 6'"),
+]
+PWR_BASELINE = NIKITIN_COMMON + [
+    Pin("student", "iresnet18", "nikitin2020 Table 1: 'Student, CosFace'"),
+    Pin("terms", ("cosface",), "nikitin2020 §4.2: 'Teacher model and baseline student model are "
+        "trained using CosFace [28, 29] loss'"),
+    Pin("term:cosface", (1.0, {"scale": 64.0, "margin": 0.35}), N_COSFACE),
+]
+
+# --- Wang, Lan, Zhang 2017 -----------------------------------------------------------------
+
+T_NAG = "kd_transfer §5.1: 'the Nesterov Accelerated Gradient(NAG) is adopted'"
+T_CROP = ("kd_transfer §5.1: 'we resize it to [...] wherein a sub-image with [...] is randomly "
+          "cropped and flipped' (sizes lost in the text: 128 -> 112 is kdface's choice)")
+T_NET = ("kd_transfer §5.1: 'we remain the same depth but divide the number of convolution "
+         "kernels in each layer by 2, 4 and 8'")
+TRANSFER_COMMON = [
+    Pin("student", "resnet50", T_NET),
+    Pin("student_options", {"width_divisor": 8}, T_NET + " (ResNet-50/8, Tables 1 and 3)"),
+    Pin("head", "softmax", "kd_transfer eq. 2: 'the first term is the softmax loss'"),
+    Pin("nesterov", True, T_NAG),
+    Pin("crop_from", (128, 128), T_CROP),
+    Pin("input_size", (112, 112), T_CROP),
+    Pin("flip", True, T_CROP),
+]
+T_SOFT = ("kd_transfer eq. 2: 'the cross-entropy between the soft predictions of the teacher and "
+          "student network' — no τ²; τ = 4 (value lost) is kdface's choice")
+TRANSFER_PRETRAIN = TRANSFER_COMMON + [
+    Pin("terms", ("softmax",), "kd_transfer eq. 3: 'we first train it with softmax loss'"),
+    Pin("learning_rate", 0.1, f"{CHOICE}: the rate 'if the network is trained from scratch' is "
+        "lost"),
+    Pin("epochs", 30, f"{CHOICE}: '[...] epochs are used in each rate' (value lost), 3 rates"),
+]
+TRANSFER_CLASSIFICATION = TRANSFER_COMMON + [
+    Pin("terms", ("softmax", "soft_prediction"), "kd_transfer eqs. 2, 4"),
+    Pin("term:soft_prediction", (1.0, {"temperature": 4.0}), T_SOFT),
+    Pin("learning_rate", 0.01, f"{CHOICE}: 'if the network is initialized, [...] is used to "
+        "continue' (value lost)"),
+    Pin("batch_size", 256, f"{CHOICE}: the classification batch is lost in the text"),
+]
+TRANSFER_ALIGNMENT = TRANSFER_COMMON + [
+    Pin("terms", ("landmark", "hidden"), "kd_transfer §4.2.1: 'in face alignment, the hidden "
+        "layer is preferred for distillation, which gives Eqn.(7) by setting [α = 0]'"),
+    Pin("term:hidden", (1.0, {}), "kd_transfer §4.2.1: 'the hidden layer [H] ... satisfies "
+        "[P = f(H)] with [f] being a fully-connected mapping'; β = 1 is kdface's choice"),
+    Pin("landmark_head", True, "kd_transfer eq. 6: landmark regression"),
+    Pin("adapters", False, "the hidden layer is the embedding: no stage adapters"),
+    Pin("learning_rate", 0.01, f"{CHOICE}: initialized networks continue at a lower rate"),
+]
+TRANSFER_VERIFICATION = TRANSFER_COMMON + [
+    Pin("terms", ("triplet", "soft_prediction", "softmax"), "kd_transfer §4.2.2: 'we discard the "
+        "hidden layer and only use the soft prediction'; Table 5: with the additional softmax"),
+    Pin("term:triplet", (1.0, {"margin": 0.2, "mining": "batch_hard"}),
+        "kd_transfer eq. 8 (margin 'set to be [...] by cross-validation', lost: 0.2 is kdface's "
+        "choice)"),
+    Pin("term:soft_prediction", (1.0, {"temperature": 4.0}), T_SOFT),
+    Pin("term:softmax", (1.0, {}), "kd_transfer §5.5: 'with the additional softmax loss ... [it] "
+        "can get the best performance' (weight 1: kdface's choice)"),
+]
+
+# --- Yan et al. 2019 -----------------------------------------------------------------------
+
+Y_ARC = ("yan2019 eq. 6: 'we employ arcface [3] as our classification loss' (s and m printed "
+         "without values: 64 and 0.5 are kdface's choice)")
+VARGFACE = [
+    Pin("student", "vargfacenet", "yan2019 Table 1"),
+    Pin("teacher", "se_iresnet100", "yan2019 §3.3: 'We employ ResNet 100 [9] with SE as our "
+        "teacher model'"),
+    Pin("terms", ("arcface", "normalized_l2"), "yan2019 eq. 7: 'L = L_Arc + α L_s'"),
+    Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.5}), Y_ARC),
+    Pin("term:normalized_l2", (7.0, {}), "yan2019 §2.4: 'We empirically set α = 7'"),
+    Pin("generations", 2, "yan2019 §2.5: 'employs the first generation of student to initialize "
+        "the second generation of student' (Table 5: recursive=2)"),
+    Pin("input_size", (112, 112), "yan2019 §3.1: 'resized to 112 × 112'"),
+    Pin("epochs", 20, f"{CHOICE}: the paper states no schedule"),
+]
+VARGFACE_SCRATCH = [
+    Pin("student", "vargfacenet", "yan2019 §3.2: 'we first train our network from scratch'"),
+    Pin("terms", ("arcface",), "yan2019 §3.2: 'We employ arcface loss as the objective function'"),
+    Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.5}), Y_ARC),
+]
+VARGFACE_Y2 = [
+    Pin("student", "mobilefacenet_y2", "yan2019 §3: 'y2 network(a deeper mobilefacenet[2, 3])'"),
+    Pin("terms", ("arcface",), "yan2019 §3.2: trained from scratch with ArcFace, as VarGFaceNet"),
+    Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.5}), Y_ARC),
+]
+
+# --- Duong et al. 2019 ---------------------------------------------------------------------
+
+D_CONF = ("duong2019 §4.2: 'the batch size is set to 512. The learning rate starts from 0.1 and "
+          "the momentum is 0.9'")
+SHRINKTEA = [
+    Pin("student", "mobilefacenet_r", "duong2019 §4.2: 'A modified version of MobileFacenet, "
+        "namely MobileFacenet-R'"),
+    Pin("teacher", "iresnet90", "duong2019 §4.2: 'we use the Resnet-90 structure [4] as the "
+        "teacher network'"),
+    Pin("terms", ("arcface", "angular_stages"), "duong2019 eq. 7: L_SM + Σ_i λ_i L_i over 'all "
+        "four blocks' (ArcFace for L_SM is kdface's choice)"),
+    Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.5}),
+        f"{CHOICE}: ArcFace's defaults (the paper's head is unnamed)"),
+    Pin("term:angular_stages", (1.0, {"final_weight": 1.0, "distance": "angular"}),
+        "duong2019 §4.2: 'The λ_n is experimentally set to 1 in case of Angular Distillation "
+        "Loss ... For the intermediate layers, λ_i = λ_{i+1}/2'"),
+    Pin("adapters", True, "duong2019 §3.3: '1×1 convolution followed by batch normalization "
+        "layer is adopted for G_i^s'"),
+    Pin("batch_size", 512, D_CONF),
+    Pin("learning_rate", 0.1, D_CONF),
+    Pin("momentum", 0.9, D_CONF),
+    Pin("input_size", (112, 112), "duong2019 §4.2: 'cropped to the size of 112×112'"),
+]
+
+PAPER_TABLES = {
+    "kd_im.flags": KD_IM, "kd.flags": KD, "scratch_teacher.flags": SCRATCH_TEACHER,
+    "scratch_student.flags": SCRATCH_STUDENT, "pwr.flags": PWR,
+    "pwr_baseline.flags": PWR_BASELINE, "transfer_pretrain.flags": TRANSFER_PRETRAIN,
+    "transfer_classification.flags": TRANSFER_CLASSIFICATION,
+    "transfer_alignment.flags": TRANSFER_ALIGNMENT,
+    "transfer_verification.flags": TRANSFER_VERIFICATION, "vargface.flags": VARGFACE,
+    "vargface_scratch.flags": VARGFACE_SCRATCH, "vargface_y2.flags": VARGFACE_Y2,
+    "shrinktea.flags": SHRINKTEA,
+}
+
+
+def test_every_flagfile_has_a_paper_table():
+    shipped = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".flags"))
+    assert shipped == sorted(PAPER_TABLES)
+    for pins in PAPER_TABLES.values():
+        assert all(p.source for p in pins)
+
+
+@pytest.mark.parametrize("flagfile", sorted(PAPER_TABLES))
+def test_flagfile_builds_what_its_paper_states(flagfile):
+    config = config_from_flagfile(flagfile)
+    for pin in PAPER_TABLES[flagfile]:
+        got = _resolved(config, pin.what)
+        assert got == pin.value, f"{flagfile}: {pin.what} = {got!r}, expected {pin.value!r} " \
+                                 f"({pin.source})"
+
+
+# --- the ablation map (docs/RECIPES.md): every table row -> flags on top of a flagfile --------
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A paper's table row: ``flagfile`` + ``flags`` reproduce it; ``terms`` is what the
+    recipe must resolve to, ``(name, weight)`` per active term."""
+    paper: str
+    row: str
+    flagfile: str
+    flags: tuple[str, ...]
+    terms: tuple[tuple[str, float], ...]
+
+
+def _row(paper, row, flagfile, flags, *terms):
+    return Row(paper, row, flagfile, tuple(flags.split()), tuple(terms))
+
+
+SOFT, HID = ("soft_prediction", 1.0), ("hidden", 1.0)
+ABLATION_ROWS = [
+    # Wang et al. 2019, Tables 4-7.
+    _row("wang2019", "T (teacher)", "scratch_teacher.flags", "", ("sphereface", 1.0)),
+    _row("wang2019", "S_KD", "kd.flags", "", ("sphereface", 1.0), SOFT, ("mk_mmd", 1.0)),
+    _row("wang2019", "S_KDim = S_M", "kd_im.flags", "", ("sphereface", 1.0), SOFT,
+         ("mk_mmd", 1.0)),
+    _row("wang2019", "S_L (eq. 6)", "kd_im.flags", "--feature_loss=normalized_l2",
+         ("sphereface", 1.0), SOFT, ("normalized_l2", 1.0)),
+    # Nikitin et al. 2020, Table 1.
+    _row("nikitin2020", "Teacher, CosFace", "pwr_baseline.flags", "--student=iresnet50",
+         ("cosface", 1.0)),
+    _row("nikitin2020", "Student, CosFace", "pwr_baseline.flags", "", ("cosface", 1.0)),
+    _row("nikitin2020", "CosFace + RKD-D", "pwr.flags", "--kd_loss=rkd_d --alpha=100 --beta=1",
+         ("rkd_d", 100.0), ("cosface", 1.0)),
+    _row("nikitin2020", "CosFace + RKD-A", "pwr.flags", "--kd_loss=rkd_a --alpha=200 --beta=1",
+         ("rkd_a", 200.0), ("cosface", 1.0)),
+    _row("nikitin2020", "CosFace + RKD-DA", "pwr.flags", "--kd_loss=rkd_da --alpha=100 --beta=1",
+         ("rkd_da", 100.0), ("cosface", 1.0)),
+    _row("nikitin2020", "CosFace + DarkRank", "pwr.flags",
+         "--kd_loss=darkrank --alpha=1 --beta=1", ("darkrank", 1.0), ("cosface", 1.0)),
+    _row("nikitin2020", "CosFace + HKD", "pwr.flags", "--kd_loss=hinton --alpha=0.3 --beta=0.7",
+         ("hinton", 0.3), ("cosface", 0.7)),
+    _row("nikitin2020", "CosFace + HKD + RKD-D", "pwr.flags",
+         "--kd_loss=rkd_d --alpha=100 --beta=0.7 --gamma=0.3",
+         ("rkd_d", 100.0), ("cosface", 0.7), ("hinton", 0.3)),
+    _row("nikitin2020", "CosFace + HKD + RKD-A", "pwr.flags",
+         "--kd_loss=rkd_a --alpha=200 --beta=0.7 --gamma=0.3",
+         ("rkd_a", 200.0), ("cosface", 0.7), ("hinton", 0.3)),
+    _row("nikitin2020", "CosFace + HKD + RKD-DA", "pwr.flags",
+         "--kd_loss=rkd_da --alpha=100 --beta=0.7 --gamma=0.3",
+         ("rkd_da", 100.0), ("cosface", 0.7), ("hinton", 0.3)),
+    _row("nikitin2020", "CosFace + HKD + DarkRank", "pwr.flags",
+         "--kd_loss=darkrank --alpha=1 --beta=0.7 --gamma=0.3",
+         ("darkrank", 1.0), ("cosface", 0.7), ("hinton", 0.3)),
+    _row("nikitin2020", "PWR-Diff (0.1)", "pwr.flags",
+         "--pwr_inversion=diff --pwr_margin=const --pwr_margin_value=0.1", ("pwr", 100.0)),
+    _row("nikitin2020", "PWR-Diff (teacher-std)", "pwr.flags",
+         "--pwr_inversion=diff --pwr_margin=teacher_std", ("pwr", 100.0)),
+    _row("nikitin2020", "PWR-Diff (teacher-diff)", "pwr.flags",
+         "--pwr_inversion=diff --pwr_margin=teacher_diff", ("pwr", 100.0)),
+    _row("nikitin2020", "PWR-Exp (0.1)", "pwr.flags",
+         "--pwr_inversion=exp --pwr_margin=const --pwr_margin_value=0.1", ("pwr", 100.0)),
+    _row("nikitin2020", "PWR-Exp (teacher-std)", "pwr.flags",
+         "--pwr_inversion=exp --pwr_margin=teacher_std", ("pwr", 100.0)),
+    _row("nikitin2020", "PWR-Exp (teacher-diff)", "pwr.flags", "", ("pwr", 100.0)),
+    _row("nikitin2020", "PWR-RankNet", "pwr.flags",
+         "--pwr_inversion=ranknet --pwr_margin=none --alpha=15", ("pwr", 15.0)),
+    # Wang, Lan, Zhang 2017, Tables 1-5 (init checkpoints are run options, not recipe values;
+    # tests/test_transfer_e2e.py runs the chain of initializations).
+    _row("kd_transfer", "teacher ResNet-50 (softmax)", "transfer_pretrain.flags",
+         "--student_options=", ("softmax", 1.0)),
+    _row("kd_transfer", "softmax-pretrained student (eq. 3)", "transfer_pretrain.flags", "",
+         ("softmax", 1.0)),
+    _row("kd_transfer", "Table 1 Targets: Hidden", "transfer_classification.flags",
+         "--lambda_soft=0 --lambda_hidden=1 --learning_rate=0.1", ("softmax", 1.0), HID),
+    _row("kd_transfer", "Table 1 Targets: Soft = Initialization: Scratch = Table 2 Scratch",
+         "transfer_classification.flags", "--learning_rate=0.1", ("softmax", 1.0), SOFT),
+    _row("kd_transfer", "Table 1 Initialization: Ours = Table 2 Ours",
+         "transfer_classification.flags", "", ("softmax", 1.0), SOFT),
+    _row("kd_transfer", "Table 2 ResNet-50/2, Ours", "transfer_classification.flags",
+         "--student_options=width_divisor=2", ("softmax", 1.0), SOFT),
+    _row("kd_transfer", "Table 3 alignment teacher (Euclidean loss)", "transfer_alignment.flags",
+         "--student_options= --lambda_hidden=0", ("landmark", 1.0)),
+    _row("kd_transfer", "Table 3 no target", "transfer_alignment.flags", "--lambda_hidden=0",
+         ("landmark", 1.0)),
+    _row("kd_transfer", "Table 3 hidden (β)", "transfer_alignment.flags", "",
+         ("landmark", 1.0), HID),
+    _row("kd_transfer", "Table 3 soft (α)", "transfer_alignment.flags",
+         "--lambda_hidden=0 --lambda_soft=1", ("landmark", 1.0), SOFT),
+    _row("kd_transfer", "Table 4 verification teacher (triplet)", "transfer_verification.flags",
+         "--student_options= --lambda_soft=0 --extra_softmax=0", ("triplet", 1.0)),
+    _row("kd_transfer", "Table 4 no target", "transfer_verification.flags",
+         "--lambda_soft=0 --extra_softmax=0", ("triplet", 1.0)),
+    _row("kd_transfer", "Table 4 hidden (β)", "transfer_verification.flags",
+         "--lambda_soft=0 --lambda_hidden=1 --extra_softmax=0", ("triplet", 1.0), HID),
+    _row("kd_transfer", "Table 4 soft (α)", "transfer_verification.flags", "--extra_softmax=0",
+         ("triplet", 1.0), SOFT),
+    _row("kd_transfer", "Table 5 teacher (triplet + softmax)", "transfer_verification.flags",
+         "--student_options= --lambda_soft=0", ("triplet", 1.0), ("softmax", 1.0)),
+    _row("kd_transfer", "Table 5 no target", "transfer_verification.flags", "--lambda_soft=0",
+         ("triplet", 1.0), ("softmax", 1.0)),
+    _row("kd_transfer", "Table 5 hidden (β)", "transfer_verification.flags",
+         "--lambda_soft=0 --lambda_hidden=1", ("triplet", 1.0), HID, ("softmax", 1.0)),
+    _row("kd_transfer", "Table 5 soft (α)", "transfer_verification.flags", "",
+         ("triplet", 1.0), SOFT, ("softmax", 1.0)),
+    # Yan et al. 2019, Tables 2-5.
+    _row("yan2019", "Table 2 y2", "vargface_y2.flags", "", ("arcface", 1.0)),
+    _row("yan2019", "Table 2 VarGFaceNet", "vargface_scratch.flags", "", ("arcface", 1.0)),
+    _row("yan2019", "Table 4 r100 (teacher)", "vargface_scratch.flags",
+         "--student=se_iresnet100", ("arcface", 1.0)),
+    _row("yan2019", "Table 4 VarGNet (student)", "vargface.flags",
+         "--student=vargnet --generations=1", ("arcface", 1.0), ("normalized_l2", 7.0)),
+    _row("yan2019", "Tables 3, 4 VarGFaceNet (student) = Table 5 recursive=1", "vargface.flags",
+         "--generations=1", ("arcface", 1.0), ("normalized_l2", 7.0)),
+    _row("yan2019", "Table 5 recursive=2", "vargface.flags", "", ("arcface", 1.0),
+         ("normalized_l2", 7.0)),
+    # Duong et al. 2019, Table 2 (Tables 3-5 evaluate the same runs).
+    _row("duong2019", "ResNet90 teacher", "shrinktea.flags", "--recipe=scratch --student=iresnet90",
+         ("arcface", 1.0)),
+] + [r for s in ("mobilenet_v1", "mobilenet_v2", "mobilefacenet", "mobilefacenet_r") for r in (
+    _row("duong2019", f"{s} Self-Studied", "shrinktea.flags", f"--recipe=scratch --student={s}",
+         ("arcface", 1.0)),
+    _row("duong2019", f"{s} Student-1 (l2 loss)", "shrinktea.flags",
+         f"--student={s} --shrinktea_distance=l2 --shrinktea_lambda=0.001",
+         ("arcface", 1.0), ("angular_stages", 1.0)),
+    _row("duong2019", f"ShrinkTeaNet-{s}", "shrinktea.flags", f"--student={s}",
+         ("arcface", 1.0), ("angular_stages", 1.0)))]
+
+NOT_REPRODUCIBLE = {
+    ("wang2019", "Table 8 DCR, DMDS, MDS"): "other papers' methods, not distillation recipes",
+    ("wang2019", "Tables 3, 9 (training and inference time)"): "measurements, not settings",
+    ("kd_transfer", "Table 1 Targets: Logits [21]"): "Sau & Balasubramanian's noisy-teacher "
+        "logit regression perturbs the teacher's logits; no kdface term does",
+    ("kd_transfer", "Table 1 Initialization: Fitnet"): "FitNets' first stage trains only the "
+        "layers below the guided one through a regressor; kdface trains whole networks",
+    ("yan2019", "Table 3 (three teachers)"): "the paper does not say how its three teachers "
+        "differ; the student side is vargface.flags with each --teacher_checkpoint",
+    ("duong2019", "Tables 3-5, other methods' rows"): "other papers' systems and training sets",
+}
+
+
+def test_ablation_rows_build():
+    assert len({(r.paper, r.row) for r in ABLATION_ROWS}) == len(ABLATION_ROWS)
+    for row in ABLATION_ROWS:
+        config = config_from_flagfile(row.flagfile, *row.flags)
+        recipe = build_recipe(config.recipe, config)
+        assert tuple((t.name, t.weight) for t in recipe.terms) == row.terms, row
+    assert all(NOT_REPRODUCIBLE.values())
+
+
+# --- every row trains: 2 steps on tiny networks and a tiny labelled set with landmarks --------
+
+def _tiny_source(n=16, hw=16, classes=4):
+    from kdface.data import encode_image
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        label = i % classes
+        image = (rng.random((hw, hw, 3)) * 80 + 40 + 30 * label).clip(0, 255).astype(np.uint8)
+        out.append({"image": encode_image(image), "label": label,
+                    "landmarks": (rng.random((5, 2)) * hw).astype(np.float32)})
+    return out
+
+
+def _tiny(config: TrainConfig, workdir: str, teacher_dir: str) -> TrainConfig:
+    """The row's run on tiny networks: everything the row sets except the sizes."""
+    from _train_helpers import HW, TINY
+    teacher = {}
+    if build_recipe(config.recipe, config).needs_teacher:
+        teacher = dict(teacher="sphereface_custom", teacher_options=dict(TINY),
+                       teacher_checkpoint=teacher_dir)
+    return dataclasses.replace(
+        config, workdir=workdir, student="sphereface_custom", student_options=dict(TINY),
+        input_size=HW, crop_from=None, batch_size=16, steps=2, epochs=None, decay_epochs=(),
+        decay_steps=(), warmup_steps=0, margin_scale=16.0, val_data=(), teacher_cache=False,
+        save_every=2, log_every=1, async_checkpoints=False, progress=False, **teacher)
+
+
+@pytest.mark.parametrize("paper", sorted({r.paper for r in ABLATION_ROWS}))
+def test_ablation_rows_train_two_steps(tmp_path, paper):
+    from _train_helpers import tiny_config
+    from kdface.training._run import run
+    source = _tiny_source(n=32)
+    teacher_dir = str(tmp_path / "teacher")
+    run(tiny_config(teacher_dir, steps=2, batch_size=16), data_dir="", source=source,
+        num_classes=4, val_sets=[])
+    seen = set()
+    for k, row in enumerate(r for r in ABLATION_ROWS if r.paper == paper):
+        config = _tiny(config_from_flagfile(row.flagfile, *row.flags), "", teacher_dir)
+        recipe = build_recipe(config.recipe, config)
+        key = (recipe.name, tuple((t.name, t.weight, tuple(sorted(t.options.items())))
+                                  for t in recipe.terms), recipe.head, recipe.student_view,
+               recipe.teacher_view, recipe.generations, config.nesterov)
+        if key in seen:  # rows that differ only by the backbone are one tiny run
+            continue
+        seen.add(key)
+        config = dataclasses.replace(config, workdir=str(tmp_path / f"row{k}"))
+        summary = run(config, data_dir="", source=source, num_classes=4, val_sets=[])
+        assert summary["step"] == 2, row
+        assert np.isfinite(summary["metrics"]["loss"]), row
+        assert {t.name for t in recipe.terms} <= set(summary["metrics"]), row
+
+
+def test_schedules_in_epochs_resolve_against_the_papers_training_sets():
+    from kdface.training._optim import resolve_schedule
+    # nikitin2020 §4.1: "It consists of 5.8 million photos from 85,000 subjects"; batch 552,
+    # 13 epochs, lr / 10 every 2 epochs: ~136.6 k steps, a decay every ~21 k.
+    pwr = resolve_schedule(config_from_flagfile("pwr.flags"), 5_800_000)
+    assert pwr.steps == -(-13 * 5_800_000 // 552) == 136_595
+    assert pwr.decay_steps == tuple(-(-e * 5_800_000 // 552) for e in (2, 4, 6, 8, 10, 12))
+    # wang2019: CASIA-WebFace (494,414 images, Yi et al. 2014), batch 512, "20 epochs".
+    kd_im = resolve_schedule(config_from_flagfile("kd_im.flags"), 494_414)
+    assert kd_im.steps == -(-20 * 494_414 // 512)
+
+
+def test_views_crop_and_low_resolution_reach_the_pipeline():
+    from kdface.training._run import _pipeline
+    source = _tiny_source(hw=16)
+    tiny = dict(batch_size=8, input_size=(16, 16))
+    kd_im = dataclasses.replace(config_from_flagfile("kd_im.flags"), **tiny)
+    recipe = build_recipe(kd_im.recipe, kd_im)
+    state = _pipeline(kd_im, source, recipe.student_view, recipe.teacher_view).get_state()
+    assert state["pipeline"]["student_view"] == "low_resolution"
+    assert state["pipeline"]["teacher_view"] == "original"
+    transfer = dataclasses.replace(config_from_flagfile("transfer_classification.flags"),
+                                   crop_from=(20, 20), **tiny)
+    state = _pipeline(transfer, source, "original", "original").get_state()
+    assert state["pipeline"]["crop_from"] == [20, 20]
+
+
+# --- the terms the papers' forms need, against NumPy --------------------------------------------
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_paper_terms_match_numpy():
+    import jax.numpy as jnp
+    from kdface.distill._terms import TERMS, TermInputs
+    rng = np.random.default_rng(0)
+    zs, zt = rng.normal(size=(6, 5)) * 3, rng.normal(size=(6, 5)) * 3
+    es, et = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    inputs = TermInputs(labels=jnp.zeros(6, jnp.int32),
+                        student={"logits": jnp.asarray(zs, jnp.float32),
+                                 "embedding": jnp.asarray(es, jnp.float32)},
+                        teacher={"logits": jnp.asarray(zt, jnp.float32),
+                                 "embedding": jnp.asarray(et, jnp.float32)})
+    ps, pt = _softmax(zs / 4), _softmax(zt / 4)
+    # wang2019 eq. 3 / kd_transfer eq. 2: H(p_t, p_s), no τ².
+    np.testing.assert_allclose(TERMS["soft_prediction"].fn(inputs, temperature=4.0),
+                               np.mean(-(pt * np.log(ps)).sum(-1)), rtol=1e-5)
+    # nikitin2020's HKD as the authors' code: KL(p_t ‖ p_s) without τ²; Hinton's with τ².
+    kl = np.mean((pt * (np.log(pt) - np.log(ps))).sum(-1))
+    np.testing.assert_allclose(TERMS["hinton"].fn(inputs, temperature=4.0, tau_squared=False),
+                               kl, rtol=1e-5)
+    np.testing.assert_allclose(TERMS["hinton"].fn(inputs, temperature=4.0), 16 * kl, rtol=1e-5)
+    # kd_transfer's hidden-layer target: Euclidean loss 1/2 ||H_s - H_t||², batch mean.
+    np.testing.assert_allclose(TERMS["hidden"].fn(inputs),
+                               np.mean(0.5 * ((es - et) ** 2).sum(-1)), rtol=1e-5)
+    # RKD-D on L2-normalized embeddings = RKD-D of the normalized arrays.
+    from kdface import losses
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(
+        TERMS["rkd_d"].fn(inputs, normalize=True),
+        losses.rkd_distance_loss(jnp.asarray(unit(es), jnp.float32),
+                                 jnp.asarray(unit(et), jnp.float32)), rtol=1e-5)
+
+
+def test_shrinkteanet_levels_weights_and_l2_baseline():
+    """duong2019 eq. 7: four levels, λ_4 = λ, λ_i = λ_{i+1}/2, every level through its adapter
+    G_i^s and the teacher's remaining blocks; against a NumPy sum."""
+    import jax.numpy as jnp
+    from kdface.distill._terms import TERMS, TermInputs
+    rng = np.random.default_rng(1)
+    stages = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(4)]
+    target = rng.normal(size=(5, 3)).astype(np.float32)
+    gain = np.float32([1.5, -2.0, 0.5, 3.0])          # a distinct "adapter" per level
+    tail = lambda i, f: f * (i + 1.0) + 0.25          # a distinct "teacher tail" per level
+    inputs = TermInputs(labels=jnp.zeros(5, jnp.int32),
+                        student={"stages": [jnp.asarray(s) for s in stages]},
+                        teacher={"embedding": jnp.asarray(target)},
+                        teacher_tail=tail, adapters=lambda i, f: f * gain[i])
+
+    def angular(a, b):
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        return np.mean((1 - cos) ** 2)
+
+    def l2(a, b):
+        return np.mean(((a - b) ** 2).sum(-1))
+
+    for distance, d, lam in (("angular", angular, 1.0), ("l2", l2, 0.001)):
+        levels = [d(stages[i] * gain[i] * (i + 1.0) + 0.25, target) for i in range(4)]
+        expected = lam * (levels[3] + levels[2] / 2 + levels[1] / 4 + levels[0] / 8)
+        got = TERMS["angular_stages"].fn(inputs, final_weight=lam, distance=distance)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="distance"):
+        TERMS["angular_stages"].fn(inputs, distance="cosine")
+
+
+def test_sphereface_term_anneals_lambda_with_the_step():
+    import jax.numpy as jnp
+    from kdface import losses
+    from kdface.distill._terms import TERMS, TermInputs
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(4, 3)).astype(np.float32)
+    cos = np.clip(rng.normal(size=(4, 5)) * 0.3, -1, 1).astype(np.float32)
+    labels = jnp.asarray([0, 1, 2, 3], jnp.int32)
+    for step in (0, 100, 10_000):
+        inputs = TermInputs(labels=labels, step=jnp.asarray(step, jnp.int32),
+                            student={"cos": jnp.asarray(cos), "embedding": jnp.asarray(emb)})
+        lam = float(losses.sphereface_lambda(step))   # max(5, 1000 / (1 + 0.12 step))
+        assert lam == pytest.approx(max(5.0, 1000.0 / (1 + 0.12 * step)), rel=1e-6)
+        np.testing.assert_allclose(TERMS["sphereface"].fn(inputs, anneal=True),
+                                   TERMS["sphereface"].fn(inputs, lambda_=lam), rtol=1e-6)
