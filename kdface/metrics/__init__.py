@@ -6,15 +6,21 @@ from __future__ import annotations
 
 from kdface.metrics._verification import (
     DEFAULT_FAR_TARGETS,
+    INSIGHTFACE_ACCURACY_GRID,
+    INSIGHTFACE_VAL_GRID,
+    PROTOCOLS,
     auc,
     best_threshold,
     embeddings_with_flip,
     far_threshold,
     fold_bounds,
+    insightface_verification,
     l2_normalize,
     pair_scores,
     roc_curve,
+    slinear_interpolate,
     split_interleaved,
+    squared_distances,
     threshold_candidates,
     verification,
 )
