@@ -16,12 +16,13 @@ from kdface.interop._onnx_export import (UnsupportedExportError, backbone_to_onn
                                          export_onnx)
 from kdface.interop._onnx_import import iresnet_state_from_onnx
 from kdface.interop._teacher import (TEACHER_FORMATS, imported_teacher, is_imported_teacher,
-                                     load_teacher_backbone, parse_teacher_spec)
+                                     load_teacher_backbone, parse_teacher_spec,
+                                     state_input_size)
 from kdface.interop._torch_state import UnsafeTorchPickleError, read_torch_state_dict
 
 __all__ = ["IRESNET_ARCHS", "infer_iresnet_arch", "iresnet_from_state_dict"]
 __all__ += ["UnsupportedExportError", "backbone_to_onnx", "export_onnx"]
 __all__ += ["iresnet_state_from_onnx"]
 __all__ += ["TEACHER_FORMATS", "imported_teacher", "is_imported_teacher",
-            "load_teacher_backbone", "parse_teacher_spec"]
+            "load_teacher_backbone", "parse_teacher_spec", "state_input_size"]
 __all__ += ["UnsafeTorchPickleError", "read_torch_state_dict"]
