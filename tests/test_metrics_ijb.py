@@ -49,7 +49,7 @@ def _face(subject, rng, size=72):
     return image, points
 
 
-def _write_ijbc(root, seed=0):
+def _write_ijbc(root, seed=0, *, max_medias=3, max_frames=3):
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "meta"))
     os.makedirs(os.path.join(root, "loose_crop"))
@@ -58,9 +58,9 @@ def _write_ijbc(root, seed=0):
     images_of = {}
     for template, subject in enumerate(SUBJECT_OF_TEMPLATE[:11]):
         rows = []
-        for _ in range(rng.integers(1, 4)):  # medias per template
+        for _ in range(rng.integers(1, max_medias + 1)):  # medias per template
             media += 1
-            for _ in range(rng.integers(1, 4)):  # frames per media
+            for _ in range(rng.integers(1, max_frames + 1)):  # frames per media
                 image, points = _face(subject, rng)
                 score = rng.uniform(0.3, 1.0)
                 rows.append((image, points, media, f"{score:.6f}"))

@@ -9,11 +9,20 @@ normalized ``(x / 255 - 0.5) / 0.5``, RGB (arcface_torch's training normalizatio
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import numpy as np
 
 from kdface.evaluation._embedder import Embedder, _next_pow2
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_forward(graphdef):
+    """One compiled forward per architecture: files of one IResNet share their graphdef."""
+    import jax
+    from flax import nnx
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
 
 
 class TeacherEmbedder(Embedder):
@@ -26,7 +35,6 @@ class TeacherEmbedder(Embedder):
     """
 
     def __init__(self, spec: str, *, batch_size: int = 128):
-        import jax
         from flax import nnx
         from kdface import interop
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -41,7 +49,7 @@ class TeacherEmbedder(Embedder):
         self.network = types.SimpleNamespace(backbone=backbone, landmark_head=None)
         self.batch_size = batch_size
         graph, self._teacher_state = nnx.split(backbone)
-        self._teacher_forward = jax.jit(lambda state, x: nnx.merge(graph, state)(x))
+        self._teacher_forward = _jitted_forward(graph)
 
     def outputs(self, images) -> dict[str, np.ndarray]:
         """``{'embedding': [N, E]}`` float32 for uint8 images (chunks padded as Embedder's)."""
