@@ -458,6 +458,8 @@ def test_workdir_without_config_is_refused(tmp_path):
     (["--runs=a=x", "--lr_sizes=8,abc"], "'abc' is not an integer"),
     (["--runs=a=x", "--flip=maybe"], "flip"),
     (["--runs=a=x", "--far_targets=2"], "must lie in (0, 1]"),
+    (["--runs=a=x", "--protocol=lfw"], "protocol"),
+    (["--runs=a=x", "--ijb=LFW:/data/lfw"], "--ijb: an IJB entry is NAME:ROOT"),
     ([], "--runs is required"),
 ])
 def test_cli_usage_errors(args, needle, capsys):
@@ -472,11 +474,19 @@ def test_cli_missing_run_is_an_input_error(env, tmp_path, capsys):
     assert "not a kdface training workdir" in capsys.readouterr().err
 
 
+def test_cli_missing_teacher_file_is_an_input_error(env, tmp_path, capsys):
+    code = evaluate.main(["prog", f"--runs=t=pth:{tmp_path}/backbone.pth",
+                          f"--val_data={env['bin']}", f"--out={tmp_path / 'o'}"])
+    assert code == 1
+    assert f"PyTorch file {tmp_path}/backbone.pth not found" in capsys.readouterr().err
+
+
 def test_cli_help_lists_the_flags(capsys):
     assert evaluate.main(["prog", "--help"]) == 0
     text = capsys.readouterr().out
     for needle in ("--runs", "--val_data", "--lr_sizes", "--identification_data",
-                   "--export_embeddings", "gallery_emb", "seed wang2019"):
+                   "--export_embeddings", "gallery_emb", "seed wang2019", "--protocol",
+                   "--ijb", "pth:[ARCH:]FILE"):
         assert needle in text
 
 

@@ -14,7 +14,7 @@ import types
 
 import numpy as np
 
-from kdface.evaluation._embedder import Embedder, _next_pow2
+from kdface.evaluation._embedder import Embedder
 
 
 @functools.lru_cache(maxsize=8)
@@ -56,7 +56,7 @@ class TeacherEmbedder(Embedder):
         n = len(images)
         if n == 0:
             raise ValueError("no images to embed")
-        chunk = min(self.batch_size, _next_pow2(n))
+        chunk = min(self.batch_size, 1 << max(n - 1, 0).bit_length())  # few compiled shapes
         parts = []
         for i in range(0, n, chunk):
             x = self.prepare(images[i:i + chunk])

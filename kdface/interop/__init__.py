@@ -1,7 +1,8 @@
 """Interoperability: third-party pretrained teachers in, ONNX students out.
 
-* Teachers: insightface IResNet-18/34/50/100 from a PyTorch state dict (read without PyTorch,
-  by a restricted unpickler) or an ONNX file, into kdface's IResNet
+* Teachers: insightface IResNet-18/34/50/100 from a PyTorch state dict or arcface_torch
+  checkpoint (read without PyTorch, by a restricted unpickler) or an ONNX file (either PyTorch
+  exporter's graph), into kdface's IResNet
   (:func:`load_teacher_backbone`, the trainer's ``--teacher=pth:[ARCH:]PATH`` /
   ``--teacher=onnx:[ARCH:]PATH``).
 * Students: any kdface backbone to ONNX with a dynamic batch dimension (:func:`export_onnx`,

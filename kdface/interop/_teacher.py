@@ -4,14 +4,17 @@ Seed wang2019's teacher is a network the student's trainer did not train. Users 
 IResNet teachers as PyTorch state dicts and ONNX files; a teacher spec names one:
 
 * ``pth:/path/backbone.pth`` - an ``arcface_torch`` IResNet state dict (depth inferred from the
-  tensors), read without PyTorch (:func:`read_torch_state_dict`);
-* ``onnx:/path/model.onnx`` - an insightface IResNet ONNX graph (needs the ``onnx`` package);
+  tensors), or arcface_torch's resume file ``checkpoint_gpu_<rank>.pt`` (its
+  ``state_dict_backbone``), read without PyTorch (:func:`read_torch_state_dict`);
+* ``onnx:/path/model.onnx`` - an insightface IResNet ONNX graph, as ``torch2onnx.py`` writes it
+  with either PyTorch exporter (needs the ``onnx`` package);
 * ``pth:iresnet50:/path/...`` / ``onnx:iresnet100:/path/...`` - the same with the depth stated,
   checked against the tensors.
 
 Everything after the format (and optional arch) is the path, colons included. The images must be
 RGB normalized as ``(x / 255 - 0.5) / 0.5`` (kdface's pipeline and arcface_torch's training), at
-the run's ``input_size`` (112x112 for insightface's released models).
+the run's ``input_size`` (112x112 for insightface's released models). ``python -m
+kdface.evaluate --runs=NAME=SPEC`` evaluates such a teacher directly.
 """
 from __future__ import annotations
 
