@@ -132,11 +132,11 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
     flip = (protocol == "insightface") if flip is None else bool(flip)
     ijb_sets = _ijb_sets(ijb)
     opened = {name: open_run(spec, batch_size=batch_size) for name, spec in runs.items()}
-    if not sets and identification_data is None and alignment_data is None and not ijb_sets \
-            and not any(
-            isinstance(r, EmbeddingFile) for r in opened.values()):
-        raise ValueError("nothing to evaluate: give verification sets, identification data "
-                         "or alignment data")
+    has_files = any(isinstance(r, EmbeddingFile) for r in opened.values())
+    if not (sets or ijb_sets or has_files) and identification_data is None \
+            and alignment_data is None:
+        raise ValueError("nothing to evaluate: give verification sets, IJB sets, "
+                         "identification data or alignment data")
     shared_distr = _load_distractors(distractors)
     ident_records = (None if identification_data is None else
                      open_face_records(identification_data, data_dir=data_dir))
