@@ -162,7 +162,8 @@ def test_torch2onnx_exports_of_both_exporters_match_pytorch(tmp_path):
     """insightface's torch2onnx.py under PyTorch >= 2.9 (the torch.export-based exporter folds
     the embedding BatchNorm ``features`` into the FC Gemm and writes opset 18) and under the
     TorchScript exporter (BN kept): both import and embed as the PyTorch net."""
-    pytest.importorskip("onnxscript", reason="PyTorch's default ONNX exporter needs onnxscript")
+    pytest.importorskip("onnxscript", reason="PyTorch's default ONNX exporter needs onnxscript "
+                                             "(the hand-folded test below runs without it)")
     hw = (16, 16)
     net = _torch_iresnet(UNITS18, embedding=16, final_hw=(1, 1), seed=3)
     images = np.random.default_rng(1).uniform(-1, 1, (3, *hw, 3)).astype(np.float32)
@@ -178,6 +179,35 @@ def test_torch2onnx_exports_of_both_exporters_match_pytorch(tmp_path):
     last = {name: [n.op_type for n in g.graph.node][-1] for name, g in graphs.items()}
     assert last == {"dynamo": "Gemm", "torchscript": "BatchNormalization"}
     assert graphs["dynamo"].opset_import[0].version >= 18
+
+
+def test_embedding_bn_folded_by_hand_into_the_gemm_imports(tmp_path):
+    """The folded head without the new exporter: the TorchScript export with its last
+    BatchNorm folded into the Gemm here (W' = s W, b' = s (b - mean) + beta, s = gamma /
+    sqrt(var + eps)) and removed, the Gemm now the graph output."""
+    onnx = pytest.importorskip("onnx", reason="reading .onnx files needs the onnx package")
+    from onnx import numpy_helper
+    hw = (16, 16)
+    net = _torch_iresnet(UNITS18, embedding=16, final_hw=(1, 1), seed=6)
+    path = str(tmp_path / "folded.onnx")
+    model = _torch2onnx(net, path, hw, dynamo=False)
+    graph = model.graph
+    bn, gemm = graph.node[-1], graph.node[-2]
+    assert (bn.op_type, gemm.op_type) == ("BatchNormalization", "Gemm")
+    init = {t.name: t for t in graph.initializer}
+    arr = lambda name: numpy_helper.to_array(init[name]).astype(np.float64)  # noqa: E731
+    eps = next(a.f for a in bn.attribute if a.name == "epsilon")
+    scale = arr(bn.input[1]) / np.sqrt(arr(bn.input[4]) + eps)
+    folded = {gemm.input[1]: arr(gemm.input[1]) * scale[:, None],
+              gemm.input[2]: (arr(gemm.input[2]) - arr(bn.input[3])) * scale + arr(bn.input[2])}
+    for name, value in folded.items():
+        init[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    gemm.output[0] = bn.output[0]
+    graph.node.remove(bn)
+    onnx.save(model, path)
+    images = np.random.default_rng(1).uniform(-1, 1, (3, *hw, 3)).astype(np.float32)
+    _, imported = interop.load_teacher_backbone(f"onnx:iresnet18:{path}", input_size=hw)
+    _assert_match(_kdface_embed(imported, images), _torch_embed(net, images))
 
 
 def test_folded_head_refuses_what_is_not_an_iresnet(tmp_path):
