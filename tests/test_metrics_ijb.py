@@ -128,7 +128,8 @@ def _reference_ijb(root, model, far_targets):
         img_feats[i] = feat.reshape(1, 2 * feat.shape[1])[0]
         faceness_scores.append(name_lmk_score[-1])
     faceness_scores = np.array(faceness_scores).astype(np.float32)
-    img_input_feats = img_feats[:, 0:img_feats.shape[1] // 2] + img_feats[:, img_feats.shape[1] // 2:]
+    half = img_feats.shape[1] // 2
+    img_input_feats = img_feats[:, 0:half] + img_feats[:, half:]
     img_input_feats = img_input_feats * faceness_scores[:, np.newaxis]
     # image2template_feature
     unique_templates = np.unique(templates)
