@@ -7,8 +7,11 @@ r"""`python -m kdface.evaluate`: compare a teacher and its students under the pa
 
 Runs (``--runs=name=PATH,...``): a kdface training workdir (``config.json`` + ``checkpoints/``;
 the latest checkpoint's student network is rebuilt as trained; a ``generations`` parent uses its
-last ``gen_k``), or an ``.npz`` of exported embeddings, so a model without a checkpoint (another
-framework's, or a run exported earlier) is compared side by side.
+last ``gen_k``); a third-party teacher ``pth:[ARCH:]FILE`` / ``onnx:[ARCH:]FILE`` (an insightface
+IResNet: ``backbone.pth``, arcface_torch's ``checkpoint_gpu_0.pt``, or a ``torch2onnx.py``
+export; read as the trainer's ``--teacher`` reads it, at the input size its FC fixes); or an
+``.npz`` of exported embeddings, so a model without a checkpoint (another framework's, or a run
+exported earlier) is compared side by side.
 
 Protocols, each optional:
 
@@ -17,7 +20,13 @@ Protocols, each optional:
   nine folds, applied to the tenth; folds = contiguous blocks in file order), best-threshold
   accuracy, ROC/AUC, TAR@FAR for ``--far_targets`` (a FAR is "n/s", not supported, when some
   nine-fold training split has fewer than 1/FAR negative pairs; the markdown says which);
-  ``--flip`` sums the image and mirrored-image embeddings.
+  ``--flip`` sums the image and mirrored-image embeddings. ``--protocol=insightface`` gives the
+  numbers of insightface's verification script instead (0.01 squared-distance grid, TAR@FAR
+  interpolated in the training FAR table, flip on unless ``--flip=false``); the report states
+  which protocol was used.
+* IJB-B/C 1:1 verification (``--ijb=IJBC:ROOT``): insightface's IJB protocol (crops aligned by
+  their landmarks, image + mirror features times the face score, media-averaged template
+  features, TAR at the ROC point nearest each of ``--ijb_far_targets``).
 * LR protocol (seed wang2019 §3.1): one row per ``--lr_sizes`` entry; the gallery image (first
   of each pair) is kept, the probe is blurred, downscaled to N px and scaled back.
 * Identification (``--identification_data``: a labelled dataset, see below): per identity the
@@ -68,17 +77,23 @@ from kdface.evaluation import (  # noqa: F401  (the public names of this command
     Embedder,
     EmbeddingFile,
     FaceRecords,
+    IjbMeta,
+    TeacherEmbedder,
+    aligned_crops,
     alignment_report,
     compare,
     embed_records,
     export_embeddings,
     identification_arrays,
     identification_report,
+    ijb_embeddings,
+    ijb_report,
     load_sets,
     lr_report,
     markdown_table,
     open_face_records,
     open_run,
+    parse_ijb_spec,
     split_gallery_probe,
     verification_from_embeddings,
     verification_report,
@@ -97,8 +112,9 @@ def define_flags(fv):
     importing this module next to another command's flags never clashes)."""
     from absl import flags
     d = dict(flag_values=fv)
-    flags.DEFINE_list("runs", [], "name=PATH,...: kdface training workdirs or exported "
-                      "embedding .npz files. Required.", **d)
+    flags.DEFINE_list("runs", [], "name=PATH,...: kdface training workdirs, third-party "
+                      "teachers pth:[ARCH:]FILE / onnx:[ARCH:]FILE (insightface IResNets), or "
+                      "exported embedding .npz files. Required.", **d)
     flags.DEFINE_list("val_data", [], "Verification sets: .bin paths, pairs.txt[=IMAGE_ROOT] "
                       "paths, or names of sets built in --data_dir.", **d)
     flags.DEFINE_string("data_dir", "data", "tfds data directory of built datasets.", **d)
@@ -107,8 +123,13 @@ def define_flags(fv):
     flags.DEFINE_string("pairs_ext", "jpg", "Image extension of pairs.txt sets.", **d)
     flags.DEFINE_list("lr_sizes", ["8", "12", "16", "20"], "LR probe sizes in px, one row "
                       "each (seed wang2019 §3.1: 8, 12, 16, 20); empty for none.", **d)
-    flags.DEFINE_bool("flip", False, "Embed image + mirrored image (insightface's option).",
-                      **d)
+    flags.DEFINE_enum("protocol", "exact", ["exact", "insightface"], "Verification protocol: "
+                      "'exact' (kdface's: every distinct threshold, exact TAR@FAR) or "
+                      "'insightface' (insightface's verification script number for number: "
+                      "0.01 distance grid, interpolated TAR@FAR, flip on by default).", **d)
+    flags.DEFINE_bool("flip", None, "Embed image + mirrored image (insightface's "
+                      "'Accuracy-Flip'). Default: on with --protocol=insightface, off with "
+                      "exact.", **d)
     flags.DEFINE_integer("folds", 10, "Verification folds (10, the LFW protocol).", **d)
     flags.DEFINE_list("far_targets", ["1e-1", "1e-2", "1e-3", "1e-4", "1e-5", "1e-6"],
                       "FARs of the TAR@FAR table.", **d)
@@ -124,6 +145,11 @@ def define_flags(fv):
     flags.DEFINE_integer("probe_chunk", 1024, "Probes per similarity block.", **d)
     flags.DEFINE_integer("item_chunk", 16384, "Gallery/distractor items per similarity block.",
                          **d)
+    flags.DEFINE_list("ijb", [], "IJB-B/C 1:1 verification sets NAME:ROOT (NAME IJBB or "
+                      "IJBC; ROOT holds meta/ and loose_crop/ as insightface's IJB evaluation "
+                      "expects), e.g. IJBC:/data/IJB_release/IJBC.", **d)
+    flags.DEFINE_list("ijb_far_targets", ["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
+                      "FARs of the IJB TAR@FAR table.", **d)
     flags.DEFINE_string("alignment_data", None, "Labelled dataset with 5-point landmarks for "
                         "the NRMSE of landmark-head runs (seed kd_transfer).", **d)
     flags.DEFINE_string("landmarks", None, "Landmarks CSV for a .rec/folder alignment "
@@ -196,6 +222,11 @@ def run_command(fv) -> int:
         raise UsageError("--runs is required (name=workdir or name=embeddings.npz)")
     lr_sizes = _ints("lr_sizes", fv.lr_sizes)
     far_targets = _rates("far_targets", fv.far_targets)
+    ijb_far_targets = _rates("ijb_far_targets", fv.ijb_far_targets)
+    try:
+        ijb = [parse_ijb_spec(entry) for entry in fv.ijb]
+    except ValueError as err:
+        raise UsageError(f"--ijb: {err}") from None
     fpr_targets = _rates("fpr_targets", fv.fpr_targets)
     ranks = _ints("ranks", fv.ranks)
     if fv.folds < 2:
@@ -215,7 +246,8 @@ def run_command(fv) -> int:
     opened = {name: open_run(path, batch_size=fv.batch_size) for name, path in runs.items()}
     if not sets and not fv.val_data:
         sets = _sets_from_files(opened)
-    report = compare(opened, sets, lr_sizes=lr_sizes, flip=fv.flip, out_dir=fv.out,
+    report = compare(opened, sets, lr_sizes=lr_sizes, flip=fv.flip, protocol=fv.protocol,
+                     ijb=ijb, ijb_far_targets=ijb_far_targets, out_dir=fv.out,
                      model_facts=fv.model_facts, folds=fv.folds, far_targets=far_targets,
                      identification_data=ident, distractors=fv.distractors,
                      distractor_data=distr_data, ranks=ranks, fpr_targets=fpr_targets,
@@ -238,8 +270,9 @@ def _export(fv, runs, sets, lr_sizes, ident, distr_data) -> int:
         if path.endswith(".npz"):
             raise UsageError(f"run {name!r} is already an embedding file ({path})")
         out = target if single else os.path.join(target, f"{name}.npz")
-        keys = export_embeddings(Embedder(path, batch_size=fv.batch_size), out, sets=sets,
-                                 lr_sizes=lr_sizes, flip=fv.flip, identification_data=ident,
+        flip = (fv.protocol == "insightface") if fv.flip is None else fv.flip
+        keys = export_embeddings(open_run(path, batch_size=fv.batch_size), out, sets=sets,
+                                 lr_sizes=lr_sizes, flip=flip, identification_data=ident,
                                  distractor_data=distr_data)
         print(f"{name}: wrote {out} ({', '.join(keys)})")
     return 0

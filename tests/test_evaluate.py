@@ -458,6 +458,8 @@ def test_workdir_without_config_is_refused(tmp_path):
     (["--runs=a=x", "--lr_sizes=8,abc"], "'abc' is not an integer"),
     (["--runs=a=x", "--flip=maybe"], "flip"),
     (["--runs=a=x", "--far_targets=2"], "must lie in (0, 1]"),
+    (["--runs=a=x", "--protocol=lfw"], "protocol"),
+    (["--runs=a=x", "--ijb=LFW:/data/lfw"], "--ijb: an IJB entry is NAME:ROOT"),
     ([], "--runs is required"),
 ])
 def test_cli_usage_errors(args, needle, capsys):
@@ -472,9 +474,96 @@ def test_cli_missing_run_is_an_input_error(env, tmp_path, capsys):
     assert "not a kdface training workdir" in capsys.readouterr().err
 
 
+def test_cli_missing_teacher_file_is_an_input_error(env, tmp_path, capsys):
+    code = evaluate.main(["prog", f"--runs=t=pth:{tmp_path}/backbone.pth",
+                          f"--val_data={env['bin']}", f"--out={tmp_path / 'o'}"])
+    assert code == 1
+    assert f"PyTorch file {tmp_path}/backbone.pth not found" in capsys.readouterr().err
+
+
 def test_cli_help_lists_the_flags(capsys):
     assert evaluate.main(["prog", "--help"]) == 0
     text = capsys.readouterr().out
     for needle in ("--runs", "--val_data", "--lr_sizes", "--identification_data",
-                   "--export_embeddings", "gallery_emb", "seed wang2019"):
+                   "--export_embeddings", "gallery_emb", "seed wang2019", "--protocol",
+                   "--ijb", "pth:[ARCH:]FILE"):
         assert needle in text
+
+
+# --- insightface's protocol, third-party teachers, IJB ---------------------------------------
+
+def test_insightface_protocol_report_equals_insightface_numbers(env, embedder, tmp_path):
+    """--protocol=insightface: flip on by default, the unnormalized image + mirror sums fed to
+    insightface's evaluate() (re-implemented in test_metrics_verification); the report says so."""
+    from test_metrics_verification import _insightface_evaluate
+    sets = evaluate.load_sets([env["bin"]])
+    rep = evaluate.compare({"tiny": embedder}, sets, protocol="insightface", model_facts=False,
+                           out_dir=str(tmp_path))
+    images, issame = sets["val"]
+    raw = (np.asarray(embedder(images), np.float64) +
+           np.asarray(embedder(np.ascontiguousarray(images[:, :, ::-1])), np.float64))
+    acc, std, _, vals = _insightface_evaluate(raw[0::2], raw[1::2], issame, 10, (1e-3, 1e-1))
+    hr = rep["runs"]["tiny"]["verification"]["val"]["hr"]
+    assert (hr["accuracy"], hr["accuracy_std"]) == (acc, std)
+    assert hr["tar_at_far"][1e-3] == vals[1e-3][0] and hr["tar_at_far"][1e-1] == vals[1e-1][0]
+    assert rep["protocol"]["verification"] == "insightface" and rep["protocol"]["flip"] is True
+    md = open(os.path.join(str(tmp_path), "report.md")).read()
+    assert "Verification protocol: **insightface**" in md and "n/s" not in md
+    exact = evaluate.compare({"tiny": embedder}, sets, model_facts=False)
+    assert exact["protocol"]["verification"] == "exact" and exact["protocol"]["flip"] is False
+    assert "Verification protocol: **exact**" in evaluate.markdown_table(exact)
+
+
+def test_cli_evaluates_pth_and_onnx_teachers_and_ijb(env, tmp_path, capsys):
+    """``--runs=teacher=pth:backbone.pth`` on a .bin and an IJB-C layout, and an ``onnx:`` run:
+    the teacher embeds as the PyTorch net does on the evaluator's resized, normalized images,
+    so its accuracy and IJB TARs are the PyTorch net's."""
+    torch = pytest.importorskip("torch", reason="the teacher is written by PyTorch")
+    from test_interop_torch import UNITS18, _torch_embed, _torch_iresnet
+    from test_metrics_ijb import FARS, _write_ijbc
+    net = _torch_iresnet(UNITS18, embedding=16, final_hw=(1, 1), seed=5)  # 16x16 input
+
+    def torch_model(images):  # the evaluator's resize + normalization, then PyTorch
+        small = np.stack([cv2.resize(im, (16, 16), interpolation=cv2.INTER_AREA)
+                          for im in images]).astype(np.float32)
+        return _torch_embed(net, (small / 255.0 - 0.5) / 0.5)
+
+    pth, onnx_path = str(tmp_path / "backbone.pth"), str(tmp_path / "model.onnx")
+    torch.save(net.state_dict(), pth)
+    ijb_root = str(tmp_path / "IJBC")
+    _write_ijbc(ijb_root, max_medias=2, max_frames=2)
+    out = str(tmp_path / "out")
+    code = evaluate.main(["prog", f"--runs=teacher=pth:{pth}", f"--val_data={env['bin']}",
+                          "--lr_sizes=", "--model_facts=false", f"--ijb=IJBC:{ijb_root}",
+                          f"--ijb_far_targets={','.join(str(f) for f in FARS)}",
+                          "--batch_size=32", f"--out={out}"])  # one compiled shape
+    assert code == 0, capsys.readouterr().err
+    rep = json.load(open(os.path.join(out, "report.json")))
+    entry = rep["runs"]["teacher"]
+    assert entry["kind"] == "imported teacher" and entry["arch"] == "iresnet18"
+    emb = torch_model(env["images"])
+    ref = metrics.verification(emb[0::2], emb[1::2], env["issame"])
+    hr = entry["verification"]["val"]["hr"]
+    assert hr["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+    assert hr["auc"] == pytest.approx(ref["auc"], abs=1e-3)
+    meta = evaluate.IjbMeta(ijb_root, "IJBC")
+    crops = evaluate.aligned_crops(meta, 0, len(meta))
+    feats = metrics.ijb_image_features(torch_model(crops), torch_model(crops[:, :, ::-1]),
+                                       meta.face_scores)
+    want = metrics.ijb_verification(feats, meta.templates, meta.medias, meta.template1,
+                                    meta.template2, meta.labels, far_targets=FARS)
+    assert entry["ijb"]["IJBC"]["tar_at_far"] == {f"{f:g}": v
+                                                  for f, v in want["tar_at_far"].items()}
+    assert entry["ijb"]["IJBC"]["auc"] == pytest.approx(want["auc"], abs=1e-6)
+    md = open(os.path.join(out, "report.md")).read()
+    assert "## IJB 1:1 template verification" in md and "| teacher | IJBC | 12 | 66 |" in md
+    # onnx:ARCH:FILE, exported as the TorchScript exporter writes it
+    pytest.importorskip("onnx", reason="reading .onnx files needs the onnx package")
+    torch.onnx.export(net, torch.zeros(1, 3, 16, 16), onnx_path, dynamo=False,
+                      input_names=["data"])
+    onnx_rep = evaluate.compare({"onnx": f"onnx:iresnet18:{onnx_path}"},
+                                evaluate.load_sets([env["bin"]]), model_facts=False,
+                                batch_size=32)
+    onnx_hr = onnx_rep["runs"]["onnx"]["verification"]["val"]["hr"]
+    assert onnx_hr["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+    assert onnx_rep["runs"]["onnx"]["source"] == f"onnx:iresnet18:{onnx_path}"

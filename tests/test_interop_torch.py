@@ -141,6 +141,143 @@ def test_onnx_iresnet18_matches_pytorch(r18, tmp_path):
     _assert_match(_kdface_embed(model, images), want)
 
 
+def _torch2onnx(net, path, hw, **legacy):
+    """The export of insightface ``arcface_torch/torch2onnx.py`` (``convert_onnx``): one
+    normalized random image as the dummy input, its ``torch.onnx.export`` arguments (opset 11
+    asked), then the input's batch dimension renamed ``'None'`` and the file saved again.
+    ``legacy`` (``dynamo=False``) selects the TorchScript exporter, the default before 2.9."""
+    torch = _torch()
+    onnx = pytest.importorskip("onnx", reason="reading .onnx files needs the onnx package")
+    img = np.random.default_rng(5).integers(0, 255, (*hw, 3)).astype(np.float32)
+    img = torch.from_numpy(((img / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)).unsqueeze(0).float()
+    torch.onnx.export(net, img, path, input_names=["data"], keep_initializers_as_inputs=False,
+                      verbose=False, opset_version=11, **legacy)
+    model = onnx.load(path)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "None"
+    onnx.save(model, path)
+    return model
+
+
+def test_torch2onnx_exports_of_both_exporters_match_pytorch(tmp_path):
+    """insightface's torch2onnx.py under PyTorch >= 2.9 (the torch.export-based exporter folds
+    the embedding BatchNorm ``features`` into the FC Gemm and writes opset 18) and under the
+    TorchScript exporter (BN kept): both import and embed as the PyTorch net."""
+    pytest.importorskip("onnxscript", reason="PyTorch's default ONNX exporter needs onnxscript "
+                                             "(the hand-folded test below runs without it)")
+    hw = (16, 16)
+    net = _torch_iresnet(UNITS18, embedding=16, final_hw=(1, 1), seed=3)
+    images = np.random.default_rng(1).uniform(-1, 1, (3, *hw, 3)).astype(np.float32)
+    want = _torch_embed(net, images)
+    graphs = {}
+    for name, legacy in (("dynamo", {}), ("torchscript", {"dynamo": False})):
+        path = str(tmp_path / f"{name}.onnx")
+        graphs[name] = _torch2onnx(net, path, hw, **legacy)
+        arch, model = interop.load_teacher_backbone(f"onnx:{path}", input_size=hw)
+        assert arch == "iresnet18"
+        _assert_match(_kdface_embed(model, images), want)
+    # The two graph shapes the importer must accept really differ as described.
+    last = {name: [n.op_type for n in g.graph.node][-1] for name, g in graphs.items()}
+    assert last == {"dynamo": "Gemm", "torchscript": "BatchNormalization"}
+    assert graphs["dynamo"].opset_import[0].version >= 18
+
+
+def test_embedding_bn_folded_by_hand_into_the_gemm_imports(tmp_path):
+    """The folded head without the new exporter: the TorchScript export with its last
+    BatchNorm folded into the Gemm here (W' = s W, b' = s (b - mean) + beta, s = gamma /
+    sqrt(var + eps)) and removed, the Gemm now the graph output."""
+    onnx = pytest.importorskip("onnx", reason="reading .onnx files needs the onnx package")
+    from onnx import numpy_helper
+    hw = (16, 16)
+    net = _torch_iresnet(UNITS18, embedding=16, final_hw=(1, 1), seed=6)
+    path = str(tmp_path / "folded.onnx")
+    model = _torch2onnx(net, path, hw, dynamo=False)
+    graph = model.graph
+    bn, gemm = graph.node[-1], graph.node[-2]
+    assert (bn.op_type, gemm.op_type) == ("BatchNormalization", "Gemm")
+    init = {t.name: t for t in graph.initializer}
+    arr = lambda name: numpy_helper.to_array(init[name]).astype(np.float64)  # noqa: E731
+    eps = next(a.f for a in bn.attribute if a.name == "epsilon")
+    scale = arr(bn.input[1]) / np.sqrt(arr(bn.input[4]) + eps)
+    folded = {gemm.input[1]: arr(gemm.input[1]) * scale[:, None],
+              gemm.input[2]: (arr(gemm.input[2]) - arr(bn.input[3])) * scale + arr(bn.input[2])}
+    for name, value in folded.items():
+        init[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    gemm.output[0] = bn.output[0]
+    graph.node.remove(bn)
+    onnx.save(model, path)
+    images = np.random.default_rng(1).uniform(-1, 1, (3, *hw, 3)).astype(np.float32)
+    _, imported = interop.load_teacher_backbone(f"onnx:iresnet18:{path}", input_size=hw)
+    _assert_match(_kdface_embed(imported, images), _torch_embed(net, images))
+
+
+def test_folded_head_refuses_what_is_not_an_iresnet(tmp_path):
+    """An FC followed by something other than the embedding BN (here a ReLU before the output)
+    is not an IResNet head: refused with the node named, not read with the ReLU dropped."""
+    onnx = pytest.importorskip("onnx", reason="reading .onnx files needs the onnx package")
+    from onnx import helper
+    hw = (16, 16)
+    net = _torch_iresnet(UNITS18, embedding=16, final_hw=(1, 1), seed=3)
+    path = str(tmp_path / "ts.onnx")
+    model = _torch2onnx(net, path, hw, dynamo=False)
+    graph = model.graph
+    bn = graph.node[-1]
+    assert bn.op_type == "BatchNormalization"
+    relu = helper.make_node("Relu", [bn.input[0]], [bn.output[0]], name="extra_relu")
+    graph.node.remove(bn)
+    graph.node.append(relu)
+    onnx.save(model, path)
+    with pytest.raises(ValueError, match=r"not an insightface IResNet graph.*embedding "
+                                         r"BatchNorm.*Relu"):
+        interop.load_teacher_backbone(f"onnx:{path}", input_size=hw)
+
+
+def test_arcface_torch_resume_checkpoint_loads_its_backbone(tmp_path):
+    """arcface_torch's train loop saves ``checkpoint_gpu_<rank>.pt``: epoch and step counters,
+    the backbone's and the partial-FC classifier's state dicts, the SGD optimizer's and the
+    polynomial LR scheduler's states (and an AMP grad scaler's). ``pth:`` reads its backbone."""
+    torch = _torch()
+    hw = (16, 16)
+    net = _torch_iresnet(UNITS18, embedding=16, final_hw=(1, 1), seed=4)
+    partial_fc = torch.nn.Module()
+    partial_fc.weight = torch.nn.Parameter(torch.randn(10, 16) * 0.01)
+    opt = torch.optim.SGD([{"params": net.parameters()}, {"params": partial_fc.parameters()}],
+                          lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    class PolynomialLRWarmup(torch.optim.lr_scheduler.LRScheduler):
+        def __init__(self, optimizer, warmup_iters, total_iters, power=2, last_epoch=-1):
+            self.warmup_iters, self.total_iters, self.power = warmup_iters, total_iters, power
+            super().__init__(optimizer, last_epoch)
+
+        def get_lr(self):
+            return [b * (1 - self.last_epoch / self.total_iters) ** self.power
+                    for b in self.base_lrs]
+
+    scheduler = PolynomialLRWarmup(opt, warmup_iters=1, total_iters=10)
+    x = torch.from_numpy(np.random.default_rng(2).uniform(-1, 1, (4, 3, *hw)).astype(np.float32))
+    loss = (net.train()(x) @ partial_fc.weight.t()).square().mean()
+    loss.backward()
+    opt.step()
+    scheduler.step()
+    net.eval()
+    checkpoint = {"epoch": 1, "global_step": 1,
+                  "state_dict_backbone": net.state_dict(),
+                  "state_dict_softmax_fc": partial_fc.state_dict(),
+                  "state_optimizer": opt.state_dict(),
+                  "state_lr_scheduler": scheduler.state_dict(),
+                  "grad_amp": torch.amp.GradScaler("cpu", growth_interval=100).state_dict()}
+    path = str(tmp_path / "checkpoint_gpu_0.pt")
+    torch.save(checkpoint, path)
+    state = read_torch_state_dict(path)
+    assert sorted(state) == sorted(net.state_dict())
+    images = np.random.default_rng(1).uniform(-1, 1, (2, *hw, 3)).astype(np.float32)
+    arch, model = interop.load_teacher_backbone(f"pth:{path}", input_size=hw)
+    assert arch == "iresnet18"
+    _assert_match(_kdface_embed(model, images), _torch_embed(net, images))
+    torch.save({"epoch": 1, "state_optimizer": opt.state_dict()}, path)
+    with pytest.raises(ValueError, match="no backbone state dict.*state_dict_backbone"):
+        read_torch_state_dict(path)
+
+
 def test_read_torch_state_dict_equals_torch_load(tmp_path):
     torch = _torch()
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)

@@ -213,3 +213,193 @@ def test_bad_inputs_raise_clear_errors():
         metrics.verification(np.ones((5,), np.float32), e, same, folds=2)
     with pytest.raises(ValueError, match="NaN"):
         metrics.verification(np.full((5, 4), np.nan, np.float32), e, same, folds=2)
+
+
+# --- protocol='insightface': insightface's verification.py, re-implemented here as the reference
+
+def _kfold_test_indices(n, k):
+    """sklearn KFold(n_splits=k, shuffle=False) test folds (sklearn's own when installed)."""
+    try:
+        from sklearn.model_selection import KFold
+    except ImportError:  # its documented rule: the first n % k folds hold n // k + 1 samples
+        sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+        starts = np.cumsum([0] + sizes[:-1])
+        return [np.arange(s, s + z) for s, z in zip(starts, sizes)]
+    return [test for _, test in KFold(n_splits=k, shuffle=False).split(np.arange(n))]
+
+
+def _sk_normalize(x):
+    """sklearn.preprocessing.normalize (its rule written out when sklearn is absent)."""
+    try:
+        from sklearn.preprocessing import normalize
+    except ImportError:
+        x = np.array(x, dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        norms[norms < 10 * np.finfo(np.float64).eps] = 1.0
+        x /= norms[:, np.newaxis]
+        return x
+    return normalize(np.asarray(x, dtype=np.float64))
+
+
+def _interp1d_slinear(x, y):
+    """scipy ``interp1d(x, y, kind='slinear')`` as insightface ran it. From scipy 1.9 on
+    interp1d refuses repeated x values, which every FAR table has, and insightface's
+    calculate_val fails (its users pin scipy 1.8.1); up to 1.8 interp1d sorted x stably and
+    built the degree-1 B-spline with knots [x0, x, x_last] and coefficients y, which is what is
+    built here, with scipy's own BSpline, when the installed interp1d refuses."""
+    from scipy import interpolate
+    try:
+        return interpolate.interp1d(x, y, kind="slinear")
+    except ValueError as err:
+        if "duplicates" not in str(err):
+            raise
+    order = np.argsort(x, kind="mergesort")
+    xs, ys = np.asarray(x, np.float64)[order], np.asarray(y, np.float64)[order]
+    spline = interpolate.BSpline.construct_fast(np.r_[xs[0], xs, xs[-1]], ys, 1)
+
+    def f(at):
+        if not xs[0] <= at <= xs[-1]:
+            raise ValueError("A value in x_new is outside the interpolation range.")
+        return spline(at)
+    return f
+
+
+def _if_accuracy(threshold, dist, actual_issame):
+    predict_issame = np.less(dist, threshold)
+    tp = np.sum(np.logical_and(predict_issame, actual_issame))
+    tn = np.sum(np.logical_and(np.logical_not(predict_issame), np.logical_not(actual_issame)))
+    return float(tp + tn) / dist.size
+
+
+def _if_val_far(threshold, dist, actual_issame):
+    predict_issame = np.less(dist, threshold)
+    true_accept = np.sum(np.logical_and(predict_issame, actual_issame))
+    false_accept = np.sum(np.logical_and(predict_issame, np.logical_not(actual_issame)))
+    return (float(true_accept) / float(np.sum(actual_issame)),
+            float(false_accept) / float(np.sum(np.logical_not(actual_issame))))
+
+
+def _insightface_evaluate(emb_a, emb_b, actual_issame, nrof_folds, far_targets):
+    """insightface arcface_torch/eval/verification.py: test() normalizes the embeddings,
+    evaluate() runs calculate_roc (grid 0.01) and calculate_val (grid 0.001, interp1d
+    'slinear' from scipy) with KFold folds; plain loops over thresholds and folds."""
+    e1, e2 = _sk_normalize(emb_a), _sk_normalize(emb_b)
+    dist = np.sum(np.square(np.subtract(e1, e2)), 1)
+    folds = _kfold_test_indices(len(actual_issame), nrof_folds)
+    thresholds = np.arange(0, 4, 0.01)
+    accuracy = np.zeros(nrof_folds)
+    for fold_idx, test_set in enumerate(folds):
+        train_set = np.setdiff1d(np.arange(len(actual_issame)), test_set)
+        acc_train = np.zeros(len(thresholds))
+        for i, threshold in enumerate(thresholds):
+            acc_train[i] = _if_accuracy(threshold, dist[train_set], actual_issame[train_set])
+        best = np.argmax(acc_train)
+        accuracy[fold_idx] = _if_accuracy(thresholds[best], dist[test_set],
+                                          actual_issame[test_set])
+    thresholds = np.arange(0, 4, 0.001)
+    vals = {}
+    for far_target in far_targets:
+        val, far = np.zeros(nrof_folds), np.zeros(nrof_folds)
+        for fold_idx, test_set in enumerate(folds):
+            train_set = np.setdiff1d(np.arange(len(actual_issame)), test_set)
+            far_train = np.zeros(len(thresholds))
+            for i, threshold in enumerate(thresholds):
+                _, far_train[i] = _if_val_far(threshold, dist[train_set],
+                                              actual_issame[train_set])
+            if np.max(far_train) >= far_target:
+                f = _interp1d_slinear(far_train, thresholds)
+                threshold = f(far_target)
+            else:
+                threshold = 0.0
+            val[fold_idx], far[fold_idx] = _if_val_far(threshold, dist[test_set],
+                                                       actual_issame[test_set])
+        vals[far_target] = (np.mean(val), np.std(val), np.mean(far))
+    return np.mean(accuracy), np.std(accuracy), accuracy, vals
+
+
+def _hard_set(num_pairs, seed):
+    """Pairs whose squared distances sit on, or an ulp or two beside, the 0.01 grid points
+    (cosine 1 - g/2), with tied negatives (repeated pairs) and each fold holding both labels."""
+    rng = np.random.default_rng(seed)
+    grid_points = rng.integers(40, 160, num_pairs) / 100.0
+    cos = 1.0 - grid_points / 2.0 + rng.choice([0.0, 1e-16, -1e-16, 2e-16], num_pairs)
+    same = grid_points + rng.normal(0, 0.25, num_pairs) < 1.0
+    for test in _kfold_test_indices(num_pairs, 10):
+        same[test[0]], same[test[-1]] = True, False
+    cos[~same] = np.where(rng.random(int((~same).sum())) < 0.4, 0.45, cos[~same])  # ties
+    sin = np.sqrt(1.0 - cos * cos)
+    scale = rng.uniform(0.5, 3.0, (num_pairs, 1))  # not normalized: normalization is part
+    e1 = np.tile([1.0, 0.0, 0.0], (num_pairs, 1)) * scale
+    e2 = np.stack([cos, sin, np.zeros(num_pairs)], 1) * scale[::-1]
+    rot = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    return e1 @ rot, e2 @ rot, same
+
+
+@pytest.mark.parametrize("num_pairs,seed", [(60, 0), (47, 1), (93, 2)])
+def test_insightface_protocol_equals_insightface_numbers(num_pairs, seed):
+    """Odd pair counts (KFold's first n % 10 folds one pair longer), distances on grid
+    boundaries and tied negatives: every number equals insightface's, bit for bit."""
+    e1, e2, same = _hard_set(num_pairs, seed)
+    fars = (1e-3, 0.1, 0.3)
+    r = metrics.verification(e1, e2, same, far_targets=fars, protocol="insightface")
+    acc, std, fold_acc, vals = _insightface_evaluate(e1, e2, same, 10, fars)
+    np.testing.assert_array_equal(r["fold_accuracies"], fold_acc)
+    assert r["accuracy"] == acc and r["accuracy_std"] == std
+    for f in fars:
+        assert (r["tar_at_far"][f], r["tar_at_far_std"][f], r["far_achieved"][f]) == vals[f], f
+    assert r["protocol"] == "insightface" and r["score"] == "squared_l2"
+    assert r["tar_at_far_unsupported"] == []
+
+
+def test_insightface_protocol_flip_sum_and_pipeline_equal_reference():
+    """With flip insightface sums the two embeddings and normalizes the sum once; passing the
+    raw sums reproduces it (float32 network outputs, as a backbone gives)."""
+    rng = np.random.default_rng(7)
+    emb = rng.normal(size=(2, 2 * 71, 12)).astype(np.float32)
+    same = rng.random(71) < 0.5
+    emb[1, 1::2][same] += 1.5 * emb[0, 0::2][same]
+    raw = emb[0].astype(np.float64) + emb[1].astype(np.float64)
+    a, b = metrics.split_interleaved(raw)
+    r = metrics.verification(a, b, same, far_targets=(1e-3,), protocol="insightface")
+    acc, std, _, vals = _insightface_evaluate(raw[0::2], raw[1::2], same, 10, (1e-3,))
+    assert (r["accuracy"], r["accuracy_std"]) == (acc, std)
+    assert (r["tar_at_far"][1e-3], r["tar_at_far_std"][1e-3], r["far_achieved"][1e-3]) == \
+        vals[1e-3]
+    # embeddings_with_flip is sklearn's normalize of the sum, the same floats
+    np.testing.assert_array_equal(metrics.embeddings_with_flip(emb[0], emb[1]),
+                                  _sk_normalize(raw))
+
+
+def test_insightface_grid_cannot_split_what_exact_protocol_splits():
+    """A positive at d=0.503 and a negative at d=0.507 share one 0.01 grid cell: insightface's
+    grid cannot separate them, the exact candidates can. Both protocols stay selectable."""
+    d = np.array([0.2, 0.503, 0.507, 1.5] * 5)
+    same = np.array([True, True, False, False] * 5)
+    e1, e2 = _pairs_with_scores(1.0 - d / 2.0)
+    exact = metrics.verification(e1, e2, same, folds=5, far_targets=())
+    grid = metrics.verification(e1, e2, same, folds=5, far_targets=(), protocol="insightface")
+    assert exact["accuracy"] == 1.0 and exact["protocol"] == "exact"
+    assert grid["accuracy"] == pytest.approx(0.75)  # threshold 0.51 also accepts the 0.507
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        metrics.verification(e1, e2, same, protocol="lfw")
+    with pytest.raises(ValueError, match="custom thresholds"):
+        metrics.verification(e1, e2, same, thresholds=[0.5], protocol="insightface")
+
+
+def test_slinear_interpolate_equals_scipy_interp1d():
+    """Including repeated x (a FAR table is flat where no negative changes side), `at` equal to
+    a repeated value, the ends, and a repeated last value (scipy gives 0 there)."""
+    pytest.importorskip("scipy.interpolate", reason="scipy comes with jax")
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        x = np.sort(rng.integers(0, 8, 12) / 8.0)
+        x[0] = 0.0
+        y = np.arange(12) * 0.001 + rng.normal(0, 1e-4, 12)
+        f = _interp1d_slinear(x, y)
+        for at in [*np.unique(x), *(rng.uniform(0, x[-1], 4))]:
+            want = f(at)
+            got = metrics.slinear_interpolate(x, y, at)
+            assert not np.isnan(want)
+            assert got == float(want) or (np.isnan(want) and np.isnan(got)), (trial, at)
+    with pytest.raises(ValueError, match="outside the interpolation range"):
+        metrics.slinear_interpolate([0.0, 0.5], [1.0, 2.0], 0.6)

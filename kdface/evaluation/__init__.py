@@ -1,12 +1,17 @@
 """The pieces of ``python -m kdface.evaluate`` (import them from ``kdface.evaluate``).
 
 ``_embedder``: runs (a training workdir's network, or an exported-embedding file);
+``_imported``: a third-party teacher file (``pth:`` / ``onnx:``) as a run; ``_ijb``: IJB-B/C
+meta files, alignment and embedding;
 ``_sources``: verification sets and labelled datasets; ``_protocols``: each paper protocol on
 one model; ``_report``: the side-by-side comparison, markdown and plots.
 """
 from __future__ import annotations
 
 from kdface.evaluation._embedder import Embedder, EmbeddingFile, resolve_workdir
+from kdface.evaluation._ijb import (IJB_NAMES, IjbMeta, aligned_crops, ijb_embeddings,
+                                    ijb_report, parse_ijb_spec)
+from kdface.evaluation._imported import TeacherEmbedder
 from kdface.evaluation._protocols import (
     alignment_report,
     check_lr_sizes,

@@ -31,7 +31,14 @@ def _check_pairs(images: np.ndarray, issame: Any) -> np.ndarray:
     return issame.astype(bool)
 
 
-def _embed(model, images, flip: bool) -> np.ndarray:
+def _embed(model, images, flip: bool, *, summed: bool = False) -> np.ndarray:
+    """Embeddings of ``images``; with ``flip`` the normalized sum of the image's and the mirrored
+    image's, or with ``summed`` their plain float64 sum (insightface normalizes the sum once, in
+    its verification step: passing the sum keeps its floats)."""
+    if flip and summed:
+        mirrored = np.ascontiguousarray(np.asarray(images)[:, :, ::-1])
+        return (np.asarray(model(images), np.float64) +
+                np.asarray(model(mirrored), np.float64))
     if hasattr(model, "embed"):
         return model.embed(images, flip=flip)
     from kdface import metrics
@@ -43,10 +50,11 @@ def _embed(model, images, flip: bool) -> np.ndarray:
 
 
 def verification_from_embeddings(emb: Any, issame: Any, *, folds: int = 10,
-                                 far_targets: Sequence[float] = DEFAULT_FAR_TARGETS
-                                 ) -> dict[str, Any]:
-    """The 10-fold protocol (``kdface.metrics.verification``) on interleaved pair embeddings
-    ``emb: [2P, D]`` (pair i = rows 2i, 2i + 1) and ``issame: [P]``."""
+                                 far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
+                                 protocol: str = "exact") -> dict[str, Any]:
+    """The 10-fold protocol (``kdface.metrics.verification``, ``protocol`` ``'exact'`` or
+    ``'insightface'``) on interleaved pair embeddings ``emb: [2P, D]`` (pair i = rows 2i, 2i + 1)
+    and ``issame: [P]``."""
     from kdface import metrics
     emb = np.asarray(emb)
     if emb.ndim != 2 or emb.shape[0] % 2:
@@ -56,23 +64,27 @@ def verification_from_embeddings(emb: Any, issame: Any, *, folds: int = 10,
         raise ValueError(f"{emb.shape[0] // 2} pairs of embeddings but {issame.size} issame "
                          f"labels")
     first, second = metrics.split_interleaved(emb)
-    return metrics.verification(first, second, issame, folds=folds, far_targets=far_targets)
+    return metrics.verification(first, second, issame, folds=folds, far_targets=far_targets,
+                                protocol=protocol)
 
 
 def verification_report(embed, images: np.ndarray, issame: np.ndarray, *, flip: bool = False,
-                        folds: int = 10, far_targets: Sequence[float] = DEFAULT_FAR_TARGETS
-                        ) -> dict[str, Any]:
+                        folds: int = 10, far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
+                        protocol: str = "exact") -> dict[str, Any]:
     """The DESIGN.md verification protocol on interleaved pairs ``images: [2P, H, W, 3]``.
 
     embed: an :class:`Embedder` or any ``uint8 [N, H, W, 3] -> [N, D]`` callable. With ``flip``
     each image's embedding is ``normalize(e(x) + e(mirror(x)))`` (insightface's option).
     Returns ``kdface.metrics.verification``'s dict: 10-fold accuracy (threshold on 9 folds,
     accuracy on the 10th, contiguous folds in file order; seed nikitin2020 §4.1), best-threshold
-    accuracy, ROC/AUC, TAR@FAR with the unsupported FARs listed.
+    accuracy, ROC/AUC, TAR@FAR with the unsupported FARs listed. ``protocol='insightface'``:
+    insightface's grids and interpolation (``kdface.metrics.insightface_verification``), fed
+    the unnormalized image + mirror sums as insightface's script feeds them.
     """
     issame = _check_pairs(images, issame)
-    return verification_from_embeddings(_embed(embed, images, flip), issame, folds=folds,
-                                        far_targets=far_targets)
+    emb = _embed(embed, images, flip, summed=protocol == "insightface")
+    return verification_from_embeddings(emb, issame, folds=folds, far_targets=far_targets,
+                                        protocol=protocol)
 
 
 def check_lr_sizes(sizes: Sequence[int]) -> list[int]:
@@ -91,7 +103,8 @@ def check_lr_sizes(sizes: Sequence[int]) -> list[int]:
 
 def lr_report(embed, images: np.ndarray, issame: np.ndarray, sizes: Sequence[int], *,
               flip: bool = False, folds: int = 10,
-              far_targets: Sequence[float] = DEFAULT_FAR_TARGETS) -> dict[int, dict[str, Any]]:
+              far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
+              protocol: str = "exact") -> dict[int, dict[str, Any]]:
     """Seed wang2019 §3.1 LR-LFW: the gallery image (row 2i) is kept, the probe (row 2i + 1) is
     blurred, downscaled to ``size`` px on its longer side and scaled back
     (``kdface.data.lr_probe_pairs``); one verification result per size."""
@@ -103,7 +116,7 @@ def lr_report(embed, images: np.ndarray, issame: np.ndarray, sizes: Sequence[int
         raise ValueError(f"LR probe sizes {sizes} must be smaller than the set's images "
                          f"({longer} px on the longer side)")
     return {s: verification_report(embed, lr_probe_pairs(images, s), issame, flip=flip,
-                                   folds=folds, far_targets=far_targets)
+                                   folds=folds, far_targets=far_targets, protocol=protocol)
             for s in sizes}
 
 

@@ -13,12 +13,15 @@ from typing import Any
 import numpy as np
 
 from kdface.evaluation._embedder import Embedder, EmbeddingFile
+from kdface.evaluation._ijb import ijb_report, parse_ijb_spec
+from kdface.evaluation._imported import TeacherEmbedder
 from kdface.evaluation._protocols import (alignment_report, check_lr_sizes,
                                           identification_arrays, identification_report,
                                           lr_report, verification_from_embeddings,
                                           verification_report)
 from kdface.evaluation._sources import embed_records, open_face_records
-from kdface.metrics import DEFAULT_FAR_TARGETS, DEFAULT_FPR_TARGETS, DEFAULT_RANKS
+from kdface.metrics import (DEFAULT_FAR_TARGETS, DEFAULT_FPR_TARGETS, DEFAULT_RANKS,
+                            IJB_FAR_TARGETS)
 
 _VERIFICATION_KEYS = ("accuracy", "accuracy_std", "fold_accuracies", "threshold",
                       "best_threshold_accuracy", "best_threshold", "auc", "tar_at_far",
@@ -29,19 +32,39 @@ _IDENTIFICATION_KEYS = ("rank_accuracy", "cmc", "tpr_at_fpr", "tpr_at_fpr_unsupp
                         "num_non_mated", "num_gallery", "num_distractors", "nn_top1",
                         "nn_num_singletons", "seconds")
 _ALIGNMENT_KEYS = ("nrmse", "failure_rate", "ced_auc", "num_images")
+_IJB_KEYS = ("tar_at_far", "fpr_at_far", "auc", "num_images", "num_templates", "num_pairs",
+             "num_positive", "num_negative", "settings")
 
 
 def open_run(spec: Any, *, batch_size: int = 128) -> Embedder | EmbeddingFile:
-    """A run from a training workdir (:class:`Embedder`), an ``.npz`` of exported embeddings
-    (:class:`EmbeddingFile`), or either object as is."""
+    """A run from a training workdir (:class:`Embedder`), a third-party teacher file
+    ``pth:[ARCH:]PATH`` / ``onnx:[ARCH:]PATH`` (:class:`TeacherEmbedder`, an Embedder), an
+    ``.npz`` of exported embeddings (:class:`EmbeddingFile`), or either object as is."""
+    from kdface.interop import is_imported_teacher
     if isinstance(spec, (Embedder, EmbeddingFile)):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"a run must be a workdir, an .npz path, an Embedder or an "
-                        f"EmbeddingFile, got {type(spec).__name__}")
+        raise TypeError(f"a run must be a workdir, a pth:/onnx: teacher file, an .npz path, an "
+                        f"Embedder or an EmbeddingFile, got {type(spec).__name__}")
+    if is_imported_teacher(os.fspath(spec)):
+        return TeacherEmbedder(os.fspath(spec), batch_size=batch_size)
     if os.fspath(spec).endswith(".npz"):
         return EmbeddingFile(spec)
     return Embedder(spec, batch_size=batch_size)
+
+
+def _ijb_sets(ijb: Any) -> list[tuple[str, str]]:
+    """``[(name, root)]`` from None, one ``(name, root)``, a ``'NAME:ROOT'`` string or a list."""
+    if ijb is None:
+        return []
+    items = [ijb] if isinstance(ijb, (str, tuple)) else list(ijb)
+    out = []
+    for item in items:
+        name, root = parse_ijb_spec(item) if isinstance(item, str) else item
+        out.append((str(name).upper(), os.fspath(root)))
+    if len({n for n, _ in out}) != len(out):
+        raise ValueError(f"IJB sets named twice: {[n for n, _ in out]}")
+    return out
 
 
 def _pick(result: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
@@ -67,7 +90,8 @@ def _load_distractors(distractors: Any) -> np.ndarray | None:
 
 
 def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
-            lr_sizes: Sequence[int] = (), flip: bool = False, out_dir: str | None = None,
+            lr_sizes: Sequence[int] = (), flip: bool | None = None,
+            protocol: str = "exact", out_dir: str | None = None,
             model_facts: bool = True, folds: int = 10,
             far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
             identification_data: Any = None, distractors: Any = None,
@@ -75,7 +99,8 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
             fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS, probe_chunk: int = 1024,
             item_chunk: int = 16384, alignment_data: Any = None, landmarks: str | None = None,
             data_dir: str = "data", batch_size: int = 128,
-            latency_repeats: int = 20) -> dict[str, Any]:
+            latency_repeats: int = 20, ijb: Any = None,
+            ijb_far_targets: Sequence[float] = IJB_FAR_TARGETS) -> dict[str, Any]:
     """Evaluates every run on every protocol asked for; writes the report to ``out_dir``.
 
     runs: ``{name: workdir | .npz path | Embedder | EmbeddingFile}``. sets: ``{name: (images
@@ -86,20 +111,32 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
     embedding-file runs use their own ``gallery_*``/``probe_*`` arrays. distractors: a shared
     ``.npy`` [M, D] (memory-mapped) or array; distractor_data: a dataset embedded per run.
     alignment_data: a dataset with 5-point landmarks (NRMSE of runs with a landmark head).
+    protocol: the verification protocol, ``'exact'`` (kdface's) or ``'insightface'``
+    (insightface's grids and interpolated TAR@FAR, numbers equal to its script's;
+    ``kdface.metrics.verification``); flip: image + mirror embeddings, None = the protocol's
+    own choice (on for insightface, whose headline number is "Accuracy-Flip"; off for exact).
+    ijb: ``(name, root)`` or a list of them: IJB-B/C 1:1 verification of each checkpoint run
+    (:func:`kdface.evaluation.ijb_report`).
 
     Returns the report dict (also ``report.json``); with ``out_dir``: ``report.json``,
     ``report.md`` (:func:`markdown_table`), ``roc_<set>.png`` (all runs on one figure per set),
     ``lr_<set>.png`` (accuracy vs probe size) and ``ced_alignment.png``.
     """
+    from kdface.metrics import PROTOCOLS
     t_start = time.perf_counter()
     lr_sizes = check_lr_sizes(lr_sizes)
     if not runs:
         raise ValueError("no runs to compare")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    flip = (protocol == "insightface") if flip is None else bool(flip)
+    ijb_sets = _ijb_sets(ijb)
     opened = {name: open_run(spec, batch_size=batch_size) for name, spec in runs.items()}
-    if not sets and identification_data is None and alignment_data is None and not any(
-            isinstance(r, EmbeddingFile) for r in opened.values()):
-        raise ValueError("nothing to evaluate: give verification sets, identification data "
-                         "or alignment data")
+    has_files = any(isinstance(r, EmbeddingFile) for r in opened.values())
+    if not (sets or ijb_sets or has_files) and identification_data is None \
+            and alignment_data is None:
+        raise ValueError("nothing to evaluate: give verification sets, IJB sets, "
+                         "identification data or alignment data")
     shared_distr = _load_distractors(distractors)
     ident_records = (None if identification_data is None else
                      open_face_records(identification_data, data_dir=data_dir))
@@ -111,7 +148,8 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
                      open_face_records(alignment_data, data_dir=data_dir, landmarks=landmarks))
 
     report: dict[str, Any] = {
-        "protocol": {"folds": folds, "flip": bool(flip), "score": "cosine",
+        "protocol": {"verification": protocol, "folds": folds, "flip": bool(flip),
+                     "score": "cosine" if protocol == "exact" else "squared_l2",
                      "far_targets": list(far_targets), "lr_sizes": lr_sizes,
                      "ranks": list(ranks), "fpr_targets": list(fpr_targets)},
         "lr_sizes": lr_sizes, "sets": {}, "runs": {}}
@@ -127,6 +165,9 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
             "data": ident_records.name, "split": "first image per identity = gallery",
             "distractors": ("shared file" if shared_distr is not None else
                             distr_records.name if distr_records is not None else None)}
+    if ijb_sets:
+        report["ijb"] = {"sets": [n for n, _ in ijb_sets], "far_targets": list(ijb_far_targets),
+                         "flip": True, "face_score": True, "keep_norm": True}
     if align_records is not None:
         report["alignment"] = {"data": align_records.name, "normalization": "inter_ocular",
                                "frame": "network-input pixels"}
@@ -136,7 +177,11 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
     for run_name, run in opened.items():
         t_run = time.perf_counter()
         entry: dict[str, Any] = {"notes": []}
-        if isinstance(run, Embedder):
+        if isinstance(run, TeacherEmbedder):
+            entry.update(kind="imported teacher", source=run.spec, arch=run.arch)
+            if model_facts:
+                entry["model"] = run.model_facts(latency_repeats=latency_repeats)
+        elif isinstance(run, Embedder):
             entry.update(kind="checkpoint", source=run.workdir, step=run.step)
             if model_facts:
                 entry["model"] = run.model_facts(latency_repeats=latency_repeats)
@@ -147,7 +192,7 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
                                       f"flip={bool(flip)}; the file's embeddings are used")
         entry["verification"] = {}
         for set_name, (images, issame) in sets.items():
-            kw = dict(folds=folds, far_targets=far_targets)
+            kw = dict(folds=folds, far_targets=far_targets, protocol=protocol)
             if isinstance(run, Embedder):
                 if images is None:
                     raise ValueError(f"set {set_name!r} has no images: run {run_name!r} needs "
@@ -198,6 +243,15 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
                 ceds[run_name] = result["ced"]
             else:
                 entry["notes"].append("no landmark head: alignment not evaluated")
+        for ijb_name, ijb_root in ijb_sets:
+            if isinstance(run, Embedder):
+                result = ijb_report(run, ijb_root, ijb_name, far_targets=ijb_far_targets)
+                entry.setdefault("ijb", {})[ijb_name] = _pick(result, _IJB_KEYS)
+                rocs.setdefault(ijb_name, {})[run_name] = {
+                    "fpr": result["roc"]["fpr"], "tpr": result["roc"]["tpr"]}
+            else:
+                entry["notes"].append(f"{ijb_name} needs images: not evaluated for an "
+                                      f"embedding file")
         entry["seconds"] = time.perf_counter() - t_run
         report["runs"][run_name] = entry
     report["seconds"] = time.perf_counter() - t_start
@@ -301,10 +355,23 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     sizes = report["lr_sizes"]
     runs = report["runs"]
     lines = ["# kdface evaluation report", ""]
-    lines.append(f"Verification: {proto.get('folds', 10)}-fold protocol (threshold chosen on "
-                 f"the other folds, accuracy on each fold, folds = contiguous blocks in file "
-                 f"order), cosine score, image+flip embeddings: "
-                 f"{'yes' if proto.get('flip') else 'no'}.")
+    if proto.get("verification", "exact") == "insightface":
+        lines.append(
+            f"Verification protocol: **insightface** (the numbers of insightface's "
+            f"verification script): {proto.get('folds', 10)}-fold (sklearn KFold: contiguous "
+            f"blocks in file order), squared L2 distance of normalized embeddings, threshold "
+            f"from the grid 0, 0.01, ..., 3.99 chosen on the other folds; TAR@FAR at the "
+            f"threshold interpolated (scipy 'slinear') in the training FAR table on the grid "
+            f"0, 0.001, ..., 3.999, so a FAR below one training negative still gets a TAR. "
+            f"Image+flip embeddings: {'yes' if proto.get('flip') else 'no'}.")
+    else:
+        lines.append(
+            f"Verification protocol: **exact** (kdface's): {proto.get('folds', 10)}-fold "
+            f"(sklearn KFold: contiguous blocks in file order), cosine score, threshold chosen "
+            f"among every distinct split of the other folds' scores; TAR@FAR at the exact "
+            f"(k+1)-th training negative. Image+flip embeddings: "
+            f"{'yes' if proto.get('flip') else 'no'}. (--protocol=insightface gives "
+            f"insightface's numbers.)")
     if sizes:
         lines.append("LR columns: seed wang2019 LR protocol, gallery image kept, probe blurred "
                      "and downscaled to N px (longer side), then scaled back.")
@@ -329,6 +396,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         lines += _table(["run", "set", *[f"TAR@FAR={_far_label(f)}" for f in fars]], tar_rows)
         lines.append("")
         for set_name, info in report.get("sets", {}).items():
+            if proto.get("verification", "exact") == "insightface":
+                lines.append(f"- {set_name}: {info['num_pairs']} pairs, "
+                             f"{info['num_negative']} negative.")
+                continue
             need = info["min_train_negatives"]
             missing = [_far_label(f) for f in fars if f * need + 1e-9 < 1.0]
             text = (f"- {set_name}: {info['num_pairs']} pairs, {info['num_negative']} negative; "
@@ -367,6 +438,25 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                          *[f"TPR@FPR={_far_label(f)}" for f in fprs], "NN top-1", "time (s)"],
                         ident_rows)
         lines.append("")
+    ijb_info = report.get("ijb")
+    if ijb_info:
+        ijb_fars = [float(f) for f in ijb_info.get("far_targets", IJB_FAR_TARGETS)]
+        ijb_rows = []
+        for run_name, entry in runs.items():
+            for ijb_name, r in entry.get("ijb", {}).items():
+                ijb_rows.append([run_name, ijb_name, str(r["num_templates"]),
+                                 str(r["num_pairs"]),
+                                 *[_num(_get(r["tar_at_far"], f)) for f in ijb_fars],
+                                 _num(r.get("auc"))])
+        if ijb_rows:
+            lines += ["## IJB 1:1 template verification", "",
+                      "insightface's IJB protocol: crops aligned by their 5 landmarks, image + "
+                      "mirror features added, times the face score, media-averaged, summed per "
+                      "template and normalized; cosine of template pairs; TAR at the ROC point "
+                      "whose FPR is nearest each target (sklearn roc_curve points).", ""]
+            lines += _table(["run", "set", "templates", "pairs",
+                             *[f"TAR@FAR={_far_label(f)}" for f in ijb_fars], "AUC"], ijb_rows)
+            lines.append("")
     align_rows = [[run_name, str(a["num_images"]), _num(a["nrmse"]), _num(a["failure_rate"]),
                    _num(a["ced_auc"])]
                   for run_name, entry in runs.items() if (a := entry.get("alignment"))]

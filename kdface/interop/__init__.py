@@ -1,7 +1,8 @@
 """Interoperability: third-party pretrained teachers in, ONNX students out.
 
-* Teachers: insightface IResNet-18/34/50/100 from a PyTorch state dict (read without PyTorch,
-  by a restricted unpickler) or an ONNX file, into kdface's IResNet
+* Teachers: insightface IResNet-18/34/50/100 from a PyTorch state dict or arcface_torch
+  checkpoint (read without PyTorch, by a restricted unpickler) or an ONNX file (either PyTorch
+  exporter's graph), into kdface's IResNet
   (:func:`load_teacher_backbone`, the trainer's ``--teacher=pth:[ARCH:]PATH`` /
   ``--teacher=onnx:[ARCH:]PATH``).
 * Students: any kdface backbone to ONNX with a dynamic batch dimension (:func:`export_onnx`,
@@ -16,12 +17,13 @@ from kdface.interop._onnx_export import (UnsupportedExportError, backbone_to_onn
                                          export_onnx)
 from kdface.interop._onnx_import import iresnet_state_from_onnx
 from kdface.interop._teacher import (TEACHER_FORMATS, imported_teacher, is_imported_teacher,
-                                     load_teacher_backbone, parse_teacher_spec)
+                                     load_teacher_backbone, parse_teacher_spec,
+                                     state_input_size)
 from kdface.interop._torch_state import UnsafeTorchPickleError, read_torch_state_dict
 
 __all__ = ["IRESNET_ARCHS", "infer_iresnet_arch", "iresnet_from_state_dict"]
 __all__ += ["UnsupportedExportError", "backbone_to_onnx", "export_onnx"]
 __all__ += ["iresnet_state_from_onnx"]
 __all__ += ["TEACHER_FORMATS", "imported_teacher", "is_imported_teacher",
-            "load_teacher_backbone", "parse_teacher_spec"]
+            "load_teacher_backbone", "parse_teacher_spec", "state_input_size"]
 __all__ += ["UnsafeTorchPickleError", "read_torch_state_dict"]

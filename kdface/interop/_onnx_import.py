@@ -9,7 +9,10 @@ names (exporters rename everything: ``onnx::Conv_123``), and recognizes the IRes
   ``bn1 -> Conv [-> BN] -> PRelu -> Conv [-> BN] -> Add``; a stage starts at each unit with a
   down-sampling shortcut;
 * head: ``BatchNormalization -> Flatten|Reshape -> [Dropout] -> Gemm|MatMul[+Add] ->
-  BatchNormalization`` -> graph output.
+  [BatchNormalization]`` -> graph output. The embedding BatchNorm (``features``) is kept by the
+  TorchScript exporter (``torch.onnx.export(..., dynamo=False)``, the default before PyTorch 2.9)
+  and folded into the FC by the ``torch.export``-based exporter (the default since PyTorch 2.9,
+  which also writes opset 18 with the batch fixed at the dummy input's 1); both are read.
 
 ``Identity`` and ``Dropout`` nodes are skipped. Exporters fold a BatchNorm that follows a
 convolution into the convolution (``torch.onnx.export`` in eval mode does): such a ``Conv`` has a
@@ -222,12 +225,26 @@ def _head(g: _Graph, x: str, state: dict) -> None:
             g.fail("the FC bias is not a constant")
         bias, out = np.asarray(g.consts[bias_name], np.float32).reshape(-1), add.output[0]
     state["fc.weight"], state["fc.bias"] = weight, bias.reshape(-1)
-    features = g.single_next(out, "BatchNormalization", "the embedding BatchNorm (features)")
+    after_fc = g.next_nodes(out)
+    if not after_fc and _is_output(g, out):
+        # The FC is the output: the exporter folded the embedding BatchNorm into it (PyTorch >=
+        # 2.9's default exporter does), so the BN left is the identity (as in _conv_bn).
+        ones = np.ones(weight.shape[0], np.float32)
+        _put(state, "features", bn={"weight": ones, "bias": np.zeros_like(ones),
+                                    "running_mean": np.zeros_like(ones),
+                                    "running_var": ones - np.float32(_EPS)})
+        return
+    features = g.single_next(out, "BatchNormalization",
+                             "the embedding BatchNorm (features) or the graph output after the FC")
     _put(state, "features", bn=_bn_params(g, features))
-    end = features.output[0]
-    if end not in g.outputs and not any(
-            n.op_type in _SKIP and n.output[0] in g.outputs for n in g.consumers.get(end, [])):
+    if not _is_output(g, features.output[0]):
         g.fail("the embedding BatchNorm is not the graph output")
+
+
+def _is_output(g: _Graph, tensor: str) -> bool:
+    """Whether ``tensor`` is a graph output, directly or through Identity / Dropout."""
+    return tensor in g.outputs or any(
+        n.op_type in _SKIP and _is_output(g, n.output[0]) for n in g.consumers.get(tensor, []))
 
 
 def iresnet_state_from_onnx(path) -> dict[str, np.ndarray]:

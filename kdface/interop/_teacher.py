@@ -4,14 +4,17 @@ Seed wang2019's teacher is a network the student's trainer did not train. Users 
 IResNet teachers as PyTorch state dicts and ONNX files; a teacher spec names one:
 
 * ``pth:/path/backbone.pth`` - an ``arcface_torch`` IResNet state dict (depth inferred from the
-  tensors), read without PyTorch (:func:`read_torch_state_dict`);
-* ``onnx:/path/model.onnx`` - an insightface IResNet ONNX graph (needs the ``onnx`` package);
+  tensors), or arcface_torch's resume file ``checkpoint_gpu_<rank>.pt`` (its
+  ``state_dict_backbone``), read without PyTorch (:func:`read_torch_state_dict`);
+* ``onnx:/path/model.onnx`` - an insightface IResNet ONNX graph, as ``torch2onnx.py`` writes it
+  with either PyTorch exporter (needs the ``onnx`` package);
 * ``pth:iresnet50:/path/...`` / ``onnx:iresnet100:/path/...`` - the same with the depth stated,
   checked against the tensors.
 
 Everything after the format (and optional arch) is the path, colons included. The images must be
 RGB normalized as ``(x / 255 - 0.5) / 0.5`` (kdface's pipeline and arcface_torch's training), at
-the run's ``input_size`` (112x112 for insightface's released models).
+the run's ``input_size`` (112x112 for insightface's released models). ``python -m
+kdface.evaluate --runs=NAME=SPEC`` evaluates such a teacher directly.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from flax import nnx
 from kdface.interop._iresnet_mapping import IRESNET_ARCHS, iresnet_from_state_dict
 
 __all__ = ["TEACHER_FORMATS", "imported_teacher", "is_imported_teacher",
-           "load_teacher_backbone", "parse_teacher_spec"]
+           "load_teacher_backbone", "parse_teacher_spec", "state_input_size"]
 
 TEACHER_FORMATS = ("pth", "onnx")
 
@@ -51,14 +54,15 @@ def parse_teacher_spec(spec: str) -> tuple[str, str | None, str]:
     return fmt, arch, rest
 
 
-def load_teacher_backbone(spec: str, *, input_size: tuple[int, int] = (112, 112)):
+def load_teacher_backbone(spec: str, *, input_size: tuple[int, int] | None = (112, 112)):
     """Loads a third-party IResNet named by ``spec`` (module docstring) into kdface.
 
     Returns ``(arch_name, backbone)``: ``backbone`` is an eval-mode ``kdface.models`` IResNet
     (``[B, H, W, 3]`` images -> ``[B, 512]`` embeddings, stage features, ``forward_from``) built
-    for ``input_size`` ``(H, W)``. Raises ValueError listing missing / unexpected tensors and
-    shape mismatches, :class:`UnsafeTorchPickleError` for a ``.pth`` whose pickle wants to run
-    code, ImportError when ``onnx:`` is used without the ``onnx`` package.
+    for ``input_size`` ``(H, W)``; None reads it from the file (:func:`state_input_size`).
+    Raises ValueError listing missing / unexpected tensors and shape mismatches,
+    :class:`UnsafeTorchPickleError` for a ``.pth`` whose pickle wants to run code, ImportError
+    when ``onnx:`` is used without the ``onnx`` package.
     """
     fmt, arch, path = parse_teacher_spec(spec)
     if fmt == "pth":
@@ -67,7 +71,28 @@ def load_teacher_backbone(spec: str, *, input_size: tuple[int, int] = (112, 112)
     else:
         from kdface.interop._onnx_import import iresnet_state_from_onnx
         state = iresnet_state_from_onnx(path)
+    if input_size is None:
+        input_size = state_input_size(state, source=path)
     return iresnet_from_state_dict(state, arch=arch, input_size=tuple(input_size), source=path)
+
+
+def state_input_size(state: dict[str, Any], *, source: str = "state dict") -> tuple[int, int]:
+    """The square input ``(H, H)`` an insightface IResNet state dict was trained at.
+
+    The FC reads the last feature map flattened, ``fc.weight: [E, C * h * w]`` with ``C`` the
+    channels of ``bn2``, and IResNets stride 16, so ``H = 16 * sqrt(h * w)`` (112 for insightface's
+    released models: a 7x7 map). Raises ValueError when the map is not square.
+    """
+    fc, bn = state.get("fc.weight"), state.get("bn2.weight")
+    if fc is None or bn is None or getattr(fc, "ndim", 0) != 2:
+        raise ValueError(f"{source}: no fc.weight [E, C*h*w] / bn2.weight to read the input "
+                         f"size from; not an insightface IResNet")
+    cells, rest = divmod(int(fc.shape[1]), int(bn.shape[0]))
+    side = int(round(cells ** 0.5))
+    if rest or side * side != cells:
+        raise ValueError(f"{source}: the FC reads {fc.shape[1]} values, not {bn.shape[0]} "
+                         f"channels of a square feature map; the input size cannot be inferred")
+    return 16 * side, 16 * side
 
 
 def imported_teacher(spec: str, recipe, *, num_classes: int, input_size: tuple[int, int],

@@ -211,9 +211,11 @@ def _tensors_to_numpy(obj, torch):
 
 
 def _state_dict_of(obj: Any, path: str) -> dict[str, np.ndarray]:
-    """The tensors of a loaded object: a state dict, or one under 'state_dict'/'model'."""
+    """The tensors of a loaded object: a state dict, or the backbone's one inside a checkpoint
+    dict (arcface_torch's resume file ``checkpoint_gpu_<rank>.pt`` keeps it under
+    ``state_dict_backbone``, next to the classifier's, the optimizer's and the scheduler's)."""
     if isinstance(obj, dict) and not any(isinstance(v, np.ndarray) for v in obj.values()):
-        for key in ("state_dict", "model", "backbone", "module"):
+        for key in ("state_dict_backbone", "state_dict", "model", "backbone", "module"):
             if isinstance(obj.get(key), dict):
                 return _state_dict_of(obj[key], path)
     if not isinstance(obj, dict):
@@ -229,15 +231,21 @@ def _state_dict_of(obj: Any, path: str) -> dict[str, np.ndarray]:
         # DataParallel / DistributedDataParallel prefix every key with 'module.'.
         out[key[len("module."):] if key.startswith("module.") else key] = value
     if not out:
-        raise ValueError(f"{path} holds no tensors")
+        keys = sorted(str(k) for k in obj)[:12]
+        raise ValueError(f"{path} holds no tensors at its top level and no backbone state dict "
+                         f"under 'state_dict_backbone', 'state_dict', 'model', 'backbone' or "
+                         f"'module' (its keys: {keys}); save the backbone's state_dict() with "
+                         f"torch.save")
     return out
 
 
 def read_torch_state_dict(path) -> dict[str, np.ndarray]:
     """Reads a ``torch.save``'d state dict as ``{name: np.ndarray}`` without running its pickle.
 
-    path: a ``.pth`` / ``.pt`` file written by ``torch.save(module.state_dict(), path)`` (or a
-    checkpoint dict holding one under ``state_dict`` / ``model`` / ``backbone``). Tensors keep
+    path: a ``.pth`` / ``.pt`` file written by ``torch.save(module.state_dict(), path)``, or a
+    checkpoint dict holding one under ``state_dict_backbone`` (arcface_torch's
+    ``checkpoint_gpu_<rank>.pt``; its optimizer and scheduler states are read but not returned)
+    / ``state_dict`` / ``model`` / ``backbone``. Tensors keep
     their shapes and dtypes, except bfloat16, returned as float32. A ``module.`` prefix
     (DataParallel) is stripped. Raises :class:`UnsafeTorchPickleError` (nothing executed) when the
     pickle names any global outside the state-dict vocabulary, ``ValueError`` for malformed files.

@@ -1,4 +1,5 @@
-"""Evaluation metrics: pair verification, identification with distractors, alignment.
+"""Evaluation metrics: pair verification, IJB-B/C template verification, identification with
+distractors, alignment.
 
 Pure NumPy (no JAX needed at evaluation time); see each module for the seed paper and protocol.
 """
@@ -6,17 +7,32 @@ from __future__ import annotations
 
 from kdface.metrics._verification import (
     DEFAULT_FAR_TARGETS,
+    INSIGHTFACE_ACCURACY_GRID,
+    INSIGHTFACE_VAL_GRID,
+    PROTOCOLS,
     auc,
     best_threshold,
     embeddings_with_flip,
     far_threshold,
     fold_bounds,
+    insightface_verification,
     l2_normalize,
     pair_scores,
     roc_curve,
+    slinear_interpolate,
     split_interleaved,
+    squared_distances,
     threshold_candidates,
     verification,
+)
+from kdface.metrics._ijb import (
+    IJB_FAR_TARGETS,
+    binary_roc_curve,
+    ijb_image_features,
+    ijb_verification,
+    tar_at_far_nearest,
+    template_features,
+    template_pair_scores,
 )
 from kdface.metrics._identification import (
     DEFAULT_FPR_TARGETS,

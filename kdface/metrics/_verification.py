@@ -10,6 +10,21 @@ similarity ``s_i = <e1_i, e2_i>`` of the L2-normalized embeddings, and a pair is
 when ``s_i > t``. insightface thresholds the squared distance instead, predicting "same" when
 ``d_i < t_d`` with ``d_i = |e1_i - e2_i|^2 = 2 - 2 s_i``; the two rules coincide for
 ``t = 1 - t_d / 2``, so every partition of the pairs one rule can make, the other can make too.
+
+Two protocols (``verification(..., protocol=...)``), both with sklearn ``KFold(shuffle=False)``
+folds (:func:`fold_bounds`):
+
+* ``'exact'`` (kdface's default): thresholds chosen among every distinct split of the training
+  scores, TAR@FAR at the exact (k+1)-th training negative (:func:`far_threshold`).
+* ``'insightface'``: the numbers of insightface's ``recognition/arcface_torch/eval/verification.py``
+  to the last digit: accuracy with the squared-distance grid ``np.arange(0, 4, 0.01)``
+  (``calculate_roc``), VAL@FAR with the threshold interpolated on the grid
+  ``np.arange(0, 4, 0.001)`` by scipy's ``interp1d(far_train, thresholds, kind='slinear')``
+  (``calculate_val``; :func:`slinear_interpolate` is that rule in NumPy, as scipy <= 1.8
+  computed it: later scipy refuses the table and the script fails). On a coarse grid two
+  pairs whose distances fall in one grid cell cannot be split, and with tied training negatives
+  the interpolated threshold can admit far more than the target FAR; the exact protocol has
+  neither effect, which is why it is the default.
 """
 from __future__ import annotations
 
@@ -20,13 +35,23 @@ from typing import Any
 import numpy as np
 
 DEFAULT_FAR_TARGETS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+PROTOCOLS = ("exact", "insightface")
+# insightface verification.py evaluate(): the accuracy grid and the VAL@FAR grid of squared
+# distances (the same np.arange calls, so the grid points are the same floats).
+INSIGHTFACE_ACCURACY_GRID = np.arange(0, 4, 0.01)
+INSIGHTFACE_VAL_GRID = np.arange(0, 4, 0.001)
 
 
 def l2_normalize(x: Any, *, eps: float = 1e-12) -> np.ndarray:
-    """Rows of ``x: [N, D]`` scaled to unit L2 norm, in float64; an all-zero row stays zero."""
+    """Rows of ``x: [N, D]`` scaled to unit L2 norm, in float64; a row of norm < eps stays as is.
+
+    The norm is ``sqrt(einsum('ij,ij->i', x, x))``, the operation order of
+    ``sklearn.preprocessing.normalize`` (which insightface applies), so the rows are the same
+    floats as insightface's.
+    """
     x = np.asarray(x, dtype=np.float64)
-    norm = np.sqrt(np.sum(x * x, axis=1, keepdims=True))
-    return x / np.maximum(norm, eps)
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    return x / np.where(norm < eps, 1.0, norm)
 
 
 def embeddings_with_flip(emb_image: Any, emb_flipped: Any) -> np.ndarray:
@@ -154,8 +179,12 @@ def auc(scores: Any, issame: Any) -> float:
 
 def verification(emb1: Any, emb2: Any, issame: Any, *, folds: int = 10,
                  far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
-                 thresholds: Any = None) -> dict[str, Any]:
+                 thresholds: Any = None, protocol: str = "exact") -> dict[str, Any]:
     """The standard k-fold face verification protocol on pair embeddings.
+
+    protocol: ``'exact'`` (below) or ``'insightface'`` (:func:`insightface_verification`: the
+    numbers of insightface's verification script, thresholds on squared distances; the
+    returned dict has the same keys).
 
     emb1, emb2: [P, D] embeddings of the two images of each pair (L2-normalized here; for the
     image+flip option pass :func:`embeddings_with_flip` outputs). issame: [P] bool (or 0/1 int).
@@ -180,6 +209,14 @@ def verification(emb1: Any, emb2: Any, issame: Any, *, folds: int = 10,
     None}, ``tar_at_far_std``, ``far_achieved`` {far: mean test FAR}, ``tar_at_far_unsupported``,
     counts ``num_pairs``/``num_positive``/``num_negative`` and ``score='cosine'``.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "insightface":
+        if thresholds is not None:
+            raise ValueError("protocol='insightface' uses insightface's own threshold grids; "
+                             "custom thresholds apply to protocol='exact' only")
+        return insightface_verification(emb1, emb2, issame, folds=folds,
+                                        far_targets=far_targets)
     scores = pair_scores(emb1, emb2)
     same = _check_issame(issame, scores.shape[0])
     bounds = fold_bounds(scores.shape[0], folds)
@@ -234,7 +271,153 @@ def verification(emb1: Any, emb2: Any, issame: Any, *, folds: int = 10,
         "num_positive": int(same.sum()),
         "num_negative": int((~same).sum()),
         "score": "cosine",
+        "protocol": "exact",
     }
+
+
+def slinear_interpolate(x: Any, y: Any, at: float) -> float:
+    """scipy ``interp1d(x, y, kind='slinear')(at)``, the same floats, in NumPy.
+
+    insightface interpolates its FAR -> threshold table this way. interp1d sorts ``x`` stably and
+    evaluates the degree-1 B-spline with knots ``[x0, x0, x1, ..., x_last, x_last]``: on the
+    segment ``x[j-1] <= at < x[j]`` (``j`` the first index >= 1 with ``at < x[j]``, else the last
+    index), ``w = 1 / (x[j] - x[j-1])`` and the value is ``y[j-1] * (w * (x[j] - at)) +
+    y[j] * (w * (at - x[j-1]))``, in de Boor's operation order; a segment of zero length
+    (``at`` equal to a repeated last ``x``) gives 0. ``x`` may repeat values (a FAR table does).
+    This is interp1d up to scipy 1.8: from 1.9 on it refuses repeated ``x``, which every FAR
+    table has, so insightface's script fails there and its numbers are those of scipy <= 1.8.
+    Written here because kdface does not depend on scipy. Raises ValueError outside
+    ``[min x, max x]`` as interp1d does.
+    """
+    xs = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(y, dtype=np.float64)
+    if xs.ndim != 1 or xs.shape != ys.shape or xs.size < 2:
+        raise ValueError(f"x and y must be 1-D of one length >= 2, got {xs.shape}, {ys.shape}")
+    order = np.argsort(xs, kind="mergesort")
+    xs, ys = xs[order], ys[order]
+    at = float(at)
+    if not xs[0] <= at <= xs[-1]:
+        raise ValueError(f"{at} lies outside the interpolation range [{xs[0]}, {xs[-1]}]")
+    later = np.nonzero(xs[1:] > at)[0]
+    j = int(later[0]) + 1 if later.size else xs.size - 1
+    xa, xb = xs[j - 1], xs[j]
+    if xa == xb:
+        return 0.0
+    w = 1.0 / (xb - xa)
+    return float(ys[j - 1] * (w * (xb - at)) + ys[j] * (w * (at - xa)))
+
+
+def squared_distances(emb1: Any, emb2: Any) -> np.ndarray:
+    """insightface's pair score: ``|n(e1) - n(e2)|^2`` of the normalized embeddings, ``[P]``
+    float64 (:func:`l2_normalize`, then ``sum(square(subtract))`` in that order)."""
+    a = _float_matrix("emb1", emb1)
+    b = _float_matrix("emb2", emb2)
+    if a.shape != b.shape:
+        raise ValueError(f"emb1 and emb2 must have the same shape [P, D], "
+                         f"got {a.shape} and {b.shape}")
+    return np.sum(np.square(np.subtract(l2_normalize(a), l2_normalize(b))), 1)
+
+
+def insightface_verification(emb1: Any, emb2: Any, issame: Any, *, folds: int = 10,
+                             far_targets: Sequence[float] = DEFAULT_FAR_TARGETS
+                             ) -> dict[str, Any]:
+    """insightface's verification protocol, number for number.
+
+    emb1, emb2: [P, D] (normalized here as insightface's ``test`` does before ``evaluate``; with
+    the flip option pass the *sum* of the image and mirrored-image embeddings, unnormalized, as
+    insightface sums them); issame: [P] bool. Pair distance ``d = |n(e1) - n(e2)|^2``, "same"
+    when ``d < t``. Folds: sklearn ``KFold(folds, shuffle=False)``.
+
+    * ``calculate_roc``: per fold, the first (smallest) ``t`` of ``np.arange(0, 4, 0.01)``
+      maximizing training accuracy is applied to the test fold.
+    * ``calculate_val`` for each FAR target ``f``: the training FAR of every ``t`` of
+      ``np.arange(0, 4, 0.001)`` is tabulated; when its maximum reaches ``f`` the threshold is
+      :func:`slinear_interpolate` of that table at ``f``, else ``0.0`` (nothing accepted); TAR and
+      FAR of the test fold at that threshold are averaged over folds (std of the TARs: numpy's
+      population std). insightface reports ``f = 1e-3``.
+
+    Returns :func:`verification`'s keys with thresholds as squared distances (``score`` is
+    ``'squared_l2'``) and ``protocol='insightface'``; every FAR has a TAR (the interpolation
+    always yields a threshold), so ``tar_at_far_unsupported`` is empty. ``auc``/``roc`` are the
+    exact ones (insightface's script reports none). A test fold without positives (or a training
+    split without negatives) makes insightface divide by zero; here that fold's TAR (FAR) is NaN
+    and left out of the mean.
+    """
+    dist = squared_distances(emb1, emb2)
+    same = _check_issame(issame, dist.shape[0])
+    bounds = fold_bounds(dist.shape[0], folds)
+    far_targets = _check_far_targets(far_targets)
+    grid, val_grid = INSIGHTFACE_ACCURACY_GRID, INSIGHTFACE_VAL_GRID
+    fold_acc, fold_thr = [], []
+    tars = {f: [] for f in far_targets}
+    fars = {f: [] for f in far_targets}
+    for start, stop in bounds:
+        test = np.zeros(dist.shape[0], bool)
+        test[start:stop] = True
+        d_tr, y_tr, d_te, y_te = dist[~test], same[~test], dist[test], same[test]
+        acc_train = _distance_accuracies(d_tr, y_tr, grid)
+        t = grid[int(np.argmax(acc_train))]  # argmax: the first maximum, as insightface's
+        fold_thr.append(float(t))
+        fold_acc.append(float(_distance_accuracies(d_te, y_te, np.asarray([t]))[0]))
+        neg_tr = np.sort(d_tr[~y_tr])
+        far_train = (np.searchsorted(neg_tr, val_grid, side="left") / neg_tr.size
+                     if neg_tr.size else np.full(val_grid.size, np.nan))
+        for f in far_targets:
+            if neg_tr.size and np.max(far_train) >= f:
+                t_far = slinear_interpolate(far_train, val_grid, f)
+            else:
+                t_far = 0.0
+            n_pos, n_neg = int(y_te.sum()), int((~y_te).sum())
+            tars[f].append(np.sum(d_te[y_te] < t_far) / n_pos if n_pos else np.nan)
+            fars[f].append(np.sum(d_te[~y_te] < t_far) / n_neg if n_neg else np.nan)
+    tar_at_far, tar_std, far_achieved = {}, {}, {}
+    for f in far_targets:
+        tar_at_far[f], tar_std[f] = _mean_std(tars[f])
+        far_achieved[f], _ = _mean_std(fars[f])
+    all_acc = _distance_accuracies(dist, same, grid)
+    best = int(np.argmax(all_acc))
+    cosine = 1.0 - dist / 2.0  # the exact ROC/AUC on the equivalent similarity
+    return {
+        "accuracy": float(np.mean(fold_acc)),
+        "accuracy_std": float(np.std(fold_acc)),
+        "fold_accuracies": np.asarray(fold_acc),
+        "threshold": float(np.mean(fold_thr)),
+        "fold_thresholds": np.asarray(fold_thr),
+        "best_threshold_accuracy": float(all_acc[best]),
+        "best_threshold": float(grid[best]),
+        "auc": auc(cosine, same),
+        "roc": roc_curve(cosine, same),
+        "tar_at_far": tar_at_far,
+        "tar_at_far_std": tar_std,
+        "far_achieved": far_achieved,
+        "tar_at_far_unsupported": [],
+        "num_pairs": int(dist.shape[0]),
+        "num_positive": int(same.sum()),
+        "num_negative": int((~same).sum()),
+        "score": "squared_l2",
+        "protocol": "insightface",
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """``np.mean`` / ``np.std`` (insightface's reductions, same floats) over the folds, NaN folds
+    left out; ``(None, None)`` when every fold is NaN."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        return None, None
+    return float(np.mean(arr)), float(np.std(arr))
+
+
+def _distance_accuracies(dist: np.ndarray, issame: np.ndarray,
+                         thresholds: np.ndarray) -> np.ndarray:
+    """insightface ``calculate_accuracy`` for each threshold: ``(tp + tn) / n`` of the rule
+    ``d < t``, counted exactly by sorting (integer counts, one division, as its float()s)."""
+    pos = np.sort(dist[issame])
+    neg = np.sort(dist[~issame])
+    true_accept = np.searchsorted(pos, thresholds, side="left")
+    true_reject = neg.size - np.searchsorted(neg, thresholds, side="left")
+    return (true_accept + true_reject) / dist.size
 
 
 def _accuracy_at(scores: np.ndarray, issame: np.ndarray, candidates: np.ndarray) -> np.ndarray:
