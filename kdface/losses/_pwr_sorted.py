@@ -82,13 +82,17 @@ def _index_bits(n: int) -> int:
     return max(1, (n - 1).bit_length())
 
 
+def _take_last(v: Array, perm: Array) -> Array:
+    return v[perm] if v.ndim == 1 else jnp.take_along_axis(v, perm, axis=-1)
+
+
 def radix_argsort(key: Array, low_bit: Array | None = None) -> Array:
-    """Stable argsort of the unsigned 32-bit pattern ``key`` (with ``low_bit`` in {0, 1} as a
-    33rd, least significant bit when given), ``[n]`` int32.
+    """Stable argsort along the last axis of the unsigned 32-bit pattern ``key`` (with
+    ``low_bit`` in {0, 1} as a 33rd, least significant bit when given), ``[..., n]`` int32.
 
     LSD radix: each pass sorts packed int32 ``digit << b | i`` (b index bits, digit 31 - b bits)
     with XLA's single-operand sort, several times faster on CPU than a multi-operand sort."""
-    n = key.shape[0]
+    n = key.shape[-1]
     b = _index_bits(n)
     width = 31 - b
     digits = []
@@ -100,11 +104,11 @@ def radix_argsort(key: Array, low_bit: Array | None = None) -> Array:
     while start < 32:
         digits.append(jax.lax.shift_right_logical(key, jnp.int32(start)) & ((1 << width) - 1))
         start += width
-    idx = jnp.arange(n, dtype=jnp.int32)
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), key.shape)
     perm = idx
     for d in digits:
-        packed = (d[perm] << b) | idx
-        perm = perm[jnp.sort(packed) & ((1 << b) - 1)]
+        packed = (_take_last(d, perm) << b) | idx
+        perm = _take_last(perm, jnp.sort(packed, axis=-1) & ((1 << b) - 1))
     return perm
 
 

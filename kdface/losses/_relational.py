@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from kdface.losses import _pwr_sorted
 from kdface.losses._checks import (check_embeddings, check_option, check_positive,
                                    check_same_rows, compute_dtype)
 
@@ -363,6 +364,74 @@ def check_darkrank_options(alpha: float, beta: float, list_length: int | None) -
         raise ValueError(f"list_length must be a positive int or None, got {list_length!r}")
 
 
+def _logaddexp(a: Array, b: Array) -> Array:
+    """``log(e^a + e^b)`` for finite ``a``, ``b`` (no infinity handling needed here)."""
+    return jnp.maximum(a, b) + jnp.log1p(jnp.exp(-jnp.abs(a - b)))
+
+
+def _tail_logsumexps(ranked_t: Array) -> Array:
+    """``T[k] = log sum_{l >= k} exp(ranked_t[l])`` along axis 0 of ``[L, R]``, one list position
+    per step, each step a logaddexp over the R lists (exact for any score range).
+
+    Written as a scan over positions because ``lax.cumlogsumexp`` lowers to an O(L^2)
+    reduce-window per list when not differentiated (a forward-only call at N=512 took longer
+    than value and gradient together) and is differentiated through an associative scan."""
+    def step(after: Array, x: Array) -> tuple[Array, Array]:
+        tail = _logaddexp(x, after)
+        return tail, tail
+    last = ranked_t[-1]
+    return jnp.concatenate([jax.lax.scan(step, last, ranked_t[:-1], reverse=True)[1],
+                            last[None]])
+
+
+@jax.custom_vjp
+def plackett_luce_nll(ranked_t: Array) -> Array:
+    """``[R]`` negative log-likelihoods ``-sum_k (x_k - log sum_{l >= k} exp x_l)`` of R lists
+    given position-major as ``ranked_t: [L, R]`` (``x_k = ranked_t[k, r]``, k = 0 first).
+
+    The gradient is written out: ``dL/dx_j = -1 + sum_{k <= j} exp(x_j - T_k) = exp(x_j + C_j) - 1``
+    with ``T`` the tail log-sum-exps and ``C_j = log sum_{k <= j} exp(-T_k)`` (a forward scan;
+    ``x_j + C_j <= log(j + 1)``, so nothing overflows), computed in one scan that also emits the
+    gradient, instead of autodiff through two associative scans."""
+    return jnp.sum(_tail_logsumexps(ranked_t) - ranked_t, axis=0)
+
+
+def _plackett_luce_fwd(ranked_t: Array) -> tuple[Array, tuple[Array, Array]]:
+    tails = _tail_logsumexps(ranked_t)
+    return jnp.sum(tails - ranked_t, axis=0), (ranked_t, tails)
+
+
+def _plackett_luce_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
+    ranked_t, tails = res
+
+    def step(before: Array, xt: tuple[Array, Array]) -> tuple[Array, Array]:
+        x, tail = xt
+        c = _logaddexp(before, -tail)
+        return c, g * jnp.expm1(x + c)
+    first = -tails[0]
+    grad0 = g * jnp.expm1(ranked_t[0] + first)
+    rest = jax.lax.scan(step, first, (ranked_t[1:], tails[1:]))[1]
+    return (jnp.concatenate([grad0[None], rest]),)
+
+
+plackett_luce_nll.defvjp(_plackett_luce_fwd, _plackett_luce_bwd)
+
+
+def teacher_ranking(d2_teacher: Array, self_pair: Array, length: int) -> Array:
+    """``[R, length]`` int32: per anchor row, the columns by increasing teacher distance (the
+    anchor itself last, excluded), equal computed distances in index order (a stable sort).
+
+    float32 distances go through ``_pwr_sorted.radix_argsort`` (two single-operand int32 sorts:
+    XLA:CPU's argsort with a float comparator took ~5x longer at N=512); float64 (x64 on)
+    through ``jnp.argsort``."""
+    keys = jnp.where(self_pair, jnp.inf, d2_teacher)
+    if keys.dtype == jnp.float64:
+        order = jnp.argsort(keys, axis=1, stable=True)
+    else:
+        order = _pwr_sorted.radix_argsort(_pwr_sorted.unsigned_key(keys))
+    return order[:, :length].astype(jnp.int32)
+
+
 def darkrank_rows(student: Array, teacher: Array, row_offset: Array | int, n_rows: int, *,
                   alpha: float, beta: float, list_length: int | None) -> Array:
     """Per-anchor negative log-likelihoods ``[n_rows]`` for anchors ``row_offset..`` of the full
@@ -370,15 +439,12 @@ def darkrank_rows(student: Array, teacher: Array, row_offset: Array | int, n_row
     n = student.shape[0]
     length = n - 1 if list_length is None else min(list_length, n - 1)
     self_pair = row_mask(row_offset, n_rows, n)
-    d2_teacher = pair_sq_distances(teacher, row_offset, n_rows)
-    # The teacher's ranking: most similar (nearest) first, the anchor itself last; argsort is
-    # stable, so ties keep index order.
-    order = jnp.argsort(jnp.where(self_pair, jnp.inf, d2_teacher), axis=1)[:, :length]
+    order = teacher_ranking(pair_sq_distances(teacher, row_offset, n_rows), self_pair, length)
     d2_student = jnp.maximum(pair_sq_distances(student, row_offset, n_rows), 1e-12)
     scores = -alpha * d2_student ** (0.5 * beta)              # S = -alpha |s_i - s_j|^beta
-    ranked = jnp.take_along_axis(scores, order, axis=1)       # [n_rows, length]
-    tail_lse = jax.lax.cumlogsumexp(ranked, axis=1, reverse=True)
-    return -jnp.sum(ranked - tail_lse, axis=1)
+    # Position-major [length, n_rows], the layout the scans of plackett_luce_nll step through.
+    ranked_t = scores[jnp.arange(n_rows)[None, :], order.T]
+    return plackett_luce_nll(ranked_t)
 
 
 def darkrank_hard_loss(student: Array, teacher: Array, *, alpha: float = 3.0,
