@@ -41,6 +41,10 @@ HIGHEST = jax.lax.Precision.HIGHEST
 ANGLE_TILE_ELEMENTS = 1 << 18
 ANGLE_TILE_ROWS = 32
 ANGLE_TILE_ELEMENTS_ACCEL = 1 << 23
+# RKD-D's mean distance mu is floored here, so a batch whose rows all coincide (mu = 0) gives
+# normalized distances 0 instead of 0/0. The value is Park et al.'s: their code clamps squared
+# distances at 1e-12, so no pair distance (hence no mean) is below 1e-6.
+MU_FLOOR = 1e-6
 _REDUCTIONS = ("mean", "sum", None)
 
 
@@ -115,7 +119,7 @@ def rkd_distance_rows(student: Array, teacher: Array, row_offset: Array | int, n
 
     def normalized(e: Array) -> Array:
         d = safe_sqrt(pair_sq_distances(e, row_offset, n_rows))
-        mu = total(jnp.sum(d)) / n_pairs
+        mu = jnp.maximum(total(jnp.sum(d)) / n_pairs, MU_FLOOR)
         return d / mu
 
     diff = normalized(student) - normalized(teacher)
@@ -140,11 +144,16 @@ def rkd_distance_loss(student: Array, teacher: Array, *, reduction: str | None =
       A scalar, or ``[N, N]`` when ``reduction=None``. Float32 for half-precision inputs.
 
     Choices (the paper leaves open what the mean runs over): ``mu`` and the mean both run over
-    pairs ``i != j``. Park et al.'s public code averages the Huber term over all ``N^2`` entries,
-    zero diagonal included, i.e. ``(N-1)/N`` times this value; its ``mu`` drops zero distances,
-    which differs from ours only for duplicate embeddings. No normalization of the embeddings is
-    done here (a recipe may L2-normalize first). Invariant to scaling either input.
-    Needs ``N >= 2``.
+    pairs ``i != j``. ``mu`` is floored at ``MU_FLOOR = 1e-6``: when all rows of an input
+    coincide (mean distance 0) its normalized distances are 0, and value and gradient stay
+    finite. Park et al.'s public code averages the Huber term over all ``N^2`` entries, zero
+    diagonal included, i.e. ``(N-1)/N`` times this value; it clamps squared distances at 1e-12
+    (every off-diagonal distance is at least 1e-6) and takes ``mu`` over the positive entries,
+    i.e. over the same ``N(N-1)`` pairs, so the two differ only where distances fall below 1e-6
+    (duplicate embeddings: there a distance 1e-6, here 0; all rows equal: normalized distances
+    1 there, 0 here). No normalization of the embeddings is done here (a recipe may
+    L2-normalize first). Invariant to scaling either input while its mean distance is above
+    1e-6. Needs ``N >= 2``.
     """
     check_option("reduction", reduction, _REDUCTIONS)
     student, teacher = prepare_pair(student, teacher, min_n=2)
@@ -338,9 +347,13 @@ def rkd_angle_loss(student: Array, teacher: Array, *, block_size: int | None = N
       Scalar mean over the ``N(N-1)(N-2)`` ordered triplets ``(i, j, k)`` of distinct indices.
 
     Choices: Park et al.'s public code forms all ``N^3`` ordered triplets with the first index
-    as the vertex and divides by ``N^3``; the degenerate ones contribute exactly 0 there
-    (``i == k`` gives cos 1 on both sides, a zero difference gives the zero vector), so it is
-    ``(N-1)(N-2)/N^2`` times this value. Both orders ``(i, k)`` and ``(k, i)`` count, as there.
+    as the vertex and divides by ``N^3``. With distinct rows its degenerate triplets contribute
+    0 (``i == k`` gives cos 1 on both sides, a point equal to the vertex gives the zero vector),
+    so it is ``(N-1)(N-2)/N^2`` times this value. With duplicate rows it is not: a triplet
+    ``(i, j, i)`` whose point ``i`` coincides with the vertex ``j`` on one side only has cos 0
+    there and 1 on the other, and adds Huber(1) = 0.5; Park's value is then
+    ``[N(N-1)(N-2) L + 0.5 P] / N^3`` with ``P`` the ordered pairs ``i != j`` equal in exactly
+    one of student and teacher. Both orders ``(i, k)`` and ``(k, i)`` count, as there.
     A point too close to the vertex for a float32 direction (duplicate embeddings) gets cosine
     0, like ``F.normalize`` of a zero vector. Cosines come from the Gram matrix of the centred
     embeddings, so neither an ``[N, N, N]`` nor an ``[N, N, D]`` array is ever built.
@@ -493,7 +506,10 @@ def darkrank_hard_loss(student: Array, teacher: Array, *, alpha: float = 3.0,
     Returns:
       A scalar, or ``[N]`` per-anchor losses when ``reduction=None``.
 
-    Choices: the anchor is excluded from its own list; teacher ties keep index order; the loss
+    Choices: the anchor is excluded from its own list; teacher distances that are exactly equal
+    as computed keep index order (a stable sort), but distances equal in exact arithmetic are
+    computed from centred embeddings through the Gram trick and may differ by rounding, which
+    then orders them; the loss
     is averaged over anchors (as Park et al.'s code) rather than summed as in the brief's
     formula, so its scale does not grow with the batch. Student squared distances are clamped
     at 1e-12 so ``beta < 2`` keeps finite gradients for duplicate embeddings. No normalization
