@@ -11,6 +11,9 @@ All three are written in their fast, memory-bounded form:
   reduced in cache-sized ``[vertices, rows, N]`` tiles, and its gradient with respect to the
   Gram matrix is accumulated in the same pass (a ``custom_jvp``), so the backward pass is
   bounded too and nothing is recomputed;
+* DarkRank ranks each anchor's row by a two-pass radix sort of the teacher distances and
+  evaluates the Plackett-Luce likelihood by scans over list positions with a written-out
+  gradient (``plackett_luce_nll``), never through ``lax.cumlogsumexp``;
 * each loss is a sum over *rows* (pair rows, vertices, anchors), and the private ``*_rows`` cores
   take a row range and a ``total`` reduction so ``kdface.losses._sharded`` can split the rows over
   devices and psum the partial sums.
@@ -513,7 +516,8 @@ def darkrank_hard_loss(student: Array, teacher: Array, *, alpha: float = 3.0,
     is averaged over anchors (as Park et al.'s code) rather than summed as in the brief's
     formula, so its scale does not grow with the batch. Student squared distances are clamped
     at 1e-12 so ``beta < 2`` keeps finite gradients for duplicate embeddings. No normalization
-    of the embeddings is done here. Needs ``N >= 2``.
+    of the embeddings is done here. Differentiable in reverse mode (``jax.grad``, ``vjp``); its
+    gradient is written out, so forward mode (``jax.jvp``) is not available. Needs ``N >= 2``.
     """
     check_darkrank_options(alpha, beta, list_length)
     check_option("reduction", reduction, _REDUCTIONS)
