@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from kdface.losses import _logit
 from kdface.losses import hard_loss, hinton_kd_loss, soft_prediction_loss, softmax_cross_entropy
 
 N, C = 5, 7
@@ -105,6 +106,32 @@ def test_gradients_match_closed_form(tau):
         lambda a: soft_prediction_loss(a, jnp.asarray(t), temperature=tau, reduction="sum")))(
             jnp.asarray(s))
     np.testing.assert_allclose(g_soft, diff / tau, rtol=1e-4, atol=1e-6)
+
+
+def test_row_blocks_match_whole_rows(monkeypatch):
+    """On the CPU the row statistics run over blocks of rows; with 3-row blocks and N = 5 the
+    last block overlaps the previous one. Value, per-example values, gradient and vmap must
+    equal the closed forms."""
+    monkeypatch.setattr(_logit, "SOFT_ROW_BLOCK_ELEMENTS", 3 * C)
+    s, t = _logits(10)
+    assert s.shape[0] % 3 != 0
+    tau = 2.0
+
+    def probs(x):
+        x = np.asarray(x, np.float64) / tau
+        e = np.exp(x - x.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+    ps, pt = probs(s), probs(t)
+    want = tau**2 * np.sum(pt * (np.log(pt) - np.log(ps)), axis=1)
+    f = jax.jit(lambda a, b, r: hinton_kd_loss(a, b, temperature=tau, reduction=r),
+                static_argnums=2)
+    np.testing.assert_allclose(f(jnp.asarray(s), jnp.asarray(t), None), want, rtol=1e-5)
+    grad = jax.jit(jax.grad(lambda a: hinton_kd_loss(a, jnp.asarray(t), temperature=tau)))(
+        jnp.asarray(s))
+    np.testing.assert_allclose(grad, tau * (ps - pt) / s.shape[0], rtol=1e-4, atol=1e-7)
+    batched = jax.jit(jax.vmap(lambda a, b: hinton_kd_loss(a, b, temperature=tau)))(
+        jnp.stack([jnp.asarray(s), jnp.asarray(t)]), jnp.stack([jnp.asarray(t), jnp.asarray(s)]))
+    np.testing.assert_allclose(batched[0], np.mean(want), rtol=1e-5)
 
 
 def test_check_grads_float64():

@@ -25,11 +25,12 @@ def _huber(x):
 
 
 def ref_rkd_distance(s, t, reduction="mean"):
-    """Park et al. eq. (3)-(4), literally: mu = mean distance over pairs i != j."""
+    """Park et al. eq. (3)-(4), literally: mu = mean distance over pairs i != j (floored at
+    1e-6, kdface's definition for a batch whose rows all coincide)."""
     n = len(s)
     pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-    mu_s = np.mean([np.linalg.norm(s[i] - s[j]) for i, j in pairs])
-    mu_t = np.mean([np.linalg.norm(t[i] - t[j]) for i, j in pairs])
+    mu_s = max(np.mean([np.linalg.norm(s[i] - s[j]) for i, j in pairs]), 1e-6)
+    mu_t = max(np.mean([np.linalg.norm(t[i] - t[j]) for i, j in pairs]), 1e-6)
     out = np.zeros((n, n))
     for i, j in pairs:
         out[i, j] = _huber(np.linalg.norm(s[i] - s[j]) / mu_s
@@ -118,6 +119,22 @@ def test_rkd_distance_zero_for_equal_and_scale_invariant():
     np.testing.assert_allclose(loss(s32 + 5.0, 0.1 * t32), base, rtol=1e-5)
 
 
+@pytest.mark.parametrize("side", ["teacher", "student", "both"])
+def test_rkd_distance_finite_when_all_rows_coincide(side):
+    """Mean distance 0 (every row equal) used to give 0/0: NaN value and gradient."""
+    s, t = _pair(6, scale=0.5)
+    if side in ("teacher", "both"):
+        t = np.tile(t[:1], (6, 1))
+    if side in ("student", "both"):
+        s = np.tile(s[:1], (6, 1))
+    value, grad = jax.jit(jax.value_and_grad(rkd_distance_loss))(*_f32(s, t))
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_allclose(float(value), ref_rkd_distance(s, t), rtol=1e-5, atol=1e-7)
+    if side == "teacher":   # the student is still pulled together, by its exact gradient
+        want = numerical_grad(lambda x: ref_rkd_distance(x, t), s)
+        np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-5)
+
+
 def test_rkd_distance_gradient_matches_numpy():
     s, t = _pair(6)
     got = jax.jit(jax.grad(rkd_distance_loss))(*_f32(s, t))
@@ -157,6 +174,22 @@ def test_rkd_angle_duplicate_points_give_zero_direction_and_finite_grad():
     value, grad = jax.jit(jax.value_and_grad(rkd_angle_loss))(s32, t32)
     assert np.isfinite(value) and np.all(np.isfinite(grad))
     np.testing.assert_allclose(value, ref_rkd_angle(s, t), rtol=1e-5)
+
+
+def test_rkd_angle_with_duplicates_vs_park_formulation():
+    """Park et al.'s code (all N^3 vertex-first triplets, F.normalize, mean over N^3) equals
+    [N(N-1)(N-2) L + 0.5 P] / N^3, P the ordered pairs equal on exactly one side: each such
+    pair's triplet (i, j, i) has cos 0 on that side and 1 on the other."""
+    n = 7
+    s, t = _pair(n, seed=4)
+    s[1], s[4], t[2] = s[0], s[3], t[5]     # student pairs (0, 1), (3, 4); teacher (2, 5)
+    park = np.mean([_huber(_cos_at_vertex(s, b, a, c) - _cos_at_vertex(t, b, a, c))
+                    for a, b, c in itertools.product(range(n), repeat=3)])
+    got = float(jitted(rkd_angle_loss)(*_f32(s, t)))
+    n_one_sided = 6
+    np.testing.assert_allclose(park, (n * (n - 1) * (n - 2) * got + 0.5 * n_one_sided) / n**3,
+                               rtol=1e-5)
+    assert abs(park - got * (n - 1) * (n - 2) / n**2) > 1e-3   # the scaling alone is off
 
 
 def _largest_hlo_array(fn, *args):
@@ -214,6 +247,32 @@ def test_darkrank_gradient_matches_numpy():
     got = jax.jit(jax.grad(darkrank_hard_loss))(*_f32(s, t))
     want = numerical_grad(lambda x: ref_darkrank(x, t), s)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3e3])
+def test_plackett_luce_gradient_matches_autodiff_of_cumlogsumexp(scale):
+    """The written-out VJP against autodiff of the plain formulation (reverse cumlogsumexp),
+    for lists of different lengths and for scores spanning thousands (no overflow)."""
+    rng = np.random.default_rng(5)
+    ranked = jnp.asarray(scale * rng.standard_normal((9, 4)), jnp.float32)   # [L, R]
+    w = jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32)
+
+    def plain(x):
+        tails = jax.lax.cumlogsumexp(x, axis=0, reverse=True)
+        return jnp.sum(w * jnp.sum(tails - x, axis=0))
+    fused = lambda x: jnp.sum(w * _relational.plackett_luce_nll(x))   # noqa: E731
+    v0, g0 = jax.jit(jax.value_and_grad(plain))(ranked)
+    v1, g1 = jax.jit(jax.value_and_grad(fused))(ranked)
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(g1)))
+    np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-5)
+
+
+def test_darkrank_vmap_and_value_only_call():
+    s, t = _pair(7, scale=0.5)
+    s2, t2 = _pair(7, scale=0.7, seed=1)
+    stacked = jax.jit(jax.vmap(darkrank_hard_loss))(*_f32(np.stack([s, s2]), np.stack([t, t2])))
+    np.testing.assert_allclose(stacked, [ref_darkrank(s, t), ref_darkrank(s2, t2)], rtol=1e-5)
 
 
 def test_darkrank_prefers_teacher_order():

@@ -33,7 +33,7 @@ def _kwonly_defaults(fn):
 def test_pwr_loss_signature():
     assert _kwonly_defaults(kdface.losses.pwr_loss) == {
         "relation": "cosine", "inversion": "exp", "margin": "teacher_diff", "margin_value": 0.0,
-        "power": 1.0, "beta": 1.0, "method": "auto"}
+        "power": 1.0, "beta": 1.0, "method": "auto", "tie_tolerance": 0.0}
 
 
 def test_mk_mmd_signature():

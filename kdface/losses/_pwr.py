@@ -22,7 +22,17 @@ Choices where the paper is open (following the official MXNet code where it exis
 * The loss is the *mean* over ordered pairs (a, b) with psi_a^T > psi_b^T strictly (official
   code: sum / count of such pairs), not the plain sum of eq. (3). Teacher ties contribute
   nothing; a batch with no strictly ordered pair gives 0 (the official code gives NaN). The
-  count is computed without int32 overflow (see ``_pwr_common.sum_counts``).
+  count is computed without int32 overflow (see ``_pwr_common.sum_counts``), in the scores'
+  dtype.
+* Ties: scores that are mathematically equal (e.g. a teacher with integer-valued or quantized
+  embeddings) are computed with different roundings, and a strict ``>`` then orders them by
+  rounding. ``tie_tolerance`` (absolute, in score units) counts a pair as ordered only when
+  ``psi_b^T < psi_a^T - tie_tolerance`` (the threshold rounded once in the scores' dtype, the
+  same comparison in every method, so all stay exact). The default 0.0 keeps the strict
+  comparison of the paper and the official code. Float32 scores of unit vectors carry a
+  rounding error of order 1e-7 (mathematically equal cosines of 512-d integer-valued
+  embeddings differed by up to 6e-8 when measured), so ``tie_tolerance=1e-6`` merges such ties
+  while still ordering scores 1e-6 apart, far below the spread of a batch's scores.
 * Margins (eqs. 7-9) are added to the pair difference z = psi_b^S - psi_a^S + m of *every*
   inversion loss ("such modification can be applied to any of the discussed losses"):
   diff max(z, 0), power max(z, 0)^p, exp max(exp(beta z) - 1, 0), ranknet log(1 + exp(beta z)).
@@ -60,7 +70,9 @@ AUTO_TILED_MAX_M = 2_048
 
 
 def _normalize(e: Array) -> Array:
-    """Rows scaled to unit L2 norm (eps 1e-12 on the squared norm, as MXNet L2Normalization)."""
+    """Rows scaled to unit L2 norm, ``e / sqrt(|e|^2 + 1e-12)``. MXNet's ``L2Normalization``
+    (official code) adds 1e-10 (its default ``eps``): the results differ by a relative
+    ~5e-11 / |e|^2, below float32 rounding for rows of norm above ~0.03."""
     return e / jnp.sqrt(jnp.sum(e * e, axis=1, keepdims=True) + 1e-12)
 
 
@@ -125,13 +137,14 @@ def pair_values(s: Array, t: Array, margin: str, margin_value: float) -> tuple[A
     return s, s
 
 
-def dense_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion) -> tuple[Array, Array]:
-    """``(sum, count)`` over ordered pairs with t_a > t_b of ``l(x_b - y_a)``, materializing the
-    ``[M, M]`` comparison matrix (rows a, columns b)."""
-    ordered = t[:, None] > t[None, :]
+def dense_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion,
+                   tie_tolerance: float = 0.0) -> tuple[Array, Array]:
+    """``(sum, count)`` over ordered pairs with t_b < t_a - tie_tolerance of ``l(x_b - y_a)``,
+    materializing the ``[M, M]`` comparison matrix (rows a, columns b)."""
+    ordered = t[None, :] < common.tie_thresholds(t, tie_tolerance)[:, None]
     z = x[None, :] - y[:, None]
     total = jnp.sum(jnp.where(ordered, inversion.penalty(z), 0.0))
-    return total, common.sum_counts(jnp.sum(ordered, axis=1, dtype=jnp.int32))
+    return total, common.sum_counts(jnp.sum(ordered, axis=1, dtype=jnp.int32), t.dtype)
 
 
 def check_pwr_options(relation: str, inversion: str, margin: str, margin_value: float,
@@ -174,18 +187,20 @@ def resolve_method(method: str, m: int, inversion: Inversion, range_bound: float
 
 
 def pwr_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, method: str,
-                 range_bound: float) -> tuple[Array, Array]:
+                 range_bound: float, tie_tolerance: float = 0.0) -> tuple[Array, Array]:
     """``(sum, count)`` of the loss over the teacher-ordered pairs by a concrete method."""
     if method == "dense":
-        return dense_pair_sum(t, x, y, inversion)
+        return dense_pair_sum(t, x, y, inversion, tie_tolerance)
     if method == "tiled":
-        return _pwr_tiled.tiled_pair_sum(t, x, y, inversion, range_bound)
-    return _pwr_sorted.sorted_pair_sum(t, x, y, inversion)
+        return _pwr_tiled.tiled_pair_sum(t, x, y, inversion, range_bound,
+                                         tie_tolerance=tie_tolerance)
+    return _pwr_sorted.sorted_pair_sum(t, x, y, inversion, tie_tolerance=tie_tolerance)
 
 
 def pwr_loss(student: Array, teacher: Array, *, relation: str = "cosine",
              inversion: str = "exp", margin: str = "teacher_diff", margin_value: float = 0.0,
-             power: float = 1.0, beta: float = 1.0, method: str = "auto") -> Array:
+             power: float = 1.0, beta: float = 1.0, method: str = "auto",
+             tie_tolerance: float = 0.0) -> Array:
     """Pairwise ranking distillation loss, seed nikitin2020 eq. (3) with eqs. (4)-(11).
 
     L = mean over ordered score pairs (a, b) with psi_a^T > psi_b^T of
@@ -208,6 +223,8 @@ def pwr_loss(student: Array, teacher: Array, *, relation: str = "cosine",
       beta: beta > 0 of the exp and RankNet losses. Static Python number.
       method: ``'dense'`` ([M, M] matrix), ``'tiled'``, ``'sorted'`` or ``'auto'``; all exact
         (module docstring). ``'sorted'`` raises for variants it cannot compute exactly.
+      tie_tolerance: teacher scores closer than this count as tied (module docstring, "Ties");
+        ``0.0`` (default) orders every pair whose computed scores differ, as the official code.
 
     Returns:
       Scalar loss (float32 for half-precision inputs).
@@ -222,6 +239,7 @@ def pwr_loss(student: Array, teacher: Array, *, relation: str = "cosine",
     check_embeddings("teacher", teacher, min_n=2)
     check_same_rows("student", student, "teacher", teacher)
     check_pwr_options(relation, inversion, margin, margin_value, power, beta, method)
+    common.check_tie_tolerance(tie_tolerance)
     n = student.shape[0]
     resolve_method(method, n * (n - 1) // 2, Inversion(inversion, float(power), float(beta)),
                    common.value_range_bound(relation, margin, margin_value))
@@ -229,19 +247,22 @@ def pwr_loss(student: Array, teacher: Array, *, relation: str = "cosine",
     s = pairwise_scores(student.astype(dtype), relation=relation)
     t = pairwise_scores(teacher.astype(dtype), relation=relation)
     return _scores_loss(s, t, relation=relation, inversion=inversion, margin=margin,
-                        margin_value=margin_value, power=power, beta=beta, method=method)
+                        margin_value=margin_value, power=power, beta=beta, method=method,
+                        tie_tolerance=tie_tolerance)
 
 
 def pwr_loss_from_scores(student_scores: Array, teacher_scores: Array, *, inversion: str = "exp",
                          margin: str = "teacher_diff", margin_value: float = 0.0,
-                         power: float = 1.0, beta: float = 1.0, method: str = "auto") -> Array:
+                         power: float = 1.0, beta: float = 1.0, method: str = "auto",
+                         tie_tolerance: float = 0.0) -> Array:
     """PWR (seed nikitin2020 eq. 3) on precomputed relational scores, for any relational
     function psi (§3.1: e.g. RKD-A angles of triplets).
 
     Args:
       student_scores: ``[M]`` float student scores psi^S (trained).
       teacher_scores: ``[M]`` float teacher scores psi^T (frozen; no gradient), same order.
-      inversion, margin, margin_value, power, beta, method: as in ``pwr_loss``. For exp,
+      inversion, margin, margin_value, power, beta, method, tie_tolerance: as in
+        ``pwr_loss`` (the tolerance in the scores' own units). For exp,
         ``'auto'`` assumes scores spanning at most 2 (as cosine / normalized distances do) when
         it picks ``'sorted'``; the sorted method returns NaN (never a wrong number) when
         beta * value range exceeds 60, and ``'tiled'`` is exact for any range.
@@ -257,19 +278,22 @@ def pwr_loss_from_scores(student_scores: Array, teacher_scores: Array, *, invers
     if student_scores.shape[0] < 1:
         raise ValueError("student_scores needs at least M=1 score, got M=0")
     check_pwr_options("cosine", inversion, margin, margin_value, power, beta, method)
+    common.check_tie_tolerance(tie_tolerance)
     dtype = compute_dtype(student_scores, teacher_scores)
     return _scores_loss(student_scores.astype(dtype), teacher_scores.astype(dtype),
                         relation="cosine", inversion=inversion, margin=margin,
-                        margin_value=margin_value, power=power, beta=beta, method=method)
+                        margin_value=margin_value, power=power, beta=beta, method=method,
+                        tie_tolerance=tie_tolerance)
 
 
 def _scores_loss(s: Array, t: Array, *, relation: str, inversion: str, margin: str,
-                 margin_value: float, power: float, beta: float, method: str) -> Array:
+                 margin_value: float, power: float, beta: float, method: str,
+                 tie_tolerance: float) -> Array:
     """The mean over teacher-ordered pairs, from checked ``[M]`` scores."""
     t = jax.lax.stop_gradient(t)
     inv = Inversion(inversion, float(power), float(beta))
     bound = common.value_range_bound(relation, margin, margin_value)
     concrete = resolve_method(method, s.shape[0], inv, bound)
     x, y = pair_values(s, t, margin, margin_value)
-    total, count = pwr_pair_sum(t, x, y, inv, concrete, bound)
+    total, count = pwr_pair_sum(t, x, y, inv, concrete, bound, tie_tolerance)
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0).astype(s.dtype)

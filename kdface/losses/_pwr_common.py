@@ -126,24 +126,43 @@ def sorted_supports(inversion: Inversion, range_bound: float) -> bool:
     return exp_factorizes(inversion, range_bound)
 
 
+def check_tie_tolerance(tie_tolerance: float) -> None:
+    """Raises for a tie tolerance that is not a finite Python number >= 0 (it is static)."""
+    if isinstance(tie_tolerance, bool) or not isinstance(tie_tolerance, (int, float)):
+        raise TypeError(f"tie_tolerance must be a Python number, got "
+                        f"{type(tie_tolerance).__name__}")
+    if not (math.isfinite(tie_tolerance) and tie_tolerance >= 0.0):
+        raise ValueError(f"tie_tolerance must be finite and >= 0, got {tie_tolerance}")
+
+
+def tie_thresholds(t: Array, tie_tolerance: float) -> Array:
+    """``[M]`` ``t_a - tol`` in ``t``'s dtype: score b ranks below score a iff
+    ``t_b < threshold_a``. Every method compares against these same rounded thresholds, so all
+    count the same pairs; with ``tol = 0`` they are ``t`` itself (strict ``t_a > t_b``)."""
+    if tie_tolerance == 0.0:
+        return t
+    return t - jnp.asarray(tie_tolerance, t.dtype)
+
+
 def count_chunk(m: int) -> int:
     """Rows per int32 partial sum of per-row pair counts (each count is at most ``m``)."""
     return max(1, min(m, (2**31 - 1) // max(m, 1)))
 
 
-def sum_counts(row_counts: Array) -> Array:
-    """Sum of non-negative int32 per-row counts, each at most ``len(row_counts)``, as float32.
+def sum_counts(row_counts: Array, dtype: jnp.dtype = jnp.float32) -> Array:
+    """Sum of non-negative int32 per-row counts, each at most ``len(row_counts)``, as ``dtype``
+    (the scores' float type: float32, or float64 with x64 on).
 
     M^2 ordered pairs overflow int32 beyond N ~ 370 (M = N(N-1)/2 > 46341). The counts are
     summed exactly in int32 over chunks small enough not to overflow, and the chunk sums (each
-    exact in int32) are added in float32 by a pairwise reduction: relative error ~1e-7, no
-    int64 (x64 is off by default in JAX)."""
+    exact in int32) are added in ``dtype`` by a pairwise reduction: relative error ~1e-7 in
+    float32, no int64 (x64 is off by default in JAX)."""
     m = row_counts.shape[0]
     chunk = count_chunk(m)
     pad = (-m) % chunk
     padded = jnp.pad(row_counts.astype(jnp.int32), (0, pad))
     partial = jnp.sum(padded.reshape(-1, chunk), axis=1, dtype=jnp.int32)
-    return jnp.sum(partial.astype(jnp.float32))
+    return jnp.sum(partial.astype(dtype))
 
 
 def float_sort_key(v: Array) -> Array:
@@ -156,20 +175,39 @@ def float_sort_key(v: Array) -> Array:
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def lower_ranks(t: Array) -> Array:
-    """``[M]`` int32: for each score, how many scores are strictly smaller.
+def lower_ranks(t: Array, tie_tolerance: float = 0.0) -> Array:
+    """``[M]`` int32: for each score a, how many scores b rank below it (``t_b < t_a - tol``,
+    see ``tie_thresholds``): its row count of ordered pairs.
 
-    That is the number of ordered pairs (a, b) with t_a > t_b in row a."""
-    key = float_sort_key(t)
-    return jnp.searchsorted(jnp.sort(key), key, side="left").astype(jnp.int32)
+    Compared in ``t``'s own dtype: float32 through ``float_sort_key`` (a fast int32 sort; the
+    key is exact for float32), float64 as floats, so scores equal only after a cast to float32
+    are not tied."""
+    thresholds = tie_thresholds(t, tie_tolerance)
+    if t.dtype == jnp.float64:
+        return jnp.searchsorted(jnp.sort(t), thresholds, side="left").astype(jnp.int32)
+    return jnp.searchsorted(jnp.sort(float_sort_key(t)), float_sort_key(thresholds),
+                            side="left").astype(jnp.int32)
 
 
-def ordered_pair_count(teacher_scores: Array) -> Array:
-    """Number of ordered pairs (a, b) with ``teacher_scores[a] > teacher_scores[b]``, float32.
+def sorted_lower_ranks(t_sorted: Array, tie_tolerance: float = 0.0) -> Array:
+    """``lower_ranks`` for ascending ``t_sorted: [M]``: the start of each score's tie group
+    (no search) when ``tol = 0``."""
+    if tie_tolerance != 0.0:
+        return jnp.searchsorted(t_sorted, tie_thresholds(t_sorted, tie_tolerance),
+                                side="left").astype(jnp.int32)
+    m = t_sorted.shape[0]
+    idx = jnp.arange(m, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones((1,), bool), t_sorted[1:] != t_sorted[:-1]])
+    return jax.lax.cummax(jnp.where(starts, idx, 0))
 
-    ``teacher_scores: [M]``. Ties count nothing. Exact while the total is below 2^24 and within
-    float32 rounding (~1e-7 relative) above; never overflows (see ``sum_counts``)."""
-    return sum_counts(lower_ranks(teacher_scores))
+
+def ordered_pair_count(teacher_scores: Array, tie_tolerance: float = 0.0) -> Array:
+    """Number of ordered pairs (a, b) with ``teacher_scores[b] < teacher_scores[a] - tol``, in
+    the scores' float dtype.
+
+    ``teacher_scores: [M]``. Ties count nothing. Exact while the total is below 2^24 (float32)
+    and within float32 rounding (~1e-7 relative) above; never overflows (see ``sum_counts``)."""
+    return sum_counts(lower_ranks(teacher_scores, tie_tolerance), teacher_scores.dtype)
 
 
 def num_levels(n_events: int) -> int:

@@ -29,23 +29,24 @@ Array = jax.Array
 
 
 def dense_rows_sum(t: Array, x: Array, y: Array, inversion: Inversion, index: Array,
-                   n_shares: int) -> Array:
+                   n_shares: int, tie_tolerance: float = 0.0) -> Array:
     """Sum of ``l(x_b - y_a)`` over the share ``index`` of ``n_shares`` contiguous row ranges a
-    of the dense [M, M] comparison matrix, ordered pairs t_a > t_b only."""
+    of the dense [M, M] comparison matrix, ordered pairs t_b < t_a - tie_tolerance only."""
     m = t.shape[0]
     per = -(-m // n_shares)
     pad = per * n_shares - m   # padding rows (t = NaN) are ordered against nothing
     t_rows = jax.lax.dynamic_slice(jnp.pad(t, (0, pad), constant_values=np.nan),
                                    (index * per,), (per,))
     y_rows = jax.lax.dynamic_slice(jnp.pad(y, (0, pad)), (index * per,), (per,))
-    ordered = t_rows[:, None] > t[None, :]
+    ordered = t[None, :] < _pwr_common.tie_thresholds(t_rows, tie_tolerance)[:, None]
     return jnp.sum(jnp.where(ordered, inversion.penalty(x[None, :] - y_rows[:, None]), 0.0))
 
 
 def pwr_loss_sharded(student: Array, teacher: Array, *, axis_name: str = "data",
                      relation: str = "cosine", inversion: str = "exp",
                      margin: str = "teacher_diff", margin_value: float = 0.0,
-                     power: float = 1.0, beta: float = 1.0, method: str = "auto") -> Array:
+                     power: float = 1.0, beta: float = 1.0, method: str = "auto",
+                     tie_tolerance: float = 0.0) -> Array:
     """``pwr_loss`` (seed nikitin2020 eqs. 3-11) of the global batch, inside ``jax.shard_map``.
 
     Args:
@@ -53,8 +54,9 @@ def pwr_loss_sharded(student: Array, teacher: Array, *, axis_name: str = "data",
         ``d * N/P ..`` on device d, the layout of ``all_gather(tiled=True)`` / ``P('data')``).
       teacher: ``[N / P, D_t]`` the matching teacher rows (frozen; no gradient).
       axis_name: the mesh axis the batch is split over.
-      relation, inversion, margin, margin_value, power, beta, method: as in ``pwr_loss``;
-        ``method='auto'`` picks for the global N.
+      relation, inversion, margin, margin_value, power, beta, method, tie_tolerance: as in
+        ``pwr_loss``; ``method='auto'`` picks for the global N. Pairs are counted in the
+        inputs' dtype (float64 with x64 on), as the sums are.
 
     Returns:
       The global scalar loss, identical on every device.
@@ -63,6 +65,7 @@ def pwr_loss_sharded(student: Array, teacher: Array, *, axis_name: str = "data",
     check_embeddings("teacher", teacher)
     check_same_rows("student", student, "teacher", teacher)
     _pwr.check_pwr_options(relation, inversion, margin, margin_value, power, beta, method)
+    _pwr_common.check_tie_tolerance(tie_tolerance)
     n_dev = jax.lax.axis_size(axis_name)
     n = student.shape[0] * n_dev
     if n < 2:
@@ -81,12 +84,15 @@ def pwr_loss_sharded(student: Array, teacher: Array, *, axis_name: str = "data",
     idx = jnp.arange(m, dtype=jnp.int32)
     mine = (idx >= device * per) & (idx < (device + 1) * per)   # this device's scores a
     if concrete == "dense":
-        partial = dense_rows_sum(t, x, y, inv, device, n_dev)
+        partial = dense_rows_sum(t, x, y, inv, device, n_dev, tie_tolerance)
     elif concrete == "tiled":
-        partial = _pwr_tiled.tiled_pair_sum(t, x, y, inv, bound, share=(device, n_dev))[0]
+        partial = _pwr_tiled.tiled_pair_sum(t, x, y, inv, bound, share=(device, n_dev),
+                                            tie_tolerance=tie_tolerance)[0]
     else:
-        partial = _pwr_sorted.sorted_pair_sum(t, x, y, inv, query_mask=mine)[0]
+        partial = _pwr_sorted.sorted_pair_sum(t, x, y, inv, query_mask=mine,
+                                              tie_tolerance=tie_tolerance)[0]
     # The count's share: the ordered pairs in this device's rows a (teacher only).
-    count = _pwr_common.sum_counts(jnp.where(mine, _pwr_common.lower_ranks(t), 0))
+    count = _pwr_common.sum_counts(
+        jnp.where(mine, _pwr_common.lower_ranks(t, tie_tolerance), 0), t.dtype)
     total, count = jax.lax.psum((partial, count), axis_name)
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0).astype(dtype)

@@ -82,13 +82,17 @@ def _index_bits(n: int) -> int:
     return max(1, (n - 1).bit_length())
 
 
+def _take_last(v: Array, perm: Array) -> Array:
+    return v[perm] if v.ndim == 1 else jnp.take_along_axis(v, perm, axis=-1)
+
+
 def radix_argsort(key: Array, low_bit: Array | None = None) -> Array:
-    """Stable argsort of the unsigned 32-bit pattern ``key`` (with ``low_bit`` in {0, 1} as a
-    33rd, least significant bit when given), ``[n]`` int32.
+    """Stable argsort along the last axis of the unsigned 32-bit pattern ``key`` (with
+    ``low_bit`` in {0, 1} as a 33rd, least significant bit when given), ``[..., n]`` int32.
 
     LSD radix: each pass sorts packed int32 ``digit << b | i`` (b index bits, digit 31 - b bits)
     with XLA's single-operand sort, several times faster on CPU than a multi-operand sort."""
-    n = key.shape[0]
+    n = key.shape[-1]
     b = _index_bits(n)
     width = 31 - b
     digits = []
@@ -100,11 +104,11 @@ def radix_argsort(key: Array, low_bit: Array | None = None) -> Array:
     while start < 32:
         digits.append(jax.lax.shift_right_logical(key, jnp.int32(start)) & ((1 << width) - 1))
         start += width
-    idx = jnp.arange(n, dtype=jnp.int32)
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), key.shape)
     perm = idx
     for d in digits:
-        packed = (d[perm] << b) | idx
-        perm = perm[jnp.sort(packed) & ((1 << b) - 1)]
+        packed = (_take_last(d, perm) << b) | idx
+        perm = _take_last(perm, jnp.sort(packed, axis=-1) & ((1 << b) - 1))
     return perm
 
 
@@ -136,14 +140,24 @@ def value_argsort(v: Array, *, descending: bool = False, low_bit: Array | None =
     return jnp.lexsort(cols).astype(jnp.int32), key
 
 
-def teacher_layout(t: Array) -> tuple[Array, Array, Array]:
+def teacher_layout(t: Array, tie_tolerance: float = 0.0) -> tuple[Array, Array, Array]:
     """``(e_query, e_data, lower)``, ``[M]`` int32 each, in element order: the event ids of
-    every score as a query and as a data event, and its number of strictly smaller teacher
-    scores (its row count of ordered pairs)."""
+    every score as a query and as a data event, and its number of teacher scores below it
+    (``t_b < t_a - tol``: its row count of ordered pairs).
+
+    Query a must follow exactly the ``lower_a`` lowest data events. With ``tol = 0`` that is
+    the start of its tie group. Otherwise, in teacher order (``lower`` is non-decreasing there,
+    the thresholds being monotone), query q gets id ``lower_q + q`` and data p gets
+    ``p + #{q: lower_q <= p}``: a merge of the two sequences, so data p precedes query q iff
+    ``p < lower_q``."""
     m = t.shape[0]
     perm, key = value_argsort(t)
-    start, end = _tie_groups(key[perm])
     idx = jnp.arange(m, dtype=jnp.int32)
+    if tie_tolerance != 0.0:
+        start = common.sorted_lower_ranks(t[perm], tie_tolerance)
+        end = jnp.searchsorted(start, idx, side="right").astype(jnp.int32)
+    else:
+        start, end = _tie_groups(key[perm])
     out = jnp.zeros((3, m), jnp.int32).at[:, perm].set(
         jnp.stack([start + idx, idx + end, start]), unique_indices=True)
     return out[0], out[1], out[2]
@@ -332,9 +346,11 @@ def _channels(inversion: Inversion, x: Array, y: Array
 
 
 def sorted_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, *,
-                    query_mask: Array | None = None) -> tuple[Array, Array]:
-    """``(sum, count)`` over ordered pairs with t_a > t_b of ``l(x_b - y_a)`` (seed nikitin2020
-    eq. 3) for diff, integer power and exp, in O(M log M) time and O(M) memory.
+                    query_mask: Array | None = None, tie_tolerance: float = 0.0
+                    ) -> tuple[Array, Array]:
+    """``(sum, count)`` over ordered pairs with t_b < t_a - tie_tolerance of ``l(x_b - y_a)``
+    (seed nikitin2020 eq. 3) for diff, integer power and exp, in O(M log M) time and O(M)
+    memory.
 
     Args:
       t: ``[M]`` teacher scores (no gradient); x, y: ``[M]`` student pair values
@@ -343,7 +359,7 @@ def sorted_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, *,
         (a device's share inside shard_map); the sum is then partial, the count total.
     """
     t = jax.lax.stop_gradient(t)
-    e_query, e_data, lower = teacher_layout(t)
+    e_query, e_data, lower = teacher_layout(t, tie_tolerance)
     order = event_order(jax.lax.stop_gradient(x), None if y is x else jax.lax.stop_gradient(y))
     phi, psi, live = _channels(inversion, x, y)
     if query_mask is not None:
@@ -352,4 +368,4 @@ def sorted_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, *,
     if inversion.kind == "exp":
         spread = jax.lax.stop_gradient(jnp.max(x) - jnp.min(y))
         total = jnp.where(inversion.beta * spread <= common.EXP_FACTOR_LIMIT, total, jnp.nan)
-    return total, common.sum_counts(lower)
+    return total, common.sum_counts(lower, t.dtype)

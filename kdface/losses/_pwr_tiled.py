@@ -55,13 +55,14 @@ def lower_tiles(n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tile_fn(inversion: Inversion, mode: str):
-    """The per-tile function ``(ta, ya, qa, tb, xb, pb) -> (sum, grad_y_rows, grad_x_cols)``.
+    """The per-tile function ``(tha, ya, qa, tb, xb, pb) -> (sum, grad_y_rows, grad_x_cols)``
+    with ``tha`` the row scores' tie thresholds (``_pwr_common.tie_thresholds``).
 
     ``mode``: 'diff' (mask only), 'factor' (exp as P_b Q_a), 'pair' (per-pair l and l')."""
     beta = inversion.beta
 
-    def tile(ta, ya, qa, tb, xb, pb):
-        ordered = ta[:, None] > tb[None, :]
+    def tile(tha, ya, qa, tb, xb, pb):
+        ordered = tb[None, :] < tha[:, None]   # tha: the rows' tie thresholds t_a - tol
         if mode == "pair":
             z = xb[None, :] - ya[:, None]
             pen, slope = inversion.penalty_and_slope(z)
@@ -86,11 +87,12 @@ def _kahan_add(acc: tuple[Array, Array], v: Array) -> tuple[Array, Array]:
 
 
 def _sweep(inversion: Inversion, mode: str, block: int, with_grad: bool,
-           t: Array, x: Array, y: Array, rows: Array, cols: Array, weight: Array
+           t: Array, th: Array, x: Array, y: Array, rows: Array, cols: Array, weight: Array
            ) -> tuple[Array, Array | None, Array | None]:
     """Sum over the listed tiles (weight 0 skips a padding tile); optionally dS/dx, dS/dy.
 
-    ``t, x, y: [Mp]`` (sorted by t, padded with t = NaN); ``rows, cols, weight: [T]``."""
+    ``t, th, x, y: [Mp]`` (sorted by t, padded with t = NaN; ``th`` the tie thresholds of t);
+    ``rows, cols, weight: [T]``."""
     tile = _tile_fn(inversion, mode)
     p = q = jnp.zeros_like(x)
     if mode in ("factor", "diff"):
@@ -108,7 +110,7 @@ def _sweep(inversion: Inversion, mode: str, block: int, with_grad: bool,
 
     def step(carry, tile_ij):
         i, j, w = tile_ij
-        s, gy, gx = tile(piece(t, i), piece(y, i), piece(q, i), piece(t, j), piece(x, j),
+        s, gy, gx = tile(piece(th, i), piece(y, i), piece(q, i), piece(t, j), piece(x, j),
                          piece(p, j))
         acc = _kahan_add(carry[0], w * s)
         if not with_grad:
@@ -135,14 +137,14 @@ def _pick(inversion: Inversion, range_bound: float) -> str:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _tiled_sum(inversion: Inversion, range_bound: float, block: int, t: Array, x: Array,
-               y: Array, rows: Array, cols: Array, weight: Array) -> Array:
-    return _dispatch(inversion, range_bound, block, False, t, x, y, rows, cols, weight)[0]
+def _tiled_sum(inversion: Inversion, range_bound: float, block: int, t: Array, th: Array,
+               x: Array, y: Array, rows: Array, cols: Array, weight: Array) -> Array:
+    return _dispatch(inversion, range_bound, block, False, t, th, x, y, rows, cols, weight)[0]
 
 
-def _dispatch(inversion, range_bound, block, with_grad, t, x, y, rows, cols, weight):
+def _dispatch(inversion, range_bound, block, with_grad, t, th, x, y, rows, cols, weight):
     mode = _pick(inversion, range_bound)
-    args = (t, x, y, rows, cols, weight)
+    args = (t, th, x, y, rows, cols, weight)
     if mode != "factor":
         return _sweep(inversion, mode, block, with_grad, *args)
     # The static bound holds for scores of normalized embeddings; scores given directly may be
@@ -155,14 +157,15 @@ def _dispatch(inversion, range_bound, block, with_grad, t, x, y, rows, cols, wei
                         lambda a: _sweep(inversion, "pair", block, with_grad, *a), args)
 
 
-def _tiled_fwd(inversion, range_bound, block, t, x, y, rows, cols, weight):
-    total, gx, gy = _dispatch(inversion, range_bound, block, True, t, x, y, rows, cols, weight)
+def _tiled_fwd(inversion, range_bound, block, t, th, x, y, rows, cols, weight):
+    total, gx, gy = _dispatch(inversion, range_bound, block, True, t, th, x, y, rows, cols,
+                              weight)
     return total, (gx, gy)
 
 
 def _tiled_bwd(inversion, range_bound, block, res, ct):
     gx, gy = res
-    return None, ct * gx, ct * gy, None, None, None
+    return None, None, ct * gx, ct * gy, None, None, None
 
 
 _tiled_sum.defvjp(_tiled_fwd, _tiled_bwd)
@@ -177,15 +180,6 @@ def sort_and_pad(t: Array, x: Array, y: Array, block: int) -> tuple[Array, Array
     return order, t_s, jnp.pad(x[order], (0, pad)), jnp.pad(y[order], (0, pad))
 
 
-def sorted_lower_ranks(t_sorted: Array) -> Array:
-    """For ascending ``t_sorted: [M]``, the start of each score's tie group = the number of
-    strictly smaller scores (int32)."""
-    m = t_sorted.shape[0]
-    idx = jnp.arange(m, dtype=jnp.int32)
-    starts = jnp.concatenate([jnp.ones((1,), bool), t_sorted[1:] != t_sorted[:-1]])
-    return jax.lax.cummax(jnp.where(starts, idx, 0))
-
-
 def tile_share(n_blocks: int, n_shares: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, cols, weight)``, ``[n_shares, T]`` each: the lower tiles dealt round-robin
     (balanced work per share), padded with weight-0 tiles."""
@@ -198,10 +192,11 @@ def tile_share(n_blocks: int, n_shares: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def tiled_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, range_bound: float, *,
-                   block: int | None = None, share: tuple[Array, int] | None = None
-                   ) -> tuple[Array, Array]:
-    """``(sum, count)`` over ordered pairs with t_a > t_b of ``l(x_b - y_a)`` (seed nikitin2020
-    eq. 3), by lower-triangular tiles of the teacher-sorted comparison matrix.
+                   block: int | None = None, share: tuple[Array, int] | None = None,
+                   tie_tolerance: float = 0.0) -> tuple[Array, Array]:
+    """``(sum, count)`` over ordered pairs with t_b < t_a - tie_tolerance of ``l(x_b - y_a)``
+    (seed nikitin2020 eq. 3), by lower-triangular tiles of the teacher-sorted comparison matrix
+    (a tolerance >= 0 keeps every counted pair in those tiles).
 
     Args:
       t: ``[M]`` teacher scores (no gradient); x, y: ``[M]`` student pair values
@@ -216,6 +211,7 @@ def tiled_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, range_bou
     del order
     index, n_shares = (0, 1) if share is None else share
     rows, cols, weight = (jnp.asarray(a)[index] for a in tile_share(t_s.shape[0] // b, n_shares))
-    total = _tiled_sum(inversion, range_bound, b, t_s, x_s, y_s, rows, cols, weight)
-    count = common.sum_counts(sorted_lower_ranks(t_s[:m]))
+    th_s = common.tie_thresholds(t_s, tie_tolerance)   # NaN padding stays NaN: never ordered
+    total = _tiled_sum(inversion, range_bound, b, t_s, th_s, x_s, y_s, rows, cols, weight)
+    count = common.sum_counts(common.sorted_lower_ranks(t_s[:m], tie_tolerance), t.dtype)
     return total, count

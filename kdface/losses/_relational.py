@@ -11,6 +11,9 @@ All three are written in their fast, memory-bounded form:
   reduced in cache-sized ``[vertices, rows, N]`` tiles, and its gradient with respect to the
   Gram matrix is accumulated in the same pass (a ``custom_jvp``), so the backward pass is
   bounded too and nothing is recomputed;
+* DarkRank ranks each anchor's row by a two-pass radix sort of the teacher distances and
+  evaluates the Plackett-Luce likelihood by scans over list positions with a written-out
+  gradient (``plackett_luce_nll``), never through ``lax.cumlogsumexp``;
 * each loss is a sum over *rows* (pair rows, vertices, anchors), and the private ``*_rows`` cores
   take a row range and a ``total`` reduction so ``kdface.losses._sharded`` can split the rows over
   devices and psum the partial sums.
@@ -26,6 +29,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from kdface.losses import _pwr_sorted
 from kdface.losses._checks import (check_embeddings, check_option, check_positive,
                                    check_same_rows, compute_dtype)
 
@@ -40,6 +44,10 @@ HIGHEST = jax.lax.Precision.HIGHEST
 ANGLE_TILE_ELEMENTS = 1 << 18
 ANGLE_TILE_ROWS = 32
 ANGLE_TILE_ELEMENTS_ACCEL = 1 << 23
+# RKD-D's mean distance mu is floored here, so a batch whose rows all coincide (mu = 0) gives
+# normalized distances 0 instead of 0/0. The value is Park et al.'s: their code clamps squared
+# distances at 1e-12, so no pair distance (hence no mean) is below 1e-6.
+MU_FLOOR = 1e-6
 _REDUCTIONS = ("mean", "sum", None)
 
 
@@ -114,7 +122,7 @@ def rkd_distance_rows(student: Array, teacher: Array, row_offset: Array | int, n
 
     def normalized(e: Array) -> Array:
         d = safe_sqrt(pair_sq_distances(e, row_offset, n_rows))
-        mu = total(jnp.sum(d)) / n_pairs
+        mu = jnp.maximum(total(jnp.sum(d)) / n_pairs, MU_FLOOR)
         return d / mu
 
     diff = normalized(student) - normalized(teacher)
@@ -139,11 +147,16 @@ def rkd_distance_loss(student: Array, teacher: Array, *, reduction: str | None =
       A scalar, or ``[N, N]`` when ``reduction=None``. Float32 for half-precision inputs.
 
     Choices (the paper leaves open what the mean runs over): ``mu`` and the mean both run over
-    pairs ``i != j``. Park et al.'s public code averages the Huber term over all ``N^2`` entries,
-    zero diagonal included, i.e. ``(N-1)/N`` times this value; its ``mu`` drops zero distances,
-    which differs from ours only for duplicate embeddings. No normalization of the embeddings is
-    done here (a recipe may L2-normalize first). Invariant to scaling either input.
-    Needs ``N >= 2``.
+    pairs ``i != j``. ``mu`` is floored at ``MU_FLOOR = 1e-6``: when all rows of an input
+    coincide (mean distance 0) its normalized distances are 0, and value and gradient stay
+    finite. Park et al.'s public code averages the Huber term over all ``N^2`` entries, zero
+    diagonal included, i.e. ``(N-1)/N`` times this value; it clamps squared distances at 1e-12
+    (every off-diagonal distance is at least 1e-6) and takes ``mu`` over the positive entries,
+    i.e. over the same ``N(N-1)`` pairs, so the two differ only where distances fall below 1e-6
+    (duplicate embeddings: there a distance 1e-6, here 0; all rows equal: normalized distances
+    1 there, 0 here). No normalization of the embeddings is done here (a recipe may
+    L2-normalize first). Invariant to scaling either input while its mean distance is above
+    1e-6. Needs ``N >= 2``.
     """
     check_option("reduction", reduction, _REDUCTIONS)
     student, teacher = prepare_pair(student, teacher, min_n=2)
@@ -337,9 +350,13 @@ def rkd_angle_loss(student: Array, teacher: Array, *, block_size: int | None = N
       Scalar mean over the ``N(N-1)(N-2)`` ordered triplets ``(i, j, k)`` of distinct indices.
 
     Choices: Park et al.'s public code forms all ``N^3`` ordered triplets with the first index
-    as the vertex and divides by ``N^3``; the degenerate ones contribute exactly 0 there
-    (``i == k`` gives cos 1 on both sides, a zero difference gives the zero vector), so it is
-    ``(N-1)(N-2)/N^2`` times this value. Both orders ``(i, k)`` and ``(k, i)`` count, as there.
+    as the vertex and divides by ``N^3``. With distinct rows its degenerate triplets contribute
+    0 (``i == k`` gives cos 1 on both sides, a point equal to the vertex gives the zero vector),
+    so it is ``(N-1)(N-2)/N^2`` times this value. With duplicate rows it is not: a triplet
+    ``(i, j, i)`` whose point ``i`` coincides with the vertex ``j`` on one side only has cos 0
+    there and 1 on the other, and adds Huber(1) = 0.5; Park's value is then
+    ``[N(N-1)(N-2) L + 0.5 P] / N^3`` with ``P`` the ordered pairs ``i != j`` equal in exactly
+    one of student and teacher. Both orders ``(i, k)`` and ``(k, i)`` count, as there.
     A point too close to the vertex for a float32 direction (duplicate embeddings) gets cosine
     0, like ``F.normalize`` of a zero vector. Cosines come from the Gram matrix of the centred
     embeddings, so neither an ``[N, N, N]`` nor an ``[N, N, D]`` array is ever built.
@@ -363,6 +380,98 @@ def check_darkrank_options(alpha: float, beta: float, list_length: int | None) -
         raise ValueError(f"list_length must be a positive int or None, got {list_length!r}")
 
 
+def _logaddexp(a: Array, b: Array) -> Array:
+    """``log(e^a + e^b)`` for finite ``a``, ``b`` (no infinity handling needed here)."""
+    return jnp.maximum(a, b) + jnp.log1p(jnp.exp(-jnp.abs(a - b)))
+
+
+def _tail_logsumexps(ranked_t: Array) -> Array:
+    """``T[k] = log sum_{l >= k} exp(ranked_t[l])`` along axis 0 of ``[L, R]``, one list position
+    per step, each step a logaddexp over the R lists (exact for any score range).
+
+    Written as a scan over positions because ``lax.cumlogsumexp`` lowers to an O(L^2)
+    reduce-window per list when not differentiated (a forward-only call at N=512 took longer
+    than value and gradient together) and is differentiated through an associative scan."""
+    def step(after: Array, x: Array) -> tuple[Array, Array]:
+        tail = _logaddexp(x, after)
+        return tail, tail
+    last = ranked_t[-1]
+    return jnp.concatenate([jax.lax.scan(step, last, ranked_t[:-1], reverse=True)[1],
+                            last[None]])
+
+
+@jax.custom_vjp
+def plackett_luce_nll(ranked_t: Array) -> Array:
+    """``[R]`` negative log-likelihoods ``-sum_k (x_k - log sum_{l >= k} exp x_l)`` of R lists
+    given position-major as ``ranked_t: [L, R]`` (``x_k = ranked_t[k, r]``, k = 0 first).
+
+    The gradient is written out: ``dL/dx_j = -1 + sum_{k <= j} exp(x_j - T_k) = exp(x_j + C_j) - 1``
+    with ``T`` the tail log-sum-exps and ``C_j = log sum_{k <= j} exp(-T_k)`` (a forward scan;
+    ``x_j + C_j <= log(j + 1)``, so nothing overflows), computed in one scan that also emits the
+    gradient, instead of autodiff through two associative scans."""
+    return jnp.sum(_tail_logsumexps(ranked_t) - ranked_t, axis=0)
+
+
+def _plackett_luce_fwd(ranked_t: Array) -> tuple[Array, tuple[Array, Array]]:
+    tails = _tail_logsumexps(ranked_t)
+    return jnp.sum(tails - ranked_t, axis=0), (ranked_t, tails)
+
+
+def _plackett_luce_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
+    ranked_t, tails = res
+
+    def step(before: Array, xt: tuple[Array, Array]) -> tuple[Array, Array]:
+        x, tail = xt
+        c = _logaddexp(before, -tail)
+        return c, g * jnp.expm1(x + c)
+    first = -tails[0]
+    grad0 = g * jnp.expm1(ranked_t[0] + first)
+    rest = jax.lax.scan(step, first, (ranked_t[1:], tails[1:]))[1]
+    return (jnp.concatenate([grad0[None], rest]),)
+
+
+plackett_luce_nll.defvjp(_plackett_luce_fwd, _plackett_luce_bwd)
+
+
+def teacher_ranking(d2_teacher: Array, self_pair: Array, length: int) -> Array:
+    """``[R, length]`` int32: per anchor row, the columns by increasing teacher distance (the
+    anchor itself last, excluded), equal computed distances in index order (a stable sort).
+
+    float32 distances go through ``_pwr_sorted.radix_argsort`` (two single-operand int32 sorts:
+    XLA:CPU's argsort with a float comparator took ~5x longer at N=512); float64 (x64 on)
+    through ``jnp.argsort``."""
+    keys = jnp.where(self_pair, jnp.inf, d2_teacher)
+    if keys.dtype == jnp.float64:
+        order = jnp.argsort(keys, axis=1, stable=True)
+    else:
+        order = _pwr_sorted.radix_argsort(_pwr_sorted.unsigned_key(keys))
+    return order[:, :length].astype(jnp.int32)
+
+
+@jax.custom_vjp
+def ranked_scores(scores: Array, order: Array) -> Array:
+    """``[R, L]`` ``scores[r, order[r, k]]`` for ``[R, N]`` scores and ``[R, L]`` distinct column
+    indices per row. Its gradient writes each row's cotangents back with a scatter *set* (the
+    columns of a row are distinct): with XLA:CPU, autodiff's scatter-add for ``take_along_axis``
+    took twice as long at N=2048, that of a position-major gather four times as long."""
+    return jnp.take_along_axis(scores, order, axis=1)
+
+
+def _ranked_scores_fwd(scores: Array, order: Array) -> tuple[Array, tuple[Array, int]]:
+    return ranked_scores(scores, order), (order, scores.shape[1])
+
+
+def _ranked_scores_bwd(res: tuple[Array, int], g: Array) -> tuple[Array, None]:
+    order, n = res
+    rows = jnp.arange(order.shape[0])[:, None]
+    d_scores = jnp.zeros((order.shape[0], n), g.dtype).at[rows, order].set(
+        g, unique_indices=True)
+    return d_scores, None
+
+
+ranked_scores.defvjp(_ranked_scores_fwd, _ranked_scores_bwd)
+
+
 def darkrank_rows(student: Array, teacher: Array, row_offset: Array | int, n_rows: int, *,
                   alpha: float, beta: float, list_length: int | None) -> Array:
     """Per-anchor negative log-likelihoods ``[n_rows]`` for anchors ``row_offset..`` of the full
@@ -370,15 +479,11 @@ def darkrank_rows(student: Array, teacher: Array, row_offset: Array | int, n_row
     n = student.shape[0]
     length = n - 1 if list_length is None else min(list_length, n - 1)
     self_pair = row_mask(row_offset, n_rows, n)
-    d2_teacher = pair_sq_distances(teacher, row_offset, n_rows)
-    # The teacher's ranking: most similar (nearest) first, the anchor itself last; argsort is
-    # stable, so ties keep index order.
-    order = jnp.argsort(jnp.where(self_pair, jnp.inf, d2_teacher), axis=1)[:, :length]
+    order = teacher_ranking(pair_sq_distances(teacher, row_offset, n_rows), self_pair, length)
     d2_student = jnp.maximum(pair_sq_distances(student, row_offset, n_rows), 1e-12)
     scores = -alpha * d2_student ** (0.5 * beta)              # S = -alpha |s_i - s_j|^beta
-    ranked = jnp.take_along_axis(scores, order, axis=1)       # [n_rows, length]
-    tail_lse = jax.lax.cumlogsumexp(ranked, axis=1, reverse=True)
-    return -jnp.sum(ranked - tail_lse, axis=1)
+    # Position-major [length, n_rows], the layout the scans of plackett_luce_nll step through.
+    return plackett_luce_nll(ranked_scores(scores, order).T)
 
 
 def darkrank_hard_loss(student: Array, teacher: Array, *, alpha: float = 3.0,
@@ -404,11 +509,15 @@ def darkrank_hard_loss(student: Array, teacher: Array, *, alpha: float = 3.0,
     Returns:
       A scalar, or ``[N]`` per-anchor losses when ``reduction=None``.
 
-    Choices: the anchor is excluded from its own list; teacher ties keep index order; the loss
+    Choices: the anchor is excluded from its own list; teacher distances that are exactly equal
+    as computed keep index order (a stable sort), but distances equal in exact arithmetic are
+    computed from centred embeddings through the Gram trick and may differ by rounding, which
+    then orders them; the loss
     is averaged over anchors (as Park et al.'s code) rather than summed as in the brief's
     formula, so its scale does not grow with the batch. Student squared distances are clamped
     at 1e-12 so ``beta < 2`` keeps finite gradients for duplicate embeddings. No normalization
-    of the embeddings is done here. Needs ``N >= 2``.
+    of the embeddings is done here. Differentiable in reverse mode (``jax.grad``, ``vjp``); its
+    gradient is written out, so forward mode (``jax.jvp``) is not available. Needs ``N >= 2``.
     """
     check_darkrank_options(alpha, beta, list_length)
     check_option("reduction", reduction, _REDUCTIONS)
