@@ -258,3 +258,43 @@ def test_methods_table_is_complete_and_consistent():
     for m in comparison.METHODS:
         if m.name != "shrinktea_l2":  # waits for an l2 option of the shrinktea recipe
             assert set(m.overrides) <= fields, m.name
+
+
+def test_cli_reuses_the_finished_rows_and_prints_the_table(resumed, data, capsys):
+    from kdface import compare
+    spec = resumed["spec"]
+    options = ",".join(f"{k}={v!r}".replace(" ", "") for k, v in TINY.items())
+    common = ",".join(f"{k}={v!r}".replace(" ", "") for k, v in COMMON.items())
+    before = _files(resumed["out"] / "runs")
+    status = compare.main([
+        "compare", f"--out={spec.out}", f"--data_dir={spec.data_dir}",
+        "--train_data=synth_train", f"--val_data={data['bin']}", f"--teacher={data['teacher']}",
+        "--student=sphereface_custom", f"--student_options={options}", f"--common={common}",
+        "--methods=self_studied,kd_im", "--seeds=0", "--lr_sizes=8,12",
+        "--far_targets=0.1,0.01", "--nocompilation_cache"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert _files(resumed["out"] / "runs") == before  # nothing retrained
+    assert "| kd_im | wang2019 |" in out and "comparison written to" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "--out is required"),
+    (["--out=o", "--train_data=t", "--teacher=t", "--student=s"], "--val_data is required"),
+    (["--out=o", "--train_data=t", "--teacher=t", "--student=s", "--val_data=v",
+      "--seeds=0,x"], "--seeds"),
+    (["--out=o", "--train_data=t", "--teacher=t", "--student=s", "--val_data=v",
+      "--common=steps"], "not key=value"),
+])
+def test_cli_usage_errors(args, needle, capsys):
+    from kdface import compare
+    assert compare.main(["compare", *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_lists_the_methods(capsys):
+    from kdface import compare
+    assert compare.main(["compare", "--list_methods"]) == 0
+    text = capsys.readouterr().out
+    for m in comparison.METHODS:
+        assert f"{m.name}: {comparison.PAPERS[m.paper]}" in text

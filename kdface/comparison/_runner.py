@@ -205,7 +205,11 @@ def _evaluation_settings(spec: Comparison) -> dict[str, Any]:
     return _normal({k: getattr(spec, k) for k in _EVALUATION_KEYS})
 
 
-def run_comparison(spec: Comparison, *, log: Callable[[str], None] = print,
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_comparison(spec: Comparison, *, log: Callable[[str], None] = _print,
                    catalogue: Sequence[Method] = METHODS) -> dict[str, Any]:
     """Runs every missing row, then aggregates and writes the report (``kdface.comparison.
     write_comparison``). Returns the report dict."""
