@@ -12,8 +12,8 @@ r"""`make demo`: every method of the five papers distilled into one small studen
    rate and seeds; the self-studied student is the baseline every row is read against.
 4. Prints the table and writes ``demo_out/comparison/{comparison.md,comparison.json,*.png}``.
 
-Budget (the defaults): 100 identities x 20 images at 32x32, teacher 400 steps, each student
-100 steps at batch 64 (cosine schedule, lr 0.1), 3 seeds per row, 1000 verification pairs, LR
+Budget (the defaults): 100 identities x 20 images at 32x32, teacher 300 steps, each student
+60 steps at batch 64 (cosine schedule, lr 0.1), 3 seeds per row, 1000 verification pairs, LR
 probes at 8, 12 and 16 px. The XLA compilation cache (``demo_out/jax_cache``) lets the second
 and third seed of a method, and every evaluation, reuse the first one's compiled programs. A
 rerun reuses the data, the teacher and every finished row.
@@ -33,8 +33,8 @@ from absl import app, flags, logging
 flags.DEFINE_string("out", "demo_out", "Output directory (data, runs, comparison).")
 flags.DEFINE_integer("identities", 100, "Synthetic training identities.")
 flags.DEFINE_integer("images_per_identity", 20, "Images per training identity.")
-flags.DEFINE_integer("teacher_steps", 400, "Teacher training steps.")
-flags.DEFINE_integer("student_steps", 100, "Training steps of every student row.")
+flags.DEFINE_integer("teacher_steps", 300, "Teacher training steps.")
+flags.DEFINE_integer("student_steps", 60, "Training steps of every student row.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every row.")
 flags.DEFINE_list("methods", [], "Rows (default: all; python -m kdface.compare "

@@ -273,6 +273,10 @@ def run_comparison(spec: Comparison, *, log: Callable[[str], None] = _print,
                              "reason": f"its initialization row {method.init_from!r} failed"})
                 failed.add(method.name)
                 continue
+            if method.name in failed:  # seeds rarely rescue a method; keep the budget
+                rows.append({**base, "status": "failed",
+                             "reason": "not run: an earlier seed of this method failed"})
+                continue
             path = os.path.join(out, "rows", method.name, f"seed_{seed}.json")
             stored = _load(path, fields=fields)
             if stored is not None and stored["evaluation_settings"] == settings:
