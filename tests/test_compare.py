@@ -255,9 +255,11 @@ def test_methods_table_is_complete_and_consistent():
         comparison.select_methods(["nope"])
     from kdface.training import TrainConfig as Config
     fields = {f for f in Config.__dataclass_fields__}
+    # Two rows wait for options of the reworked recipes (ShrinkTeaNet's l2 distance, kd_transfer's
+    # hidden-layer weight); every other row names only existing TrainConfig fields.
+    waiting = {"shrinktea_l2": {"shrinktea_distance"}, "transfer_alignment": {"lambda_hidden"}}
     for m in comparison.METHODS:
-        if m.name != "shrinktea_l2":  # waits for an l2 option of the shrinktea recipe
-            assert set(m.overrides) <= fields, m.name
+        assert set(m.overrides) - fields <= waiting.get(m.name, set()), m.name
 
 
 def test_cli_reuses_the_finished_rows_and_prints_the_table(resumed, data, capsys):

@@ -53,9 +53,11 @@ def _aggregate(entries: list[dict[str, Any]], spec, supported) -> dict[str, Any]
                "tar_at_far": {f"{f:g}": _stats([_get(v["hr"]["tar_at_far"], f) for v in vers])
                               for f in supported[set_name]}}
         out["verification"][set_name] = agg
-    align = _stats([e["evaluation"].get("alignment", {}).get("nrmse") for e in entries])
-    if align is not None:
-        out["alignment_nrmse"] = align
+    aligned = [e["evaluation"]["alignment"] for e in entries if "alignment" in e["evaluation"]]
+    if aligned:
+        # A diverged landmark head gives NaN (stored as null): said, not averaged away.
+        out["alignment_nrmse"] = _stats([a.get("nrmse") for a in aligned]) or {
+            "non_finite": len(aligned)}
     model = next((e["evaluation"]["model"] for e in entries if e["evaluation"].get("model")),
                  None)
     if model is not None:
@@ -138,6 +140,8 @@ def build_report(spec, methods: Sequence[Method], rows: list[dict[str, Any]],
 def _pm(stats: dict[str, Any] | None, scale: float = 100.0, digits: int = 2) -> str:
     if stats is None:
         return "—"
+    if "non_finite" in stats:
+        return f"non-finite ({stats['non_finite']} seeds)"
     return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
@@ -193,6 +197,14 @@ def markdown_report(report: Mapping[str, Any]) -> str:
             lines.append(_row(cells))
         for name, m in report["methods"].items():
             ver = m.get("verification", {}).get(set_name)
+            if ver is None and "alignment_nrmse" in m:
+                cells = [name, m["paper"], "alignment only", *["" for _ in sizes]]
+                cells += [""] if far is not None else []
+                cells += [_pm(m["alignment_nrmse"], scale=1.0, digits=4),
+                          _params(m.get("model") or {}), _macs(m.get("model") or {}),
+                          _pm(m.get("train_images_per_s"), scale=1.0, digits=0), m["adds"]]
+                lines.append(_row(cells))
+                continue
             if ver is None:
                 status = m["status"] + (f": {'; '.join(m['reasons'])}" if m["reasons"] else "")
                 cells = [name, m["paper"], status, *["" for _ in sizes]]

@@ -192,8 +192,12 @@ def _train(config, **kwargs) -> dict[str, Any]:
 
 def _evaluate(spec: Comparison, label: str, workdir: str, sets, *,
               alignment: bool, model_facts: bool) -> dict[str, Any]:
-    """``kdface.evaluation.compare`` on one workdir: the report ``kdface.evaluate`` writes."""
+    """``kdface.evaluation.compare`` on one workdir: the report ``kdface.evaluate`` writes.
+    An alignment row is evaluated on alignment only: its embedding was never trained to
+    verify faces."""
     from kdface.evaluation import compare
+    if alignment:
+        sets = {}
     return compare({label: workdir}, sets, lr_sizes=spec.lr_sizes, flip=spec.flip,
                    folds=spec.folds, far_targets=spec.far_targets, model_facts=model_facts,
                    alignment_data=spec.alignment_data if alignment else None,
@@ -315,10 +319,12 @@ def run_comparison(spec: Comparison, *, log: Callable[[str], None] = _print,
                      "evaluation": report["runs"][label]}
             _write_json(path, entry)
             rows.append(json.loads(json.dumps(_jsonable(entry))))
-            hr = {s: v["hr"]["accuracy"] for s, v in entry["evaluation"]
-                  .get("verification", {}).items()}
+            result = [f"accuracy {s} {v['hr']['accuracy']:.4f}" for s, v in
+                      entry["evaluation"].get("verification", {}).items()]
+            if "alignment" in entry["evaluation"]:
+                result.append(f"NRMSE {entry['evaluation']['alignment'].get('nrmse')}")
             log(f"    {train['seconds']:.0f} s training, {entry['evaluation_seconds']:.0f} s "
-                f"evaluation; accuracy {', '.join(f'{s} {a:.4f}' for s, a in hr.items())}")
+                f"evaluation; {', '.join(result)}")
     report = build_report(spec, methods, rows, teacher_result,
                           seconds=time.perf_counter() - t_start)
     write_comparison(report, out)
