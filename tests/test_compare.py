@@ -300,3 +300,52 @@ def test_cli_lists_the_methods(capsys):
     text = capsys.readouterr().out
     for m in comparison.METHODS:
         assert f"{m.name}: {comparison.PAPERS[m.paper]}" in text
+
+
+def test_seed_aggregation_and_spread_rule_against_numpy(tmp_path):
+    """build_report on hand-made per-seed results: mean and sample std (ddof 1) over seeds,
+    the verdict rule |Δ| > std + std_self, an alignment-only row and a diverged NRMSE."""
+    spec = comparison.Comparison(out=str(tmp_path), train_data="t", data_dir="d",
+                                 val_data=("v.bin",), teacher="pth:r18:x.pth", student="s",
+                                 seeds=(0, 1, 2), lr_sizes=(8,), far_targets=(0.1, 0.001))
+    sets = {"v": {"num_pairs": 200, "num_positive": 100, "num_negative": 100,
+                  "min_train_negatives": 90, "image_size": [32, 32]}}
+    acc = {"self_studied": [0.70, 0.72, 0.74], "good": [0.80, 0.81, 0.82],
+           "close": [0.73, 0.75, 0.77]}
+
+    def entry(method, seed, a):
+        ver = {"v": {"hr": {"accuracy": a, "tar_at_far": {"0.1": a / 2, "0.001": None}},
+                     "lr": {"8": {"accuracy": a - 0.1}}}}
+        return {"method": method, "seed": seed, "status": "done", "command": "c", "sets": sets,
+                "train": {"images_per_s": 100.0 + seed, "seconds": 1.0},
+                "evaluation": {"verification": ver, "model": {"params": 10, "macs": 20}}}
+    rows = [entry(m, s, a) for m, accs in acc.items() for s, a in enumerate(accs)]
+    rows += [{"method": "aligned", "seed": s, "status": "done", "command": "c", "sets": sets,
+              "train": {"images_per_s": None, "seconds": 1.0},
+              "evaluation": {"verification": {}, "alignment": {"nrmse": n}}}
+             for s, n in enumerate([0.05, 0.07, 0.09])]
+    rows += [{"method": "diverged", "seed": 0, "status": "done", "command": "c", "sets": sets,
+              "train": {}, "evaluation": {"verification": {}, "alignment": {"nrmse": None}}}]
+    methods = [comparison.Method(n, "self", "e", {"recipe": "scratch"})
+               for n in (*acc, "aligned", "diverged")]
+    report = comparison.build_report(spec, methods, rows, None, seconds=1.0)
+    for name, accs in acc.items():
+        hr = report["methods"][name]["verification"]["v"]["hr"]
+        assert hr["mean"] == pytest.approx(np.mean(accs))
+        assert hr["std"] == pytest.approx(np.std(accs, ddof=1))
+        lr = report["methods"][name]["verification"]["v"]["lr"]["8"]
+        assert lr["mean"] == pytest.approx(np.mean(accs) - 0.1)
+    # Only FAR 0.1 is settable with 90 training negatives; 1e-3 is left out, not averaged.
+    assert list(report["methods"]["good"]["verification"]["v"]["tar_at_far"]) == ["0.1"]
+    good = report["methods"]["good"]["vs_self_studied"]["v"]["hr"]
+    assert good["delta"] == pytest.approx(0.81 - 0.72)
+    assert good["verdict"] == "better"   # 0.09 > 0.01 + 0.02
+    assert report["methods"]["close"]["vs_self_studied"]["v"]["hr"]["verdict"] == \
+        "within spread"                   # 0.03 < 0.02 + 0.02
+    assert report["methods"]["aligned"]["alignment_nrmse"]["mean"] == pytest.approx(0.07)
+    assert report["methods"]["diverged"]["alignment_nrmse"] == {"non_finite": 1}
+    text = comparison.markdown_report(report)
+    assert "| good | self | 81.00 ± 1.00 ▲ |" in text
+    assert "| close | self | 75.00 ± 2.00 |" in text
+    assert "| aligned | self | alignment only |" in text and "0.07 ± 0.02" in text
+    assert "non-finite (1 seeds)" in text

@@ -142,6 +142,10 @@ def _pm(stats: dict[str, Any] | None, scale: float = 100.0, digits: int = 2) -> 
         return "—"
     if "non_finite" in stats:
         return f"non-finite ({stats['non_finite']} seeds)"
+    if digits == 0 or scale != 1.0:
+        return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+    # NRMSE: a diverged landmark head gives 1e30-scale errors that fixed point would spell out
+    return f"{stats['mean']:.{digits}g} ± {stats['std']:.{digits}g}"
     return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
@@ -229,7 +233,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
                          f"smallest training split ({info['min_train_negatives']} negatives).")
         else:
             lines.append(f"TAR@FAR: the lowest FAR {set_name} supports ({info['num_negative']} "
-                         f"negative pairs; every FAR in report.json). ")
+                         f"negative pairs; every supported FAR in comparison.json).")
         lines.append("")
     lines += ["## Against the self-studied student", "",
               "Δ in accuracy points (method mean − self-studied mean) and the verdict by the "
