@@ -14,8 +14,8 @@ The papers (cited once here, by short key in the table):
   2019), DarkRank (Chen et al., DarkRank: Accelerating Deep Metric Learning via Cross Sample
   Similarities Transfer, AAAI 2018) and HKD (Hinton et al., Distilling the Knowledge in a Neural
   Network, 2015), as its Table 1 runs them.
-* kd_transfer: Model Distillation with Knowledge Transfer from Face Classification to Alignment
-  and Verification (Wang et al., 2017).
+* kd_transfer: Wang, Lan, Zhang, Model Distillation with Knowledge Transfer from Face
+  Classification to Alignment and Verification, 2017 (arXiv:1709.02929).
 * yan2019: Yan et al., VarGFaceNet: An Efficient Variable Group Convolutional Neural Network for
   Lightweight Face Recognition, ICCV Workshops 2019.
 * duong2019: Duong et al., ShrinkTeaNet: Million-scale Lightweight Face Recognition via Shrinking
@@ -32,8 +32,8 @@ PAPERS = {
     "wang2019": "Wang et al., Improved Knowledge Distillation for Training Fast Low Resolution "
                 "Face Recognition Model, ICCVW 2019",
     "nikitin2020": "Nikitin et al., Pairwise Ranking Distillation for Deep Face Recognition, 2020",
-    "kd_transfer": "Model Distillation with Knowledge Transfer from Face Classification to "
-                   "Alignment and Verification, 2017",
+    "kd_transfer": "Wang, Lan, Zhang, Model Distillation with Knowledge Transfer from Face "
+                   "Classification to Alignment and Verification, 2017 (arXiv:1709.02929)",
     "yan2019": "Yan et al., VarGFaceNet, ICCVW 2019",
     "duong2019": "Duong et al., ShrinkTeaNet, 2019",
 }
