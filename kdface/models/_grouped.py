@@ -1,0 +1,162 @@
+"""Depthwise convolution that trains fast on the CPU; ``lax.conv_general_dilated`` elsewhere.
+
+:func:`grouped_conv` has ``lax.conv_general_dilated``'s signature (``nnx.Conv`` takes it as its
+``conv_general_dilated``), returns the same values and the same gradients, and differs only in
+how XLA computes them on the CPU backend for a depthwise convolution (``feature_group_count ==
+in_channels``, the MobileNet / MobileFaceNet layer, with any channel multiplier):
+
+* XLA:CPU runs the forward depthwise convolution on one core, computes its input gradient as a
+  grouped transposed convolution (slow for stride 2), and expands the *weight* gradient into a
+  full ``C x C`` convolution masked to its diagonal: ``C`` times the work needed.
+* Here the forward pass is the sum over the ``K*K`` kernel taps of the strided, shifted input
+  times that tap's per-channel weight (``y = sum_ij x[s*h+i, s*w+j, c] * w[i, j, c]``): XLA fuses
+  it into one parallel elementwise loop. The input gradient is the automatic derivative of that
+  sum (zero-padded, shifted copies of ``g * w[i, j]``, again one fused loop), and the weight
+  gradient is its per-channel reduction ``dw[i, j, c] = sum_{b,h,w} x[b, s*h+i, s*w+j, c]
+  g[b, h, w, c]``, written as one variadic reduction over the batch (all ``K*K`` taps in a single
+  pass over ``x`` and ``g``) followed by a small reduction over space.
+
+The primal of the ``custom_vjp`` stays ``lax.conv_general_dilated``: a traced forward pass (ONNX
+export, ``count_macs``, an un-differentiated evaluation) sees one convolution per layer exactly
+as before; the fast formulation runs where the training step differentiates the layer. GPUs and
+TPUs, non-depthwise groups, dilations and ``batch_group_count`` keep XLA's convolution untouched.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def grouped_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                 precision=None, preferred_element_type=None, out_sharding=None):
+    """``lax.conv_general_dilated`` with a CPU-fast gradient for depthwise NHWC convolutions.
+
+    Same arguments and result as ``lax.conv_general_dilated``; see the module docstring for
+    which calls take the fast path (every other call is passed through unchanged).
+    """
+    kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                  dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                  batch_group_count=batch_group_count, precision=precision,
+                  preferred_element_type=preferred_element_type)
+    if out_sharding is not None:
+        kwargs["out_sharding"] = out_sharding
+    if not _takes_fast_path(lhs, rhs, kwargs):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    else:
+        pads = padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    return _depthwise_conv(lhs, rhs, strides, pads)
+
+
+def _takes_fast_path(lhs, rhs, kwargs) -> bool:
+    if jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4:
+        return False
+    if kwargs["batch_group_count"] != 1 or kwargs["preferred_element_type"] is not None:
+        return False
+    if any(d not in (None, 1) and tuple(d) != (1, 1)
+           for d in (kwargs["lhs_dilation"], kwargs["rhs_dilation"])):
+        return False
+    numbers = kwargs["dimension_numbers"]
+    if numbers is None or lax.conv_dimension_numbers(lhs.shape, rhs.shape, numbers) != (
+            lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        return False
+    channels = lhs.shape[3]
+    if not isinstance(channels, int) or kwargs["feature_group_count"] != channels:
+        return False
+    return rhs.shape[2] == 1 and rhs.shape[3] % channels == 0 and channels > 1
+
+
+def _reference(x, kernel, strides, pads):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC,
+                                    feature_group_count=x.shape[3])
+
+
+def _output_hw(x_shape, kernel_shape, strides, pads):
+    return tuple((x_shape[1 + a] + pads[a][0] + pads[a][1] - kernel_shape[a]) // strides[a] + 1
+                 for a in range(2))
+
+
+def _taps(x, kernel_shape, strides, pads):
+    """``x`` padded, then for each kernel tap ``(i, j)`` (row-major) the strided window
+    ``x_pad[:, s*h + i, s*w + j, :]`` of the output's spatial size: ``K*K`` x ``[B, Ho, Wo, C]``."""
+    ho, wo = _output_hw(x.shape, kernel_shape, strides, pads)
+    zero = jnp.zeros((), x.dtype)
+    xp = lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    (sh, sw), (kh, kw) = strides, kernel_shape[:2]
+    return [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * sh + 1,
+                                         j + (wo - 1) * sw + 1, xp.shape[3]), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
+def _accumulation_dtype(dtype):
+    # bf16 / f16 products are summed in float32, as XLA's own convolution does on the CPU.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _depthwise_forward(x, kernel, strides, pads):
+    """Forward pass as a sum over taps: ``[B, H, W, C] x [kh, kw, 1, C*M] -> [B, Ho, Wo, C*M]``
+    (output channel ``c*M + m`` reads input channel ``c``, the grouping of
+    ``feature_group_count=C``)."""
+    b, c = x.shape[0], x.shape[3]
+    mult = kernel.shape[3] // c
+    acc = _accumulation_dtype(x.dtype)
+    w = kernel.astype(acc).reshape(kernel.shape[0] * kernel.shape[1], c, mult)
+    out = None
+    for k, tap in enumerate(_taps(x, kernel.shape, strides, pads)):
+        term = tap.astype(acc)[..., None] * w[k].reshape(1, 1, 1, c, mult)
+        out = term if out is None else out + term
+    return out.reshape(b, out.shape[1], out.shape[2], c * mult).astype(x.dtype)
+
+
+def _depthwise_weight_grad(x, g, kernel_shape, strides, pads):
+    """``dw[i, j, 0, c*M + m] = sum_{b,h,w} x_pad[b, s*h+i, s*w+j, c] g[b, h, w, c*M + m]``.
+
+    One variadic ``lax.reduce`` over the batch axis computes all ``K*K`` taps in a single pass
+    (separate reductions would each materialize a shifted copy of ``x``); the ``[Ho, Wo]`` partial
+    sums left per tap are small.
+    """
+    b, ho, wo, out_c = g.shape
+    c = x.shape[3]
+    mult = out_c // c
+    acc = _accumulation_dtype(g.dtype)
+    g5 = g.astype(acc).reshape(b, ho, wo, c, mult)
+    products = tuple(tap.astype(acc)[..., None] * g5
+                     for tap in _taps(x, kernel_shape, strides, pads))
+    n = len(products)
+
+    def add(a, b_):
+        return tuple(a[k] + b_[k] for k in range(n))
+
+    zeros = tuple(jnp.zeros((), acc) for _ in range(n))
+    per_tap = lax.reduce(products, zeros, add, (0,))
+    dw = jnp.sum(jnp.stack(per_tap), axis=(1, 2))  # [K*K, C, M]
+    return dw.reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_conv(x, kernel, strides, pads):
+    return _reference(x, kernel, strides, pads)
+
+
+def _depthwise_conv_fwd(x, kernel, strides, pads):
+    return _depthwise_forward(x, kernel, strides, pads), (x, kernel)
+
+
+def _depthwise_conv_bwd(strides, pads, residuals, g):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: _depthwise_forward(x_, kernel, strides, pads), x)
+    (dx,) = input_vjp(g)
+    dw = _depthwise_weight_grad(x, g, kernel.shape, strides, pads)
+    return dx, dw.astype(kernel.dtype)
+
+
+_depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
