@@ -50,8 +50,8 @@ def _kdface_cases(batch_size, classes, fast):
     from kdface.models import _grouped
     from kdface.training import StepConfig, init_state, make_train_step
 
-    patch = (mock.patch.object(_grouped, "_takes_fast_path", lambda *a: False) if not fast
-             else mock.patch.object(_grouped, "_takes_fast_path", _grouped._takes_fast_path))
+    patch = (mock.patch.object(_grouped, "_fast_kind", lambda *a: None) if not fast
+             else mock.patch.object(_grouped, "_fast_kind", _grouped._fast_kind))
     student = build_student("mobilefacenet", num_classes=classes, head="cosface",
                             rngs=nnx.Rngs(0))
     cfg = {"head": "cosface", "margin_scale": 64.0, "margin": 0.35}

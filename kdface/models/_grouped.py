@@ -1,25 +1,31 @@
-"""Depthwise convolution that trains fast on the CPU; ``lax.conv_general_dilated`` elsewhere.
+"""Depthwise and grouped convolutions that train fast on the CPU; XLA's convolution elsewhere.
 
 :func:`grouped_conv` has ``lax.conv_general_dilated``'s signature (``nnx.Conv`` takes it as its
 ``conv_general_dilated``), returns the same values and the same gradients, and differs only in
-how XLA computes them on the CPU backend for a depthwise convolution (``feature_group_count ==
-in_channels``, the MobileNet / MobileFaceNet layer, with any channel multiplier):
+how XLA computes the gradients on the CPU backend for grouped NHWC convolutions
+(``feature_group_count > 1``): depthwise ones (one input channel per group, the MobileNet /
+MobileFaceNet layer, any channel multiplier) and grouped ones (VarGFaceNet's ``S`` = 8 input
+channels per group).
 
-* XLA:CPU runs the forward depthwise convolution on one core, computes its input gradient as a
-  grouped transposed convolution (slow for stride 2), and expands the *weight* gradient into a
-  full ``C x C`` convolution masked to its diagonal: ``C`` times the work needed.
-* Here the forward pass is the sum over the ``K*K`` kernel taps of the strided, shifted input
-  times that tap's per-channel weight (``y = sum_ij x[s*h+i, s*w+j, c] * w[i, j, c]``): XLA fuses
-  it into one parallel elementwise loop. The input gradient is the automatic derivative of that
-  sum (zero-padded, shifted copies of ``g * w[i, j]``, again one fused loop), and the weight
-  gradient is its per-channel reduction ``dw[i, j, c] = sum_{b,h,w} x[b, s*h+i, s*w+j, c]
-  g[b, h, w, c]``, written as one variadic reduction over the batch (all ``K*K`` taps in a single
-  pass over ``x`` and ``g``) followed by a small reduction over space.
+Why: XLA:CPU runs a depthwise convolution on one core, computes its input gradient as a grouped
+transposed convolution (slow for stride 2), and computes the *weight* gradient of any grouped
+convolution as a full ``C_in x C_out`` convolution masked to the group-diagonal blocks: ``G``
+times the work needed (``C`` times for depthwise), the largest cost of a MobileFaceNet step.
 
-The primal of the ``custom_vjp`` stays ``lax.conv_general_dilated``: a traced forward pass (ONNX
-export, ``count_macs``, an un-differentiated evaluation) sees one convolution per layer exactly
-as before; the fast formulation runs where the training step differentiates the layer. GPUs and
-TPUs, non-depthwise groups, dilations and ``batch_group_count`` keep XLA's convolution untouched.
+* Depthwise: the forward pass is the sum over the ``K*K`` kernel taps of the strided, shifted
+  input times that tap's per-channel weight (``y = sum_ij x[s*h+i, s*w+j, c] * w[i, j, c]``),
+  which XLA fuses into one parallel elementwise loop; the input gradient is the automatic
+  derivative of that sum (shifted, zero-padded copies of ``g * w[i, j]``, one fused loop); the
+  weight gradient is the per-channel reduction ``dw[i, j, c] = sum_{b,h,w} x[b, s*h+i, s*w+j, c]
+  g[b, h, w, c]``, one variadic reduction over the batch for all ``K*K`` taps in a single pass
+  over ``x`` and ``g``, then a small reduction over space.
+* Grouped: forward and input gradient stay XLA's; the weight gradient is, per tap, one batched
+  matrix product over the groups (``[G, S, N] @ [G, N, M]``, ``N = B*H'*W'``).
+
+The primal of each ``custom_vjp`` stays ``lax.conv_general_dilated``: a traced forward pass (ONNX
+export, ``count_macs``, an un-differentiated evaluation) sees one convolution per layer as
+before; the fast formulations run where the training step differentiates the layer. GPUs and
+TPUs, regular convolutions, dilations and ``batch_group_count`` keep XLA's convolution untouched.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ def grouped_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
                   preferred_element_type=preferred_element_type)
     if out_sharding is not None:
         kwargs["out_sharding"] = out_sharding
-    if not _takes_fast_path(lhs, rhs, kwargs):
+    kind = _fast_kind(lhs, rhs, kwargs)
+    if kind is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
@@ -54,30 +61,36 @@ def grouped_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    return _depthwise_conv(lhs, rhs, strides, pads)
+    if kind == "depthwise":
+        return _depthwise_conv(lhs, rhs, strides, pads)
+    return _grouped_conv(lhs, rhs, strides, pads, feature_group_count)
 
 
-def _takes_fast_path(lhs, rhs, kwargs) -> bool:
+def _fast_kind(lhs, rhs, kwargs) -> str | None:
+    """``'depthwise'`` (one input channel per group), ``'grouped'`` (several) or ``None`` (a call
+    left to XLA: another backend, layout, dilation, a regular convolution, ...)."""
     if jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4:
-        return False
+        return None
     if kwargs["batch_group_count"] != 1 or kwargs["preferred_element_type"] is not None:
-        return False
+        return None
     if any(d not in (None, 1) and tuple(d) != (1, 1)
            for d in (kwargs["lhs_dilation"], kwargs["rhs_dilation"])):
-        return False
+        return None
     numbers = kwargs["dimension_numbers"]
     if numbers is None or lax.conv_dimension_numbers(lhs.shape, rhs.shape, numbers) != (
             lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
-        return False
-    channels = lhs.shape[3]
-    if not isinstance(channels, int) or kwargs["feature_group_count"] != channels:
-        return False
-    return rhs.shape[2] == 1 and rhs.shape[3] % channels == 0 and channels > 1
+        return None
+    groups, channels = kwargs["feature_group_count"], lhs.shape[3]
+    if groups < 2 or not isinstance(channels, int) or channels % groups:
+        return None
+    if rhs.shape[2] != channels // groups or rhs.shape[3] % groups:
+        return None
+    return "depthwise" if groups == channels else "grouped"
 
 
-def _reference(x, kernel, strides, pads):
+def _reference(x, kernel, strides, pads, groups=None):
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC,
-                                    feature_group_count=x.shape[3])
+                                    feature_group_count=groups or x.shape[3])
 
 
 def _output_hw(x_shape, kernel_shape, strides, pads):
@@ -160,3 +173,37 @@ def _depthwise_conv_bwd(strides, pads, residuals, g):
 
 
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
+def _grouped_weight_grad(x, g, kernel_shape, strides, pads, groups):
+    """``dw[i, j, s, G*M] = sum_{b,h,w} x_pad[b, s*h+i, s*w+j, g*S + s] g[b, h, w, g*M + m]``: per
+    tap one batched matrix product over the groups, ``[G, S, N] @ [G, N, M]``."""
+    b, ho, wo, out_c = g.shape
+    s_in, mult = x.shape[3] // groups, out_c // groups
+    acc = _accumulation_dtype(g.dtype)
+    g3 = g.reshape(b * ho * wo, groups, mult)
+    taps = [jnp.einsum("ngs,ngm->gsm", tap.reshape(b * ho * wo, groups, s_in), g3,
+                       preferred_element_type=acc)
+            for tap in _taps(x, kernel_shape, strides, pads)]
+    dw = jnp.stack(taps).transpose(0, 2, 1, 3)  # [K*K, S, G, M]
+    return dw.reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grouped_conv(x, kernel, strides, pads, groups):
+    return _reference(x, kernel, strides, pads, groups)
+
+
+def _grouped_conv_fwd(x, kernel, strides, pads, groups):
+    return _reference(x, kernel, strides, pads, groups), (x, kernel)
+
+
+def _grouped_conv_bwd(strides, pads, groups, residuals, g):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: _reference(x_, kernel, strides, pads, groups), x)
+    (dx,) = input_vjp(g)
+    dw = _grouped_weight_grad(x, g, kernel.shape, strides, pads, groups)
+    return dx, dw.astype(kernel.dtype)
+
+
+_grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
