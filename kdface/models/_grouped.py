@@ -41,10 +41,12 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def grouped_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                  precision=None, preferred_element_type=None, out_sharding=None):
-    """``lax.conv_general_dilated`` with a CPU-fast gradient for depthwise NHWC convolutions.
+    """``lax.conv_general_dilated`` with CPU-fast gradients for depthwise and grouped NHWC
+    convolutions.
 
     Same arguments and result as ``lax.conv_general_dilated``; see the module docstring for
-    which calls take the fast path (every other call is passed through unchanged).
+    which calls take the fast path (every other call is passed through unchanged). ``precision``
+    does not apply on the fast path (the CPU computes float32 exactly as requested).
     """
     kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                   dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -71,7 +73,8 @@ def _fast_kind(lhs, rhs, kwargs) -> str | None:
     left to XLA: another backend, layout, dilation, a regular convolution, ...)."""
     if jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4:
         return None
-    if kwargs["batch_group_count"] != 1 or kwargs["preferred_element_type"] is not None:
+    if (kwargs["batch_group_count"] != 1 or kwargs["preferred_element_type"] is not None
+            or kwargs.get("out_sharding") is not None):
         return None
     if any(d not in (None, 1) and tuple(d) != (1, 1)
            for d in (kwargs["lhs_dilation"], kwargs["rhs_dilation"])):
@@ -176,8 +179,9 @@ _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
 def _grouped_weight_grad(x, g, kernel_shape, strides, pads, groups):
-    """``dw[i, j, s, G*M] = sum_{b,h,w} x_pad[b, s*h+i, s*w+j, g*S + s] g[b, h, w, g*M + m]``: per
-    tap one batched matrix product over the groups, ``[G, S, N] @ [G, N, M]``."""
+    """``dw[i, j, s, g*M + m] = sum_{b,h,w} x_pad[b, s*h+i, s*w+j, g*S + s] g[b, h, w, g*M + m]``
+    (``S`` input and ``M`` output channels per group): per tap one batched matrix product over the
+    groups, ``[G, S, N] @ [G, N, M]`` with ``N = B*H'*W'``."""
     b, ho, wo, out_c = g.shape
     s_in, mult = x.shape[3] // groups, out_c // groups
     acc = _accumulation_dtype(g.dtype)
