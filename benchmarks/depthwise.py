@@ -29,6 +29,8 @@ from unittest import mock
 
 from absl import app, flags
 
+from benchmarks._markdown_section import write_section
+
 flags.DEFINE_integer("batch", 64, "Batch size.")
 flags.DEFINE_integer("rounds", 3, "Alternated timing rounds (median reported).")
 flags.DEFINE_integer("classes", 1000, "CosFace classes.")
@@ -133,17 +135,6 @@ def _commit() -> str:
         return "unknown"
 
 
-def _write_section(path, lines):
-    text = open(path).read() if os.path.exists(path) else "# Train-step throughput\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        tail = rest.split("\n## ", 1)
-        text = head + ("" if len(tail) == 1 else "## " + tail[1].rstrip("\n") + "\n\n")
-    text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv):
     del argv
     load_before = _uptime()
@@ -199,7 +190,7 @@ def main(argv):
         "traced graphs, e.g. ONNX export), so the forward column is unchanged by design.",
         "",
     ]
-    _write_section(F.out, lines)
+    write_section(F.out, SECTION, lines)
     print("\n".join(lines))
     return 0
 
