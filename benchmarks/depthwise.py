@@ -5,10 +5,10 @@ r"""MobileFaceNet forward and MobileFaceNet + CosFace train step: kdface vs PyTo
 Side by side in one process, in alternated rounds (each round times every case once, after
 warm-up), median over ``--rounds``:
 
-* ``kdface (XLA conv)``: kdface's step with every depthwise convolution left to XLA's
-  ``lax.conv_general_dilated`` (the library before ``kdface.models._grouped``), obtained by
+* ``kdface (XLA conv)``: kdface's step with every convolution left to XLA's
+  ``lax.conv_general_dilated`` (the library before ``kdface.models._conv``), obtained by
   turning the fast path off while that variant is traced;
-* ``kdface``: the library as shipped (depthwise convolutions through ``grouped_conv``);
+* ``kdface``: the library as shipped (``kdface.models._conv.conv_general_dilated``);
 * ``torch eager``: the same network in PyTorch (``benchmarks.torch_models``, insightface's
   MobileFaceNet layout), the same CosFace head and SGD with momentum.
 
@@ -49,11 +49,11 @@ def _kdface_cases(batch_size, classes, fast):
     import optax
     from flax import nnx
     from kdface.distill import build_recipe, build_student
-    from kdface.models import _grouped
+    from kdface.models import _conv
     from kdface.training import StepConfig, init_state, make_train_step
 
-    patch = (mock.patch.object(_grouped, "_fast_kind", lambda *a: None) if not fast
-             else mock.patch.object(_grouped, "_fast_kind", _grouped._fast_kind))
+    patch = (mock.patch.object(_conv, "_fast_kind", lambda *a: None) if not fast
+             else mock.patch.object(_conv, "_fast_kind", _conv._fast_kind))
     student = build_student("mobilefacenet", num_classes=classes, head="cosface",
                             rngs=nnx.Rngs(0))
     cfg = {"head": "cosface", "margin_scale": 64.0, "margin": 0.35}
@@ -181,13 +181,14 @@ def main(argv):
         "|---|---|---|---|---|",
         *rows,
         "",
-        "`kdface (XLA conv)` is the library with every depthwise convolution left to XLA's "
-        "`lax.conv_general_dilated(feature_group_count=C)` (the state before "
-        "`kdface.models._grouped`). `kdface` trains its depthwise convolutions through "
-        "`grouped_conv`, a custom VJP whose forward is a fused sum over the kernel taps, whose "
-        "input gradient is that sum's derivative and whose weight gradient is a per-channel "
-        "reduction; the un-differentiated forward keeps XLA's convolution (one Conv per layer in "
-        "traced graphs, e.g. ONNX export), so the forward column is unchanged by design.",
+        "`kdface (XLA conv)` is the library with every convolution left to XLA's "
+        "`lax.conv_general_dilated` (the state before `kdface.models._conv`). `kdface` trains "
+        "through `kdface.models._conv.conv_general_dilated`: custom VJPs whose depthwise forward "
+        "is a fused sum over the kernel taps, whose depthwise input gradient is that sum's "
+        "derivative, whose depthwise weight gradient is a per-channel reduction, and whose 1x1 "
+        "convolutions are matrix products; the un-differentiated forward keeps XLA's "
+        "convolution (one Conv per layer in traced graphs, e.g. ONNX export), so the forward "
+        "column does not change.",
         "",
     ]
     write_section(F.out, SECTION, lines)

@@ -1,7 +1,7 @@
-"""grouped_conv (kdface.models._grouped): depthwise and grouped convolutions whose CPU gradients
-are per-channel / per-group reductions must equal ``lax.conv_general_dilated`` with the same
-``feature_group_count`` in value and in both gradients, and leave every other convolution to
-XLA."""
+"""kdface.models._conv.conv_general_dilated: pointwise, depthwise and grouped convolutions whose
+CPU gradients are matrix products / per-channel / per-group reductions must equal
+``lax.conv_general_dilated`` with the same ``feature_group_count`` in value and in both
+gradients, and leave every other convolution to XLA."""
 from unittest import mock
 
 import jax
@@ -12,8 +12,8 @@ from flax import nnx
 from jax import lax
 
 from kdface import models
-from kdface.models import _grouped
-from kdface.models._grouped import grouped_conv
+from kdface.models import _conv
+from kdface.models._conv import conv_general_dilated
 from kdface.models._layers import conv
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -25,7 +25,7 @@ def _reference(x, w, stride, padding, groups):
 
 
 def _ours(x, w, stride, padding, groups):
-    return grouped_conv(x, w, (stride, stride), padding, dimension_numbers=DN,
+    return conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DN,
                         feature_group_count=groups)
 
 
@@ -46,6 +46,8 @@ CASES = [  # (H, W, C, groups, multiplier, K, stride, padding): forms the backbo
     (9, 9, 8, 2, 2, 3, 1, ((1, 1), (1, 1))),    # VarGFaceNet: 4 channels per group, factor 2
     (9, 8, 6, 3, 2, 3, 2, ((1, 1), (1, 1))),    # grouped, stride 2
     (3, 3, 8, 2, 1, 3, 1, "VALID"),             # VarGFaceNet embedding: kernel = final map
+    (6, 5, 4, 1, 3, 1, 1, ((0, 0), (0, 0))),    # pointwise 4 -> 3
+    (7, 6, 4, 1, 2, 1, 2, "VALID"),             # pointwise, stride 2 (IResNet downsampling)
 ]
 
 
@@ -142,7 +144,7 @@ def test_other_convolutions_are_passed_to_xla_unchanged(groups, kwargs):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 9, 4)), jnp.float32)
     w = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, 4 // groups, 4)), jnp.float32)
     pad = ((1, 1), (1, 1))
-    ours = jax.make_jaxpr(lambda x, w: jax.grad(lambda x, w: jnp.sum(grouped_conv(
+    ours = jax.make_jaxpr(lambda x, w: jax.grad(lambda x, w: jnp.sum(conv_general_dilated(
         x, w, (1, 1), pad, dimension_numbers=DN, feature_group_count=groups, **kwargs)),
         (0, 1))(x, w))(x, w)
     theirs = jax.make_jaxpr(lambda x, w: jax.grad(lambda x, w: jnp.sum(lax.conv_general_dilated(
@@ -184,7 +186,7 @@ def test_backbone_gradients_equal_those_of_xla_convolutions(name):
         return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x) * cotangent)
 
     fast = jax.jit(jax.value_and_grad(loss))(params, rest)
-    with mock.patch.object(_grouped, "_fast_kind", lambda *a: None):
+    with mock.patch.object(_conv, "_fast_kind", lambda *a: None):
         slow = jax.jit(jax.value_and_grad(loss))(params, rest)
     np.testing.assert_allclose(float(fast[0]), float(slow[0]), rtol=1e-4)
     flat_fast, flat_slow = jax.tree.leaves(fast[1]), jax.tree.leaves(slow[1])

@@ -1,17 +1,20 @@
-"""Depthwise and grouped convolutions that train fast on the CPU; XLA's convolution elsewhere.
+"""Convolutions that train fast on the CPU; XLA's convolution everywhere else.
 
-:func:`grouped_conv` has ``lax.conv_general_dilated``'s signature (``nnx.Conv`` takes it as its
-``conv_general_dilated``), returns the same values and the same gradients, and differs only in
-how XLA computes the gradients on the CPU backend for grouped NHWC convolutions
-(``feature_group_count > 1``): depthwise ones (one input channel per group, the MobileNet /
-MobileFaceNet layer, any channel multiplier) and grouped ones (VarGFaceNet's ``S`` = 8 input
-channels per group).
+:func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature (``nnx.Conv`` takes it
+as its ``conv_general_dilated``), returns the same values and the same gradients, and differs
+only in how XLA computes the gradients on the CPU backend for three NHWC cases: pointwise (1x1,
+unpadded, one group: the expansion / projection layers of mobile networks), depthwise (one input
+channel per group, any channel multiplier: the MobileNet / MobileFaceNet layer) and grouped
+(several input channels per group: VarGFaceNet's ``S = 8``).
 
 Why: XLA:CPU runs a depthwise convolution on one core, computes its input gradient as a grouped
-transposed convolution (slow for stride 2), and computes the *weight* gradient of any grouped
+transposed convolution (slow for stride 2), and computes the *weight* gradient of a grouped
 convolution as a full ``C_in x C_out`` convolution masked to the group-diagonal blocks: ``G``
-times the work needed (``C`` times for depthwise), the largest cost of a MobileFaceNet step.
+times the work needed (``C`` times for depthwise). A 1x1 convolution's weight gradient becomes a
+convolution with an ``H x W`` window, several times slower than the equivalent matrix product.
 
+* Pointwise: forward and both gradients are those of one matrix product ``[B*H*W, C_in] @
+  [C_in, C_out]`` (after the stride's subsampling).
 * Depthwise: the forward pass is the sum over the ``K*K`` kernel taps of the strided, shifted
   input times that tap's per-channel weight (``y = sum_ij x[s*h+i, s*w+j, c] * w[i, j, c]``),
   which XLA fuses into one parallel elementwise loop; the input gradient is the automatic
@@ -25,7 +28,7 @@ times the work needed (``C`` times for depthwise), the largest cost of a MobileF
 The primal of each ``custom_vjp`` stays ``lax.conv_general_dilated``: a traced forward pass (ONNX
 export, ``count_macs``, an un-differentiated evaluation) sees one convolution per layer as
 before; the fast formulations run where the training step differentiates the layer. GPUs and
-TPUs, regular convolutions, dilations and ``batch_group_count`` keep XLA's convolution untouched.
+TPUs, KxK regular convolutions, dilations and ``batch_group_count`` keep XLA's convolution.
 """
 from __future__ import annotations
 
@@ -38,11 +41,11 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def grouped_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                  precision=None, preferred_element_type=None, out_sharding=None):
-    """``lax.conv_general_dilated`` with CPU-fast gradients for depthwise and grouped NHWC
-    convolutions.
+    """``lax.conv_general_dilated`` with CPU-fast gradients for pointwise, depthwise and grouped
+    NHWC convolutions.
 
     Same arguments and result as ``lax.conv_general_dilated``; see the module docstring for
     which calls take the fast path (every other call is passed through unchanged). ``precision``
@@ -63,14 +66,19 @@ def grouped_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if kind == "pointwise" and any(pads[0] + pads[1]):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    if kind == "pointwise":
+        return _pointwise_conv(lhs, rhs, strides)
     if kind == "depthwise":
         return _depthwise_conv(lhs, rhs, strides, pads)
     return _grouped_conv(lhs, rhs, strides, pads, feature_group_count)
 
 
 def _fast_kind(lhs, rhs, kwargs) -> str | None:
-    """``'depthwise'`` (one input channel per group), ``'grouped'`` (several) or ``None`` (a call
-    left to XLA: another backend, layout, dilation, a regular convolution, ...)."""
+    """``'pointwise'`` (1x1, one group), ``'depthwise'`` (one input channel per group),
+    ``'grouped'`` (several) or ``None`` (a call left to XLA: another backend, layout, dilation, a
+    regular KxK convolution, ...)."""
     if jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4:
         return None
     if (kwargs["batch_group_count"] != 1 or kwargs["preferred_element_type"] is not None
@@ -84,6 +92,8 @@ def _fast_kind(lhs, rhs, kwargs) -> str | None:
             lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
         return None
     groups, channels = kwargs["feature_group_count"], lhs.shape[3]
+    if groups == 1 and tuple(rhs.shape[:2]) == (1, 1):
+        return "pointwise"
     if groups < 2 or not isinstance(channels, int) or channels % groups:
         return None
     if rhs.shape[2] != channels // groups or rhs.shape[3] % groups:
@@ -211,3 +221,35 @@ def _grouped_conv_bwd(strides, pads, groups, residuals, g):
 
 
 _grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+
+
+def _pointwise_forward(x, kernel, strides):
+    """A 1x1 convolution as one matrix product: ``[B*H'*W', C_in] @ [C_in, C_out]`` on the
+    strided input (XLA:CPU computes a 1x1 convolution's weight gradient as a convolution with
+    an ``H x W`` window, several times slower than this product)."""
+    sh, sw = strides
+    if (sh, sw) != (1, 1):
+        x = lax.slice(x, (0, 0, 0, 0), x.shape, (1, sh, sw, 1))
+    b, h, w, c = x.shape
+    acc = _accumulation_dtype(x.dtype)
+    y = lax.dot_general(x.reshape(b * h * w, c), kernel.reshape(c, kernel.shape[3]),
+                        (((1,), (0,)), ((), ())), preferred_element_type=acc)
+    return y.reshape(b, h, w, kernel.shape[3]).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise_conv(x, kernel, strides):
+    return _reference(x, kernel, strides, ((0, 0), (0, 0)), 1)
+
+
+def _pointwise_conv_fwd(x, kernel, strides):
+    return _pointwise_forward(x, kernel, strides), (x, kernel)
+
+
+def _pointwise_conv_bwd(strides, residuals, g):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda x_, k_: _pointwise_forward(x_, k_, strides), x, kernel)
+    return vjp(g)
+
+
+_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
