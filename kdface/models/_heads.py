@@ -88,6 +88,14 @@ def shard_margin_heads(module: nnx.Module, mesh: jax.sharding.Mesh, *, axis: str
 
     Raises ValueError if ``axis`` is not a mesh axis or a sharded head's class count is not a
     multiple of the axis size (JAX places only evenly divisible arrays).
+
+    Use in a data-parallel step (batch split on ``axis`` as usual)::
+
+        shardings = shard_margin_heads(student, mesh)        # before nnx.split: sets the heads
+        graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+        params = jax.device_put(params, shardings)
+        opt_state = optimizer.init(params)                   # momentum placed like params
+        step = jax.jit(train_step, donate_argnums=(0,))      # arguments keep their placement
     """
     if axis not in mesh.axis_names:
         raise ValueError(f"mesh has axes {tuple(mesh.axis_names)}, not {axis!r}; pass "
