@@ -50,7 +50,7 @@ def _kdface_cases(batch_size, classes, fast):
     from flax import nnx
     from kdface.distill import build_recipe, build_student
     from kdface.models import _conv
-    from kdface.training import StepConfig, init_state, make_train_step
+    from kdface.training import StepConfig, init_health, init_state, make_train_step
 
     patch = (mock.patch.object(_conv, "_fast_kind", lambda *a: None) if not fast
              else mock.patch.object(_conv, "_fast_kind", _conv._fast_kind))
@@ -76,17 +76,19 @@ def _kdface_cases(batch_size, classes, fast):
         return nnx.merge(bdef, bstate)(x)
 
     x = jax.device_put(images)
-    holder = {"state": state}
+    holder = {"state": state, "health": init_health(recipe)}
     with patch:  # tracing happens on the first call
         jax.block_until_ready(embed(bstate, x))
-        holder["state"], metrics = step(holder["state"], None, batch)
+        holder["state"], holder["health"], metrics = step(holder["state"], holder["health"],
+                                                          None, batch)
         jax.block_until_ready(metrics["loss"])
 
     def forward():
         jax.block_until_ready(embed(bstate, x))
 
     def train():
-        holder["state"], m = step(holder["state"], None, batch)
+        holder["state"], holder["health"], m = step(holder["state"], holder["health"], None,
+                                                    batch)
         jax.block_until_ready(m["loss"])
 
     return forward, train
