@@ -28,7 +28,12 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 class BadStoreError(RuntimeError):
-    """A cache file exists but cannot be trusted; the message names the file and the fix."""
+    """A cache file exists but cannot be trusted; the message names the file and the fix,
+    ``problem`` the file and what is wrong with it."""
+
+    def __init__(self, path: str, problem: str, directory: str):
+        super().__init__(f"teacher cache {path} {problem}; delete {directory} to rebuild it")
+        self.problem = f"{path} {problem}"
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -73,22 +78,18 @@ def open_store(directory: str) -> np.ndarray:
         raise FileNotFoundError(f"no teacher cache in {directory}")
     meta = _read_json(meta_path)
     if meta is None:
-        raise BadStoreError(f"teacher cache {meta_path} is unreadable; delete {directory} "
-                            "to rebuild it")
+        raise BadStoreError(meta_path, "is unreadable", directory)
     try:
         array = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:
-        raise BadStoreError(f"teacher cache {path} is damaged ({e}); delete {directory} to "
-                            "rebuild it") from None
+        raise BadStoreError(path, f"is damaged ({e})", directory) from None
     expected = tuple(meta["shape"])
     if array.shape != expected or str(array.dtype) != meta["dtype"]:
-        raise BadStoreError(f"teacher cache {path} holds {array.dtype} {array.shape}, its "
-                            f"meta.json says {meta['dtype']} {expected}; delete {directory} "
-                            "to rebuild it")
+        raise BadStoreError(path, f"holds {array.dtype} {array.shape}, its meta.json says "
+                            f"{meta['dtype']} {expected}", directory)
     header = os.path.getsize(path) - array.nbytes
     if header < 0 or header > 4096:
-        raise BadStoreError(f"teacher cache {path} is truncated; delete {directory} to "
-                            "rebuild it")
+        raise BadStoreError(path, "is truncated", directory)
     return array
 
 

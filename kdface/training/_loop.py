@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -207,6 +208,13 @@ def check_health(health: dict[str, Any], *, start: int, step: int, last_good: in
         f" (terms {({k: round(v, 4) for k, v in values.items() if k != 'loss'})}); {resume}")
 
 
+def steady_state_guard(level: str):
+    """The context steady-state steps run in: ``jax.transfer_guard_device_to_host(level)``
+    ('disallow' turns any hidden device-to-host read into an error on accelerators; on the CPU
+    backend JAX reads device buffers in place, so tests add their own check of host reads)."""
+    return jax.transfer_guard_device_to_host(level)
+
+
 def student_shardings(config: TrainConfig, student: DistillStudent, mesh, num_classes: int):
     """The params' placement: replicated, except a margin head's class axis split over the
     devices with ``--shard_head`` (on, or auto from ``--shard_head_min_classes`` classes when
@@ -233,7 +241,11 @@ def place_state(state, param_shardings, optimizer, replicated):
     if param_shardings is None:
         return jax.device_put(state, replicated)
     params = jax.device_put(state["params"], param_shardings)
-    slots = jax.tree.map(lambda a: a.sharding, jax.jit(optimizer.init)(params))
+    # Optimizer slots (momentum, Adam moments) of a split weight are split the same way; the
+    # head weight [E, C] is the only parameter of its shape.
+    split = {tuple(p.shape): p.sharding for p in jax.tree.leaves(params)
+             if not p.sharding.is_fully_replicated}
+    slots = jax.tree.map(lambda a: split.get(tuple(np.shape(a)), replicated), state["opt_state"])
     return {"params": params, "rest": jax.device_put(state["rest"], replicated),
             "opt_state": jax.device_put(state["opt_state"], slots),
             "step": jax.device_put(state["step"], replicated)}
@@ -352,7 +364,6 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
 
     feed = DevicePrefetcher(batches, place, depth=max(1, config.prefetch))
     health = jax.device_put(init_health(recipe), replicated)
-    guard = jax.transfer_guard_device_to_host(config.transfer_guard)
     last, val, images_seen, t0, excluded = {}, {}, 0, None, 0.0
     checked = start
     try:
@@ -360,8 +371,10 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
             is_log = step % config.log_every == 0 or step == total_steps
             is_eval = bool(val_sets) and (step % config.eval_every == 0 or step == total_steps)
             is_save = step % config.save_every == 0 or step == total_steps
-            batch = next(feed)
-            with guard:  # steady state: dispatch only, nothing comes back to the host
+            steady = t0 is not None and not (is_log or is_eval or is_save)
+            # Steady state: take a placed batch and dispatch; nothing comes back to the host.
+            with steady_state_guard(config.transfer_guard) if steady else nullcontext():
+                batch = next(feed)
                 state, health, metrics = step_fn(state, health, teacher_state, batch)
             if t0 is None:
                 jax.block_until_ready(metrics["loss"])

@@ -173,8 +173,10 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
                               health["reference_loss"])
         runaway = jnp.zeros((), bool)
         if config.runaway_factor > 0:
-            runaway = finite & (jnp.abs(total) > config.runaway_factor
-                                * jnp.maximum(jnp.abs(reference), 1e-6))
+            # Against the first step's loss, from the step after it.
+            previous = health["reference_loss"]
+            runaway = finite & ~jnp.isnan(previous) & (
+                jnp.abs(total) > config.runaway_factor * jnp.maximum(jnp.abs(previous), 1e-6))
         runaway_ok = health["first_runaway"] < 0
         apply = finite & healthy & runaway_ok & ~runaway
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)

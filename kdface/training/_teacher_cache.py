@@ -27,7 +27,6 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -81,8 +80,7 @@ class TeacherCache:
         except FileNotFoundError:
             pass
         except BadStoreError as e:
-            logging.warning("%s; rebuilding it", e)
-            print(f"teacher cache: {e}; rebuilding it", flush=True)
+            print(f"teacher cache {e.problem}; rebuilding it", flush=True)
         from kdface.training._loop import build_teacher
         teacher = build_teacher(config, num_classes, recipe)
         rows = teacher_embedding_rows(teacher, source, config.input_size, first=start,

@@ -1,0 +1,161 @@
+"""The accelerator-grade loop: no host sync in steady state, health checked at log/eval/save
+steps, the embeddings-only teacher cache, the LR view on the device, the sharded head."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdface.data import encode_image
+from kdface.training import ArrayBatches, NonFiniteLossError, fit
+from kdface.training._loop import check_health
+from kdface.training._run import run
+
+from _train_helpers import CLASSES, HW, TINY, labelled_images, tiny_config
+
+
+def _source(n=32):
+    rng = np.random.default_rng(1)
+    return [{"image": encode_image((rng.random((*HW, 3)) * 80 + 40 + 30 * (i % CLASSES))
+                                   .clip(0, 255).astype(np.uint8)), "label": i % CLASSES}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    run(tiny_config(tmp / "teacher", steps=3), data_dir="", source=_source(),
+        num_classes=CLASSES, val_sets=[])
+    return str(tmp / "teacher")
+
+
+class _HostReads:
+    """An equivalent of ``jax.transfer_guard_device_to_host('disallow')`` for the CPU backend,
+    where JAX reads device buffers in place and the real guard never fires: every read of an
+    array's value on the host (``float``, ``bool``, ``np.asarray``, ``jax.device_get``) goes
+    through ``ArrayImpl._value``; inside the guarded context that read raises."""
+
+    def __init__(self, monkeypatch):
+        from jax._src import array
+        self.active, self.entered = False, 0
+        original = array.ArrayImpl._value
+        guard = self
+
+        def _value(arr):
+            if guard.active:
+                raise AssertionError("device-to-host read inside a steady-state step")
+            return original.fget(arr)
+
+        monkeypatch.setattr(array.ArrayImpl, "_value", property(_value))
+
+    def __call__(self, level):
+        guard = self
+
+        class _Context:
+            def __enter__(self):
+                guard.active, guard.entered = True, guard.entered + 1
+
+            def __exit__(self, *exc):
+                guard.active = False
+
+        return _Context()
+
+
+def test_the_host_read_guard_catches_a_host_read(monkeypatch):
+    guard = _HostReads(monkeypatch)
+    x = jnp.ones(()) + 1
+    with guard("disallow"):
+        with pytest.raises(AssertionError, match="steady-state"):
+            float(x)
+        with pytest.raises(AssertionError):
+            jax.device_get(x)
+    assert float(x) == 2.0
+
+
+def test_steady_state_steps_transfer_nothing_to_the_host(tmp_path, teacher_dir, monkeypatch):
+    import kdface.training._loop as loop
+    guard = _HostReads(monkeypatch)
+    monkeypatch.setattr(loop, "steady_state_guard", guard)
+    # Steps 2..5 are steady state (step 1 compiles; log, eval and save only at step 6): any
+    # device-to-host read inside them (a metric, the finite flag) would raise.
+    cfg = tiny_config(tmp_path / "guarded", recipe="kd_im", teacher_checkpoint=teacher_dir,
+                      feature_loss="normalized_l2", steps=6, log_every=6, save_every=6,
+                      teacher_cache=True, transfer_guard="disallow", progress=False)
+    summary = run(cfg, data_dir="", source=_source(), num_classes=CLASSES, val_sets=[])
+    assert summary["step"] == 6 and np.isfinite(summary["metrics"]["loss"])
+    assert guard.entered == 4
+
+
+def test_runaway_loss_stops_the_run_and_names_the_step(tmp_path):
+    images, labels = labelled_images()
+    cfg = tiny_config(tmp_path / "runaway", steps=4, save_every=1, runaway_factor=1e-3)
+    with pytest.raises(NonFiniteLossError, match=r"ran away at step 2: .*runaway_factor=0\.001"):
+        fit(cfg, ArrayBatches(images, labels, batch_size=8), num_classes=CLASSES)
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "runaway" / "checkpoints")
+                   if d.isdigit())
+    assert steps == [1]  # nothing after the last good step was saved
+
+
+def test_health_messages_name_terms_window_and_the_resumable_checkpoint():
+    health = {"steps": 7, "first_bad": 5, "first_runaway": -1, "reference_loss": 2.0,
+              "grads_finite": True, "bad_values": {"loss": np.nan, "cosface": np.nan,
+                                                   "soft_prediction": 0.5}}
+    with pytest.raises(NonFiniteLossError) as e:
+        check_health(health, start=20, step=30, last_good=20, factor=1000.0)
+    message = str(e.value)
+    # 30 - 7 = 23 steps ran before this process's first; the 5th of them is step 28.
+    assert "step 28" in message and "last check 20" in message
+    assert "['loss', 'cosface']" in message and "checkpoint: 20" in message
+    assert "--learning_rate" in message
+    health.update(bad_values={"loss": 1.0, "cosface": 1.0}, grads_finite=False)
+    with pytest.raises(NonFiniteLossError, match=r"\['gradients'\]"):
+        check_health(health, start=20, step=30, last_good=20, factor=1000.0)
+    check_health({**health, "first_bad": -1}, start=0, step=1, last_good=None, factor=1.0)
+
+
+def test_teacher_cache_is_embeddings_only_shared_by_generations_and_rebuilt_when_damaged(
+        tmp_path, teacher_dir, capsys):
+    cfg = tiny_config(tmp_path / "gens", recipe="vargface", teacher_checkpoint=teacher_dir,
+                      steps=2, generations=2, teacher_cache=True, progress=False)
+    run(cfg, data_dir="", source=_source(), num_classes=CLASSES, val_sets=[])
+    root = tmp_path / "gens" / "teacher_cache"
+    stores = [d for d in os.listdir(root) if not d.endswith(".partial")]
+    assert len(stores) == 1  # both generations used the parent's one cache
+    assert not os.path.exists(tmp_path / "gens" / "gen_1" / "teacher_cache")
+    path = root / stores[0] / "embedding.npy"
+    width = TINY["embedding_size"]
+    data_bytes = 32 * 2 * width * 2  # N x 2 views x E x float16: no [N, C] logits
+    assert data_bytes < os.path.getsize(path) <= data_bytes + 4096
+    with open(path, "r+b") as f:  # a kill during a copy, a full disk
+        f.truncate(os.path.getsize(path) - 8)
+    summary = run(cfg.replace(workdir=str(tmp_path / "again"),
+                              teacher_cache_dir=str(root), generations=1),
+                  data_dir="", source=_source(), num_classes=CLASSES, val_sets=[])
+    assert np.isfinite(summary["metrics"]["loss"])
+    out = capsys.readouterr().out
+    assert "embedding.npy is damaged" in out and "rebuilding it" in out
+    assert os.path.getsize(path) > data_bytes
+
+
+def test_lr_view_on_the_device_trains(tmp_path, teacher_dir):
+    cfg = tiny_config(tmp_path / "devlr", recipe="kd_im", teacher_checkpoint=teacher_dir,
+                      feature_loss="normalized_l2", steps=2, lr_on_device=True,
+                      lr_sizes=(4, 8), lr_fraction=1.0, progress=False)
+    summary = run(cfg, data_dir="", source=_source(), num_classes=CLASSES, val_sets=[])
+    assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
+
+
+def test_sharded_head_trains_like_the_replicated_one(tmp_path):
+    images, labels = labelled_images()
+    losses = {}
+    for mode in ("off", "on"):
+        cfg = tiny_config(tmp_path / mode, steps=3, shard_head=mode)
+        summary = fit(cfg, ArrayBatches(images, labels, batch_size=8), num_classes=CLASSES)
+        losses[mode] = summary["metrics"]["loss"]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-5)
+    with pytest.raises(ValueError, match="--shard_head=on"):
+        fit(tiny_config(tmp_path / "odd", steps=1, shard_head="on"),
+            ArrayBatches(images, labels % 3, batch_size=8), num_classes=3)
