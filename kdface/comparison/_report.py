@@ -274,7 +274,7 @@ def _macs(model: Mapping[str, Any]) -> str:
 
 def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
     """``comparison.json``, ``comparison.md``, ``accuracy_<set>.png`` (per method, mean ± std
-    at full resolution and at the smallest probe size) and ``accuracy_vs_probe_<set>.png``."""
+    at full resolution and at the smallest probe size) and ``accuracy_vs_probe_<set>.png`` (each with a PDF beside it)."""
     from kdface import metrics
     from kdface.evaluation import to_jsonable
     os.makedirs(out_dir, exist_ok=True)
@@ -295,9 +295,10 @@ def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
             continue
         path = os.path.join(out_dir, f"accuracy_{safe}.png")
         labels = ["full resolution"] + ([f"{sizes[0]} px probe"] if sizes else [])
-        bar_chart(path, bars, labels, title=f"{set_name}: accuracy per method (mean ± std "
-                                             f"over seeds)")
-        written.append(path)
+        figure = metrics.bar_figure(bars, labels, xlabel="verification accuracy",
+                                    title=f"{set_name}: accuracy per method (mean ± std over "
+                                          f"seeds)")
+        written.extend(metrics.save_figure(figure, path))
         if sizes and info.get("image_size"):
             x = [int(s) for s in sizes] + [max(info["image_size"])]
             series = {}
@@ -306,69 +307,10 @@ def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
                 if ver is not None:
                     series[name] = [_mean(ver["lr"].get(s)) for s in sizes] + [_mean(ver["hr"])]
             path = os.path.join(out_dir, f"accuracy_vs_probe_{safe}.png")
-            metrics.plot_accuracy_vs_probe_size(path, x, series, title=f"{set_name}: accuracy "
-                                                f"vs probe size (mean over seeds)",
-                                                size=(1000, 700))
-            written.append(path)
+            written.extend(metrics.plot_accuracy_vs_probe_size(
+                path, x, series, title=f"{set_name}: accuracy vs probe size (mean over seeds)",
+                size=(1000, 700)))
     return written
-
-
-def bar_chart(path: str, bars: Mapping[str, Sequence[dict[str, Any] | None]],
-              labels: Sequence[str], *, title: str = "") -> np.ndarray:
-    """Horizontal bars, one group per method, one bar per ``labels`` entry, with ±std whiskers.
-
-    Drawn with OpenCV like the evaluator's plots (matplotlib is not a dependency of kdface).
-    ``bars``: {method: [stats or None per label]} (stats: ``{'mean', 'std'}``, accuracies).
-    """
-    import cv2
-    from kdface.metrics._plots import PALETTE
-    names = list(bars)
-    group = len(labels)
-    bar_h, gap, left, right, top = 14, 10, 200, 40, 60
-    height = top + len(names) * (group * bar_h + gap) + 60
-    width = 900
-    values = [s["mean"] + s["std"] for v in bars.values() for s in v if s is not None]
-    lows = [s["mean"] - s["std"] for v in bars.values() for s in v if s is not None]
-    lo = max(0.0, math.floor(min(lows) * 20) / 20 - 0.05)
-    hi = min(1.0, math.ceil(max(values) * 20) / 20)
-    hi = hi if hi > lo else lo + 0.05
-    img = np.full((height, width, 3), 255, np.uint8)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-
-    def x_of(v: float) -> int:
-        return int(left + (v - lo) / (hi - lo) * (width - left - right))
-    cv2.putText(img, title, (10, 25), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    for k, label in enumerate(labels):
-        colour = PALETTE[k % len(PALETTE)]
-        cv2.rectangle(img, (left + 220 * k, 35), (left + 220 * k + 14, 47), colour, -1)
-        cv2.putText(img, label, (left + 220 * k + 20, 47), font, 0.45, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    bottom = height - 50
-    for t in np.linspace(lo, hi, 6):
-        x = x_of(float(t))
-        cv2.line(img, (x, top - 5), (x, bottom), (225, 225, 225), 1)
-        cv2.putText(img, f"{t:.2f}", (x - 14, bottom + 18), font, 0.4, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    for i, name in enumerate(names):
-        y0 = top + i * (group * bar_h + gap)
-        cv2.putText(img, name[:26], (8, y0 + group * bar_h // 2 + 5), font, 0.45, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-        for k, stats in enumerate(bars[name]):
-            if stats is None:
-                continue
-            colour = PALETTE[k % len(PALETTE)]
-            y = y0 + k * bar_h
-            cv2.rectangle(img, (left, y + 1), (x_of(stats["mean"]), y + bar_h - 2), colour, -1)
-            a, b = x_of(stats["mean"] - stats["std"]), x_of(stats["mean"] + stats["std"])
-            cv2.line(img, (a, y + bar_h // 2), (b, y + bar_h // 2), (0, 0, 0), 1)
-            cv2.line(img, (a, y + 3), (a, y + bar_h - 4), (0, 0, 0), 1)
-            cv2.line(img, (b, y + 3), (b, y + bar_h - 4), (0, 0, 0), 1)
-    cv2.putText(img, "verification accuracy", (left, height - 12), font, 0.45, (0, 0, 0), 1,
-                cv2.LINE_AA)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if not cv2.imwrite(path, img):
-        raise OSError(f"OpenCV could not write {path!r}")
-    return img
 
 
 def _mean(stats: dict[str, Any] | None) -> float | None:

@@ -42,6 +42,7 @@ from kdface.metrics._identification import (
 )
 from kdface.metrics._topk import TailOfScores, top_k
 from kdface.metrics._alignment import nearest_neighbour_verification, nrmse_dataset
-from kdface.metrics._plots import (accuracy_vs_probe_size_figure, ced_figure, line_figure,
+from kdface.metrics._plots import (accuracy_vs_probe_size_figure, bar_figure, ced_figure,
+                                   line_figure,
                                    line_plot, plot_accuracy_vs_probe_size, plot_ced, plot_roc,
                                    roc_figure, save_figure)

@@ -92,6 +92,46 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> list[str]:
     return [png, pdf]
 
 
+def bar_figure(bars: Mapping[str, Sequence[Mapping[str, float] | None]],
+               labels: Sequence[str], *, title: str = "", xlabel: str = "",
+               size: tuple[int, int] = (900, 600)) -> Figure:
+    """Horizontal bars with ±std whiskers: one group per entry of ``bars`` ({name: [stats or
+    None per label]}, stats ``{'mean', 'std'}``), one bar per ``labels`` entry."""
+    if not bars or not labels:
+        raise ValueError("bars and labels must not be empty")
+    for name, values in bars.items():
+        if len(values) != len(labels):
+            raise ValueError(f"{name!r}: {len(values)} values for {len(labels)} labels")
+    width, height = size
+    fig = Figure(figsize=(width / 100, max(height, 60 + 18 * len(bars) * len(labels)) / 100),
+                 dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = list(bars)[::-1]  # first entry on top
+    bar = 0.8 / len(labels)
+    for k, label in enumerate(labels):
+        ys, means, stds = [], [], []
+        for i, name in enumerate(names):
+            stats = bars[name][k]
+            if stats is None or not np.isfinite(stats.get("mean", np.nan)):
+                continue
+            ys.append(i + 0.4 - (k + 0.5) * bar)
+            means.append(stats["mean"])
+            stds.append(stats.get("std") or 0.0)
+        ax.barh(ys, means, height=bar * 0.9, xerr=stds, color=PALETTE[k % len(PALETTE)],
+                label=label, error_kw={"elinewidth": 1, "capsize": 2})
+    ax.set_yticks(range(len(names)), names)
+    finite = [s["mean"] - (s.get("std") or 0) for v in bars.values() for s in v
+              if s is not None and np.isfinite(s.get("mean", np.nan))]
+    if finite:
+        ax.set_xlim(max(0.0, min(finite) - 0.05), None)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(True, axis="x", color="0.9")
+    ax.legend(loc="lower right")
+    return fig
+
+
 def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Any, Any]],
               **options: Any) -> list[str]:
     """:func:`line_figure` written to ``path`` (.png) and its .pdf; returns both paths."""
