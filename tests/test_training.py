@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from kdface.data import encode_image
+from kdface.data import decode_image, encode_image
 from kdface.distill import build_recipe, build_student
 from kdface.training import (ArrayBatches, NonFiniteLossError, StepConfig, fit, init_health,
                              init_state,
@@ -289,6 +289,16 @@ def test_every_recipe_runs(tmp_path, teacher_dir, recipe, extra):
     summary = run(cfg, data_dir="", source=_source(), num_classes=CLASSES, val_sets=[])
     assert summary["step"] == 2
     assert np.isfinite(summary["metrics"]["loss"])
+    # Every recipe's run evaluates (kdface.evaluate's Embedder) and exports to ONNX.
+    from kdface.evaluation import Embedder
+    from kdface.export import export_checkpoint
+    images = np.stack([decode_image(r["image"]) for r in _source(4)])
+    emb = Embedder(str(tmp_path / "r"))(images)
+    assert emb.shape == (4, TINY["embedding_size"]) and np.all(np.isfinite(emb))
+    checked = export_checkpoint(str(tmp_path / "r"), str(tmp_path / "r.onnx"))
+    assert os.path.getsize(tmp_path / "r.onnx") > 0
+    if checked.get("max_rel_diff") is not None:  # ONNX Runtime vs JAX on random images
+        assert checked["max_rel_diff"] < 1e-4
 
 
 def test_kd_finetunes_the_teacher_first_and_generations_chain(tmp_path, teacher_dir):
