@@ -232,6 +232,8 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     teacher_def, teacher_state = split_teacher(teacher) if teacher is not None else (None, None)
 
     main = jax.process_index() == 0
+    from kdface.training._validate import check_workdir
+    check_workdir(config, {"num_classes": num_classes, "head_used": recipe.head})
     os.makedirs(config.workdir, exist_ok=True)
     if main:
         with open(os.path.join(config.workdir, "config.json"), "w") as f:
