@@ -32,6 +32,18 @@ def silence_logs(verbose: bool) -> None:
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     for name in _CHATTY_LOGGERS:
         py_logging.getLogger(name).setLevel(level)
+    absl_logger = py_logging.getLogger("absl")
+    if not verbose and not any(isinstance(f, _OrbaxNotes) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxNotes())
+
+
+class _OrbaxNotes(py_logging.Filter):
+    """Drops orbax's warnings below ERROR ("Given directory is read only", "Metadata file does
+    not exist" on every params-only load): they describe orbax's own bookkeeping, not the run.
+    orbax logs through absl, so a logger level cannot tell them from kdface's warnings."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.ERROR or "orbax" not in record.pathname
 
 
 def wants_verbose(argv) -> bool:

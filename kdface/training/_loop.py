@@ -188,12 +188,18 @@ def evaluate_verification(embed: Callable, params, rest, sets: Sequence[Verifica
                           batch_size: int = 64) -> dict[str, float]:
     """10-fold verification accuracy of the current student on each set."""
     from kdface import metrics
+    from kdface._progress import progress
     out = {}
     for vs in sets:
         chunks = []
+        # thousands of pairs take minutes on a CPU: a bar that disappears when done
+        bar = progress(total=len(vs.images), desc=f"verifying on {vs.name}", unit="img",
+                       leave=False)
         for i in range(0, len(vs.images), batch_size):
             chunk = normalize_images(vs.images[i:i + batch_size])
             chunks.append(np.asarray(embed(params, rest, jnp.asarray(chunk))))
+            bar.update(len(chunk))
+        bar.close()
         emb = np.concatenate(chunks)
         result = metrics.verification(emb[0::2], emb[1::2], vs.issame)
         out[f"{vs.name}_accuracy"] = float(result["accuracy"])
