@@ -209,20 +209,3 @@ def test_unknown_flag_is_a_usage_error(capsys):
     assert code == 2 and len(lines) <= 2, lines
     assert "no_such_flag" in lines[0]
 
-
-def test_throughput_counts_training_time_only():
-    from kdface.training._throughput import ThroughputMeter
-    now = [0.0]
-    meter = ThroughputMeter(8, clock=lambda: now[0])
-    now[0] += 30.0  # the first step compiles: not counted
-    meter.step_done()
-    assert meter.images_per_s() is None
-    for _ in range(4):  # 4 steps of 0.5 s
-        now[0] += 0.5
-        meter.step_done()
-    with meter.paused():  # evaluation and a checkpoint write: 100 s, not training
-        now[0] += 100.0
-    now[0] += 0.5
-    meter.step_done()
-    # 5 steps x 8 images in 2.5 s of training
-    assert meter.images_per_s() == pytest.approx(40 / 2.5)

@@ -16,7 +16,8 @@ from flax import nnx
 
 from kdface.data import encode_image
 from kdface.distill import build_recipe, build_student
-from kdface.training import (ArrayBatches, NonFiniteLossError, StepConfig, fit, init_state,
+from kdface.training import (ArrayBatches, NonFiniteLossError, StepConfig, fit, init_health,
+                             init_state,
                              learning_rate_schedule, make_optimizer, make_train_step,
                              read_events)
 from kdface.training._checkpoint import load_model_weights
@@ -136,12 +137,13 @@ def _run_steps(devices, steps=3):
                          axis_types=(jax.sharding.AxisType.Auto,))
     state = jax.device_put(state, NamedSharding(mesh, P()))
     step = jax.jit(make_train_step(recipe, graphdef, None, opt, StepConfig()))
+    health = jax.device_put(init_health(recipe), NamedSharding(mesh, P()))
     images, labels = _data(n=16)
     losses = []
     for _ in range(steps):
         batch = {"student_image": images, "label": labels.astype(np.int32)}
         batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-        state, metrics = step(state, None, batch)
+        state, health, metrics = step(state, health, None, batch)
         losses.append(float(metrics["loss"]))
     return losses, state
 

@@ -14,6 +14,8 @@ Choices that hold for every network built from these blocks (each network may ov
   follow a reference with another initializer pass ``kernel_init``.
 * PReLU: one learnable slope per channel, initialised to 0.25 (PyTorch ``nn.PReLU`` and the MXNet
   ``LeakyReLU(act_type='prelu')`` used by SphereFace / insightface / VarGFaceNet).
+* Convolutions go through ``kdface.models._conv.conv_general_dilated``: on the CPU, pointwise,
+  depthwise and grouped ones train with formulations several times faster than XLA's.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from kdface.models._conv import conv_general_dilated
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -54,7 +58,8 @@ def conv(in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: i
     return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size),
                     strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                     feature_group_count=groups, use_bias=use_bias,
-                    kernel_init=kernel_init or he_normal_fan_out, rngs=rngs)
+                    kernel_init=kernel_init or he_normal_fan_out, rngs=rngs,
+                    conv_general_dilated=conv_general_dilated)
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs, use_scale: bool = True,

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdface.models._base import Backbone
+from kdface.models._conv import conv_general_dilated
 from kdface.models._layers import (activation, batch_norm, check_input_size, conv,
                                    conv_output_size, flatten)
 from kdface.models._registry import register
@@ -138,7 +139,8 @@ class GDCEmbedding(nnx.Module):
                       ConvBNAct(c_in, last_channels, 1, act=act, rngs=rngs))
         c = c_in if last_channels is None else last_channels
         self.gdconv = nnx.Conv(c, c, self.final_hw, padding="VALID", feature_group_count=c,
-                               use_bias=False, rngs=rngs)
+                               use_bias=False, rngs=rngs,
+                               conv_general_dilated=conv_general_dilated)
         self.gd_bn = batch_norm(c, rngs=rngs)
         self.linear = nnx.Linear(c, embedding_size, use_bias=False, rngs=rngs)
         self.bn = batch_norm(embedding_size, use_scale=False, rngs=rngs)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdface.models._base import Backbone
+from kdface.models._conv import conv_general_dilated
 from kdface.models._layers import (ConvBN, SqueezeExcite, activation, batch_norm,
                                    check_input_size, conv_output_size, flatten)
 from kdface.models._registry import register
@@ -172,7 +173,8 @@ class VarGFaceNet(Backbone):
             # Seed sec. 2.3.2: variable-group conv whose kernel covers the whole final map.
             self.shrink = nnx.Conv(last_channels, last_channels, (fh, fw), padding="VALID",
                                    feature_group_count=last_channels // group_size,
-                                   use_bias=False, rngs=rngs)
+                                   use_bias=False, rngs=rngs,
+                               conv_general_dilated=conv_general_dilated)
             self.shrink_bn = batch_norm(last_channels, rngs=rngs)
             self.point = ConvBN(last_channels, last_channels // 2, 1, act=act, rngs=rngs)
             fc_in = last_channels // 2

@@ -8,4 +8,4 @@ from kdface.training._loop import (NonFiniteLossError, VerificationSet, data_mes
 from kdface.training._optim import (StepSchedule, epochs_to_steps, learning_rate_schedule,
                                     make_optimizer, resolve_schedule)
 from kdface.training._restore import Restored, read_run_config, restore_run
-from kdface.training._step import StepConfig, init_state, make_train_step
+from kdface.training._step import StepConfig, init_health, init_state, make_train_step

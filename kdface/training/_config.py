@@ -179,6 +179,29 @@ class TrainConfig:
     log_every: int = option(10, "Log every K steps.")
     teacher_cache: bool = option(False, "Compute the frozen teacher's outputs once and skip its "
                                  "forward pass (needs a deterministic teacher view).")
+    teacher_cache_dir: str = option("", "Directory of teacher caches (default: "
+                                    "<workdir>/teacher_cache; generations share their parent's)."
+                                    )
+    teacher_cache_dtype: str = option("float16", "Storage of the cached teacher embeddings "
+                                      "(kdface's choice: float16, half of float32's disk and "
+                                      "page cache; relative rounding <= 2^-11).",
+                                      choices=("float16", "float32"))
+    lr_on_device: bool = option(False, "Make the low-resolution student view on the "
+                                "accelerator (same sizes, fraction and per-seed draws as the "
+                                "host OpenCV version; pixels within one grey level).")
+    prefetch: int = option(2, "Batches placed on the devices ahead of the running step.")
+    runaway_factor: float = option(1000.0, "Stop the run when a finite loss exceeds this "
+                                   "multiple of the first step's loss (kdface's choice: 1000; "
+                                   "0 = off).")
+    shard_head: str = option("auto", "Shard the margin head's class axis over the devices: on, "
+                             "off, or auto (from --shard_head_min_classes classes, when the "
+                             "class count divides evenly).", choices=("auto", "on", "off"))
+    shard_head_min_classes: int = option(50_000, "Class count from which --shard_head=auto "
+                                         "shards the head (kdface's choice).")
+    transfer_guard: str = option("allow", "jax.transfer_guard level for device-to-host "
+                                 "transfers inside steady-state steps (a debugging aid: "
+                                 "'disallow' proves the loop never waits for the host).",
+                                 choices=("allow", "log", "disallow"))
     async_checkpoints: bool = option(True, "Write checkpoints in the background.")
     progress: bool = option(True, "Show the progress line and write logs (process 0).")
 

@@ -2,7 +2,7 @@
 
 ``fit(config, batches, ...)`` builds the networks the recipe names, loads the frozen teacher
 params-only, resumes from the latest checkpoint in ``config.workdir`` if there is one, and runs
-the jitted step over a ``data`` mesh (DESIGN.md: jit over NamedSharding(mesh, P('data')); the
+the jitted step over a ``data`` mesh (jit over NamedSharding(mesh, P('data')); the
 global batch is split across devices and, under jit, BatchNorm statistics and relational losses
 see the global batch unless ``relation_scope='device'``).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,7 +34,10 @@ from kdface.training._logging import RunLog
 from kdface.training._optim import learning_rate_schedule, make_optimizer, resolve_schedule
 from kdface.training._restore import (build_run_student, init_from_run, read_run_config,
                                       restore_run)
-from kdface.training._step import StepConfig, init_state, make_train_step, split_teacher
+from kdface.data import normalize_images
+from kdface.training._prefetch import DevicePrefetcher
+from kdface.training._step import (StepConfig, init_health, init_state, make_train_step,
+                                   split_teacher)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,7 +53,7 @@ class VerificationSet:
 
 
 def data_mesh() -> jax.sharding.Mesh:
-    """A 1-D ``data`` mesh over every device (Auto axis type: DESIGN.md pitfall)."""
+    """A 1-D ``data`` mesh over every device (Auto axis type: ``jax.make_mesh`` defaults to Explicit axes)."""
     return jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -179,14 +183,67 @@ def _embed_fn(graphdef):
     return embed
 
 
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 [.., H, W, 3] -> float32 ((x / 255) - 0.5) / 0.5, the pipeline's normalization."""
-    return (images.astype(np.float32) / 255.0 - 0.5) / 0.5
+def check_health(health: dict[str, Any], *, start: int, step: int, last_good: int | None,
+                 factor: float) -> None:
+    """Raises ``NonFiniteLossError`` when the steps since the last check (``start`` < s <=
+    ``step``) met a non-finite or runaway loss; the step's state is the last good one."""
+    first_bad, first_runaway = int(health["first_bad"]), int(health["first_runaway"])
+    if first_bad < 0 and first_runaway < 0:
+        return
+    base = step - int(health["steps"])  # the loop step before the first step of this process
+    values = {k: float(v) for k, v in health["bad_values"].items()}
+    resume = (f"nothing after step {min(s for s in (first_bad, first_runaway) if s >= 0) + base - 1}"
+              f" was applied or saved; last good checkpoint: {last_good}. Rerun the same "
+              f"command with a lower --learning_rate or a --clip_norm to resume from it")
+    if first_bad >= 0 and (first_runaway < 0 or first_bad <= first_runaway):
+        bad = [k for k, v in values.items() if not np.isfinite(v)]
+        if not bad and not bool(health["grads_finite"]):
+            bad = ["gradients"]
+        raise NonFiniteLossError(
+            f"non-finite loss at step {first_bad + base} (checked at step {step}, last check "
+            f"{start}) in term(s) {bad or ['gradients']}; {resume}")
+    raise NonFiniteLossError(
+        f"the loss ran away at step {first_runaway + base}: {values['loss']:.4g} > "
+        f"--runaway_factor={factor:g} x the first step's {float(health['reference_loss']):.4g}"
+        f" (terms {({k: round(v, 4) for k, v in values.items() if k != 'loss'})}); {resume}")
+
+
+def student_shardings(config: TrainConfig, student: DistillStudent, mesh, num_classes: int):
+    """The params' placement: replicated, except a margin head's class axis split over the
+    devices with ``--shard_head`` (on, or auto from ``--shard_head_min_classes`` classes when
+    the class count divides evenly); None when nothing is split."""
+    from kdface.models import shard_margin_heads
+    devices = mesh.shape["data"]
+    if config.shard_head == "off" or devices == 1:
+        return None
+    if config.shard_head == "auto" and (num_classes < config.shard_head_min_classes
+                                        or num_classes % devices):
+        if num_classes >= config.shard_head_min_classes:
+            logging.warning("--shard_head=auto: %d classes do not divide over %d devices; the "
+                            "head stays replicated", num_classes, devices)
+        return None
+    try:
+        return shard_margin_heads(student, mesh, axis="data")
+    except ValueError as e:
+        raise ValueError(f"--shard_head=on: {e}") from None
+
+
+def place_state(state, param_shardings, optimizer, replicated):
+    """The train state on the mesh: replicated, or with the head (and its optimizer slots)
+    split as ``param_shardings`` says."""
+    if param_shardings is None:
+        return jax.device_put(state, replicated)
+    params = jax.device_put(state["params"], param_shardings)
+    slots = jax.tree.map(lambda a: a.sharding, jax.jit(optimizer.init)(params))
+    return {"params": params, "rest": jax.device_put(state["rest"], replicated),
+            "opt_state": jax.device_put(state["opt_state"], slots),
+            "step": jax.device_put(state["step"], replicated)}
 
 
 def evaluate_verification(embed: Callable, params, rest, sets: Sequence[VerificationSet], *,
-                          batch_size: int = 64) -> dict[str, float]:
-    """10-fold verification accuracy of the current student on each set."""
+                          batch_size: int = 64, step: int | None = None) -> dict[str, float]:
+    """10-fold verification accuracy of the current student on each set; embeddings that are
+    not finite end in ``NonFiniteLossError`` naming the set and the step."""
     from kdface import metrics
     from kdface._progress import progress
     out = {}
@@ -201,6 +258,10 @@ def evaluate_verification(embed: Callable, params, rest, sets: Sequence[Verifica
             bar.update(len(chunk))
         bar.close()
         emb = np.concatenate(chunks)
+        if not np.all(np.isfinite(emb)):
+            raise NonFiniteLossError(
+                f"the student's embeddings of {vs.name} are not finite at step {step}: the "
+                f"weights diverged; rerun with a lower --learning_rate or --clip_norm")
         result = metrics.verification(emb[0::2], emb[1::2], vs.issame)
         out[f"{vs.name}_accuracy"] = float(result["accuracy"])
     return out
@@ -234,6 +295,9 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
         "optimizer": config.optimizer, "learning_rate": schedule, "momentum": config.momentum,
         "nesterov": config.nesterov, "weight_decay": config.weight_decay,
         "clip_norm": config.clip_norm or None, **recipe.optimizer})
+    mesh = data_mesh()
+    # Before the split: a sharded head carries its output placement in the graphdef.
+    param_shardings = student_shardings(config, student, mesh, num_classes)
     graphdef, state = init_state(student, optimizer)
     teacher_def, teacher_state = split_teacher(teacher) if teacher is not None else (None, None)
 
@@ -259,58 +323,89 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
         batches.set_state(meta["data"])
     start = start or 0
 
-    mesh = data_mesh()
     replicated = NamedSharding(mesh, P())
-    state = jax.device_put(state, replicated)
+    state = place_state(state, param_shardings, optimizer, replicated)
+    n_dev = jax.device_count()
+    device_lr = None
+    if config.lr_on_device and recipe.student_view == "low_resolution":
+        from kdface.data._degrade_device import DeviceLowResolution
+        device_lr = DeviceLowResolution(tuple(config.input_size), tuple(config.lr_sizes))
+    if teacher_cache is not None and teacher is not None:
+        # The cache holds embeddings; logits are the teacher head applied to them.
+        head_def, head_state = nnx.split(teacher.head)
+        teacher_def = (head_def, teacher.head_kind, teacher.logit_scale)
+        teacher_state = head_state
     if teacher_state is not None:
         teacher_state = jax.device_put(teacher_state, replicated)
-    n_dev = jax.device_count()
     step_config = StepConfig(
         relation_groups=n_dev if config.relation_scope == "device" else 1,
         compute_dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
-        teacher_cached=teacher_cache is not None)
-    step_fn = jax.jit(make_train_step(recipe, graphdef, teacher_def if teacher_cache is None
-                                      else None, optimizer, step_config),
-                      donate_argnums=(0,))
+        teacher_cached=teacher_cache is not None, device_lr=device_lr,
+        runaway_factor=float(config.runaway_factor))
+    step_fn = jax.jit(make_train_step(recipe, graphdef, teacher_def, optimizer, step_config),
+                      donate_argnums=(0, 1))
     embed = _embed_fn(graphdef)
     log = RunLog(os.path.join(config.workdir, "logs"), enabled=main and config.progress,
-                 total_steps=total_steps)
-    last, val, images_seen, t0 = {}, {}, 0, None
+                 total_steps=total_steps, hparams=config.as_dict())
+    keep = {"student_image", "teacher_image", "label", "landmarks"}
+    if device_lr is not None:
+        keep.add("student_size")
+    if teacher_cache is not None:
+        keep.discard("teacher_image")
+
+    def place(batch):
+        if teacher_cache is not None and recipe.needs_teacher:
+            batch = teacher_cache.attach(batch)
+            keep.add("teacher_embedding")
+        return shard_batch({k: v for k, v in batch.items() if k in keep}, mesh)
+
+    feed = DevicePrefetcher(batches, place, depth=max(1, config.prefetch))
+    health = jax.device_put(init_health(recipe), replicated)
+    guard = jax.transfer_guard_device_to_host(config.transfer_guard)
+    last, val, images_seen, t0, excluded = {}, {}, 0, None, 0.0
+    checked = start
+    if main and config.progress and start < total_steps:
+        # the first step compiles the networks and the loss: minutes for a full-size teacher
+        print("kdface.train: compiling the train step (first step)...", file=sys.stderr,
+              flush=True)
     try:
         for step in range(start + 1, total_steps + 1):
-            batch = next(batches)
-            if teacher_cache is not None and recipe.needs_teacher:
-                batch = teacher_cache.attach(batch)
-            batch.pop("index", None)
-            batch.pop("flipped", None)
-            state, metrics = step_fn(state, teacher_state, shard_batch(batch, mesh))
-            if not bool(metrics["finite"]):
-                bad = [k for k, v in metrics.items() if k not in ("finite",)
-                       and not np.isfinite(float(v))]
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} in term(s) {bad or ['gradients']}; "
-                    f"stopped without saving (last good checkpoint: "
-                    f"{checkpoints.latest_step()})")
+            is_log = step % config.log_every == 0 or step == total_steps
+            is_eval = bool(val_sets) and (step % config.eval_every == 0 or step == total_steps)
+            is_save = step % config.save_every == 0 or step == total_steps
+            batch = next(feed)
+            with guard:  # steady state: dispatch only, nothing comes back to the host
+                state, health, metrics = step_fn(state, health, teacher_state, batch)
             if t0 is None:
+                jax.block_until_ready(metrics["loss"])
                 t0 = time.perf_counter()  # after the first (compiling) step
             else:
                 images_seen += config.batch_size
-            if step % config.log_every == 0 or step == total_steps:
-                last = {k: float(v) for k, v in metrics.items() if k != "finite"}
+            if not (is_log or is_eval or is_save):
+                continue
+            check_health(jax.device_get(health), start=checked, step=step,
+                         last_good=checkpoints.latest_step(), factor=config.runaway_factor)
+            checked = step
+            if is_log:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()
+                        if k != "finite"}
                 if images_seen:
-                    last["images_per_s"] = images_seen / (time.perf_counter() - t0)
+                    last["images_per_s"] = images_seen / (time.perf_counter() - t0 - excluded)
                 log.log(step, last)
                 log.progress(step, last)
-            is_eval = val_sets and (step % config.eval_every == 0 or step == total_steps)
+            paused = time.perf_counter()
             if is_eval:
-                val = evaluate_verification(embed, state["params"], state["rest"], val_sets)
+                val = evaluate_verification(embed, state["params"], state["rest"], val_sets,
+                                            step=step)
                 val["val_accuracy"] = float(np.mean(list(val.values())))
                 log.log(step, val, kind="val")
-            if step % config.save_every == 0 or step == total_steps:
-                checkpoints.save(step, state, {"data": batches.get_state(), "step": step},
+            if is_save:
+                checkpoints.save(step, state, {"data": feed.get_state(), "step": step},
                                  metrics=dict(val) if is_eval else None,
                                  force=step == total_steps)
+            excluded += time.perf_counter() - paused  # images/s counts training time only
     finally:
+        feed.close()
         checkpoints.close()
         log.close()
     return {"step": int(state["step"]), "metrics": last, "val": val,

@@ -70,17 +70,22 @@ def resolve_verification_sets(val_data, data_dir: str,
 
 
 def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str):
+    """The two-view pipeline; images stay uint8 (normalized in the step, a quarter of the bytes
+    to transfer) and, with ``--lr_on_device``, the host only draws each sample's LR size."""
     from kdface.data._degrade import LowResolutionAugment
+    from kdface.data._degrade_device import DecideOnlyAugment
     from kdface.data._pipeline import make_training_pipeline
     augment = None
     if student_view == "low_resolution":
         augment = LowResolutionAugment(sizes=tuple(config.lr_sizes), fraction=config.lr_fraction,
                                        seed=config.seed)
+        if config.lr_on_device:
+            augment = DecideOnlyAugment(augment)
     return PipelineBatches(make_training_pipeline(
         source, global_batch_size=config.batch_size, seed=config.seed, flip=config.flip,
         teacher_view="original" if teacher_view == "original" else "augmented",
         student_view=student_view, student_augment=augment, image_size=config.input_size,
-        crop_from=config.crop_from or None))
+        crop_from=config.crop_from or None, normalize=False))
 
 
 def planned_runs(config: TrainConfig, recipe) -> list[TrainConfig]:
@@ -158,9 +163,12 @@ def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | N
 
 
 def _generation_config(config: TrainConfig, k: int, previous: str | None) -> TrainConfig:
-    """Generation ``k`` of a recursive-KD run: ``workdir/gen_k``, from ``previous``'s student."""
+    """Generation ``k`` of a recursive-KD run: ``workdir/gen_k``, from ``previous``'s student.
+    Generations share one teacher, so they share its cache (the parent's)."""
     return config.replace(workdir=os.path.join(config.workdir, f"gen_{k}"),
-                          init_checkpoint=previous, generations=1)
+                          init_checkpoint=previous, generations=1,
+                          teacher_cache_dir=config.teacher_cache_dir or os.path.join(
+                              config.workdir, "teacher_cache"))
 
 
 def _phase_configs(config: TrainConfig, phase) -> tuple[TrainConfig, TrainConfig]:

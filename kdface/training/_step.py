@@ -2,11 +2,16 @@
 
 State is a plain pytree ``{'params', 'rest', 'opt_state', 'step'}`` obtained from
 ``nnx.split(student, nnx.Param, ...)`` so the step composes with ``jax.jit`` over a device mesh
-and with orbax (DESIGN.md). The frozen teacher enters as an argument (its eval-mode state), never
-as part of the state, so it is never differentiated, updated or checkpointed (STYLE.md rule 8).
+and with orbax. The frozen teacher enters as an argument (its eval-mode state), never as part of
+the state, so it is never differentiated, updated or checkpointed.
 
-A step whose loss or any term is non-finite leaves the state untouched and reports
-``finite=False``; the host loop stops and names the term.
+Images may arrive as uint8 (a quarter of float32's bytes on the host-to-device link) and are
+normalized here; the low-resolution student view can be made here too (``device_lr``).
+
+Health without waiting for the host: the step carries a small ``health`` record on the device
+(steps run, the first step whose loss, a term or a gradient was not finite, which terms, the
+first runaway step). A step after the first bad one changes nothing, so the state the host finds
+at its next log / eval / save check is the last good one; the host reads ``health`` only then.
 """
 from __future__ import annotations
 
@@ -30,12 +35,46 @@ class StepConfig:
     relation_groups: relational terms see the batch in this many contiguous groups (1 = global
     batch relations; the device count = per-device relations). compute_dtype: bfloat16 runs the
     networks in bf16 (parameters are kept in float32; losses are computed in float32).
-    teacher_cached: the teacher's embedding/logits come in the batch as ``teacher_embedding`` and
-    ``teacher_logits`` (the teacher cache) instead of a teacher forward pass.
+    teacher_cached: the teacher's embedding comes in the batch as ``teacher_embedding`` (the
+    teacher cache) instead of a teacher forward pass; logits, when a term reads them, are the
+    teacher head applied to it (``teacher_state`` is then the head's state).
+    device_lr: a ``kdface.data.DeviceLowResolution`` applied to ``student_image`` by the
+    per-sample ``student_size`` (the host only drew the sizes), or None.
+    runaway_factor: a finite loss above this multiple of the first step's loss counts as a
+    runaway (0 = off).
     """
     relation_groups: int = 1
     compute_dtype: Any = jnp.float32
     teacher_cached: bool = False
+    device_lr: Any = None
+    runaway_factor: float = 0.0
+
+
+def normalize_on_device(images: jax.Array) -> jax.Array:
+    """uint8 (or float pixel) ``[..., H, W, 3]`` -> float32 ``(x / 255 - 0.5) / 0.5``; float
+    images already in [-1, 1] pass through unchanged (the caller normalized them)."""
+    if images.dtype == jnp.uint8:
+        return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+    return images
+
+
+def head_logits(head_def, head_state, kind: str, scale: float, embedding: jax.Array) -> jax.Array:
+    """The teacher's class logits recomputed from its (cached) embedding, as ``FaceNetwork``
+    computes them: the softmax head's logits, or ``scale * cos θ`` for a margin head."""
+    head = nnx.merge(head_def, head_state, copy=True)
+    out = head(embedding.astype(jnp.float32))
+    return out if kind == "softmax" else scale * out
+
+
+def init_health(recipe: Recipe) -> dict[str, Any]:
+    """The device-side health record a fresh loop starts from (see the module docstring):
+    ``bad_values`` keeps the loss and every term's value at the first bad step."""
+    names = ["loss"] + [t.name for t in recipe.terms]
+    return {"steps": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32),
+            "first_runaway": jnp.full((), -1, jnp.int32),
+            "reference_loss": jnp.full((), jnp.nan, jnp.float32),
+            "grads_finite": jnp.ones((), bool),
+            "bad_values": {n: jnp.zeros((), jnp.float32) for n in names}}
 
 
 def split_student(student: DistillStudent):
@@ -61,9 +100,12 @@ def init_state(student: DistillStudent, optimizer: optax.GradientTransformation)
 def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config: StepConfig):
     """Returns ``step(state, teacher_state, batch) -> (state, metrics)`` (not yet jitted).
 
-    batch: ``student_image`` [B, H, W, 3], ``label`` [B], optionally ``teacher_image``,
-    ``landmarks``, ``teacher_embedding`` / ``teacher_logits`` (cached teacher).
-    metrics: ``loss``, one entry per term, ``finite`` (bool).
+    ``step(state, health, teacher_state, batch) -> (state, health, metrics)``.
+
+    batch: ``student_image`` [B, H, W, 3] (uint8 or normalized float), ``label`` [B],
+    optionally ``teacher_image``, ``landmarks``, ``student_size`` (with ``device_lr``),
+    ``teacher_embedding`` (cached teacher). metrics: ``loss``, one entry per term,
+    ``finite`` (bool), all left on the device.
     """
     needs_teacher = recipe.needs_teacher
     student_stages, teacher_stages = recipe.student_stages, recipe.teacher_stages
@@ -72,19 +114,37 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
     if config.teacher_cached and not recipe.cacheable:
         raise ValueError(recipe.uncacheable_reason())
     cdt = config.compute_dtype
+    needs_logits = "logits" in recipe.teacher_outputs
+    teacher_sees_student_view = recipe.teacher_view not in (None, "original")
+
+    def views(batch):
+        student_image = batch["student_image"]
+        if config.device_lr is not None:
+            student_image = config.device_lr(student_image, batch["student_size"])
+            student_image = (student_image / 255.0 - 0.5) / 0.5
+        student_image = normalize_on_device(student_image)
+        if teacher_sees_student_view and config.device_lr is not None:
+            return student_image, student_image
+        teacher_image = normalize_on_device(batch.get("teacher_image", batch["student_image"]))
+        return student_image, teacher_image
 
     def loss_fn(params, rest, teacher_state, batch, step):
         student = nnx.merge(student_def, cast_floating(params, cdt), rest, copy=True)
-        s_out = student.network(batch["student_image"].astype(cdt), with_stages=student_stages)
+        student_image, teacher_image = views(batch)
+        s_out = student.network(student_image.astype(cdt), with_stages=student_stages)
         s_out = cast_floating(s_out, jnp.float32)
         t_out, tail = None, None
         if needs_teacher:
             if config.teacher_cached:
-                t_out = {"embedding": batch["teacher_embedding"],
-                         "logits": batch["teacher_logits"]}
+                embedding = batch["teacher_embedding"].astype(jnp.float32)
+                t_out = {"embedding": embedding}
+                if needs_logits:
+                    head_def, kind, scale = teacher_def
+                    t_out["logits"] = head_logits(head_def, teacher_state, kind, scale,
+                                                  embedding)
             else:
                 teacher = nnx.merge(teacher_def, cast_floating(teacher_state, cdt), copy=True)
-                t_img = batch.get("teacher_image", batch["student_image"]).astype(cdt)
+                t_img = teacher_image.astype(cdt)
                 t_out = cast_floating(teacher(t_img, with_stages=teacher_stages), jnp.float32)
                 tail = lambda i, f: teacher.backbone.forward_from(i, f.astype(cdt)).astype(
                     jnp.float32)
@@ -99,7 +159,7 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
         new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
         return total, (values, new_rest)
 
-    def step(state, teacher_state, batch):
+    def step(state, health, teacher_state, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (total, (values, new_rest)), grads = grad_fn(state["params"], state["rest"],
                                                     teacher_state, batch, state["step"])
@@ -108,20 +168,32 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
         grads_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
                                           for g in jax.tree.leaves(grads)]))
         finite = jnp.isfinite(total) & grads_finite
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        healthy = health["first_bad"] < 0
+        reference = jnp.where(jnp.isnan(health["reference_loss"]) & finite, total,
+                              health["reference_loss"])
+        runaway = jnp.zeros((), bool)
+        if config.runaway_factor > 0:
+            runaway = finite & (jnp.abs(total) > config.runaway_factor
+                                * jnp.maximum(jnp.abs(reference), 1e-6))
+        runaway_ok = health["first_runaway"] < 0
+        apply = finite & healthy & runaway_ok & ~runaway
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
         new_state = {"params": keep(new_params, state["params"]),
                      "rest": keep(new_rest, state["rest"]),
                      "opt_state": keep(new_opt, state["opt_state"]),
-                     "step": state["step"] + finite.astype(jnp.int32)}
+                     "step": state["step"] + apply.astype(jnp.int32)}
+        steps = health["steps"] + 1
         metrics = {"loss": total, "finite": finite, **values}
-        return new_state, metrics
+        record = (healthy & ~finite) | (runaway_ok & runaway)
+        new_health = {
+            "steps": steps,
+            "first_bad": jnp.where(healthy & ~finite, steps, health["first_bad"]),
+            "first_runaway": jnp.where(runaway_ok & runaway, steps, health["first_runaway"]),
+            "reference_loss": reference,
+            "grads_finite": jnp.where(healthy & ~finite, grads_finite, health["grads_finite"]),
+            "bad_values": {k: jnp.where(record, metrics[k].astype(jnp.float32), v)
+                           for k, v in health["bad_values"].items()}}
+        return new_state, new_health, metrics
 
     return step
 
-
-def make_embed_fn(network_def):
-    """``embed(state, images) -> [B, E]`` for evaluation (eval-mode graphdef expected)."""
-    def embed(state, images):
-        network = nnx.merge(network_def, state, copy=True)
-        return network(images)["embedding"]
-    return embed
