@@ -209,3 +209,19 @@ def test_unknown_flag_is_a_usage_error(capsys):
     assert code == 2 and len(lines) <= 2, lines
     assert "no_such_flag" in lines[0]
 
+
+
+def test_teacher_checkpoint_whose_weights_do_not_fit_its_config(trained, tmp_path, capsys):
+    """A teacher workdir whose config.json was rewritten for another network (what an old
+    rerun with another architecture left behind) is named before anything runs."""
+    liar = tmp_path / "liar"
+    shutil.copytree(trained, liar)
+    config = json.loads((liar / "config.json").read_text())
+    config["student_options"] = {**TINY, "channels": [4, 8, 8, 16]}
+    (liar / "config.json").write_text(json.dumps(config))
+    argv = tiny_argv(tmp_path / "kd", "--recipe=pwr", f"--teacher_checkpoint={liar}")
+    code, lines = train_main(argv, capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert "--teacher_checkpoint" in lines[0] and "does not hold the sphereface_custom" in lines[0]
+    assert "fc/kernel: checkpoint (8, 8), network (16, 8)" in lines[0]
+    assert not (tmp_path / "kd").exists()

@@ -167,7 +167,7 @@ def load_model_weights(directory: str, like_model: dict[str, Any], *, step: int 
                 meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
             # orbax's message dumps both trees (hundreds of lines); name the first difference.
-            where = _first_difference(model_param_shapes(directory, step=step),
+            where = param_tree_difference(model_param_shapes(directory, step=step),
                                       like_model["params"])
             raise ValueError(f"checkpoint {directory} step {step} holds another network "
                              f"architecture than the one it is loaded into ({where})") from e
@@ -205,7 +205,7 @@ def model_param_shapes(directory: str, *, step: int | None = None) -> dict[str, 
     return shapes(tree["params"])
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def flat_param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """``{'a/b/kernel': shape}`` of a nested dict of shapes or of an ``nnx.State`` of arrays
     (the ``value`` level of variable states left out, so both spell paths alike)."""
     if not isinstance(tree, dict):
@@ -219,10 +219,10 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _first_difference(saved: dict[str, Any], like: Any) -> str:
+def param_tree_difference(saved: dict[str, Any], like: Any) -> str:
     """The first parameter that differs between a checkpoint and a network, in words."""
     try:
-        a, b = _flat_shapes(saved), _flat_shapes(like)
+        a, b = flat_param_shapes(saved), flat_param_shapes(like)
     except Exception:  # noqa: BLE001 (the summary is a courtesy; the load already failed)
         return "parameter trees differ"
     for key in sorted(set(a) | set(b)):

@@ -120,15 +120,34 @@ def _describe(config: TrainConfig) -> str:
     return f"{config.student}" + (f" ({_flag('x', options)[4:]})" if options else "")
 
 
-def _embedding_size(config: TrainConfig) -> int:
+def _abstract_backbone(config: TrainConfig):
+    """The run's student backbone as shapes only (``nnx.eval_shape``: nothing is computed)."""
     from flax import nnx
 
     from kdface import models
     from kdface.training._restore import backbone_options
-    backbone = nnx.eval_shape(lambda: models.create(
+    return nnx.eval_shape(lambda: models.create(
         config.student, rngs=nnx.Rngs(0), **backbone_options(
             config.student_options, config.input_size, flag="student_options")))
-    return int(backbone.embedding_size)
+
+
+def _embedding_size(config: TrainConfig) -> int:
+    return int(_abstract_backbone(config).embedding_size)
+
+
+def check_checkpoint_fits(path: str, config: TrainConfig, *, flag: str) -> None:
+    """The latest checkpoint in run ``path`` holds the backbone its ``config.json`` describes
+    (``config``), read from the checkpoint's metadata: no weight is loaded."""
+    from flax import nnx
+
+    from kdface.training._checkpoint import (param_tree_difference, flat_param_shapes,
+                                             model_param_shapes)
+    saved = model_param_shapes(path).get("network", {}).get("backbone", {})
+    expected = nnx.state(_abstract_backbone(config), nnx.Param)
+    if flat_param_shapes(saved) != flat_param_shapes(expected):
+        raise ValueError(f"{flag} {path}: its checkpoint does not hold the {_describe(config)} "
+                         f"its config.json names ({param_tree_difference(saved, expected)}); give "
+                         f"{flag} the workdir of the run that wrote it")
 
 
 def _same_backbone(a: TrainConfig, b: TrainConfig) -> bool:
@@ -164,6 +183,8 @@ def check_networks(config: TrainConfig, recipe,
                 f"--input_size={_flag('x', init.input_size)[4:]}; --student says "
                 f"{_describe(config)} at {_flag('x', config.input_size)[4:]}: use a checkpoint "
                 f"of the same --student/--student_options, or leave --init_checkpoint out")
+        if os.path.abspath(config.init_checkpoint) not in planned:
+            check_checkpoint_fits(config.init_checkpoint, init, flag="--init_checkpoint")
     if not recipe.needs_teacher or not config.teacher_checkpoint:
         return
     from kdface import interop
@@ -177,6 +198,8 @@ def check_networks(config: TrainConfig, recipe,
                          f"--teacher out (the checkpoint's config.json names it) or give the "
                          f"teacher run of a {config.teacher}")
     check_teacher_flags(config, teacher)
+    if os.path.abspath(config.teacher_checkpoint) not in planned:
+        check_checkpoint_fits(config.teacher_checkpoint, teacher, flag="--teacher_checkpoint")
     same_embedding = recipe.requiring("same_embedding")
     if same_embedding:
         s_size, t_size = _embedding_size(config), _embedding_size(teacher)
