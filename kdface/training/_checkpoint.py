@@ -209,7 +209,8 @@ def flat_param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """``{'a/b/kernel': shape}`` of a nested dict of shapes or of an ``nnx.State`` of arrays
     (the ``value`` level of variable states left out, so both spell paths alike)."""
     if not isinstance(tree, dict):
-        tree = tree.to_pure_dict() if hasattr(tree, "to_pure_dict") else tree
+        from flax import nnx
+        tree = nnx.to_pure_dict(tree)
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(
             tree, is_leaf=lambda x: isinstance(x, tuple) or hasattr(x, "shape")):
