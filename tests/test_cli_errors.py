@@ -89,6 +89,8 @@ def test_workdir_that_is_a_file(tmp_path, capsys):
     assert code == 1 and len(lines) == 1
     assert "is a file" in lines[0] and "--workdir" in lines[0]
     assert path.read_text() == "x"
+    code, lines = train_main(tiny_argv(path, "--verbose"), capsys)
+    assert code == 1 and lines[0].startswith("Traceback")  # --verbose shows where it came from
 
 
 def test_student_options_merge_flagfile_and_command_line(tmp_path, capsys):
@@ -171,8 +173,9 @@ def test_disk_full_during_a_checkpoint_names_the_intact_one(tmp_path, capsys, mo
         return real_save(self, step, *args, **kwargs)
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     workdir = tmp_path / "full"
-    code, lines = train_main(tiny_argv(workdir), capsys)
+    code, lines = train_main(tiny_argv(workdir, "--progress"), capsys)
     assert code == 1
+    assert "compiling the train step" in lines[0]  # the first step's silent minutes announced
     errors = [line for line in lines if "error" in line]
     assert len(errors) == 1, lines
     assert "no space left" in errors[0] and "latest intact checkpoint is step 2" in errors[0]
