@@ -228,3 +228,13 @@ def test_teacher_checkpoint_whose_weights_do_not_fit_its_config(trained, tmp_pat
     assert "--teacher_checkpoint" in lines[0] and "does not hold the sphereface_custom" in lines[0]
     assert "fc/kernel: checkpoint (8, 8), network (16, 8)" in lines[0]
     assert not (tmp_path / "kd").exists()
+
+
+def test_missing_teacher_is_named_before_the_data_is_read(tmp_path, capsys):
+    code, lines = train_main(tiny_argv(tmp_path / "kd", "--recipe=pwr"), capsys)
+    assert code == 1 and len(lines) == 1 and "needs --teacher_checkpoint" in lines[0], lines
+    code, lines = train_main(tiny_argv(tmp_path / "kd", "--recipe=pwr",
+                                       f"--teacher_checkpoint={tmp_path / 'nope'}"), capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert "--teacher_checkpoint" in lines[0] and "does not exist" in lines[0]
+    assert not (tmp_path / "kd").exists()

@@ -158,13 +158,16 @@ def _same_backbone(a: TrainConfig, b: TrainConfig) -> bool:
     return key(a) == key(b)
 
 
-def _run_config(path: str, planned: dict[str, TrainConfig]) -> TrainConfig:
+def _run_config(path: str, planned: dict[str, TrainConfig], *, flag: str) -> TrainConfig:
     """The config of the run in ``path``: a run this command trains first (``planned``, by
     absolute workdir), else the one its ``config.json`` records."""
     from kdface.training._restore import read_run_config
     if os.path.abspath(path) in planned:
         return planned[os.path.abspath(path)]
-    return read_run_config(path)[0]
+    try:
+        return read_run_config(path)[0]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag}: {e}") from None
 
 
 def check_networks(config: TrainConfig, recipe,
@@ -176,7 +179,7 @@ def check_networks(config: TrainConfig, recipe,
     """
     planned = planned or {}
     if config.init_checkpoint:
-        init = _run_config(config.init_checkpoint, planned)
+        init = _run_config(config.init_checkpoint, planned, flag="--init_checkpoint")
         if not _same_backbone(config, init):
             raise ValueError(
                 f"--init_checkpoint {config.init_checkpoint} holds a {_describe(init)} at "
@@ -185,13 +188,16 @@ def check_networks(config: TrainConfig, recipe,
                 f"of the same --student/--student_options, or leave --init_checkpoint out")
         if os.path.abspath(config.init_checkpoint) not in planned:
             check_checkpoint_fits(config.init_checkpoint, init, flag="--init_checkpoint")
-    if not recipe.needs_teacher or not config.teacher_checkpoint:
+    if not recipe.needs_teacher:
         return
     from kdface import interop
     if config.teacher and interop.is_imported_teacher(config.teacher):
         return
+    if not config.teacher_checkpoint:
+        raise ValueError(f"recipe {recipe.name!r} needs --teacher_checkpoint (the workdir of a "
+                         f"kdface run of the teacher) or --teacher=pth:PATH / onnx:PATH")
     from kdface.training._loop import check_teacher_flags
-    teacher = _run_config(config.teacher_checkpoint, planned)
+    teacher = _run_config(config.teacher_checkpoint, planned, flag="--teacher_checkpoint")
     if config.teacher and config.teacher != teacher.student:
         raise ValueError(f"--teacher_checkpoint {config.teacher_checkpoint} holds a "
                          f"{_describe(teacher)}; --teacher says {config.teacher}: leave "
