@@ -136,7 +136,10 @@ def test_init_checkpoint_of_another_architecture(trained, tmp_path, capsys):
 
 
 def test_kd_im_embedding_size_mismatch_named_before_anything_runs(trained, tmp_path, capsys):
-    argv = tiny_argv(tmp_path / "kd", "--recipe=kd_im", f"--teacher_checkpoint={trained}")
+    # the teacher is a recursive-KD parent (its last generation is the teacher run)
+    shutil.copytree(trained, tmp_path / "varg" / "gen_1")
+    argv = tiny_argv(tmp_path / "kd", "--recipe=kd_im",
+                     f"--teacher_checkpoint={tmp_path / 'varg'}")
     argv[4] = "--student_options=channels=(4,8,8,8),units=(0,1,0,0),embedding_size=16"
     code, lines = train_main(argv, capsys)
     assert code == 1 and len(lines) == 1, lines

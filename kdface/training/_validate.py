@@ -142,7 +142,8 @@ def check_checkpoint_fits(path: str, config: TrainConfig, *, flag: str) -> None:
 
     from kdface.training._checkpoint import (param_tree_difference, flat_param_shapes,
                                              model_param_shapes)
-    saved = model_param_shapes(path).get("network", {}).get("backbone", {})
+    from kdface.training._restore import resolve_run_dir
+    saved = model_param_shapes(resolve_run_dir(path)).get("network", {}).get("backbone", {})
     expected = nnx.state(_abstract_backbone(config), nnx.Param)
     if flat_param_shapes(saved) != flat_param_shapes(expected):
         raise ValueError(f"{flag} {path}: its checkpoint does not hold the {_describe(config)} "
