@@ -285,7 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     goes to stderr), 1 when the inputs cannot be evaluated (missing files, mismatched labels).
     """
     from absl import flags
+
+    from kdface._cli import silence_logs
     argv = list(sys.argv if argv is None else argv)
+    silence_logs(False)  # orbax's INFO lines on every checkpoint read would bury the report
     fv = define_flags(flags.FlagValues())
     if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
         print(__doc__)

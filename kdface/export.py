@@ -55,6 +55,7 @@ def export_checkpoint(checkpoint: str, out: str, *, format: str = "onnx",
     from kdface.interop import export_onnx
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    _require_onnx()  # before the run is restored: say what is missing at once
     backbone, config = load_student_backbone(checkpoint)
     h, w = (int(v) for v in config["input_size"])
     model = export_onnx(backbone, out, input_size=(h, w), input_layout=input_layout)
@@ -66,6 +67,14 @@ def export_checkpoint(checkpoint: str, out: str, *, format: str = "onnx",
     if check:
         summary.update(_check(out, backbone, (h, w), input_layout))
     return summary
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx package: pip install 'kdface[onnx]' "
+                          "(or pip install onnx onnxruntime)") from None
 
 
 def _check(path: str, backbone, input_size, input_layout: str) -> dict[str, Any]:
@@ -87,26 +96,42 @@ def _check(path: str, backbone, input_size, input_layout: str) -> dict[str, Any]
 
 
 def main(argv=None) -> int:
-    from absl import app, flags
-    flags.DEFINE_string("checkpoint", None, "A kdface training workdir (its latest checkpoint).")
-    flags.DEFINE_enum("format", "onnx", list(FORMATS), "Output format.")
-    flags.DEFINE_string("out", "student.onnx", "Output file.")
+    """Command-line entry (``argv[0]`` is the program): 0 when written, 2 for an unusable
+    command line, 1 when the run cannot be exported; errors are one ``kdface.export: error:``
+    line on stderr (tracebacks with ``--verbose``)."""
+    from absl import flags
+
+    from kdface._cli import UsageError, run_main, silence_logs, wants_verbose
+    argv = list(sys.argv if argv is None else argv)
+    verbose = wants_verbose(argv)
+    silence_logs(verbose)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "A kdface training workdir (its latest checkpoint; "
+                        "the last generation of a recursive-KD run).", flag_values=fv)
+    flags.DEFINE_enum("format", "onnx", list(FORMATS), "Output format.", flag_values=fv)
+    flags.DEFINE_string("out", "student.onnx", "Output file.", flag_values=fv)
     flags.DEFINE_enum("input_layout", "nchw", ["nchw", "nhwc"],
                       "Input layout: nchw = [batch, 3, H, W] (insightface/ONNX), nhwc = "
-                      "[batch, H, W, 3].")
+                      "[batch, H, W, 3].", flag_values=fv)
     flags.DEFINE_bool("check", True, "Compare ONNX Runtime with JAX on random images "
-                      "(needs onnxruntime).")
+                      "(needs onnxruntime).", flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "Show tracebacks and INFO logging.", flag_values=fv)
+    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
+        print(__doc__)
+        print(fv.get_help())
+        return 0
 
-    def run(_):
-        F = flags.FLAGS
-        if not F.checkpoint:
-            raise app.UsageError("--checkpoint is required")
-        summary = export_checkpoint(F.checkpoint, F.out, format=F.format,
-                                    input_layout=F.input_layout, check=F.check)
+    def body():
+        rest = fv(argv)
+        if len(rest) > 1:
+            raise UsageError(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+        if not fv.checkpoint:
+            raise UsageError("--checkpoint is required (a kdface training workdir)")
+        summary = export_checkpoint(fv.checkpoint, fv.out, format=fv.format,
+                                    input_layout=fv.input_layout, check=fv.check)
         print(json.dumps(summary, indent=1))
         return 0
-    app.run(run, argv=argv)
-    return 0
+    return run_main(body, prog="kdface.export", verbose=verbose)
 
 
 if __name__ == "__main__":

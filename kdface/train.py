@@ -6,7 +6,10 @@ Examples (each flagfile in kdface/configs/ carries its paper's settings):
   python -m kdface.train --flagfile=kdface/configs/kd_im.flags --workdir=runs/kd_im \
       --teacher_checkpoint=runs/teacher
 
-Rerunning the same command resumes from the latest checkpoint in --workdir. Every field of
+Rerunning the same command resumes from the latest checkpoint in --workdir (or says the run is
+finished). ``--student_options`` / ``--teacher_options`` given both in a flagfile and on the
+command line are merged key by key (the later occurrence wins a key; an empty value clears the
+earlier keys), and one line says where each key came from. Every field of
 ``kdface.training.TrainConfig`` is a flag of the same name, generated from the field (its type,
 default, help text and choices): the dataclass is the only place an option is declared.
 """
@@ -20,7 +23,7 @@ import sys
 import typing
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from kdface.training._config import TrainConfig, option_fields
 
@@ -32,6 +35,12 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
                     "(SLURM/OpenMPI/TPU are auto-detected without it).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+flags.DEFINE_bool("verbose", False, "Show tracebacks of errors and the INFO logging of orbax, "
+                  "absl and tfds.")
+
+# Dict-valued flags (k=v,k=v): absl keeps only the last occurrence, so a command-line
+# --student_options would silently drop a flagfile's keys; merge_option_flags merges them.
+DICT_FLAGS = ("student_options", "teacher_options")
 
 
 def _optional(hint) -> tuple[Any, bool]:
@@ -127,6 +136,67 @@ def parse_options(text: str) -> dict:
     return out
 
 
+def _occurrences(argv: list[str], flag_values: flags.FlagValues
+                 ) -> list[tuple[str, str]]:
+    """``argv`` with every ``--flagfile`` expanded, as ``(argument, where it came from)``."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--flagfile=") or arg.startswith("-flagfile="):
+            where = arg.split("=", 1)[1]
+            for inner in flag_values.read_flags_from_files([arg], force_gnu=False):
+                out.append((inner, where))
+        else:
+            out.append((arg, "the command line"))
+    return out
+
+
+def merge_option_flags(argv: list[str], flag_values: flags.FlagValues = F
+                       ) -> tuple[list[str], list[str]]:
+    """``(argv, notes)``: ``argv`` (flagfiles expanded) with every occurrence of a dict flag
+    (``--student_options`` ...) merged per key into one, in order; ``notes`` has one line per
+    merged flag saying which keys came from where. A ``--NAME=`` with no value clears the keys
+    before it (e.g. the ResNet-50 teacher from a flagfile that sets a width divisor)."""
+    args = _occurrences(list(argv), flag_values)
+    merged: dict[str, dict[str, tuple[Any, str]]] = {}
+    count: dict[str, int] = {}
+    rest = []
+    i = 0
+    while i < len(args):
+        arg, where = args[i]
+        name = next((n for n in DICT_FLAGS if arg.lstrip("-").split("=", 1)[0] == n
+                     and arg.startswith("-")), None)
+        if name is None:
+            rest.append(arg)
+            i += 1
+            continue
+        if "=" in arg:
+            text = arg.split("=", 1)[1]
+        elif i + 1 < len(args):  # --student_options VALUE
+            i += 1
+            text = args[i][0]
+        else:
+            raise app.UsageError(f"--{name} needs a value (k=v,k=v)")
+        try:
+            values = parse_options(text)
+        except ValueError as e:
+            raise app.UsageError(f"--{name}={text}: {e}") from None
+        keys = merged.setdefault(name, {})
+        count[name] = count.get(name, 0) + 1
+        if not values:
+            keys.clear()
+        keys.update({k: (v, where) for k, v in values.items()})
+        i += 1
+    notes = []
+    for name, keys in merged.items():
+        text = ",".join(f"{k}={v!r}" for k, (v, _) in keys.items())
+        rest.append(f"--{name}={text}")
+        sources = {w for _, w in keys.values()}
+        if count[name] > 1 and len(sources) > 1:
+            origin = ", ".join(f"{k} from {w}" for k, (_, w) in keys.items())
+            notes.append(f"--{name}={text} (merged: {origin})")
+    return rest, notes
+
+
 def config_from_flags(flag_values: flags.FlagValues = F) -> TrainConfig:
     """The ``TrainConfig`` the parsed flags describe (every field comes from its flag)."""
     if not flag_values.workdir:
@@ -141,10 +211,20 @@ def config_from_flags(flag_values: flags.FlagValues = F) -> TrainConfig:
         raise app.UsageError(str(e)) from None
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter out of the progress bar
+def parse_command_line(argv: list[str], flag_values: flags.FlagValues = F) -> list[str]:
+    """Parses ``argv`` into ``flag_values`` (dict flags merged, see ``merge_option_flags``),
+    printing the merge notes on stderr; returns the arguments that are not flags."""
+    argv, notes = merge_option_flags(argv, flag_values)
+    rest = flag_values(argv)
+    for note in notes:
+        print(f"kdface.train: {note}", file=sys.stderr)
+    if len(rest) > 1:
+        raise app.UsageError(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+    return rest
+
+
+def train(data_dir: str) -> int:
+    """Trains the run the parsed flags describe (multi-host aware); prints its summary."""
     import jax
     if F.coordinator_address or os.environ.get("SLURM_JOB_ID") or \
             os.environ.get("OMPI_COMM_WORLD_SIZE"):
@@ -152,12 +232,31 @@ def main(argv):
                                    num_processes=F.num_processes, process_id=F.process_id)
     from kdface.training._run import run
     config = config_from_flags()
-    summary = run(config, data_dir=F.data_dir)
+    summary = run(config, data_dir=data_dir)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=1, default=str))
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry (``argv[0]`` is the program): 0 when trained (or already finished),
+    2 for an unusable command line, 1 for inputs or faults met while running; errors are one
+    ``kdface.train: error: ...`` line on stderr (tracebacks with ``--verbose``)."""
+    from kdface._cli import run_main, silence_logs, wants_verbose
+    argv = list(sys.argv if argv is None else argv)
+    verbose = wants_verbose(argv)
+    silence_logs(verbose)
+    if any(a in ("--help", "-h", "--helpfull", "-?", "--helpshort") for a in argv[1:]):
+        print(__doc__)
+        print(F.get_help())
+        return 0
+
+    def body():
+        F.unparse_flags()
+        parse_command_line(argv)
+        return train(F.data_dir)
+    return run_main(body, prog="kdface.train", verbose=verbose)
+
+
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
-    sys.exit(app.run(main))
+    sys.exit(main())

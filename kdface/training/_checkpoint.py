@@ -12,6 +12,7 @@ The teacher a run distils from is never written here (STYLE.md rule 8). Saves ar
 """
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -19,6 +20,32 @@ import jax
 import orbax.checkpoint as ocp
 
 _policy = ocp.checkpoint_managers.preservation_policy
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the message names the latest
+    intact checkpoint, which a rerun of the same command resumes from."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a full disk: orbax and TensorStore report it as
+    ENOSPC or as RESOURCE_EXHAUSTED text."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        text = str(err)
+        if "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def finished_steps(directory: str) -> list[int]:
+    """Steps of the checkpoints in ``directory`` whose write finished (orbax writes into a
+    temporary ``<step>.orbax-checkpoint-tmp-*`` directory and renames it to ``<step>`` last)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def _abstract(tree: Any) -> Any:
@@ -68,7 +95,22 @@ class Checkpoints:
             optimizer=ocp.args.StandardSave({"opt_state": state["opt_state"],
                                              "step": state["step"]}),
             meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, metrics=metrics, force=force)
+        try:
+            return self.manager.save(step, args=args, metrics=metrics, force=force)
+        except Exception as e:  # noqa: BLE001 (only a full disk is translated)
+            self._raise_if_disk_full(e, step)
+            raise
+
+    def _raise_if_disk_full(self, err: BaseException, step: int | None) -> None:
+        if not _is_disk_full(err):
+            return
+        done = [s for s in finished_steps(self.directory) if step is None or s != step]
+        intact = (f"the latest intact checkpoint is step {done[-1]} in {self.directory}, "
+                  f"which a rerun of the same command resumes from" if done else
+                  f"no checkpoint was finished in {self.directory}")
+        writing = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        raise CheckpointWriteError(f"no space left on the device while writing {writing}; "
+                                   f"{intact}: free disk space and rerun") from err
 
     def restore(self, step: int | None, like_state: dict[str, Any]):
         """Restores ``(state, meta)`` at ``step`` (latest if None) shaped like ``like_state``."""
@@ -85,11 +127,17 @@ class Checkpoints:
         return state, restored["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 (an async write's error surfaces here)
+            self._raise_if_disk_full(e, None)
+            raise
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def load_model_weights(directory: str, like_model: dict[str, Any], *, step: int | None = None
@@ -118,8 +166,11 @@ def load_model_weights(directory: str, like_model: dict[str, Any], *, step: int 
                 model=ocp.args.StandardRestore(_abstract(like_model)),
                 meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"checkpoint {directory} step {step} does not match the network "
-                             f"architecture it is loaded into: {e}") from e
+            # orbax's message dumps both trees (hundreds of lines); name the first difference.
+            where = param_tree_difference(model_param_shapes(directory, step=step),
+                                      like_model["params"])
+            raise ValueError(f"checkpoint {directory} step {step} holds another network "
+                             f"architecture than the one it is loaded into ({where})") from e
         return restored["model"], restored["meta"]
     finally:
         manager.close()
@@ -152,3 +203,34 @@ def model_param_shapes(directory: str, *, step: int | None = None) -> dict[str, 
             return {k: shapes(v) for k, v in node.items()}
         return tuple(getattr(node, "shape", ()))
     return shapes(tree["params"])
+
+
+def flat_param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{'a/b/kernel': shape}`` of a nested dict of shapes or of an ``nnx.State`` of arrays
+    (the ``value`` level of variable states left out, so both spell paths alike)."""
+    if not isinstance(tree, dict):
+        from flax import nnx
+        tree = nnx.to_pure_dict(tree)
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+            tree, is_leaf=lambda x: isinstance(x, tuple) or hasattr(x, "shape")):
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        keys = [k for k in keys if k != "value"]
+        out["/".join(keys)] = tuple(getattr(leaf, "shape", leaf))
+    return out
+
+
+def param_tree_difference(saved: dict[str, Any], like: Any) -> str:
+    """The first parameter that differs between a checkpoint and a network, in words."""
+    try:
+        a, b = flat_param_shapes(saved), flat_param_shapes(like)
+    except Exception:  # noqa: BLE001 (the summary is a courtesy; the load already failed)
+        return "parameter trees differ"
+    for key in sorted(set(a) | set(b)):
+        if key not in b:
+            return f"the checkpoint has {key} {a[key]}, the network has none"
+        if key not in a:
+            return f"the network has {key} {b[key]}, the checkpoint has none"
+        if a[key] != b[key]:
+            return f"{key}: checkpoint {a[key]}, network {b[key]}"
+    return "parameter trees differ"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from collections.abc import Callable, Sequence
@@ -256,12 +257,18 @@ def evaluate_verification(embed: Callable, params, rest, sets: Sequence[Verifica
     """10-fold verification accuracy of the current student on each set; embeddings that are
     not finite end in ``NonFiniteLossError`` naming the set and the step."""
     from kdface import metrics
+    from kdface._progress import progress
     out = {}
     for vs in sets:
         chunks = []
+        # thousands of pairs take minutes on a CPU: a bar that disappears when done
+        bar = progress(total=len(vs.images), desc=f"verifying on {vs.name}", unit="img",
+                       leave=False)
         for i in range(0, len(vs.images), batch_size):
             chunk = normalize_images(vs.images[i:i + batch_size])
             chunks.append(np.asarray(embed(params, rest, jnp.asarray(chunk))))
+            bar.update(len(chunk))
+        bar.close()
         emb = np.concatenate(chunks)
         if not np.all(np.isfinite(emb)):
             raise NonFiniteLossError(
@@ -307,6 +314,8 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     teacher_def, teacher_state = split_teacher(teacher) if teacher is not None else (None, None)
 
     main = jax.process_index() == 0
+    from kdface.training._validate import check_workdir
+    check_workdir(config, {"num_classes": num_classes, "head_used": recipe.head})
     os.makedirs(config.workdir, exist_ok=True)
     if main:
         with open(os.path.join(config.workdir, "config.json"), "w") as f:
@@ -366,6 +375,10 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     health = jax.device_put(init_health(recipe), replicated)
     last, val, images_seen, t0, excluded = {}, {}, 0, None, 0.0
     checked = start
+    if main and config.progress and start < total_steps:
+        # the first step compiles the networks and the loss: minutes for a full-size teacher
+        print("kdface.train: compiling the train step (first step)...", file=sys.stderr,
+              flush=True)
     try:
         for step in range(start + 1, total_steps + 1):
             is_log = step % config.log_every == 0 or step == total_steps

@@ -156,7 +156,13 @@ def restore_run(workdir: str, *, step: int | None = None) -> Restored:
         config, num_classes=int(run["num_classes"]), head=run["head_used"],
         landmark_head=landmark_head, rngs=nnx.Rngs(0), teacher_stage_shapes=shapes))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    weights, meta = load_model_weights(workdir, {"params": params, "rest": rest}, step=step)
+    try:
+        weights, meta = load_model_weights(workdir, {"params": params, "rest": rest}, step=step)
+    except ValueError as e:
+        raise ValueError(f"{e}: its config.json describes a {config.student} with "
+                         f"--student_options={config.student_options}, so the workdir's "
+                         f"checkpoints were written by another run; use a run's own "
+                         f"workdir") from e
     student = nnx.merge(graphdef, weights["params"], weights["rest"])
     student.eval()
     meta = meta if isinstance(meta, dict) else {}

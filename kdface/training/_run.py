@@ -88,26 +88,67 @@ def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str)
         crop_from=config.crop_from or None, normalize=False))
 
 
+def planned_runs(config: TrainConfig, recipe) -> list[TrainConfig]:
+    """The configs ``fit`` will be called with, in order, as ``run`` derives them (teacher
+    phases, then the student or each generation): what the checks compare with the workdirs."""
+    runs = []
+    for phase in recipe.phases:
+        tune, config = _phase_configs(config, phase)
+        runs.append(tune)
+    if recipe.generations > 1:
+        previous = config.init_checkpoint
+        for k in range(1, recipe.generations + 1):
+            gen = _generation_config(config, k, previous)
+            runs.append(gen)
+            previous = gen.workdir
+        return runs
+    return runs + [config]
+
+
+def validate(config: TrainConfig, recipe) -> str | None:
+    """Every check that needs no data, before anything is built or written; returns a line
+    saying the run is already finished, or None when there is training to do."""
+    from kdface.training._validate import (check_networks, check_workdir, finished_message,
+                                           saved_run)
+    saved_run(config.workdir)  # refuses a workdir that is a file
+    runs = planned_runs(config, recipe)
+    for planned in runs:
+        check_workdir(planned)
+    earlier: dict[str, TrainConfig] = {}
+    for planned in runs:
+        check_networks(planned, build_recipe_for(planned), earlier)
+        earlier[os.path.abspath(planned.workdir)] = planned
+    return finished_message(runs[-1])
+
+
+def build_recipe_for(config: TrainConfig):
+    from kdface.distill._recipes import build_recipe
+    return build_recipe(config.recipe, config)
+
+
 def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | None = None,
         val_sets: list[VerificationSet] | None = None) -> dict[str, Any]:
     """Runs ``config`` end to end (see module docstring); returns the last fit's summary."""
-    from kdface.distill._recipes import build_recipe
-    recipe = build_recipe(config.recipe, config)
+    import sys
+
+    from kdface.training._validate import check_classes
+    recipe = build_recipe_for(config)
+    finished = validate(config, recipe)
+    if finished:
+        print(f"kdface.train: {finished}", file=sys.stderr)
+        return {"finished": True, "workdir": config.workdir, "recipe": recipe.name}
     if source is None:
         source, num_classes = resolve_training_data(config.train_data, data_dir)
+    check_classes(config, recipe, num_classes)
     if val_sets is None:
         val_sets = resolve_verification_sets(config.val_data, data_dir, config.input_size)
     for phase in recipe.phases:
-        config = _teacher_phase(config, phase, data_dir=data_dir, source=source,
-                                num_classes=num_classes, val_sets=val_sets)
+        tune, config = _phase_configs(config, phase)
+        run(tune, data_dir=data_dir, source=source, num_classes=num_classes, val_sets=val_sets)
     if recipe.generations > 1:
         summary, previous = {}, config.init_checkpoint
         for k in range(1, recipe.generations + 1):
-            # Generations share one teacher, so they share its cache (the parent's).
-            gen = config.replace(workdir=os.path.join(config.workdir, f"gen_{k}"),
-                                 init_checkpoint=previous, generations=1,
-                                 teacher_cache_dir=config.teacher_cache_dir or os.path.join(
-                                     config.workdir, "teacher_cache"))
+            gen = _generation_config(config, k, previous)
             summary = run(gen, data_dir=data_dir, source=source, num_classes=num_classes,
                           val_sets=val_sets)
             previous = gen.workdir
@@ -121,9 +162,19 @@ def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | N
                teacher_cache=cache, num_examples=len(source))
 
 
-def _teacher_phase(config: TrainConfig, phase, **data) -> TrainConfig:
-    """Trains the teacher again as ``phase`` declares (in ``workdir/<phase.subdir>``, from
-    ``teacher_checkpoint``) and returns ``config`` distilling from that run instead."""
+def _generation_config(config: TrainConfig, k: int, previous: str | None) -> TrainConfig:
+    """Generation ``k`` of a recursive-KD run: ``workdir/gen_k``, from ``previous``'s student.
+    Generations share one teacher, so they share its cache (the parent's)."""
+    return config.replace(workdir=os.path.join(config.workdir, f"gen_{k}"),
+                          init_checkpoint=previous, generations=1,
+                          teacher_cache_dir=config.teacher_cache_dir or os.path.join(
+                              config.workdir, "teacher_cache"))
+
+
+def _phase_configs(config: TrainConfig, phase) -> tuple[TrainConfig, TrainConfig]:
+    """``(teacher run, distillation)``: the config that trains the teacher again as ``phase``
+    declares (in ``workdir/<phase.subdir>``, from ``teacher_checkpoint``) and ``config``
+    distilling from that run instead."""
     if config.teacher and config.teacher.split(":", 1)[0] in ("pth", "onnx"):
         raise ValueError(f"recipe {config.recipe!r} trains the teacher again before distilling "
                          f"({phase.cite or phase.subdir}), which needs a kdface teacher "
@@ -141,5 +192,4 @@ def _teacher_phase(config: TrainConfig, phase, **data) -> TrainConfig:
                           head=teacher_run["head_used"], init_checkpoint=config.teacher_checkpoint,
                           teacher=None, teacher_options={}, teacher_checkpoint=None,
                           student_view=phase.student_view, generations=1)
-    run(tune, **data)
-    return config.replace(teacher_checkpoint=teacher_dir)
+    return tune, config.replace(teacher_checkpoint=teacher_dir)
