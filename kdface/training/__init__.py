@@ -3,8 +3,8 @@ from kdface.training._arrays import ArrayBatches
 from kdface.training._checkpoint import Checkpoints, load_model_weights
 from kdface.training._config import TrainConfig
 from kdface.training._logging import RunLog, read_events
-from kdface.training._loop import (NonFiniteLossError, VerificationSet, data_mesh, fit,
-                                   normalize_images, shard_batch)
+from kdface.data import normalize_images  # re-exported: the trainer's input convention
+from kdface.training._loop import NonFiniteLossError, VerificationSet, data_mesh, fit, shard_batch
 from kdface.training._optim import (StepSchedule, epochs_to_steps, learning_rate_schedule,
                                     make_optimizer, resolve_schedule)
 from kdface.training._restore import Restored, read_run_config, restore_run

@@ -25,6 +25,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kdface.data import normalize_images
 from kdface.distill._networks import DistillStudent, FaceNetwork
 from kdface.distill._recipes import Recipe, build_recipe
 from kdface.training._checkpoint import Checkpoints
@@ -177,11 +178,6 @@ def _embed_fn(graphdef):
         student.eval()
         return student.network(images)["embedding"]
     return embed
-
-
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 [.., H, W, 3] -> float32 ((x / 255) - 0.5) / 0.5, the pipeline's normalization."""
-    return (images.astype(np.float32) / 255.0 - 0.5) / 0.5
 
 
 def evaluate_verification(embed: Callable, params, rest, sets: Sequence[VerificationSet], *,
