@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kdface import losses
+from kdface._math import l2_normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,16 +321,12 @@ def pwr_term(inputs: TermInputs, **options) -> jax.Array:
     return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], teacher["embedding"])
 
 
-def _unit(x: jax.Array) -> jax.Array:
-    """Rows scaled to unit L2 norm (the epsilon keeps an all-zero row finite)."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def _embeddings(inputs: TermInputs, term_name: str, normalize: bool):
     teacher = _teacher(inputs, term_name)
     s, t = inputs.student["embedding"], teacher["embedding"]
-    return (_unit(s), _unit(t)) if normalize else (s, t)
+    if not normalize:
+        return s, t
+    return l2_normalize(s.astype(jnp.float32)), l2_normalize(t.astype(jnp.float32))
 
 
 @term("rkd_d", teacher_outputs={"embedding"}, relational=True)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kdface._landmarks import NORMALIZATIONS, landmark_points, per_image_nrmse
+from kdface._math import l2_normalize
 from kdface.losses._checks import (check_embeddings, check_float, check_labels, check_option,
                                    check_same_shape, compute_dtype)
 from kdface.losses._classification import REDUCTIONS, apply_reduction
@@ -23,17 +24,12 @@ DISTANCES = ("squared_euclidean", "euclidean", "cosine")
 AVERAGES = ("active", "valid")
 
 
-def _unit_rows(x: jax.Array) -> jax.Array:
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
-
-
 def _pairwise_distances(x: jax.Array, distance: str) -> jax.Array:
     """``[N, N]`` distances between the rows of ``x`` with an exactly zero diagonal."""
     n = x.shape[0]
     eye = jnp.eye(n, dtype=bool)
     if distance == "cosine":
-        u = _unit_rows(x)
+        u = l2_normalize(x)
         gram = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
         return jnp.where(eye, 0.0, 1.0 - gram)
     gram = jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
@@ -89,7 +85,7 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
         raise ValueError(f"margin must be a Python number >= 0, got {margin!r}")
     x = embeddings.astype(compute_dtype(embeddings))
     if normalize:
-        x = _unit_rows(x)
+        x = l2_normalize(x)
     d = _pairwise_distances(x, distance)
     n = x.shape[0]
     same = labels[:, None] == labels[None, :]
