@@ -63,6 +63,7 @@ from kdface.data._tfds_builders import (  # noqa: F401
     write_landmarks_csv,
 )
 from kdface.data._pipeline import (  # noqa: F401
+    VIEWS,
     TwoViewPipeline,
     device_put_batch,
     make_training_pipeline,
