@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from kdface.losses import _logit
-from kdface.losses import hard_loss, hinton_kd_loss, soft_prediction_loss, softmax_cross_entropy
+from kdface.losses import hinton_kd_loss, soft_prediction_loss
 
 N, C = 5, 7
 
@@ -142,15 +142,6 @@ def test_check_grads_float64():
                     modes=["rev", "fwd"])
         check_grads(jax.jit(lambda a: soft_prediction_loss(a, t64, temperature=2.0)), (s64,),
                     order=1, modes=["rev"])
-
-
-def test_hard_loss_is_cross_entropy():
-    s, _ = _logits(7)
-    labels = jnp.asarray(np.random.default_rng(7).integers(0, C, N).astype(np.int32))
-    np.testing.assert_allclose(hard_loss(jnp.asarray(s), labels),
-                               softmax_cross_entropy(jnp.asarray(s), labels), rtol=1e-7)
-    per = hard_loss(jnp.asarray(s), labels, reduction=None)
-    assert per.shape == (N,)
 
 
 @pytest.mark.parametrize("fn", [hinton_kd_loss, soft_prediction_loss])

@@ -172,7 +172,7 @@ def cosface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.3
     """CosFace (seed nikitin2020 §4.2: s=64, m=0.35) on the student's cos θ."""
     logits = losses.cosface_logits(inputs.student["cos"], inputs.labels, scale=scale,
                                    margin=margin)
-    return losses.margin_cross_entropy(logits, inputs.labels)
+    return losses.softmax_cross_entropy(logits, inputs.labels)
 
 
 @term("arcface", student_outputs={"cos"})
@@ -180,7 +180,7 @@ def arcface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.5
     """ArcFace (seed yan2019: s=64, m=0.5) on the student's cos θ."""
     logits = losses.arcface_logits(inputs.student["cos"], inputs.labels, scale=scale,
                                    margin=margin)
-    return losses.margin_cross_entropy(logits, inputs.labels)
+    return losses.softmax_cross_entropy(logits, inputs.labels)
 
 
 @term("sphereface", student_outputs={"cos", "embedding"})
@@ -199,7 +199,7 @@ def sphereface_term(inputs: TermInputs, *, margin: int = 4, lambda_: float = 0.0
         lambda_ = losses.sphereface_lambda(step)
     logits = losses.sphereface_logits(inputs.student["cos"], inputs.labels, feature_norm=norm,
                                       margin=margin, lambda_=lambda_)
-    return losses.margin_cross_entropy(logits, inputs.labels)
+    return losses.softmax_cross_entropy(logits, inputs.labels)
 
 
 # --- logit and feature distillation ------------------------------------------------------------

@@ -10,7 +10,7 @@ from kdface.losses._classification import (arcface_logits, cosface_logits, margi
                                            softmax_cross_entropy, sphereface_lambda,
                                            sphereface_logits)
 from kdface.losses._feature import angular_distillation_loss, l2_hint_loss, normalized_l2_loss
-from kdface.losses._logit import hard_loss, hinton_kd_loss, soft_prediction_loss
+from kdface.losses._logit import hinton_kd_loss, soft_prediction_loss
 from kdface.losses._metric import landmark_l2_loss, nrmse, triplet_loss
 
 # PWR, pairwise ranking distillation (seed nikitin2020): dense / tiled / sorted / sharded.
