@@ -107,11 +107,6 @@ class IResNet(Backbone):
     def stem(self, x: jax.Array) -> jax.Array:
         return self.stem_prelu(self.stem_bn(self.stem_conv(x)))
 
-    def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        for unit in self.stages[i]:
-            h = unit(h)
-        return h
-
     def embed(self, h: jax.Array) -> jax.Array:
         self.check_final_map(h)
         h = self.bn_out(h)
