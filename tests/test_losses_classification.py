@@ -219,37 +219,6 @@ def test_sphereface_lambda_schedule():
     np.testing.assert_allclose(vals, want, rtol=1e-6)
 
 
-# ----------------------------------------------------------------------------- transforms
-
-HEADS = {
-    "ce": lambda c, y: softmax_cross_entropy(5 * c, y),
-    "cosface": lambda c, y: softmax_cross_entropy(cosface_logits(c, y), y),
-    "arcface": lambda c, y: softmax_cross_entropy(arcface_logits(c, y), y),
-    "sphereface": lambda c, y: softmax_cross_entropy(sphereface_logits(c, y, lambda_=5.0), y),
-}
-
-
-@pytest.mark.parametrize("name", sorted(HEADS))
-def test_jit_vmap_and_bf16(name):
-    fn = HEADS[name]
-    cos, labels = _data(10)
-    c, y = jnp.asarray(cos), jnp.asarray(labels)
-    jitted = jax.jit(fn)
-    eager = fn(c, y)
-    np.testing.assert_allclose(jitted(c, y), eager, rtol=1e-6)
-    stack = jnp.stack([c, -c, 0.5 * c])
-    ys = jnp.stack([y, y, (y + 1) % C])
-    batched = jax.jit(jax.vmap(fn))(stack, ys)
-    for b in range(3):
-        np.testing.assert_allclose(batched[b], jitted(stack[b], ys[b]), rtol=1e-5)
-    low = c.astype(jnp.bfloat16)
-    out = jitted(low, y)
-    assert out.dtype == jnp.float32
-    # The same math on the bf16-rounded values in float32: only the input rounding differs.
-    np.testing.assert_allclose(out, jitted(low.astype(jnp.float32), y), rtol=1e-5)
-    np.testing.assert_allclose(out, eager, rtol=0.05)
-
-
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_inputs():
