@@ -295,9 +295,8 @@ def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
             continue
         path = os.path.join(out_dir, f"accuracy_{safe}.png")
         labels = ["full resolution"] + ([f"{sizes[0]} px probe"] if sizes else [])
-        bar_chart(path, bars, labels, title=f"{set_name}: accuracy per method (mean ± std "
-                                             f"over seeds)")
-        written.append(path)
+        written += bar_chart(path, bars, labels, title=f"{set_name}: accuracy per method "
+                                                       f"(mean ± std over seeds)")
         if sizes and info.get("image_size"):
             x = [int(s) for s in sizes] + [max(info["image_size"])]
             series = {}
@@ -314,61 +313,43 @@ def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
 
 
 def bar_chart(path: str, bars: Mapping[str, Sequence[dict[str, Any] | None]],
-              labels: Sequence[str], *, title: str = "") -> np.ndarray:
+              labels: Sequence[str], *, title: str = "") -> list[str]:
     """Horizontal bars, one group per method, one bar per ``labels`` entry, with ±std whiskers.
 
-    Drawn with OpenCV like the evaluator's plots (matplotlib is not a dependency of kdface).
-    ``bars``: {method: [stats or None per label]} (stats: ``{'mean', 'std'}``, accuracies).
+    Drawn with matplotlib like the evaluator's plots and written as PNG and PDF
+    (``kdface.metrics.save_figure``); returns both paths. ``bars``: {method: [stats or None per
+    label]} (stats: ``{'mean', 'std'}``, accuracies).
     """
-    import cv2
-    from kdface.metrics._plots import PALETTE
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kdface.metrics import PALETTE, save_figure
     names = list(bars)
     group = len(labels)
-    bar_h, gap, left, right, top = 14, 10, 200, 40, 60
-    height = top + len(names) * (group * bar_h + gap) + 60
-    width = 900
-    values = [s["mean"] + s["std"] for v in bars.values() for s in v if s is not None]
-    lows = [s["mean"] - s["std"] for v in bars.values() for s in v if s is not None]
-    lo = max(0.0, math.floor(min(lows) * 20) / 20 - 0.05)
-    hi = min(1.0, math.ceil(max(values) * 20) / 20)
-    hi = hi if hi > lo else lo + 0.05
-    img = np.full((height, width, 3), 255, np.uint8)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-
-    def x_of(v: float) -> int:
-        return int(left + (v - lo) / (hi - lo) * (width - left - right))
-    cv2.putText(img, title, (10, 25), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    fig = Figure(figsize=(9, 1.2 + 0.28 * len(names) * group), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    height = 0.8 / group
     for k, label in enumerate(labels):
-        colour = PALETTE[k % len(PALETTE)]
-        cv2.rectangle(img, (left + 220 * k, 35), (left + 220 * k + 14, 47), colour, -1)
-        cv2.putText(img, label, (left + 220 * k + 20, 47), font, 0.45, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    bottom = height - 50
-    for t in np.linspace(lo, hi, 6):
-        x = x_of(float(t))
-        cv2.line(img, (x, top - 5), (x, bottom), (225, 225, 225), 1)
-        cv2.putText(img, f"{t:.2f}", (x - 14, bottom + 18), font, 0.4, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    for i, name in enumerate(names):
-        y0 = top + i * (group * bar_h + gap)
-        cv2.putText(img, name[:26], (8, y0 + group * bar_h // 2 + 5), font, 0.45, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-        for k, stats in enumerate(bars[name]):
-            if stats is None:
-                continue
-            colour = PALETTE[k % len(PALETTE)]
-            y = y0 + k * bar_h
-            cv2.rectangle(img, (left, y + 1), (x_of(stats["mean"]), y + bar_h - 2), colour, -1)
-            a, b = x_of(stats["mean"] - stats["std"]), x_of(stats["mean"] + stats["std"])
-            cv2.line(img, (a, y + bar_h // 2), (b, y + bar_h // 2), (0, 0, 0), 1)
-            cv2.line(img, (a, y + 3), (a, y + bar_h - 4), (0, 0, 0), 1)
-            cv2.line(img, (b, y + 3), (b, y + bar_h - 4), (0, 0, 0), 1)
-    cv2.putText(img, "verification accuracy", (left, height - 12), font, 0.45, (0, 0, 0), 1,
-                cv2.LINE_AA)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if not cv2.imwrite(path, img):
-        raise OSError(f"OpenCV could not write {path!r}")
-    return img
+        rows = [(i, s) for i, s in enumerate(bars[n][k] for n in names) if s is not None]
+        if not rows:
+            continue
+        y = [i + (k - (group - 1) / 2) * height for i, _ in rows]
+        ax.barh(y, [s["mean"] for _, s in rows], height=height * 0.9,
+                xerr=[s["std"] for _, s in rows], color=PALETTE[k % len(PALETTE)], label=label,
+                error_kw={"capsize": 3, "linewidth": 1})
+    lows = [s["mean"] - s["std"] for v in bars.values() for s in v if s is not None]
+    highs = [s["mean"] + s["std"] for v in bars.values() for s in v if s is not None]
+    lo = max(0.0, math.floor(min(lows) * 20) / 20 - 0.05)
+    hi = min(1.0, math.ceil(max(highs) * 20) / 20)
+    ax.set_xlim(lo, hi if hi > lo else lo + 0.05)
+    ax.set_yticks(range(len(names)), [n[:26] for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("verification accuracy")
+    ax.set_title(title)
+    ax.grid(True, axis="x", color="0.9")
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)
 
 
 def _mean(stats: dict[str, Any] | None) -> float | None:

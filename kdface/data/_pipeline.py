@@ -28,9 +28,13 @@ from typing import Any
 
 import cv2
 import grain
+import jax
 import numpy as np
+import tensorflow_datasets as tfds
 
+from kdface.data._degrade import LowResolutionAugment
 from kdface.data._images import decode_image
+from kdface.data._verification_bin import read_verification_bin_encoded
 
 __all__ = [
     "VIEWS",
@@ -227,7 +231,6 @@ class TwoViewPipeline:
 
 
 def _default_low_resolution(seed: int):
-    from kdface.data._degrade import LowResolutionAugment  # sizes/fraction of seed wang2019 §2.2
     return LowResolutionAugment(seed=seed)
 
 
@@ -295,7 +298,6 @@ def make_training_pipeline(
             raise ValueError(f"crop_from must be (height, width) no smaller than image_size "
                              f"{image_size}, got {crop_from!r}")
     if num_devices is None:
-        import jax
         num_devices = jax.device_count()
     if global_batch_size % num_devices:
         raise ValueError(f"global_batch_size {global_batch_size} must be divisible by the "
@@ -354,7 +356,6 @@ def _normalize_views(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def device_put_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
     """Assembles each host's rows into global ``jax.Array`` s sharded by ``sharding`` (e.g.
     ``NamedSharding(mesh, P('data'))``): leading dims add up over hosts to the global batch."""
-    import jax
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
 
@@ -364,10 +365,8 @@ def _verification_records(source):
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            import tensorflow_datasets as tfds
             source = tfds.builder_from_directory(path).as_data_source(split="test")
         else:
-            from kdface.data._verification_bin import read_verification_bin_encoded
             encoded, issame = read_verification_bin_encoded(path)
             num = len(issame)
             return num, lambda i: {"image1": encoded[2 * i], "image2": encoded[2 * i + 1],

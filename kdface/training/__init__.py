@@ -7,5 +7,11 @@ from kdface.data import normalize_images  # re-exported: the trainer's input con
 from kdface.training._loop import NonFiniteLossError, VerificationSet, data_mesh, fit, shard_batch
 from kdface.training._optim import (StepSchedule, epochs_to_steps, learning_rate_schedule,
                                     make_optimizer, resolve_schedule)
-from kdface.training._restore import Restored, read_run_config, restore_run
+from kdface.training._restore import Restored, read_run_config, resolve_run_dir, restore_run
 from kdface.training._step import StepConfig, init_state, make_train_step
+
+__all__ = ["ArrayBatches", "Checkpoints", "data_mesh", "epochs_to_steps", "fit", "init_state",
+           "learning_rate_schedule", "load_model_weights", "make_optimizer", "make_train_step",
+           "NonFiniteLossError", "normalize_images", "read_events", "read_run_config",
+           "resolve_run_dir", "resolve_schedule", "restore_run", "Restored", "RunLog",
+           "shard_batch", "StepConfig", "StepSchedule", "TrainConfig", "VerificationSet"]
