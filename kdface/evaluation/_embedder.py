@@ -127,7 +127,7 @@ class Embedder:
         return self.outputs(images)["embedding"]
 
     def embed(self, images, *, flip: bool = False) -> np.ndarray:
-        """``[N, E]`` embeddings; with ``flip`` the DESIGN.md "image + flipped image" option:
+        """``[N, E]`` embeddings; with ``flip`` insightface's "image + flipped image" option:
         ``kdface.metrics.embeddings_with_flip(e(x), e(mirror(x)))`` (float64, unit rows)."""
         emb = self(images)
         if not flip:

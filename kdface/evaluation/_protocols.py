@@ -70,7 +70,7 @@ def verification_from_embeddings(emb: Any, issame: Any, *, folds: int = 10,
 def verification_report(embed, images: np.ndarray, issame: np.ndarray, *, flip: bool = False,
                         folds: int = 10, far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
                         protocol: str = "exact") -> dict[str, Any]:
-    """The DESIGN.md verification protocol on interleaved pairs ``images: [2P, H, W, 3]``.
+    """insightface's 10-fold verification protocol on interleaved pairs ``images: [2P, H, W, 3]``.
 
     embed: an :class:`Embedder` or any ``uint8 [N, H, W, 3] -> [N, D]`` callable. With ``flip``
     each image's embedding is ``normalize(e(x) + e(mirror(x)))`` (insightface's option).
