@@ -27,7 +27,8 @@ from kdface.evaluation._protocols import (
     verification_from_embeddings,
     verification_report,
 )
-from kdface.evaluation._report import compare, markdown_table, open_run, to_jsonable, write_report
+from kdface.evaluation._report import (compare, markdown_table, open_run, to_jsonable,
+                                       write_json_and_markdown, write_report)
 from kdface.evaluation._sources import (
     FaceRecords,
     embed_records,
@@ -43,4 +44,4 @@ __all__ = ["aligned_crops", "alignment_report", "check_lr_sizes", "compare", "em
            "ijb_report", "IjbMeta", "load_sets", "lr_report", "markdown_table",
            "open_face_records", "open_run", "parse_ijb_spec", "resolve_workdir", "set_name",
            "split_gallery_probe", "TeacherEmbedder", "to_jsonable", "verification_from_embeddings",
-           "verification_report", "write_report"]
+           "verification_report", "write_json_and_markdown", "write_report"]

@@ -263,16 +263,24 @@ def _file_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def write_json_and_markdown(out_dir: str, stem: str, report: Mapping[str, Any],
+                            markdown: str) -> list[str]:
+    """Writes ``<stem>.json`` (strict JSON: NaN/inf refused, see :func:`to_jsonable`) and
+    ``<stem>.md`` in ``out_dir`` (created); returns the two paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")]
+    with open(written[0], "w") as f:
+        json.dump(to_jsonable(report), f, indent=1, allow_nan=False)
+    with open(written[1], "w") as f:
+        f.write(markdown)
+    return written
+
+
 def write_report(report: dict[str, Any], out_dir: str, *,
                  rocs: Mapping[str, Any] | None = None,
                  ceds: Mapping[str, Any] | None = None) -> list[str]:
     """Writes ``report.json``, ``report.md`` and the plots; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]
-    with open(written[0], "w") as f:
-        json.dump(to_jsonable(report), f, indent=1, allow_nan=False)
-    with open(written[1], "w") as f:
-        f.write(markdown_table(report))
+    written = write_json_and_markdown(out_dir, "report", report, markdown_table(report))
     for set_name, curves in (rocs or {}).items():
         finite = {r: c for r, c in curves.items()
                   if np.all(np.isfinite(c["fpr"])) and np.all(np.isfinite(c["tpr"]))}
