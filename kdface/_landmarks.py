@@ -52,7 +52,8 @@ def landmark_points(name: str, x: Any) -> Any:
 
 def per_image_nrmse(xp: ModuleType, pred: Any, target: Any, *, normalization: str,
                     left_eye: int | Sequence[int], right_eye: int | Sequence[int]) -> Any:
-    """``[N]`` errors ``(1/K) Σ_k ||pred_k - target_k||₂ / d`` with ``xp`` = ``numpy`` or ``jax.numpy``.
+    """``[N]`` errors ``(1/K) Σ_k ||pred_k - target_k||₂ / d``, computed with ``xp`` (``numpy``
+    or ``jax.numpy``).
 
     pred, target: ``[N, K, 2]`` of one float dtype. d comes from the ground truth only:
     ``'inter_ocular'`` the distance between points ``left_eye`` and ``right_eye``;
