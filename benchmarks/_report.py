@@ -1,4 +1,4 @@
-"""Markdown report of ``benchmarks.loss_throughput``: machine, targets of issue 3, tables."""
+"""Markdown report of ``benchmarks.loss_throughput``: machine, memory targets, tables."""
 from __future__ import annotations
 
 from benchmarks._loss_cases import LOSSES, PWR_VARIANTS, Config, Loss
@@ -72,7 +72,7 @@ def _verdict(ok: bool | None) -> str:
 def targets(results: list[dict], machine: dict, cfg: Config) -> list[str]:
     idx = _index(results)
     base = machine.get("jax_baseline_mib") or 0.0
-    lines = ["| target (issue 3, fwd+bwd, D=512) | measured | verdict |", "|---|---|---|"]
+    lines = ["| target (fwd+bwd, D=512) | measured | verdict |", "|---|---|---|"]
     for key in PWR_VARIANTS:
         row = idx.get((key, "kdface tiled", 512))
         name = LOSSES[key].title

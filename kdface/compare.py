@@ -26,16 +26,13 @@ error), 2 for an unusable command line.
 """
 from __future__ import annotations
 
-import ast
 import os
 import sys
 from collections.abc import Sequence
 
+from kdface._cli import UsageError, parse_command_line, parse_key_values, report_usage_error
+
 PROG = "kdface.compare"
-
-
-class UsageError(ValueError):
-    """A command-line value that cannot be used; the message says which and why."""
 
 
 def define_flags(fv):
@@ -76,32 +73,6 @@ def define_flags(fv):
     return fv
 
 
-def parse_options(text: str, flag: str) -> dict:
-    """``'a=1,b=(2,3),c=x'`` -> ``{'a': 1, 'b': (2, 3), 'c': 'x'}`` (Python literals; a value
-    that is not one is kept as a string)."""
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    if current.strip():
-        parts.append(current)
-    out = {}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise UsageError(f"--{flag}: {part!r} is not key=value")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
-
-
 def _numbers(flag: str, values: Sequence[str], kind):
     try:
         return tuple(kind(v) for v in values)
@@ -123,11 +94,11 @@ def spec_from_flags(fv):
     return Comparison(
         out=fv.out, train_data=fv.train_data, data_dir=fv.data_dir,
         val_data=tuple(fv.val_data), teacher=fv.teacher,
-        teacher_options=parse_options(fv.teacher_options, "teacher_options"),
-        student=fv.student, student_options=parse_options(fv.student_options,
+        teacher_options=parse_key_values(fv.teacher_options, "teacher_options"),
+        student=fv.student, student_options=parse_key_values(fv.student_options,
                                                           "student_options"),
         methods=tuple(fv.methods), seeds=seeds,
-        common=parse_options(fv.common, "common"),
+        common=parse_key_values(fv.common, "common"),
         lr_sizes=_numbers("lr_sizes", fv.lr_sizes, int),
         far_targets=_numbers("far_targets", fv.far_targets, float), flip=fv.flip,
         folds=fv.folds, alignment_data=fv.alignment_data)
@@ -148,23 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (see the module docstring)."""
     from absl import flags, logging
     argv = list(sys.argv if argv is None else argv)
-    fv = define_flags(flags.FlagValues())
-    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
-        print(__doc__)
-        print(fv.get_help())
-        return 0
     try:
-        rest = fv(argv)
-        if len(rest) > 1:
-            raise UsageError(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+        fv = parse_command_line(define_flags, argv, __doc__)
+        if fv is None:
+            return 0
         if fv.list_methods:
             print(list_methods())
             return 0
         spec = spec_from_flags(fv)
     except (flags.Error, UsageError) as err:
-        print(f"{PROG}: usage error: {err}\nRun python -m {PROG} --help for the flags.",
-              file=sys.stderr)
-        return 2
+        return report_usage_error(PROG, err)
     logging.set_verbosity(logging.ERROR)  # orbax/tfds INFO lines would bury the progress
     from kdface.comparison import enable_compilation_cache, markdown_report, run_comparison
     try:

@@ -73,6 +73,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from kdface._cli import UsageError, parse_command_line, report_usage_error
 from kdface.evaluation import (  # noqa: F401  (the public names of this command)
     Embedder,
     EmbeddingFile,
@@ -101,10 +102,6 @@ from kdface.evaluation import (  # noqa: F401  (the public names of this command
 )
 
 PROG = "kdface.evaluate"
-
-
-class UsageError(ValueError):
-    """A command-line value that cannot be used; the message says which and why."""
 
 
 def define_flags(fv):
@@ -289,20 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kdface._cli import silence_logs
     argv = list(sys.argv if argv is None else argv)
     silence_logs(False)  # orbax's INFO lines on every checkpoint read would bury the report
-    fv = define_flags(flags.FlagValues())
-    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
-        print(__doc__)
-        print(fv.get_help())
-        return 0
     try:
-        rest = fv(argv)
-        if len(rest) > 1:
-            raise UsageError(f"unexpected arguments {rest[1:]} (flags are --name=value)")
-        return run_command(fv)
+        fv = parse_command_line(define_flags, argv, __doc__)
+        return 0 if fv is None else run_command(fv)
     except (flags.Error, UsageError) as err:
-        print(f"{PROG}: usage error: {err}\nRun python -m {PROG} --help for the flags.",
-              file=sys.stderr)
-        return 2
+        return report_usage_error(PROG, err)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1

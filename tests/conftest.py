@@ -1,4 +1,4 @@
-"""Test-wide JAX settings: four CPU devices and strict rank promotion (STYLE.md rule 5).
+"""Test-wide JAX settings: four CPU devices and strict rank promotion (docs/CONTRIBUTING.md).
 
 These must run before any JAX computation touches a device, which is why they live at import
 time of the conftest rather than in a fixture.

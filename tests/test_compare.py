@@ -348,3 +348,20 @@ def test_seed_aggregation_and_spread_rule_against_numpy(tmp_path):
     assert "| close | self | 75.00 ± 2.00 |" in text
     assert "| aligned | self | alignment only |" in text and "0.07 ± 0.02" in text
     assert "non-finite (1 seeds)" in text
+
+
+def test_bar_chart_writes_png_and_pdf(tmp_path):
+    import cv2
+
+    from kdface import metrics
+    bars = {"kd_im": [{"mean": 0.91, "std": 0.01}, {"mean": 0.70, "std": 0.03}],
+            "self_studied": [{"mean": 0.88, "std": 0.02}, None]}
+    figure = metrics.bar_figure(bars, ["full resolution", "8 px probe"], title="lfw")
+    # One bar per (method, label) with a value; the missing one is left out.
+    assert len(figure.axes[0].patches) == 3
+    assert sorted(round(p.get_width(), 2) for p in figure.axes[0].patches) == [0.7, 0.88, 0.91]
+    written = metrics.save_figure(figure, str(tmp_path / "accuracy_lfw.png"))
+    assert [os.path.basename(p) for p in written] == ["accuracy_lfw.png", "accuracy_lfw.pdf"]
+    image = cv2.imread(written[0])
+    assert image is not None and image.shape[0] > 100
+    assert open(written[1], "rb").read(5) == b"%PDF-"

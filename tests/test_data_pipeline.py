@@ -104,12 +104,18 @@ def test_both_views_share_the_flip():
         teacher = teacher[:, ::-1] if batch["flipped"][row] else teacher
         want = pipe.normalize_images(augment.lr_probe(np.ascontiguousarray(teacher), 16))
         np.testing.assert_array_equal(batch["student_image"][row], want)
-    # teacher_view='augmented': the teacher sees exactly the student's input.
-    p = pipe.make_training_pipeline(records, global_batch_size=16, num_devices=4, seed=3,
-                                    student_augment=augment, teacher_view="augmented",
-                                    num_threads=0)
-    batch = next(iter(p))
-    np.testing.assert_array_equal(batch["teacher_image"], batch["student_image"])
+    # teacher_view='low_resolution' (legacy name 'augmented'): the teacher sees exactly the
+    # student's input.
+    for view in ("low_resolution", "augmented"):
+        p = pipe.make_training_pipeline(records, global_batch_size=16, num_devices=4, seed=3,
+                                        student_augment=augment, teacher_view=view,
+                                        num_threads=0)
+        batch = next(iter(p))
+        np.testing.assert_array_equal(batch["teacher_image"], batch["student_image"])
+        assert p.get_state()["pipeline"]["teacher_view"] == "low_resolution"
+    with pytest.raises(ValueError, match="needs student_view='low_resolution'"):
+        pipe.make_training_pipeline(records, global_batch_size=16, num_devices=4,
+                                    teacher_view="low_resolution", student_view="original")
 
 
 def test_default_degradation_is_deterministic_and_threads_do_not_matter():

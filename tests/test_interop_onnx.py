@@ -81,7 +81,7 @@ def trained_run(tmp_path_factory):
 
 def test_cli_export_of_trained_run_matches_jax_at_batch_1_and_3(trained_run, tmp_path):
     from kdface.evaluate import Embedder
-    from kdface.training._loop import normalize_images
+    from kdface.data import normalize_images
     out = tmp_path / "student.onnx"
     # A fresh single-device process (the run was trained on 4 devices here).
     result = subprocess.run(

@@ -118,3 +118,27 @@ def test_nearest_neighbour_bad_inputs():
         metrics.nearest_neighbour_verification(x, np.arange(4), metric="l1")
     with pytest.raises(ValueError, match="N >= 2"):
         metrics.nearest_neighbour_verification(x[:1], np.arange(1))
+
+
+@pytest.mark.parametrize("eyes", [dict(left_eye=np.int64(0), right_eye=1),
+                                  dict(normalization="inter_pupil", left_eye=[0, np.int32(2)],
+                                       right_eye=range(1, 2))])
+def test_nrmse_metric_and_loss_parse_eye_indices_alike(eyes):
+    pred, target = _two_images()
+    got = metrics.nrmse_dataset(pred, target, **eyes)["per_sample"]
+    loss = losses.nrmse(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32),
+                        reduction=None, **eyes)
+    np.testing.assert_allclose(np.asarray(loss), got, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(left_eye=True), dict(left_eye=0.0),
+                                 dict(left_eye=[0, 2]),                       # inter_ocular: one
+                                 dict(normalization="inter_pupil", left_eye=[]),
+                                 dict(normalization="inter_pupil", left_eye=[0, 1.0])])
+def test_nrmse_metric_and_loss_reject_the_same_eye_indices(bad):
+    pred, target = _two_images()
+    with pytest.raises(TypeError, match="left_eye must be an int") as from_metric:
+        metrics.nrmse_dataset(pred, target, **bad)
+    with pytest.raises(TypeError, match="left_eye must be an int") as from_loss:
+        losses.nrmse(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32), **bad)
+    assert str(from_metric.value) == str(from_loss.value)

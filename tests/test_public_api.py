@@ -1,4 +1,4 @@
-"""The public names DESIGN.md promises, with the signatures and defaults it states."""
+"""The public names docs/ARCHITECTURE.md promises, with the signatures and defaults it states."""
 import inspect
 
 import pytest

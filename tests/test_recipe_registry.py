@@ -136,3 +136,9 @@ def test_the_trainer_never_names_a_term():
 def test_registered_recipes_are_listed():
     assert {"scratch", "kd_im", "kd", "pwr", "transfer", "vargface", "shrinktea", SIXTH} <= set(
         distill.recipe_names())
+
+
+def test_recipes_and_pipeline_share_one_view_vocabulary():
+    import kdface.data
+    from kdface.distill._recipes import VIEWS
+    assert VIEWS == kdface.data.VIEWS

@@ -25,7 +25,8 @@ from kdface.evaluate import Embedder
 from kdface.export import export_checkpoint
 from kdface.training import ArrayBatches, fit, restore_run
 from kdface.training._checkpoint import load_model_weights
-from kdface.training._loop import build_teacher, normalize_images
+from kdface.data import normalize_images
+from kdface.training._loop import build_teacher
 from kdface.training._restore import build_run_student
 from kdface.training._run import run
 

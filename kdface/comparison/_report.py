@@ -276,13 +276,8 @@ def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
     """``comparison.json``, ``comparison.md``, ``accuracy_<set>.png`` (per method, mean ± std
     at full resolution and at the smallest probe size) and ``accuracy_vs_probe_<set>.png`` (each with a PDF beside it)."""
     from kdface import metrics
-    from kdface.evaluation import to_jsonable
-    os.makedirs(out_dir, exist_ok=True)
-    written = [os.path.join(out_dir, "comparison.json"), os.path.join(out_dir, "comparison.md")]
-    with open(written[0], "w") as f:
-        json.dump(to_jsonable(report), f, indent=1, allow_nan=False)
-    with open(written[1], "w") as f:
-        f.write(markdown_report(report))
+    from kdface.evaluation import write_json_and_markdown
+    written = write_json_and_markdown(out_dir, "comparison", report, markdown_report(report))
     sizes = [str(s) for s in report["settings"]["lr_sizes"]]
     for set_name, info in report["sets"].items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in set_name)

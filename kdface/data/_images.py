@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -203,3 +204,21 @@ def read_image_file(path, *, strict: bool = False) -> np.ndarray:
     with open(path, "rb") as f:
         data = f.read()
     return decode_image(data, name=path, strict=strict)
+
+
+def stack_images(images: Iterable[np.ndarray], count: int, *, name: Callable[[int], str],
+                 fix: str) -> np.ndarray:
+    """uint8 ``[count, H, W, 3]`` from ``count`` decoded images that must share one size.
+
+    Filled in place as ``images`` yields them (a generator of decodes), so a test set is held
+    once, not twice as with a list and ``np.stack``. ``name(i)`` names image ``i`` in the error;
+    ``fix`` says what to do about a size mismatch. No images give ``[0, 0, 0, 3]``.
+    """
+    out = None
+    for i, image in enumerate(images):
+        if out is None:
+            out = np.empty((count,) + image.shape, dtype=np.uint8)
+        elif image.shape != out.shape[1:]:
+            raise ValueError(f"{name(i)} is {image.shape} but {name(0)} is {out.shape[1:]}; {fix}")
+        out[i] = image
+    return np.zeros((0, 0, 0, 3), dtype=np.uint8) if out is None else out

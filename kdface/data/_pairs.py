@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kdface.data._images import read_image_file
+from kdface.data._images import read_image_file, stack_images
 
 __all__ = ["LfwPairs", "read_lfw_pairs", "write_lfw_pairs"]
 
@@ -122,19 +122,9 @@ def read_lfw_pairs(pairs_path, image_root, *, on_missing: str = "error", ext: st
     issame, folds = issame[keep], folds[keep]
     if not load_images:
         return LfwPairs(paths, issame, folds, skipped)
-    images = None
-    for i, path in enumerate(paths):
-        image = read_image_file(path)
-        if images is None:
-            images = np.empty((len(paths),) + image.shape, dtype=np.uint8)
-        elif image.shape != images.shape[1:]:
-            raise ValueError(
-                f"{path} is {image.shape} but {paths[0]} is {images.shape[1:]}; pass "
-                "load_images=False to get paths for images of several sizes"
-            )
-        images[i] = image
-    if images is None:
-        images = np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    images = stack_images((read_image_file(p) for p in paths), len(paths),
+                          name=lambda i: paths[i],
+                          fix="pass load_images=False to get paths for images of several sizes")
     return LfwPairs(images, issame, folds, skipped)
 
 

@@ -28,13 +28,16 @@ from typing import Any
 
 import cv2
 import grain
+import jax
 import numpy as np
+import tensorflow_datasets as tfds
 
+from kdface.data._degrade import LowResolutionAugment
 from kdface.data._images import decode_image
+from kdface.data._verification_bin import read_verification_bin_encoded
 
 __all__ = [
-    "TEACHER_VIEWS",
-    "STUDENT_VIEWS",
+    "VIEWS",
     "TwoViewPipeline",
     "device_put_batch",
     "make_training_pipeline",
@@ -42,8 +45,12 @@ __all__ = [
     "normalize_images",
 ]
 
-TEACHER_VIEWS = ("original", "augmented")
-STUDENT_VIEWS = ("original", "low_resolution")
+# What a network sees, in the recipes' vocabulary (kdface.distill RecipeSpec.student_view /
+# teacher_view): the (flipped, cropped) original image, or its low-resolution degradation. A
+# teacher on 'low_resolution' sees the very image the student sees.
+VIEWS = ("original", "low_resolution")
+# The pipeline's earlier name for "the teacher sees the student's view"; still accepted.
+_LEGACY_SHARED_VIEW = "augmented"
 # Landmark order (eyes, nose, mouth corners) after a horizontal flip: left and right swap.
 _FLIP_LANDMARKS = np.asarray([1, 0, 2, 4, 3])
 _TAG_SHUFFLE = 11
@@ -152,7 +159,7 @@ class _TwoViews:
         student, size = image, 0
         if self.student_augment is not None:
             student, size = self.student_augment(image, epoch=epoch, index=record_index)
-        teacher = student if self.teacher_view == "augmented" else image
+        teacher = student if self.teacher_view == "low_resolution" else image
         out = {
             "teacher_image": teacher,
             "student_image": student,
@@ -205,6 +212,8 @@ class TwoViewPipeline:
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves the current iterator (a new one if none) to a position from ``get_state``."""
         saved = dict(state.get("pipeline", {}))
+        if saved.get("teacher_view") == _LEGACY_SHARED_VIEW:    # states saved before the rename
+            saved["teacher_view"] = saved.get("student_view")
         if saved != self._fingerprint:
             diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items()
                     if saved.get(k) != v}
@@ -222,7 +231,6 @@ class TwoViewPipeline:
 
 
 def _default_low_resolution(seed: int):
-    from kdface.data._degrade import LowResolutionAugment  # sizes/fraction of seed wang2019 §2.2
     return LowResolutionAugment(seed=seed)
 
 
@@ -246,8 +254,10 @@ def make_training_pipeline(
       num_epochs: ``None`` repeats forever. ``drop_remainder``: drop a last partial batch and
         trim host shards to equal length.
       teacher_view: 'original' (the flipped original; a deterministic function of the record
-        and ``flipped``, so teacher outputs can be cached) or 'augmented' (the teacher sees
-        exactly the student's view, as in KD where both networks share the input).
+        and ``flipped``, so teacher outputs can be cached) or 'low_resolution' (the teacher sees
+        exactly the student's degraded image, as in KD where both networks share the input;
+        needs ``student_view='low_resolution'``). The older name 'augmented' ("the student's
+        view") is still accepted.
       student_view: 'original' or 'low_resolution' (``student_augment``, default
         ``LowResolutionAugment(seed=seed)``: blur + downscale to {8,12,16,20,30} px and back for
         40% of samples, seed wang2019 §2.2). A custom ``student_augment(image, *, epoch, index)
@@ -264,10 +274,15 @@ def make_training_pipeline(
     """
     if not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
-    if teacher_view not in TEACHER_VIEWS:
-        raise ValueError(f"teacher_view must be one of {TEACHER_VIEWS}, got {teacher_view!r}")
-    if student_view not in STUDENT_VIEWS:
-        raise ValueError(f"student_view must be one of {STUDENT_VIEWS}, got {student_view!r}")
+    if student_view not in VIEWS:
+        raise ValueError(f"student_view must be one of {VIEWS}, got {student_view!r}")
+    if teacher_view == _LEGACY_SHARED_VIEW:
+        teacher_view = student_view
+    if teacher_view not in VIEWS:
+        raise ValueError(f"teacher_view must be one of {VIEWS}, got {teacher_view!r}")
+    if teacher_view == "low_resolution" and student_view != "low_resolution":
+        raise ValueError("teacher_view='low_resolution' shows the teacher the student's degraded "
+                         "image; it needs student_view='low_resolution'")
     if student_augment is not None and student_view != "low_resolution":
         raise ValueError("student_augment is only used with student_view='low_resolution'")
     if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
@@ -283,7 +298,6 @@ def make_training_pipeline(
             raise ValueError(f"crop_from must be (height, width) no smaller than image_size "
                              f"{image_size}, got {crop_from!r}")
     if num_devices is None:
-        import jax
         num_devices = jax.device_count()
     if global_batch_size % num_devices:
         raise ValueError(f"global_batch_size {global_batch_size} must be divisible by the "
@@ -342,7 +356,6 @@ def _normalize_views(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def device_put_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
     """Assembles each host's rows into global ``jax.Array`` s sharded by ``sharding`` (e.g.
     ``NamedSharding(mesh, P('data'))``): leading dims add up over hosts to the global batch."""
-    import jax
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
 
@@ -352,10 +365,8 @@ def _verification_records(source):
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            import tensorflow_datasets as tfds
             source = tfds.builder_from_directory(path).as_data_source(split="test")
         else:
-            from kdface.data._verification_bin import read_verification_bin_encoded
             encoded, issame = read_verification_bin_encoded(path)
             num = len(issame)
             return num, lambda i: {"image1": encoded[2 * i], "image2": encoded[2 * i + 1],

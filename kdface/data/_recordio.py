@@ -31,7 +31,7 @@ from kdface.data._recordio_format import (  # noqa: F401 - re-exported
     RECORDIO_MAGIC,
     IRHeader,
     RecordIOError,
-    _default_idx,
+    default_idx_path,
     _frame,
     _identity,
     _read_index,
@@ -68,7 +68,7 @@ class RecordIO(collections.abc.Sequence):
 
     def __init__(self, rec_path, idx_path=None, *, build_index: bool = False):
         self.rec_path = os.fspath(rec_path)
-        self.idx_path = _default_idx(self.rec_path) if idx_path is None else os.fspath(idx_path)
+        self.idx_path = default_idx_path(self.rec_path) if idx_path is None else os.fspath(idx_path)
         if not os.path.isfile(self.rec_path):
             raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
         self._fd = None
@@ -270,7 +270,7 @@ def write_recordio(rec_path, samples, *, idx_path=None, layout: str = "flat",
     if layout not in ("flat", "legacy"):
         raise ValueError(f"layout must be 'flat' or 'legacy', got {layout!r}")
     rec_path = os.fspath(rec_path)
-    idx_path = _default_idx(rec_path) if idx_path is None else os.fspath(idx_path)
+    idx_path = default_idx_path(rec_path) if idx_path is None else os.fspath(idx_path)
     legacy = layout == "legacy"
     header_only = False  # flat with array labels first: header record 0, no identity records
     index = {}

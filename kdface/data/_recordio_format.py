@@ -188,7 +188,7 @@ def build_recordio_index(rec_path, idx_path=None, *, write: bool = True) -> dict
         rest = offsets[:header] + offsets[header + 1:]
         index = {0: offsets[header], **{k: off for k, off in enumerate(rest, 1)}}
     if write:
-        _write_index(_default_idx(rec_path) if idx_path is None else os.fspath(idx_path), index)
+        _write_index(default_idx_path(rec_path) if idx_path is None else os.fspath(idx_path), index)
     return index
 
 
@@ -209,7 +209,7 @@ def _legacy_header_position(candidates, num_records: int, rec_path: str) -> int 
     return found[0] if found else None
 
 
-def _default_idx(rec_path: str) -> str:
+def default_idx_path(rec_path: str) -> str:
     root, ext = os.path.splitext(rec_path)
     return (root if ext == ".rec" else rec_path) + ".idx"
 

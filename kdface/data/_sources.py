@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from kdface.data._recordio_format import default_idx_path
+
 __all__ = ["kfold_fold_ids", "source_fingerprint"]
 
 
@@ -53,7 +55,6 @@ def source_fingerprint(source, source_format: str, *, landmarks=None,
     ``pairs``: the ``pairs.txt`` ends plus the absolute ``images_root``. A landmarks CSV is
     included, since it changes the built features.
     """
-    from kdface.data._recordio_format import _default_idx
     source = os.fspath(source)
     digest = hashlib.sha256(f"{source_format}\n".encode())
     if source_format == "folders":
@@ -65,7 +66,7 @@ def source_fingerprint(source, source_format: str, *, landmarks=None,
                               .encode())
     else:
         _hash_file_ends(digest, source)
-        idx = _default_idx(source)
+        idx = default_idx_path(source)
         if source_format == "recordio" and os.path.isfile(idx):
             _hash_file_ends(digest, idx)
         if images_root is not None:

@@ -12,8 +12,9 @@ Everything is a pure function of integer seeds: ``identity_params(seed, identity
 ``sample_rng(seed, identity, sample)`` build NumPy generators from ``SeedSequence`` entropy
 lists, so one rendering never depends on how many others were drawn before it.
 
-None of the five seed papers describes synthetic data; this module exists because DESIGN.md asks
-for an embedded default written through the real formats (RecordIO ``.rec/.idx``, ``.bin``).
+None of the five seed papers describes synthetic data; this module exists so that the trainer, the
+builders and the evaluator run end to end without a download, through the real formats (RecordIO
+``.rec/.idx``, ``.bin``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ import os
 
 import cv2
 import numpy as np
+from tqdm.auto import tqdm
+
+from kdface.data._images import encode_image
+from kdface.data._recordio import write_recordio
+from kdface.data._tfds_builders import (build_training_dataset, build_verification_dataset,
+                                        write_landmarks_csv)
+from kdface.data._verification_bin import write_verification_bin
 
 IMAGE_SIZE = 112
 _SCALE = 2  # drawn on a 2x canvas then warped down: cheap anti-aliasing of the shapes
@@ -345,11 +353,6 @@ def make_synthetic_dataset(out_dir, *, num_identities: int = 200, images_per_ide
     demo within minutes on 2 CPU cores; rendering takes ~4 ms per image there. Returns a dict of
     paths and, when built, the two build summaries.
     """
-    from kdface.data._images import encode_image
-    from kdface.data._recordio import write_recordio
-    from kdface.data._verification_bin import write_verification_bin
-    from kdface.data._tfds_builders import (build_training_dataset, build_verification_dataset,
-                                            write_landmarks_csv)
 
     for arg, value in (("num_identities", num_identities),
                        ("images_per_identity", images_per_identity),
@@ -384,7 +387,6 @@ def make_synthetic_dataset(out_dir, *, num_identities: int = 200, images_per_ide
 
     samples = training_samples()
     if progress:
-        from tqdm.auto import tqdm
         samples = tqdm(samples, total=num_identities * images_per_identity,
                        desc="rendering train", unit="img")
     write_recordio(rec_path, samples)
@@ -395,7 +397,6 @@ def make_synthetic_dataset(out_dir, *, num_identities: int = 200, images_per_ide
     pairs = _verification_pairs(seed, num_identities, num_verification_identities,
                                 num_verification_pairs, num_folds)
     if progress:
-        from tqdm.auto import tqdm
         pairs = tqdm(pairs, total=num_verification_pairs, desc="rendering pairs", unit="pair")
     for a, sa, b, sb, same in pairs:
         for identity, k in ((a, sa), (b, sb)):  # encoded at once: 5 KB, not 37 KB, per image

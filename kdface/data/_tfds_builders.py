@@ -37,9 +37,13 @@ import shutil
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tqdm.auto import tqdm
 
 from kdface.data._align import read_landmarks_csv
+from kdface.data._folders import read_identity_folders
 from kdface.data._images import UndecodableImageError, decode_image
+from kdface.data._pairs import read_lfw_pairs
+from kdface.data._recordio import RecordIO, RecordIOError
 from kdface.data._sources import (
     _check_name,
     _default_name,
@@ -47,6 +51,7 @@ from kdface.data._sources import (
     kfold_fold_ids,
     source_fingerprint,
 )
+from kdface.data._verification_bin import read_verification_bin_encoded
 
 __all__ = [
     "TRAINING_BUILDER",
@@ -118,7 +123,6 @@ class FaceVerificationConfig(tfds.core.BuilderConfig):
 def _progress(iterable, total: int | None, enabled: bool, desc: str):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm  # a tfds dependency; imported only when a bar is wanted
     return tqdm(iterable, total=total, desc=desc, unit=desc.rstrip("s"))
 
 
@@ -188,7 +192,6 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         ``where`` names the record in errors (the ``.rec`` key, or the file)."""
         cfg = self.builder_config
         if cfg.source_format == "recordio":
-            from kdface.data._recordio import RecordIO, RecordIOError
             with RecordIO(cfg.source, build_index=True) as rec:
                 for i in _progress(range(len(rec)), len(rec), cfg.progress, "records"):
                     try:
@@ -199,7 +202,6 @@ class KdfaceTraining(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
                     where = f"{cfg.source} key {int(rec.keys[i])} (image {i})"
                     yield i, str(i), label, data, where
         else:
-            from kdface.data._folders import read_identity_folders
             # The folder reader decodes every image once itself ('error' or 'skip').
             folders = read_identity_folders(
                 cfg.source, on_undecodable=("skip" if cfg.skip_undecodable else "error")
@@ -277,12 +279,10 @@ class KdfaceVerification(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         """``(image1 bytes, image2 bytes, issame, fold or None)`` per pair, and a skip count."""
         cfg = self.builder_config
         if cfg.source_format == "bin":
-            from kdface.data._verification_bin import read_verification_bin_encoded
             encoded, issame = read_verification_bin_encoded(cfg.source)
             pairs = [(encoded[2 * i], encoded[2 * i + 1], bool(s), None)
                      for i, s in enumerate(issame)]
             return pairs, 0
-        from kdface.data._pairs import read_lfw_pairs
         listing = read_lfw_pairs(cfg.source, cfg.images_root, ext=cfg.image_ext,
                                  load_images=False,
                                  on_missing="skip" if cfg.skip_missing else "error")

@@ -29,7 +29,7 @@ import pickle
 
 import numpy as np
 
-from kdface.data._images import check_image, decode_image, encode_image
+from kdface.data._images import check_image, decode_image, encode_image, stack_images
 
 __all__ = [
     "UnsafePickleError",
@@ -233,19 +233,10 @@ def read_verification_bin(path, *, strict: bool = True) -> tuple[np.ndarray, np.
     """
     path = os.fspath(path)
     encoded, issame = read_verification_bin_encoded(path)
-    images = None
-    for i, data in enumerate(encoded):
-        image = decode_image(data, name=f"{path} image {i} (pair {i // 2})", strict=strict)
-        if images is None:
-            images = np.empty((len(encoded),) + image.shape, dtype=np.uint8)
-        elif image.shape != images.shape[1:]:
-            raise ValueError(
-                f"{path}: image {i} is {image.shape}, image 0 is {images.shape[1:]}; a .bin "
-                "must hold one image size"
-            )
-        images[i] = image
-    if images is None:
-        images = np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    images = stack_images(
+        (decode_image(data, name=f"{path} image {i} (pair {i // 2})", strict=strict)
+         for i, data in enumerate(encoded)),
+        len(encoded), name=lambda i: f"{path}: image {i}", fix="a .bin must hold one image size")
     return images, issame
 
 

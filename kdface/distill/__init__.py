@@ -5,3 +5,8 @@ from kdface.distill._recipes import (HEAD, RECIPES, Option, Recipe, RecipeSpec, 
                                      Term, TermDecl, build_recipe, objective, recipe_names,
                                      recipe_spec, register_recipe)
 from kdface.distill._terms import TERMS, TermInputs, TermSpec, register_term, term, term_spec
+
+__all__ = ["build_recipe", "build_student", "DistillStudent", "FaceNetwork", "HEAD", "objective",
+           "Option", "Recipe", "recipe_names", "recipe_spec", "RECIPES", "RecipeSpec",
+           "register_recipe", "register_term", "TeacherPhase", "Term", "term", "term_spec",
+           "TermDecl", "TermInputs", "TERMS", "TermSpec"]

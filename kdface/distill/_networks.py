@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdface import models
-from kdface.models._adapters import ConvAdapter, stage_adapters
-from kdface.models._heads import LandmarkHead, MarginHead, SoftmaxHead
+from kdface.models import ConvAdapter, LandmarkHead, MarginHead, SoftmaxHead, stage_adapters
 
 MARGIN_HEADS = ("cosface", "arcface", "sphereface")
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from kdface.distill._terms import TermInputs, term_spec
 
 HEADS = ("softmax", "cosface", "arcface", "sphereface")
+# The views of kdface.data.VIEWS (the pipeline's vocabulary), spelled out so that declaring
+# recipes does not import the data stack (grain, OpenCV); a test keeps the two equal.
 VIEWS = ("original", "low_resolution")
 TEACHER_CACHE_OUTPUTS = frozenset({"embedding", "logits"})  # what a teacher cache stores
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kdface import losses
+from kdface._math import l2_normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,7 @@ def cosface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.3
     """CosFace (seed nikitin2020 §4.2: s=64, m=0.35) on the student's cos θ."""
     logits = losses.cosface_logits(inputs.student["cos"], inputs.labels, scale=scale,
                                    margin=margin)
-    return losses.margin_cross_entropy(logits, inputs.labels)
+    return losses.softmax_cross_entropy(logits, inputs.labels)
 
 
 @term("arcface", student_outputs={"cos"})
@@ -179,7 +180,7 @@ def arcface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.5
     """ArcFace (seed yan2019: s=64, m=0.5) on the student's cos θ."""
     logits = losses.arcface_logits(inputs.student["cos"], inputs.labels, scale=scale,
                                    margin=margin)
-    return losses.margin_cross_entropy(logits, inputs.labels)
+    return losses.softmax_cross_entropy(logits, inputs.labels)
 
 
 @term("sphereface", student_outputs={"cos", "embedding"})
@@ -198,7 +199,7 @@ def sphereface_term(inputs: TermInputs, *, margin: int = 4, lambda_: float = 0.0
         lambda_ = losses.sphereface_lambda(step)
     logits = losses.sphereface_logits(inputs.student["cos"], inputs.labels, feature_norm=norm,
                                       margin=margin, lambda_=lambda_)
-    return losses.margin_cross_entropy(logits, inputs.labels)
+    return losses.softmax_cross_entropy(logits, inputs.labels)
 
 
 # --- logit and feature distillation ------------------------------------------------------------
@@ -320,16 +321,12 @@ def pwr_term(inputs: TermInputs, **options) -> jax.Array:
     return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], teacher["embedding"])
 
 
-def _unit(x: jax.Array) -> jax.Array:
-    """Rows scaled to unit L2 norm (the epsilon keeps an all-zero row finite)."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def _embeddings(inputs: TermInputs, term_name: str, normalize: bool):
     teacher = _teacher(inputs, term_name)
     s, t = inputs.student["embedding"], teacher["embedding"]
-    return (_unit(s), _unit(t)) if normalize else (s, t)
+    if not normalize:
+        return s, t
+    return l2_normalize(s.astype(jnp.float32)), l2_normalize(t.astype(jnp.float32))
 
 
 @term("rkd_d", teacher_outputs={"embedding"}, relational=True)

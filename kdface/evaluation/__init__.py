@@ -5,6 +5,11 @@
 meta files, alignment and embedding;
 ``_sources``: verification sets and labelled datasets; ``_protocols``: each paper protocol on
 one model; ``_report``: the side-by-side comparison, markdown and plots.
+
+Imports of JAX, Flax, the data stack, the trainer and the ONNX/PyTorch readers sit inside the
+functions that need them, on purpose: ``import kdface.evaluation`` pulls in only NumPy and
+``kdface.metrics``, so ``python -m kdface.evaluate --help`` and report-only runs start in under
+a second.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from kdface.evaluation._protocols import (
     verification_from_embeddings,
     verification_report,
 )
-from kdface.evaluation._report import compare, markdown_table, open_run, to_jsonable, write_report
+from kdface.evaluation._report import (compare, markdown_table, open_run, to_jsonable,
+                                       write_json_and_markdown, write_report)
 from kdface.evaluation._sources import (
     FaceRecords,
     embed_records,
@@ -31,3 +37,11 @@ from kdface.evaluation._sources import (
     set_name,
     split_gallery_probe,
 )
+
+__all__ = ["aligned_crops", "alignment_report", "check_lr_sizes", "compare", "embed_records",
+           "Embedder", "EmbeddingFile", "export_embeddings", "FaceRecords",
+           "identification_arrays", "identification_report", "ijb_embeddings", "IJB_NAMES",
+           "ijb_report", "IjbMeta", "load_sets", "lr_report", "markdown_table",
+           "open_face_records", "open_run", "parse_ijb_spec", "resolve_workdir", "set_name",
+           "split_gallery_probe", "TeacherEmbedder", "to_jsonable", "verification_from_embeddings",
+           "verification_report", "write_json_and_markdown", "write_report"]

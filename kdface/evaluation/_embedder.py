@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from kdface import metrics
+
 
 def resolve_workdir(workdir: str) -> str:
     """The directory holding the run's ``config.json`` (the last ``gen_k`` of a ``generations=K``
-    run, seed yan2019); see ``kdface.training._restore.resolve_run_dir``."""
-    from kdface.training._restore import resolve_run_dir
+    run, seed yan2019); see ``kdface.training.resolve_run_dir``."""
+    from kdface.training import resolve_run_dir
     return resolve_run_dir(workdir)
 
 
@@ -81,7 +83,7 @@ class Embedder:
         """uint8 ``[N, H, W, 3]`` (or a list of ``[H_i, W_i, 3]``) -> float32 network input
         ``[N, *input_size, 3]`` (resized with INTER_AREA, normalized as in training)."""
         import cv2
-        from kdface.data._pipeline import normalize_images
+        from kdface.data import normalize_images
         if isinstance(images, np.ndarray):
             if images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"images must be uint8 [N, H, W, 3] RGB, got shape "
@@ -125,9 +127,8 @@ class Embedder:
         return self.outputs(images)["embedding"]
 
     def embed(self, images, *, flip: bool = False) -> np.ndarray:
-        """``[N, E]`` embeddings; with ``flip`` the DESIGN.md "image + flipped image" option:
+        """``[N, E]`` embeddings; with ``flip`` insightface's "image + flipped image" option:
         ``kdface.metrics.embeddings_with_flip(e(x), e(mirror(x)))`` (float64, unit rows)."""
-        from kdface import metrics
         emb = self(images)
         if not flip:
             return emb

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from kdface.metrics._ijb import IJB_FAR_TARGETS
+from kdface import metrics
+from kdface.metrics import IJB_FAR_TARGETS
 
 IJB_NAMES = ("IJBB", "IJBC")
 
@@ -132,7 +133,6 @@ def ijb_report(model, root: str, name: str, *,
     (features times the detector score) and N1 (norms kept), all on by default as in its
     script. Returns :func:`kdface.metrics.ijb_verification`'s dict plus ``settings``.
     """
-    from kdface import metrics
     meta = IjbMeta(root, name)
     emb, emb_flipped = ijb_embeddings(model, meta, flip=flip)
     feats = metrics.ijb_image_features(emb, emb_flipped,

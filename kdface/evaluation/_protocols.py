@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from kdface import metrics
 from kdface.metrics import DEFAULT_FAR_TARGETS, DEFAULT_FPR_TARGETS, DEFAULT_RANKS
 
 
@@ -41,7 +42,6 @@ def _embed(model, images, flip: bool, *, summed: bool = False) -> np.ndarray:
                 np.asarray(model(mirrored), np.float64))
     if hasattr(model, "embed"):
         return model.embed(images, flip=flip)
-    from kdface import metrics
     emb = model(images)
     if flip:
         mirrored = np.ascontiguousarray(np.asarray(images)[:, :, ::-1])
@@ -55,7 +55,6 @@ def verification_from_embeddings(emb: Any, issame: Any, *, folds: int = 10,
     """The 10-fold protocol (``kdface.metrics.verification``, ``protocol`` ``'exact'`` or
     ``'insightface'``) on interleaved pair embeddings ``emb: [2P, D]`` (pair i = rows 2i, 2i + 1)
     and ``issame: [P]``."""
-    from kdface import metrics
     emb = np.asarray(emb)
     if emb.ndim != 2 or emb.shape[0] % 2:
         raise ValueError(f"pair embeddings must be interleaved [2P, D], got shape {emb.shape}")
@@ -71,7 +70,7 @@ def verification_from_embeddings(emb: Any, issame: Any, *, folds: int = 10,
 def verification_report(embed, images: np.ndarray, issame: np.ndarray, *, flip: bool = False,
                         folds: int = 10, far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
                         protocol: str = "exact") -> dict[str, Any]:
-    """The DESIGN.md verification protocol on interleaved pairs ``images: [2P, H, W, 3]``.
+    """insightface's 10-fold verification protocol on interleaved pairs ``images: [2P, H, W, 3]``.
 
     embed: an :class:`Embedder` or any ``uint8 [N, H, W, 3] -> [N, D]`` callable. With ``flip``
     each image's embedding is ``normalize(e(x) + e(mirror(x)))`` (insightface's option).
@@ -137,7 +136,6 @@ def identification_report(probe_emb: Any, probe_labels: Any, gallery_emb: Any,
     together (``kdface.metrics.nearest_neighbour_verification``; seed
     kd_transfer §5.1: each test sample's nearest other sample shares its identity).
     """
-    from kdface import metrics
     t0 = time.perf_counter()
     num_items = len(gallery_emb) + (0 if distractor_emb is None else len(distractor_emb))
     ranks = [int(k) for k in ranks]
@@ -168,7 +166,6 @@ def alignment_report(pred: Any, truth: Any) -> dict[str, Any]:
     5-point layout) of the ground truth. Returns ``kdface.metrics.nrmse_dataset``'s dict (NRMSE,
     failure rate at 0.1, CED and its area) plus ``num_images``.
     """
-    from kdface import metrics
     result = metrics.nrmse_dataset(pred, truth, normalization="inter_ocular", left_eye=0,
                                    right_eye=1)
     result["num_images"] = int(np.asarray(truth).shape[0])

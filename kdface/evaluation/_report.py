@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kdface import metrics
 from kdface.evaluation._embedder import Embedder, EmbeddingFile
 from kdface.evaluation._ijb import ijb_report, parse_ijb_spec
 from kdface.evaluation._imported import TeacherEmbedder
@@ -21,7 +22,7 @@ from kdface.evaluation._protocols import (alignment_report, check_lr_sizes,
                                           verification_report)
 from kdface.evaluation._sources import embed_records, open_face_records
 from kdface.metrics import (DEFAULT_FAR_TARGETS, DEFAULT_FPR_TARGETS, DEFAULT_RANKS,
-                            IJB_FAR_TARGETS)
+                            IJB_FAR_TARGETS, PROTOCOLS, fold_bounds)
 
 _VERIFICATION_KEYS = ("accuracy", "accuracy_std", "fold_accuracies", "threshold",
                       "best_threshold_accuracy", "best_threshold", "auc", "tar_at_far",
@@ -72,7 +73,6 @@ def _pick(result: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 
 
 def _min_train_negatives(issame: np.ndarray, folds: int) -> int:
-    from kdface.metrics import fold_bounds
     neg = ~np.asarray(issame, bool)
     return int(min(neg.sum() - neg[a:b].sum() for a, b in fold_bounds(neg.size, folds)))
 
@@ -122,7 +122,6 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
     ``report.md`` (:func:`markdown_table`), ``roc_<set>.png`` (all runs on one figure per set),
     ``lr_<set>.png`` (accuracy vs probe size) and ``ced_alignment.png``.
     """
-    from kdface.metrics import PROTOCOLS
     t_start = time.perf_counter()
     lr_sizes = check_lr_sizes(lr_sizes)
     if not runs:
@@ -264,17 +263,24 @@ def _file_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def write_json_and_markdown(out_dir: str, stem: str, report: Mapping[str, Any],
+                            markdown: str) -> list[str]:
+    """Writes ``<stem>.json`` (strict JSON: NaN/inf refused, see :func:`to_jsonable`) and
+    ``<stem>.md`` in ``out_dir`` (created); returns the two paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")]
+    with open(written[0], "w") as f:
+        json.dump(to_jsonable(report), f, indent=1, allow_nan=False)
+    with open(written[1], "w") as f:
+        f.write(markdown)
+    return written
+
+
 def write_report(report: dict[str, Any], out_dir: str, *,
                  rocs: Mapping[str, Any] | None = None,
                  ceds: Mapping[str, Any] | None = None) -> list[str]:
     """Writes ``report.json``, ``report.md`` and the plots; returns the paths written."""
-    from kdface import metrics
-    os.makedirs(out_dir, exist_ok=True)
-    written = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]
-    with open(written[0], "w") as f:
-        json.dump(to_jsonable(report), f, indent=1, allow_nan=False)
-    with open(written[1], "w") as f:
-        f.write(markdown_table(report))
+    written = write_json_and_markdown(out_dir, "report", report, markdown_table(report))
     for set_name, curves in (rocs or {}).items():
         finite = {r: c for r, c in curves.items()
                   if np.all(np.isfinite(c["fpr"])) and np.all(np.isfinite(c["tpr"]))}

@@ -54,9 +54,7 @@ def load_sets(val_data: Sequence[str], *, data_dir: str = "data",
     ``2i`` (the gallery image in the LR protocol) and ``2i + 1`` (the probe). All images of one
     set must have one size (they are resized per run to the run's input size).
     """
-    from kdface.data import read_lfw_pairs
-    from kdface.data._pipeline import make_verification_arrays
-    from kdface.data._tfds_builders import load_verification_source
+    from kdface.data import load_verification_source, make_verification_arrays, read_lfw_pairs
     if isinstance(val_data, str):
         raise TypeError("val_data must be a sequence of entries, not one string")
     sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -138,8 +136,8 @@ def open_face_records(spec: Any, *, data_dir: str = "data",
     keyed as the training builder keys them (record index for ``.rec``, path relative to the
     root for folders); built sets carry their landmarks already.
     """
-    from kdface.data import RecordIO, read_identity_folders, read_image_file, read_landmarks_csv
-    from kdface.data._tfds_builders import load_training_source
+    from kdface.data import (RecordIO, load_training_source, read_identity_folders,
+                             read_image_file, read_landmarks_csv)
     if isinstance(spec, FaceRecords):
         return spec
     table = read_landmarks_csv(landmarks) if landmarks else None

@@ -35,11 +35,11 @@ import numpy as np
 from flax import nnx
 
 from kdface import models
-from kdface.models._iresnet import _DEPTHS
+from kdface.models import IRESNET_UNITS
 
 __all__ = ["IRESNET_ARCHS", "infer_iresnet_arch", "iresnet_from_state_dict"]
 
-IRESNET_ARCHS = {f"iresnet{d}": units for d, units in _DEPTHS.items()}
+IRESNET_ARCHS = {f"iresnet{d}": units for d, units in IRESNET_UNITS.items()}
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 _UNIT_LAYERS = {"bn1": "bn1", "conv1": "conv1", "bn2": "bn2", "prelu": "prelu", "conv2": "conv2",
                 "bn3": "bn3", "downsample.0": "down_conv", "downsample.1": "down_bn"}

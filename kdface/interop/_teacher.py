@@ -23,7 +23,10 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from kdface.distill import FaceNetwork
 from kdface.interop._iresnet_mapping import IRESNET_ARCHS, iresnet_from_state_dict
+from kdface.interop._onnx_import import iresnet_state_from_onnx
+from kdface.interop._torch_state import read_torch_state_dict
 
 __all__ = ["TEACHER_FORMATS", "imported_teacher", "is_imported_teacher",
            "load_teacher_backbone", "parse_teacher_spec", "state_input_size"]
@@ -66,10 +69,8 @@ def load_teacher_backbone(spec: str, *, input_size: tuple[int, int] | None = (11
     """
     fmt, arch, path = parse_teacher_spec(spec)
     if fmt == "pth":
-        from kdface.interop._torch_state import read_torch_state_dict
         state = read_torch_state_dict(path)
     else:
-        from kdface.interop._onnx_import import iresnet_state_from_onnx
         state = iresnet_state_from_onnx(path)
     if input_size is None:
         input_size = state_input_size(state, source=path)
@@ -105,7 +106,6 @@ def imported_teacher(spec: str, recipe, *, num_classes: int, input_size: tuple[i
     here, before any compilation. ``options`` (``--teacher_options``) must be empty: the file
     fixes the architecture.
     """
-    from kdface.distill._networks import FaceNetwork
     if options:
         raise ValueError(f"--teacher_options {dict(options)} do not apply to an imported "
                          f"teacher ({spec}): the file fixes the architecture")

@@ -10,7 +10,7 @@ from kdface.losses._classification import (arcface_logits, cosface_logits, margi
                                            softmax_cross_entropy, sphereface_lambda,
                                            sphereface_logits)
 from kdface.losses._feature import angular_distillation_loss, l2_hint_loss, normalized_l2_loss
-from kdface.losses._logit import hard_loss, hinton_kd_loss, soft_prediction_loss
+from kdface.losses._logit import hinton_kd_loss, soft_prediction_loss
 from kdface.losses._metric import landmark_l2_loss, nrmse, triplet_loss
 
 # PWR, pairwise ranking distillation (seed nikitin2020): dense / tiled / sorted / sharded.
@@ -24,3 +24,11 @@ from kdface.losses._relational import darkrank_hard_loss, rkd_angle_loss, rkd_di
 from kdface.losses._sharded import (darkrank_hard_loss_sharded, mk_mmd_sharded,
                                     rkd_angle_loss_sharded, rkd_distance_loss_sharded,
                                     sharded_relational_loss)
+
+__all__ = ["angular_distillation_loss", "arcface_logits", "cosface_logits", "darkrank_hard_loss",
+           "darkrank_hard_loss_sharded", "hinton_kd_loss", "l2_hint_loss", "landmark_l2_loss",
+           "margin_cross_entropy", "mk_mmd", "mk_mmd_sharded", "normalized_l2_loss", "nrmse",
+           "pairwise_scores", "pwr_loss", "pwr_loss_from_scores", "pwr_loss_sharded",
+           "rkd_angle_loss", "rkd_angle_loss_sharded", "rkd_distance_loss",
+           "rkd_distance_loss_sharded", "sharded_relational_loss", "soft_prediction_loss",
+           "softmax_cross_entropy", "sphereface_lambda", "sphereface_logits", "triplet_loss"]

@@ -1,4 +1,4 @@
-"""Argument checks shared by every loss (STYLE.md rule 3: check at the door).
+"""Argument checks shared by every loss (check at the door: docs/CONTRIBUTING.md).
 
 Each helper raises ``TypeError`` for a wrong dtype and ``ValueError`` for a wrong shape or option,
 with a message that names the argument, what was expected and what was given.

@@ -1,7 +1,7 @@
 """Classification losses and margin heads for face recognition.
 
 Margin heads turn the cosines between (normalized) embeddings and class weights into logits;
-``margin_cross_entropy`` then trains on them. The heads serve the seeds as base losses:
+``softmax_cross_entropy`` then trains on them. The heads serve the seeds as base losses:
 CosFace (seed nikitin2020, s=64, m=0.35), ArcFace (seed yan2019 eq. (6)) and SphereFace's
 A-Softmax (the teacher backbones of seed wang2019 are SphereFace networks).
 
@@ -64,8 +64,11 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                           reduction: str | None = "mean") -> jax.Array:
     """Softmax cross-entropy ``-log softmax(logits)[label]``.
 
-    The "softmax loss" / hard loss of the seeds (seed wang2019 eq. (4) H(X_S, y); seed kd_transfer
-    eq. (3)). Computed in float32 for half-precision logits.
+    The "softmax loss" / hard loss of the seeds (seed wang2019 eq. (4) H(X_S, y); the first term
+    of seed kd_transfer eq. (2), and its eq. (3)), and the loss on margin logits: the margin
+    heads (``cosface_logits``/``arcface_logits``/``sphereface_logits``) already carry the scale
+    and the margin, so seed yan2019 eq. (6) is this function fed ``arcface_logits``. Computed
+    in float32 for half-precision logits.
 
     Args:
       logits: ``[N, C]`` float.
@@ -87,15 +90,8 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
     return apply_reduction(per_example, reduction)
 
 
-def margin_cross_entropy(logits: jax.Array, labels: jax.Array, *,
-                         reduction: str | None = "mean") -> jax.Array:
-    """Cross-entropy on margin logits from ``cosface_logits``/``arcface_logits``/...
-
-    The margin heads already carry the scale and the margin, so this is plain softmax
-    cross-entropy (seed yan2019 eq. (6) once fed ``arcface_logits``). ``logits``: ``[N, C]``,
-    ``labels``: ``[N]``; returns a scalar or ``[N]`` as ``softmax_cross_entropy``.
-    """
-    return softmax_cross_entropy(logits, labels, reduction=reduction)
+# The name the margin-head papers use; the same function, kept because it is public API.
+margin_cross_entropy = softmax_cross_entropy
 
 
 def _clipped_cosines(cos_theta: jax.Array) -> jax.Array:
@@ -121,7 +117,7 @@ def cosface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64
     """CosFace (large margin cosine) logits ``s * (cos θ_j - m * [j == y])``.
 
     The base classification loss of seed nikitin2020 (Sec. 4, "margin = 0.35 and scale = 64.0",
-    the defaults here). Feed the result to ``margin_cross_entropy``.
+    the defaults here). Feed the result to ``softmax_cross_entropy``.
 
     Args:
       cos_theta: ``[N, C]`` float cosines between normalized embeddings and class weights;

@@ -24,12 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdface._math import l2_normalize
 from kdface.losses._checks import check_float, check_option, check_same_shape, compute_dtype
 from kdface.losses._classification import REDUCTIONS, apply_reduction
 
-# Squared-norm floor: a feature with norm below 1e-12 is treated as having norm 1e-12, so an
-# all-zero feature gives a zero direction and finite gradients instead of 0/0.
-_NORM_FLOOR_SQ = 1e-24
 
 
 def _flat_pair(student: Any, teacher: Any, reduction: Any) -> tuple[jax.Array, jax.Array]:
@@ -45,11 +43,6 @@ def _flat_pair(student: Any, teacher: Any, reduction: Any) -> tuple[jax.Array, j
     s = student.astype(dtype).reshape(n, -1)
     t = jax.lax.stop_gradient(teacher).astype(dtype).reshape(n, -1)
     return s, t
-
-
-def _unit_rows(x: jax.Array) -> jax.Array:
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_FLOOR_SQ))
 
 
 def l2_hint_loss(student: jax.Array, teacher: jax.Array, *, reduction: str | None = "mean",
@@ -97,7 +90,7 @@ def normalized_l2_loss(student: jax.Array, teacher: jax.Array, *,
       scalar, or ``[N]``.
     """
     s, t = _flat_pair(student, teacher, reduction)
-    diff = _unit_rows(s) - _unit_rows(t)
+    diff = l2_normalize(s) - l2_normalize(t)
     return apply_reduction(jnp.sum(diff * diff, axis=-1), reduction)
 
 
@@ -119,5 +112,5 @@ def angular_distillation_loss(student: jax.Array, teacher: jax.Array, *,
       scalar, or ``[N]``.
     """
     s, t = _flat_pair(student, teacher, reduction)
-    cos = jnp.sum(_unit_rows(s) * _unit_rows(t), axis=-1)
+    cos = jnp.sum(l2_normalize(s) * l2_normalize(t), axis=-1)
     return apply_reduction(jnp.square(1.0 - cos), reduction)

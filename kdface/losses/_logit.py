@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from kdface.losses._checks import (check_float, check_option, check_positive, check_rank,
                                    check_same_shape, compute_dtype)
-from kdface.losses._classification import REDUCTIONS, apply_reduction, softmax_cross_entropy
+from kdface.losses._classification import REDUCTIONS, apply_reduction
 
 
 def _checked_logits(student_logits: Any, teacher_logits: Any, temperature: float,
@@ -165,14 +165,3 @@ def soft_prediction_loss(student_logits: jax.Array, teacher_logits: jax.Array, *
     log_p_t = jax.nn.log_softmax(teacher / temperature, axis=-1)
     per_example = -jnp.sum(jnp.exp(log_p_t) * log_p_s, axis=-1)
     return apply_reduction(per_example, reduction)
-
-
-def hard_loss(student_logits: jax.Array, labels: jax.Array, *,
-              reduction: str | None = "mean") -> jax.Array:
-    """Hard loss ``H(softmax(z_S), y)``: softmax cross-entropy with the identity labels.
-
-    Seed wang2019 eq. (4); the first term of seed kd_transfer eq. (2). Same as
-    ``softmax_cross_entropy``: ``student_logits`` ``[N, C]`` float, ``labels`` ``[N]`` int;
-    returns a scalar or ``[N]``.
-    """
-    return softmax_cross_entropy(student_logits, labels, reduction=reduction)

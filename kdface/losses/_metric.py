@@ -12,8 +12,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from kdface._landmarks import NORMALIZATIONS, landmark_points, per_image_nrmse
+from kdface._math import l2_normalize
 from kdface.losses._checks import (check_embeddings, check_float, check_labels, check_option,
                                    check_same_shape, compute_dtype)
 from kdface.losses._classification import REDUCTIONS, apply_reduction
@@ -21,12 +22,6 @@ from kdface.losses._classification import REDUCTIONS, apply_reduction
 MININGS = ("batch_all", "batch_hard")
 DISTANCES = ("squared_euclidean", "euclidean", "cosine")
 AVERAGES = ("active", "valid")
-NORMALIZATIONS = ("inter_ocular", "inter_pupil", "bbox_diagonal")
-
-
-def _unit_rows(x: jax.Array) -> jax.Array:
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
 
 
 def _pairwise_distances(x: jax.Array, distance: str) -> jax.Array:
@@ -34,7 +29,7 @@ def _pairwise_distances(x: jax.Array, distance: str) -> jax.Array:
     n = x.shape[0]
     eye = jnp.eye(n, dtype=bool)
     if distance == "cosine":
-        u = _unit_rows(x)
+        u = l2_normalize(x)
         gram = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
         return jnp.where(eye, 0.0, 1.0 - gram)
     gram = jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
@@ -90,7 +85,7 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
         raise ValueError(f"margin must be a Python number >= 0, got {margin!r}")
     x = embeddings.astype(compute_dtype(embeddings))
     if normalize:
-        x = _unit_rows(x)
+        x = l2_normalize(x)
     d = _pairwise_distances(x, distance)
     n = x.shape[0]
     same = labels[:, None] == labels[None, :]
@@ -118,13 +113,8 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
 
 
 def _landmarks(name: str, x: Any) -> jax.Array:
-    """``[N, K, 2]`` from ``[N, K, 2]`` or interleaved ``[N, 2K]`` (x1, y1, x2, y2, ...)."""
     check_float(name, x)
-    if np.ndim(x) == 3 and x.shape[2] == 2:
-        return x
-    if np.ndim(x) == 2 and x.shape[1] % 2 == 0:
-        return x.reshape(x.shape[0], x.shape[1] // 2, 2)
-    raise ValueError(f"{name} must have shape [N, K, 2] or [N, 2K], got {tuple(np.shape(x))}")
+    return landmark_points(name, x)
 
 
 def landmark_l2_loss(pred: jax.Array, target: jax.Array, *,
@@ -156,21 +146,6 @@ def landmark_l2_loss(pred: jax.Array, target: jax.Array, *,
     return apply_reduction(0.5 * jnp.sum(diff * diff, axis=(1, 2)), reduction)
 
 
-def _eye_indices(name: str, value: Any, num_points: int, allow_many: bool) -> tuple[int, ...]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        indices = (int(value),)
-    elif allow_many and isinstance(value, Sequence) and value and all(
-            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in value):
-        indices = tuple(int(i) for i in value)
-    else:
-        what = "an int or a non-empty sequence of ints" if allow_many else "an int"
-        raise TypeError(f"{name} must be {what}, got {value!r}")
-    for i in indices:
-        if not 0 <= i < num_points:
-            raise ValueError(f"{name} index {i} is out of range for K={num_points} landmarks")
-    return indices
-
-
 def nrmse(pred: jax.Array, target: jax.Array, *, normalization: str = "inter_ocular",
           left_eye: int | Sequence[int] = 0, right_eye: int | Sequence[int] = 1,
           reduction: str | None = "mean") -> jax.Array:
@@ -195,7 +170,8 @@ def nrmse(pred: jax.Array, target: jax.Array, *, normalization: str = "inter_ocu
       pred: ``[N, K, 2]`` or interleaved ``[N, 2K]`` float coordinates.
       target: same shape as ``pred``.
       normalization: see above.
-      left_eye, right_eye: landmark indices, see above.
+      left_eye, right_eye: landmark indices, see above (ints; sequences of ints for
+        ``'inter_pupil'``; the same parser as ``kdface.metrics.nrmse_dataset``).
       reduction: ``'mean'`` over images (default), ``'sum'``, or ``None``/``'none'``.
 
     Returns:
@@ -209,20 +185,6 @@ def nrmse(pred: jax.Array, target: jax.Array, *, normalization: str = "inter_ocu
     dtype = compute_dtype(pred, target)
     p = _landmarks("pred", pred).astype(dtype)
     t = _landmarks("target", target).astype(dtype)
-    num_points = t.shape[1]
-    diff = p - t
-    sq = jnp.sum(diff * diff, axis=-1)
-    positive = sq > 0.0
-    point_error = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-    if normalization == "bbox_diagonal":
-        extent = jnp.max(t, axis=1) - jnp.min(t, axis=1)
-        norm = jnp.sqrt(jnp.sum(extent * extent, axis=-1))
-    else:
-        many = normalization == "inter_pupil"
-        left = _eye_indices("left_eye", left_eye, num_points, many)
-        right = _eye_indices("right_eye", right_eye, num_points, many)
-        left_centre = jnp.mean(t[:, np.asarray(left), :], axis=1)
-        right_centre = jnp.mean(t[:, np.asarray(right), :], axis=1)
-        gap = left_centre - right_centre
-        norm = jnp.sqrt(jnp.sum(gap * gap, axis=-1))
-    return apply_reduction(jnp.mean(point_error, axis=-1) / norm, reduction)
+    per_image = per_image_nrmse(jnp, p, t, normalization=normalization, left_eye=left_eye,
+                                right_eye=right_eye)
+    return apply_reduction(per_image, reduction)

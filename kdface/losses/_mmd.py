@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from kdface._math import l2_normalize
 from kdface.losses._checks import check_embeddings, check_option, compute_dtype
 from kdface.losses._relational import gram, row_mask
 
@@ -49,11 +50,6 @@ def prepare_features(x: Array, y: Array, normalize: bool) -> tuple[Array, Array]
     if normalize:
         x, y = l2_normalize(x), l2_normalize(y)
     return x, y
-
-
-def l2_normalize(e: Array) -> Array:
-    sq = jnp.sum(e * e, axis=1, keepdims=True)
-    return e * jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(e.dtype).tiny))
 
 
 def pooled_mean_sq_distance(x: Array, y: Array) -> Array:

@@ -42,7 +42,20 @@ from kdface.metrics._identification import (
 )
 from kdface.metrics._topk import TailOfScores, top_k
 from kdface.metrics._alignment import nearest_neighbour_verification, nrmse_dataset
-from kdface.metrics._plots import (accuracy_vs_probe_size_figure, bar_figure, ced_figure,
-                                   line_figure,
+from kdface.metrics._plots import (PALETTE, accuracy_vs_probe_size_figure, bar_figure,
+                                   ced_figure, line_figure,
                                    line_plot, plot_accuracy_vs_probe_size, plot_ced, plot_roc,
                                    roc_figure, save_figure)
+
+__all__ = ["accuracy_vs_probe_size_figure", "auc", "best_threshold", "binary_roc_curve",
+           "bar_figure", "ced_figure", "DEFAULT_FAR_TARGETS", "DEFAULT_FPR_TARGETS",
+           "DEFAULT_RANKS",
+           "embeddings_with_flip", "far_threshold", "fold_bounds", "identify", "IJB_FAR_TARGETS",
+           "ijb_image_features", "ijb_verification", "INSIGHTFACE_ACCURACY_GRID",
+           "INSIGHTFACE_VAL_GRID", "insightface_verification", "l2_normalize", "line_figure",
+           "line_plot", "megaface_identification", "nearest_neighbour_verification",
+           "nrmse_dataset", "pair_scores", "PALETTE", "plot_accuracy_vs_probe_size", "plot_ced",
+           "plot_roc", "PROTOCOLS", "roc_curve", "roc_figure", "save_figure",
+           "slinear_interpolate", "split_interleaved", "squared_distances", "TailOfScores",
+           "tar_at_far_nearest", "template_features", "template_pair_scores",
+           "threshold_candidates", "top_k", "verification"]

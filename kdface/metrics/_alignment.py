@@ -1,9 +1,10 @@
 """Seed kd_transfer's evaluation of the transfer tasks: alignment NRMSE and nearest-neighbour
 verification (seed kd_transfer §5.1 "Evaluation").
 
-``nrmse_dataset`` is the NumPy evaluation twin of the differentiable ``kdface.losses.nrmse``: same
-definition, same options, same defaults, computed in float64 with failure rate and the cumulative
-error distribution added.
+``nrmse_dataset`` is the NumPy evaluation twin of the differentiable ``kdface.losses.nrmse``: both
+call one implementation (``kdface._landmarks``), so definition, options, index parsing and defaults
+are the same; here it runs in float64 with failure rate and the cumulative error distribution
+added.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from kdface._landmarks import landmark_points, per_image_nrmse
 from kdface.metrics._topk import chunk_bounds, top_k
 
-NORMALIZATIONS = ("inter_ocular", "inter_pupil", "bbox_diagonal")
 NN_METRICS = ("euclidean", "cosine")
 
 
@@ -44,24 +45,15 @@ def nrmse_dataset(pred: Any, target: Any, *, normalization: str = "inter_ocular"
     t = _landmarks("target", target)
     if p.shape != t.shape:
         raise ValueError(f"pred and target must have the same shape, got {p.shape} and {t.shape}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if not ced_max > 0 or not failure_threshold > 0 or ced_points < 2:
         raise ValueError("ced_max and failure_threshold must be > 0 and ced_points >= 2")
-    point_error = np.sqrt(np.sum((p - t) ** 2, axis=2))
-    if normalization == "bbox_diagonal":
-        extent = t.max(axis=1) - t.min(axis=1)
-        norm = np.sqrt(np.sum(extent ** 2, axis=1))
-    else:
-        many = normalization == "inter_pupil"
-        left = _indices("left_eye", left_eye, t.shape[1], many)
-        right = _indices("right_eye", right_eye, t.shape[1], many)
-        gap = t[:, left, :].mean(axis=1) - t[:, right, :].mean(axis=1)
-        norm = np.sqrt(np.sum(gap ** 2, axis=1))
-    if np.any(norm == 0):
-        bad = np.nonzero(norm == 0)[0][:5].tolist()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_sample = per_image_nrmse(np, p, t, normalization=normalization, left_eye=left_eye,
+                                     right_eye=right_eye)
+    degenerate = ~np.isfinite(per_sample) & np.all(np.isfinite(p), axis=(1, 2))
+    if np.any(degenerate):
+        bad = np.nonzero(degenerate)[0][:5].tolist()
         raise ValueError(f"the {normalization} distance of the ground truth is 0 for images {bad}")
-    per_sample = point_error.mean(axis=1) / norm
     grid = np.linspace(0.0, ced_max, ced_points)
     fraction = np.mean(per_sample[None, :] <= grid[:, None], axis=1)
     return {
@@ -138,22 +130,4 @@ def _landmarks(name: str, x: Any) -> np.ndarray:
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] == 2:
-        return arr.astype(np.float64)
-    if arr.ndim == 2 and arr.shape[1] % 2 == 0:
-        return arr.astype(np.float64).reshape(arr.shape[0], arr.shape[1] // 2, 2)
-    raise ValueError(f"{name} must have shape [N, K, 2] or [N, 2K], got {arr.shape}")
-
-
-def _indices(name: str, value: Any, num_points: int, allow_many: bool) -> list[int]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        out = [int(value)]
-    elif allow_many and isinstance(value, Sequence) and len(value) > 0:
-        out = [int(i) for i in value]
-    else:
-        what = "an int or a non-empty sequence of ints" if allow_many else "an int"
-        raise TypeError(f"{name} must be {what}, got {value!r}")
-    for i in out:
-        if not 0 <= i < num_points:
-            raise ValueError(f"{name} index {i} is out of range for K={num_points} landmarks")
-    return out
+    return landmark_points(name, arr.astype(np.float64))

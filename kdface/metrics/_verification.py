@@ -47,7 +47,9 @@ def l2_normalize(x: Any, *, eps: float = 1e-12) -> np.ndarray:
 
     The norm is ``sqrt(einsum('ij,ij->i', x, x))``, the operation order of
     ``sklearn.preprocessing.normalize`` (which insightface applies), so the rows are the same
-    floats as insightface's.
+    floats as insightface's. It is deliberately not ``kdface._math.l2_normalize`` (the
+    training-side rule, ``x / max(||x||, eps)`` in the input's dtype): verification accuracies
+    are compared digit for digit with insightface's, which needs scikit-learn's exact rule.
     """
     x = np.asarray(x, dtype=np.float64)
     norm = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
@@ -253,26 +255,8 @@ def verification(emb1: Any, emb2: Any, issame: Any, *, folds: int = 10,
 
     all_cands = threshold_candidates(scores) if grid is None else grid
     best_t, best_acc = best_threshold(scores, same, all_cands)
-    return {
-        "accuracy": float(np.mean(fold_acc)),
-        "accuracy_std": float(np.std(fold_acc)),
-        "fold_accuracies": np.asarray(fold_acc),
-        "threshold": float(np.mean(fold_thr)),
-        "fold_thresholds": np.asarray(fold_thr),
-        "best_threshold_accuracy": best_acc,
-        "best_threshold": best_t,
-        "auc": auc(scores, same),
-        "roc": roc_curve(scores, same),
-        "tar_at_far": tar_at_far,
-        "tar_at_far_std": tar_std,
-        "far_achieved": far_achieved,
-        "tar_at_far_unsupported": unsupported,
-        "num_pairs": int(scores.shape[0]),
-        "num_positive": int(same.sum()),
-        "num_negative": int((~same).sum()),
-        "score": "cosine",
-        "protocol": "exact",
-    }
+    return _protocol_result(fold_acc, fold_thr, best_acc, best_t, scores, same, tar_at_far,
+                            tar_std, far_achieved, unsupported, score="cosine", protocol="exact")
 
 
 def slinear_interpolate(x: Any, y: Any, at: float) -> float:
@@ -377,25 +361,36 @@ def insightface_verification(emb1: Any, emb2: Any, issame: Any, *, folds: int = 
     all_acc = _distance_accuracies(dist, same, grid)
     best = int(np.argmax(all_acc))
     cosine = 1.0 - dist / 2.0  # the exact ROC/AUC on the equivalent similarity
+    return _protocol_result(fold_acc, fold_thr, float(all_acc[best]), float(grid[best]), cosine,
+                            same, tar_at_far, tar_std, far_achieved, [], score="squared_l2",
+                            protocol="insightface")
+
+
+def _protocol_result(fold_acc: list[float], fold_thr: list[float], best_acc: float,
+                     best_t: float, similarity: np.ndarray, same: np.ndarray,
+                     tar_at_far: dict, tar_std: dict, far_achieved: dict,
+                     unsupported: list[float], *, score: str, protocol: str) -> dict[str, Any]:
+    """The result dict both protocols return (keys documented on :func:`verification`);
+    ``similarity`` (higher = same) gives the ROC and AUC."""
     return {
         "accuracy": float(np.mean(fold_acc)),
         "accuracy_std": float(np.std(fold_acc)),
         "fold_accuracies": np.asarray(fold_acc),
         "threshold": float(np.mean(fold_thr)),
         "fold_thresholds": np.asarray(fold_thr),
-        "best_threshold_accuracy": float(all_acc[best]),
-        "best_threshold": float(grid[best]),
-        "auc": auc(cosine, same),
-        "roc": roc_curve(cosine, same),
+        "best_threshold_accuracy": best_acc,
+        "best_threshold": best_t,
+        "auc": auc(similarity, same),
+        "roc": roc_curve(similarity, same),
         "tar_at_far": tar_at_far,
         "tar_at_far_std": tar_std,
         "far_achieved": far_achieved,
-        "tar_at_far_unsupported": [],
-        "num_pairs": int(dist.shape[0]),
+        "tar_at_far_unsupported": unsupported,
+        "num_pairs": int(similarity.shape[0]),
         "num_positive": int(same.sum()),
         "num_negative": int((~same).sum()),
-        "score": "squared_l2",
-        "protocol": "insightface",
+        "score": score,
+        "protocol": protocol,
     }
 
 

@@ -25,7 +25,8 @@ NUM_STAGES = 4
 
 
 class Backbone(nnx.Module):
-    """Base class: subclasses implement ``stem``, ``run_stage`` and ``embed``."""
+    """Base class: subclasses implement ``stem`` and set ``stages`` (and ``head``), or override
+    ``run_stage`` / ``embed``."""
 
     embedding_size: int = 512
 
@@ -34,12 +35,24 @@ class Backbone(nnx.Module):
         raise NotImplementedError
 
     def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        """Runs stage ``i`` (0..3) on the output of stage ``i-1`` (or of the stem for ``i=0``)."""
-        raise NotImplementedError
+        """Runs stage ``i`` (0..3) on the output of stage ``i-1`` (or of the stem for ``i=0``).
+
+        The default runs ``self.stages[i]``: a callable module (``nnx.Sequential``, a block), or
+        a list of layers applied in order.
+        """
+        stage = self.stages[i]
+        if callable(stage):
+            return stage(h)
+        for layer in stage:
+            h = layer(h)
+        return h
 
     def embed(self, h: jax.Array) -> jax.Array:
-        """Output of stage 3 -> ``[B, embedding_size]`` embedding (everything after the stages)."""
-        raise NotImplementedError
+        """Output of stage 3 -> ``[B, embedding_size]`` embedding (everything after the stages).
+
+        The default is ``self.head(h)``; networks without one embedding module override it.
+        """
+        return self.head(h)
 
     def __call__(self, x: jax.Array, *, return_stages: bool = False):
         if x.ndim != 4 or x.shape[-1] != 3:
@@ -59,10 +72,6 @@ class Backbone(nnx.Module):
             raise ValueError(f"network built for input_size={self.input_size} expects a final "
                              f"{self.final_hw} feature map, got {tuple(h.shape)}; pass "
                              f"input_size=(H, W) when creating it")
-
-    def stage_features(self, x: jax.Array) -> list[jax.Array]:
-        """The four stage outputs ``[s0, s1, s2, s3]`` for images ``x``."""
-        return self(x, return_stages=True)[1]
 
     def forward_from(self, i: int, feature: jax.Array) -> jax.Array:
         """Runs stages ``i+1 .. 3`` and the embedding head on ``feature`` (stage ``i``'s output).

@@ -29,7 +29,8 @@ from kdface.models._layers import (PReLU, SqueezeExcite, batch_norm, check_input
 from kdface.models._registry import register
 
 _PLANES = (64, 128, 256, 512)
-_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
+# Residual units per stage of each insightface IResNet depth (public: the weight importer uses it).
+IRESNET_UNITS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 
 
 class IBasicUnit(nnx.Module):
@@ -107,11 +108,6 @@ class IResNet(Backbone):
     def stem(self, x: jax.Array) -> jax.Array:
         return self.stem_prelu(self.stem_bn(self.stem_conv(x)))
 
-    def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        for unit in self.stages[i]:
-            h = unit(h)
-        return h
-
     def embed(self, h: jax.Array) -> jax.Array:
         self.check_final_map(h)
         h = self.bn_out(h)
@@ -122,10 +118,10 @@ class IResNet(Backbone):
 
 def _make(depth: int, se: bool = False):
     def build(*, rngs: nnx.Rngs, **kwargs) -> IResNet:
-        return IResNet(_DEPTHS[depth], rngs=rngs, se=se, **kwargs)
+        return IResNet(IRESNET_UNITS[depth], rngs=rngs, se=se, **kwargs)
     build.__name__ = f"{'se_' if se else ''}iresnet{depth}"
     build.__doc__ = (f"IResNet-{depth}{' with SE' if se else ''} (insightface layout, "
-                     f"units {_DEPTHS[depth]}); kwargs as :class:`IResNet`.")
+                     f"units {IRESNET_UNITS[depth]}); kwargs as :class:`IResNet`.")
     return build
 
 

@@ -206,12 +206,6 @@ class MobileFaceNet(Backbone):
     def stem(self, x: jax.Array) -> jax.Array:
         return self.conv1(x)
 
-    def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        return self.stages[i](h)
-
-    def embed(self, h: jax.Array) -> jax.Array:
-        return self.head(h)
-
 
 @register("mobilefacenet")
 def mobilefacenet(*, rngs: nnx.Rngs, embedding_size: int = 512,

@@ -97,12 +97,6 @@ class MobileNetV1(Backbone):
     def stem(self, x: jax.Array) -> jax.Array:
         return self.sep1(self.conv1(x))
 
-    def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        return self.stages[i](h)
-
-    def embed(self, h: jax.Array) -> jax.Array:
-        return self.head(h)
-
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
     """MobileNetV2's channel rounding: nearest multiple of 8, never below 90% of ``v``."""
@@ -155,12 +149,6 @@ class MobileNetV2(Backbone):
 
     def stem(self, x: jax.Array) -> jax.Array:
         return self.block1(self.conv1(x))
-
-    def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        return self.stages[i](h)
-
-    def embed(self, h: jax.Array) -> jax.Array:
-        return self.head(h)
 
 
 @register("mobilenet_v1")

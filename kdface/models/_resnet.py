@@ -98,11 +98,6 @@ class ResNet50(Backbone):
     def stem(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.stem_bn(self.stem_conv(self.input_bn(x))))
 
-    def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        for unit in self.stages[i]:
-            h = unit(h)
-        return h
-
     def embed(self, h: jax.Array) -> jax.Array:
         return self.features(self.fc(jnp.mean(h, axis=(1, 2))))
 

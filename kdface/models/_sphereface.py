@@ -108,11 +108,6 @@ class SphereNet(Backbone):
     def stem(self, x: jax.Array) -> jax.Array:
         return x  # Conv1.x's stride-2 convolution belongs to stage 0 (seed wang2019 Table 1)
 
-    def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        for layer in self.stages[i]:
-            h = layer(h)
-        return h
-
     def embed(self, h: jax.Array) -> jax.Array:
         self.check_final_map(h)
         return self.fc(flatten(h))

@@ -186,9 +186,6 @@ class VarGFaceNet(Backbone):
     def stem(self, x: jax.Array) -> jax.Array:
         return self.conv1(x)
 
-    def run_stage(self, i: int, h: jax.Array) -> jax.Array:
-        return self.stages[i](h)
-
     def embed(self, h: jax.Array) -> jax.Array:
         if h.ndim != 4 or tuple(h.shape[1:3]) != self.final_hw:
             raise ValueError(f"stage-3 feature must be [B, {self.final_hw[0]}, "

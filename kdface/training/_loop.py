@@ -27,6 +27,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kdface.data import normalize_images
 from kdface.distill._networks import DistillStudent, FaceNetwork
 from kdface.distill._recipes import Recipe, build_recipe
 from kdface.training._checkpoint import Checkpoints
@@ -35,7 +36,6 @@ from kdface.training._logging import RunLog
 from kdface.training._optim import learning_rate_schedule, make_optimizer, resolve_schedule
 from kdface.training._restore import (build_run_student, init_from_run, read_run_config,
                                       restore_run)
-from kdface.data import normalize_images
 from kdface.training._prefetch import DevicePrefetcher
 from kdface.training._step import (StepConfig, init_health, init_state, make_train_step,
                                    split_teacher)

@@ -19,7 +19,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from kdface.distill._networks import DistillStudent, FaceNetwork, build_student
+from kdface import models
+from kdface.distill import DistillStudent, FaceNetwork, build_student
 from kdface.training._checkpoint import load_model_weights, model_param_shapes
 from kdface.training._config import TrainConfig
 
@@ -130,7 +131,6 @@ def _student_parts(workdir: str, config: TrainConfig, run: dict[str, Any],
         return landmark_head, None
     if run.get("teacher_stage_shapes"):
         return landmark_head, run["teacher_stage_shapes"]
-    from kdface import models
     student = nnx.eval_shape(lambda: models.create(
         config.student, rngs=nnx.Rngs(0), **backbone_options(
             config.student_options, config.input_size, flag="student_options")))
