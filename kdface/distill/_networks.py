@@ -19,6 +19,12 @@ from kdface.models import ConvAdapter, LandmarkHead, MarginHead, SoftmaxHead, st
 MARGIN_HEADS = ("cosface", "arcface", "sphereface")
 
 
+def class_logits(head_kind: str, logit_scale: float, head_out: jax.Array) -> jax.Array:
+    """Class logits from a head's output: the softmax head's own logits, or ``logit_scale *
+    cos θ`` for a margin head (what logit terms such as Hinton KD read)."""
+    return head_out if head_kind == "softmax" else logit_scale * head_out
+
+
 class FaceNetwork(nnx.Module):
     """Backbone + classifier head.
 
@@ -49,11 +55,9 @@ class FaceNetwork(nnx.Module):
         if with_stages:
             out["stages"] = stages
         head_out = self.head(embedding)
-        if self.head_kind == "softmax":
-            out["logits"] = head_out
-        else:
+        if self.head_kind != "softmax":
             out["cos"] = head_out
-            out["logits"] = self.logit_scale * head_out
+        out["logits"] = class_logits(self.head_kind, self.logit_scale, head_out)
         if self.landmark_head is not None:
             out["landmarks"] = self.landmark_head(embedding)
         return out

@@ -7,8 +7,8 @@ A checkpoint step directory holds three items:
 * ``optimizer``: ``{'opt_state', 'step'}``.
 * ``meta``: JSON — the data iterator's state, the metrics of the step, the run's config.
 
-The teacher a run distils from is never written here (STYLE.md rule 8). Saves are asynchronous;
-``close()`` waits for them.
+The teacher a run distils from is never written here (frozen teachers are inputs, not state).
+Saves are asynchronous; ``close()`` waits for them.
 """
 from __future__ import annotations
 

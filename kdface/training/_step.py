@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kdface.distill._networks import DistillStudent, FaceNetwork, cast_floating
+from kdface.distill._networks import DistillStudent, FaceNetwork, cast_floating, class_logits
 from kdface.distill._recipes import Recipe, objective
 from kdface.distill._terms import TermInputs
 
@@ -62,8 +62,7 @@ def head_logits(head_def, head_state, kind: str, scale: float, embedding: jax.Ar
     """The teacher's class logits recomputed from its (cached) embedding, as ``FaceNetwork``
     computes them: the softmax head's logits, or ``scale * cos θ`` for a margin head."""
     head = nnx.merge(head_def, head_state, copy=True)
-    out = head(embedding.astype(jnp.float32))
-    return out if kind == "softmax" else scale * out
+    return class_logits(kind, scale, head(embedding.astype(jnp.float32)))
 
 
 def init_health(recipe: Recipe) -> dict[str, Any]:
