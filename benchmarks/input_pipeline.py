@@ -6,7 +6,7 @@
 
 Measured on one host: JPEG bytes read from the array_record tfds dataset, decoded with OpenCV,
 flipped, the student view degraded (``LowResolutionAugment``: 40% of samples to
-{8,12,16,20,30} px and back, seed wang2019 §2.2), both views normalized to float32 and batched.
+{8,12,16,20,30} px and back, Wang et al. 2019 §2.2), both views normalized to float32 and batched.
 The first batch (thread start-up, file opening) is not timed.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@
   move with load; student/teacher ratios are measured back to back and are more stable.
   Weights are NumPy random values (latency does not depend on them).
 
-The seed wang2019 student (``sphereface36_thin``) vs teacher (``sphereface64``) speed ratio is
+The Wang et al. 2019 student (``sphereface36_thin``) vs teacher (``sphereface64``) speed ratio is
 measured at the paper's 112x96 input, alternating the two networks run by run so that load
 changes hit both alike (the paper reports 3x on a 2.5 GHz Intel CPU).
 """
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     lines += _table(rows)
     if not args.skip_ratio:
         r = wang2019_ratio(args.repeats)
-        lines += ["", "## Seed wang2019: thin 36-layer student vs 64-layer teacher (112x96)", "",
+        lines += ["", "## Wang et al. 2019: thin 36-layer student vs 64-layer teacher (112x96)", "",
                   f"student `sphereface36_thin` {r['student_ms']:.1f} ms, teacher "
                   f"`sphereface64` {r['teacher_ms']:.1f} ms (batch 1, CPU, alternated runs): "
                   f"**student is {r['ratio']:.1f}x faster** (MAC ratio {r['mac_ratio']:.1f}x; "

@@ -4,7 +4,7 @@ Two kinds, written from the math (no code copied):
 
 * **Peer formulations** (``*_official``, ``*_broadcast``, ``*_torchdistill``, ``*_park``): the
   way the public reference code computes each loss today, with its memory shape.
-  - ``pwr_dense_official``: the official PWR code's math (seed nikitin2020's MXNet loss): scores
+  - ``pwr_dense_official``: the official PWR code's math (Nikitin et al. 2020's MXNet loss): scores
     from ``e @ e.T`` (``1 - cos`` for cosine), the upper triangle as M = N(N-1)/2 scores, the
     ``[M, M]`` matrices of student and teacher score differences, the float mask of teacher order,
     the margin-shifted difference, the inversion penalty, masked sum / mask sum.
@@ -23,7 +23,7 @@ Two kinds, written from the math (no code copied):
   the sort-based PWR (``_torch_pwr_sorted``); they show what the framework alone buys.
 
 Constants follow kdface so that values agree (the test ``tests/test_benchmarks_reference.py``
-checks it): MK-MMD uses seed wang2019's kernel ``exp(-d^2 / (2 sigma^2 m))``, m in
+checks it): MK-MMD uses Wang et al. 2019's kernel ``exp(-d^2 / (2 sigma^2 m))``, m in
 ``(1, 2, 4, 8, 16)``, averaged (the library's own kernel omits the 2, centres the multipliers on
 sigma^2 and sums the kernels, which changes constants, not cost). The PWR margin is folded into
 every inversion, RankNet included, as kdface defines it (the official code ignores the margin for
@@ -76,7 +76,7 @@ def pwr_dense_official(student: Tensor, teacher: Tensor, *, relation: str = "cos
                        inversion: str = "exp", margin: str = "teacher_diff",
                        margin_value: float = 0.0, power: float = 1.0,
                        beta: float = 1.0) -> Tensor:
-    """PWR (seed nikitin2020 eq. 3) as the official code computes it, with ``[M, M]`` tensors.
+    """PWR (Nikitin et al. 2020 eq. 3) as the official code computes it, with ``[M, M]`` tensors.
 
     Distances (``1 - cos``) instead of kdface's similarities give the same loss (see
     ``kdface.losses._pwr``). ``power`` adds the official 1e-12 inside the power."""
@@ -429,7 +429,7 @@ def hinton_kd_torch(student_logits: Tensor, teacher_logits: Tensor, *,
 
 
 def angular_torch(student: Tensor, teacher: Tensor) -> Tensor:
-    """``mean (1 - cos(s, t))^2`` (seed duong2019 eq. 4)."""
+    """``mean (1 - cos(s, t))^2`` (Duong et al. 2019 eq. 4)."""
     return ((1.0 - F.cosine_similarity(student, teacher.detach(), dim=1)) ** 2).mean()
 
 

@@ -2,7 +2,7 @@ r"""Train-step throughput per recipe, and the teacher cache's measured speedup.
 
   python -m benchmarks.train_step [--batch=32] [--steps=5] [--quick]
 
-For the seed wang2019 pair (SphereFace-64 teacher, thin SphereFace-36 student, 112x112) it times
+For the Wang et al. 2019 pair (SphereFace-64 teacher, thin SphereFace-36 student, 112x112) it times
 one jitted ``kd_im`` step (hard + Hinton + MK-MMD) three ways, side by side in one process:
 with the teacher's forward pass, with the teacher's outputs read from the cache, and the student
 alone (``scratch``, the floor). Median over ``--steps`` steps after compilation; writes

@@ -18,7 +18,7 @@ probes at 8, 12 and 16 px. The XLA compilation cache (``demo_out/jax_cache``) le
 and third seed of a method, and every evaluation, reuse the first one's compiled programs. A
 rerun reuses the data, the teacher and every finished row.
 
-The networks are the SphereFace residual family (seed wang2019 Tables 1-2) at demo width; the
+The networks are the SphereFace residual family (Wang et al. 2019 Tables 1-2) at demo width; the
 full-size recipes are the flagfiles in kdface/configs/.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ Protocols, each optional:
 * IJB-B/C 1:1 verification (``--ijb=IJBC:ROOT``): insightface's IJB protocol (crops aligned by
   their landmarks, image + mirror features times the face score, media-averaged template
   features, TAR at the ROC point nearest each of ``--ijb_far_targets``).
-* LR protocol (seed wang2019 §3.1): one row per ``--lr_sizes`` entry; the gallery image (first
+* LR protocol (Wang et al. 2019 §3.1): one row per ``--lr_sizes`` entry; the gallery image (first
   of each pair) is kept, the probe is blurred, downscaled to N px and scaled back.
 * Identification (``--identification_data``: a labelled dataset, see below): per identity the
   first image in dataset order is the gallery image and the rest are probes (dataset order:
@@ -39,11 +39,11 @@ Protocols, each optional:
   (``--probe_chunk`` x ``--item_chunk``) so a million distractors fit in memory: measured on
   synthetic D=512 embeddings, 100k probes x 1M distractors took 1,420 s and 2.0 GiB of working
   memory (4.3 GiB process peak with the 2.2 GiB of inputs) on the 2-core CPU
-  (benchmarks/IDENTIFICATION_SCALE.md), and seed kd_transfer's
+  (benchmarks/IDENTIFICATION_SCALE.md), and Wang, Lan & Zhang 2017's
   nearest-neighbour top-1 verification (Euclidean, leave-one-out over gallery + probes:
   give a dataset of identities held out from training).
 * Alignment (``--alignment_data``: a labelled dataset with 5-point landmarks): NRMSE of runs
-  trained with ``--recipe=transfer --transfer_task=alignment`` (seed kd_transfer). Predictions
+  trained with ``--recipe=transfer --transfer_task=alignment`` (Wang, Lan & Zhang 2017). Predictions
   and ground truth are compared in pixels of the network input, the frame the training targets
   use (the pipeline scales landmarks with the image resize); normalized by the inter-ocular
   distance (points 0, 1) of the ground truth; failure rate at 0.1 and the CED.
@@ -119,7 +119,7 @@ def define_flags(fv):
                         "=ROOT (default: the pairs file's folder).", **d)
     flags.DEFINE_string("pairs_ext", "jpg", "Image extension of pairs.txt sets.", **d)
     flags.DEFINE_list("lr_sizes", ["8", "12", "16", "20"], "LR probe sizes in px, one row "
-                      "each (seed wang2019 §3.1: 8, 12, 16, 20); empty for none.", **d)
+                      "each (Wang et al. 2019 §3.1: 8, 12, 16, 20); empty for none.", **d)
     flags.DEFINE_enum("protocol", "exact", ["exact", "insightface"], "Verification protocol: "
                       "'exact' (kdface's: every distinct threshold, exact TAR@FAR) or "
                       "'insightface' (insightface's verification script number for number: "
@@ -136,9 +136,9 @@ def define_flags(fv):
     flags.DEFINE_string("distractor_data", None, "Distractor images (a dataset) embedded by "
                         "each run.", **d)
     flags.DEFINE_list("ranks", ["1", "5", "10"], "Ranks k of rank-k identification accuracy "
-                      "(seed nikitin2020 MegaFace: 1 and 10).", **d)
+                      "(Nikitin et al. 2020 MegaFace: 1 and 10).", **d)
     flags.DEFINE_list("fpr_targets", ["1e-3", "1e-4", "1e-5", "1e-6"], "FPRs of the "
-                      "identification TPR@FPR (seed nikitin2020 MegaFace: 1e-6).", **d)
+                      "identification TPR@FPR (Nikitin et al. 2020 MegaFace: 1e-6).", **d)
     flags.DEFINE_integer("probe_chunk", 1024, "Probes per similarity block.", **d)
     flags.DEFINE_integer("item_chunk", 16384, "Gallery/distractor items per similarity block.",
                          **d)
@@ -148,7 +148,7 @@ def define_flags(fv):
     flags.DEFINE_list("ijb_far_targets", ["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
                       "FARs of the IJB TAR@FAR table.", **d)
     flags.DEFINE_string("alignment_data", None, "Labelled dataset with 5-point landmarks for "
-                        "the NRMSE of landmark-head runs (seed kd_transfer).", **d)
+                        "the NRMSE of landmark-head runs (Wang, Lan & Zhang 2017).", **d)
     flags.DEFINE_string("landmarks", None, "Landmarks CSV for a .rec/folder alignment "
                         "dataset.", **d)
     flags.DEFINE_bool("model_facts", True, "Report parameters, MACs and batch-1 CPU "

@@ -54,8 +54,8 @@ def test_helpfull_names_the_papers_defaults():
     # absl exits with status 1 after printing help; the help text is what matters.
     assert out.returncode in (0, 1), out.stderr[-2000:]
     text = out.stdout + out.stderr
-    for needle in ("--recipe", "seed nikitin2020", "seed wang2019", "--vargface_alpha",
-                   "seed yan2019", "--shrinktea_lambda", "teacher_cache"):
+    for needle in ("--recipe", "Nikitin et al. 2020", "Wang et al. 2019", "--vargface_alpha",
+                   "Yan et al. 2019", "--shrinktea_lambda", "teacher_cache"):
         assert needle in text
     import dataclasses
     from kdface.training import TrainConfig

@@ -1,4 +1,4 @@
-"""Low-resolution degradation (seed wang2019 §2.2) and the LR-LFW probe protocol."""
+"""Low-resolution degradation (Wang et al. 2019 §2.2) and the LR-LFW probe protocol."""
 from __future__ import annotations
 
 import numpy as np

@@ -82,7 +82,7 @@ def test_decide_only_draws_what_the_host_augment_draws():
     assert drawn == [host(image, epoch=e, index=i)[1] for e in range(3) for i in range(400)]
     assert decide(image, epoch=0, index=1)[0] is image  # pixels untouched on the host
     share = np.mean(np.asarray(drawn) > 0)
-    assert abs(share - 0.4) < 0.05  # seed wang2019 §2.2: "40% of the training images"
+    assert abs(share - 0.4) < 0.05  # Wang et al. 2019 §2.2: "40% of the training images"
     assert set(drawn) == {0, 8, 12, 16, 20, 30}
     again = [DecideOnlyAugment(LowResolutionAugment(seed=7))(image, epoch=1, index=i)[1]
              for i in range(50)]

@@ -343,7 +343,7 @@ def test_imported_teacher_trains_kd_im_and_refuses_teacher_logits(tmp_path):
     labels = np.arange(16) % 4
     tiny = {"channels": (4, 8, 8, 8), "units": (0, 1, 0, 0), "embedding_size": 16,
             "input_size": hw}
-    # Seed wang2019 KD_im with the soft (logit) term off: hard loss + normalized-feature term.
+    # Wang et al. 2019 KD_im with the soft (logit) term off: hard loss + normalized-feature term.
     config = TrainConfig(workdir=str(tmp_path / "run"), recipe="kd_im",
                          student="sphereface_custom", student_options=tiny,
                          teacher=f"pth:iresnet18:{path}", feature_loss="normalized_l2",

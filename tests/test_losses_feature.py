@@ -32,9 +32,9 @@ def ref_per_example(name, student, teacher, squared=True):
         if name == "l2":
             sq = sum((a - b) ** 2 for a, b in zip(s_row, t_row))
             out.append(sq if squared else math.sqrt(sq))
-        elif name == "normalized":  # seed yan2019 eq. (5)
+        elif name == "normalized":  # Yan et al. 2019 eq. (5)
             out.append(sum((a / s_norm - b / t_norm) ** 2 for a, b in zip(s_row, t_row)))
-        else:  # seed duong2019 eq. (4)
+        else:  # Duong et al. 2019 eq. (4)
             cos = sum(a * b for a, b in zip(s_row, t_row)) / (s_norm * t_norm)
             out.append((1.0 - cos) ** 2)
     return np.array(out)

@@ -1,4 +1,4 @@
-"""MK-MMD (seed wang2019 eq. (8)) against float64 NumPy loops over the kernel sums."""
+"""MK-MMD (Wang et al. 2019 eq. (8)) against float64 NumPy loops over the kernel sums."""
 from __future__ import annotations
 
 import functools
@@ -23,7 +23,7 @@ def ref_sigma2(x, y):
 
 
 def ref_kernel(a, b, sigma2, mults):
-    """(1/K) sum_m exp(-|a - b|^2 / (2 sigma^2 m)): seed wang2019 §2.3, equal weights."""
+    """(1/K) sum_m exp(-|a - b|^2 / (2 sigma^2 m)): Wang et al. 2019 §2.3, equal weights."""
     d2 = np.sum((a - b) ** 2)
     return np.mean([np.exp(-d2 / (2.0 * sigma2 * m)) for m in mults])
 

@@ -1,4 +1,4 @@
-"""PWR (seed nikitin2020 eqs. 3-11), dense method, against a literal NumPy float64 reference."""
+"""PWR (Nikitin et al. 2020 eqs. 3-11), dense method, against a literal NumPy float64 reference."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""PWR fast methods (seed nikitin2020 eq. 3): tiled and sorted equal dense, value and gradient.
+"""PWR fast methods (Nikitin et al. 2020 eq. 3): tiled and sorted equal dense, value and gradient.
 
 The dense method is checked against a literal NumPy loop in test_losses_pwr.py; here every fast
 method is compared with it (rtol 1e-5, float32) on random and tied inputs, for every inversion

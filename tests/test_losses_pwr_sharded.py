@@ -1,5 +1,5 @@
 """PWR across 4 CPU devices (jax.shard_map over 'data'): equals the single-device loss and
-gradient (seed nikitin2020 eq. 3 on the global batch)."""
+gradient (Nikitin et al. 2020 eq. 3 on the global batch)."""
 from __future__ import annotations
 
 import jax

@@ -1,4 +1,4 @@
-"""PWR teacher ties (seed nikitin2020 eq. 3): the tie tolerance in every method, and pairs counted
+"""PWR teacher ties (Nikitin et al. 2020 eq. 3): the tie tolerance in every method, and pairs counted
 in the inputs' dtype by the sharded loss.
 
 A teacher with integer-valued embeddings has many mathematically equal cosines; computed in

@@ -152,7 +152,7 @@ def test_linear_adapter():
 
 
 def test_stage_adapters_map_student_to_teacher_and_teacher_tail():
-    # ShrinkTeaNet (seed duong2019 eq. 6): teacher.forward_from(i, G_i(student stage i)).
+    # ShrinkTeaNet (Duong et al. 2019 eq. 6): teacher.forward_from(i, G_i(student stage i)).
     hw = (32, 32)
     student = concrete_model("sphereface36_thin", input_size=hw)
     teacher = concrete_model("iresnet18", seed=1, input_size=hw)

@@ -1,5 +1,5 @@
-"""Tests for the mobile backbones: VarGFaceNet / VarGNet (seed yan2019), MobileNetV1/V2 and
-MobileFaceNet(-R) (seed duong2019).
+"""Tests for the mobile backbones: VarGFaceNet / VarGNet (Yan et al. 2019), MobileNetV1/V2 and
+MobileFaceNet(-R) (Duong et al. 2019).
 
 Shapes, parameter counts and multiply-adds are checked abstractly (``nnx.eval_shape``, jaxpr
 walks), against hand-written stage tables and the published numbers. Concrete runs use weights
@@ -32,7 +32,7 @@ STAGES_112 = {
     "mobilenet_v1": [(56, 56, 128), (28, 28, 256), (14, 14, 512), (7, 7, 1024)],
     "mobilenet_v2": [(56, 56, 24), (28, 28, 32), (14, 14, 96), (7, 7, 320)],
     "mobilefacenet": [(56, 56, 64), (28, 28, 64), (14, 14, 128), (7, 7, 128)],
-    # The IResNet teacher's stages (seed duong2019 sec. 4.2).
+    # The IResNet teacher's stages (Duong et al. 2019 sec. 4.2).
     "mobilefacenet_r": [(56, 56, 64), (28, 28, 128), (14, 14, 256), (7, 7, 512)],
 }
 WIDTHS_96 = (48, 24, 12, 6)  # W of each stage for a 112x96 input
@@ -102,7 +102,7 @@ def test_stage_shapes_method():
 
 
 def test_final_kernel_follows_input_size():
-    # Seed yan2019 sec. 2.3.2: the grouped conv shrinks the last map to 1x1 (7x6 at 112x96).
+    # Yan et al. 2019 sec. 2.3.2: the grouped conv shrinks the last map to 1x1 (7x6 at 112x96).
     assert abstract("vargfacenet", (112, 96)).shrink.kernel.shape == (7, 6, 8, 1024)
     assert abstract("mobilefacenet", (112, 96)).head.gdconv.kernel.shape == (7, 6, 1, 512)
     assert abstract("mobilenet_v1", (112, 112)).head.gdconv.kernel.shape == (7, 7, 1, 1024)
@@ -129,7 +129,7 @@ def test_mobilefacenet_matches_its_paper_closely():
 
 
 def test_vargface_embedding_block_is_5_78_mib():
-    # Seed yan2019 sec. 2.3.2: "The new embedding block setting only takes up 5.78M" (float32).
+    # Yan et al. 2019 sec. 2.3.2: "The new embedding block setting only takes up 5.78M" (float32).
     m = abstract("vargfacenet")
     weights = (m.expand.conv.kernel, m.shrink.kernel, m.point.conv.kernel, m.fc.kernel)
     n = sum(int(np.prod(w.shape)) for w in weights)
@@ -151,7 +151,7 @@ def test_mac_counting_on_a_single_grouped_conv():
 
 @pytest.mark.parametrize("name,published", [("vargfacenet", 1022e6), ("vargnet", 1029e6)])
 def test_vargface_flops_near_published(name, published):
-    # Seed yan2019 Table 4 gives FLOPs = 2 x multiply-adds (its r100 teacher, "24G", has 12.1 G
+    # Yan et al. 2019 Table 4 gives FLOPs = 2 x multiply-adds (its r100 teacher, "24G", has 12.1 G
     # multiply-adds at 112x112), so 1022 M FLOPs are ~511 M multiply-adds.
     model = abstract(name)
     macs = count_macs(model)
@@ -274,7 +274,7 @@ def _separable_block():
 
 
 def test_variable_group_conv_matches_numpy():
-    # Seed yan2019 eqs. (1)-(2): S = 8 input channels per group, n = C / S = 2 groups here.
+    # Yan et al. 2019 eqs. (1)-(2): S = 8 input channels per group, n = C / S = 2 groups here.
     block = _separable_block()
     assert block.group.conv.kernel.shape == (3, 3, 8, 32)
     x = np.random.RandomState(4).normal(size=(5, 5, 16))

@@ -79,7 +79,7 @@ def test_tiny_net_macs_and_params():
 
 
 def test_sphereface_macs_from_table():
-    # Seed wang2019 Table 2 student at its 112x96 input, summed by hand.
+    # Wang et al. 2019 Table 2 student at its 112x96 input, summed by hand.
     channels, units, (h, w) = (18, 36, 72, 144), (2, 4, 8, 2), (112, 96)
     expected, cin = 0, 3
     for c, n in zip(channels, units):

@@ -158,7 +158,7 @@ def test_sphereface36_thin_at_112x96_builds_and_runs_abstractly():
         config, num_classes=10, head="sphereface", landmark_head=False, rngs=nnx.Rngs(0)))
     backbone = student.network.backbone
     # Four stride-2 3x3 convolutions (padding 1): 112 -> 56 -> 28 -> 14 -> 7, 96 -> 48 -> 24
-    # -> 12 -> 6, with seed wang2019's thin widths 18/36/72/144.
+    # -> 12 -> 6, with Wang et al. 2019's thin widths 18/36/72/144.
     assert backbone.stage_shapes((112, 96)) == [(56, 48, 18), (28, 24, 36), (14, 12, 72),
                                                 (7, 6, 144)]
     graphdef, state = nnx.split(student.network)

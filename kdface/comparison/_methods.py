@@ -74,7 +74,7 @@ _PWR_BASE = {"recipe": "pwr", "temperature": 4.0, "gamma": 0.0}
 
 METHODS: tuple[Method, ...] = (
     Method("self_studied", "self", "the student's own classification loss, same LR-augmented "
-           "data (seed wang2019 / duong2019 'self-studied' baseline)",
+           "data (Wang et al. 2019 / duong2019 'self-studied' baseline)",
            {"recipe": "scratch"}, uses_teacher=False),
     # wang2019: λ1·hard + λ2·soft + λ3·feature, λ = 1 (the paper prints no values).
     Method("kd_im", "wang2019", "eq. 9, KD_im: untouched teacher on HR, student on LR; hard + "

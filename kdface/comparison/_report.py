@@ -176,7 +176,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
                  f"initialized from another row also carries that row's training).")
     lines.append(f"Cells: mean ± std over seeds (ddof 1) of the {st['folds']}-fold verification "
                  f"accuracy in %, computed by `kdface.evaluate` on each run; LR columns: probe "
-                 f"degraded to N px (seed wang2019 protocol). ▲/▼: beyond the seed spread "
+                 f"degraded to N px (Wang et al. 2019 protocol). ▲/▼: beyond the seed spread "
                  f"against the self-studied student (|Δ| > std + std_self).")
     lines.append("")
     for set_name, info in report["sets"].items():

@@ -2,7 +2,7 @@
 
 The papers train and test on faces aligned by a similarity transform (rotation, uniform scale,
 translation) that maps five detected landmarks onto a fixed template, the crop insightface and
-SphereFace use (seed wang2019 §2.2: "MTCNN ... align the face region as 112 x 96"). Landmark
+SphereFace use (Wang et al. 2019 §2.2: "MTCNN ... align the face region as 112 x 96"). Landmark
 order, in image coordinates (x right, y down): the eye on the image's left, the eye on the
 image's right, the nose tip, the left mouth corner, the right mouth corner.
 """

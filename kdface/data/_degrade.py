@@ -1,4 +1,4 @@
-"""Low-resolution degradation of faces (seed wang2019 §2.2 and the LR-LFW protocol, §3).
+"""Low-resolution degradation of faces (Wang et al. 2019 §2.2 and the LR-LFW protocol, §3).
 
 wang2019 §2.2 makes low-resolution (LR) students' inputs by Gaussian blur and downscaling:
 40% of the training images, chosen at random, become 8x8, 12x12, 16x16, 20x20 or 30x30; the
@@ -37,7 +37,7 @@ __all__ = [
     "lr_probe_pairs",
 ]
 
-LR_SIZES = (8, 12, 16, 20, 30)  # seed wang2019 §2.2
+LR_SIZES = (8, 12, 16, 20, 30)  # Wang et al. 2019 §2.2
 _INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR,
                    "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
 _STREAM_TAG = 0x4C52  # "LR": keeps this stream apart from other users of the same seed
@@ -67,7 +67,7 @@ def default_blur_sigma(height: int, width: int, size: int) -> float:
 
 def degrade_to_low_resolution(image, size: int, *, blur_sigma: float | None = None,
                               interpolation: str = "bicubic") -> np.ndarray:
-    """Blur, downscale to ``size`` px, and scale back up (seed wang2019 §2.2).
+    """Blur, downscale to ``size`` px, and scale back up (Wang et al. 2019 §2.2).
 
     ``image``: uint8 ``[H, W, 3]``; ``size`` < ``max(H, W)``. Returns uint8 ``[H, W, 3]``
     whose detail is that of a ``low_resolution_shape(H, W, size)`` image. ``blur_sigma``:
@@ -93,7 +93,7 @@ def degrade_to_low_resolution(image, size: int, *, blur_sigma: float | None = No
 
 
 def lr_probe(image, size: int, *, blur: bool = True, interpolation: str = "bicubic"):
-    """One LR-LFW probe: ``image`` uint8 ``[H, W, 3]`` degraded to ``size`` (seed wang2019 §3)."""
+    """One LR-LFW probe: ``image`` uint8 ``[H, W, 3]`` degraded to ``size`` (Wang et al. 2019 §3)."""
     return degrade_to_low_resolution(image, size, blur_sigma=None if blur else 0.0,
                                      interpolation=interpolation)
 
@@ -113,7 +113,7 @@ def lr_probe_pairs(images, size: int, *, blur: bool = True,
 
 
 class LowResolutionAugment:
-    """The student view of seed wang2019 §2.2: degrade ``fraction`` of samples to LR.
+    """The student view of Wang et al. 2019 §2.2: degrade ``fraction`` of samples to LR.
 
     ``sizes``: LR sizes drawn uniformly (default 8, 12, 16, 20, 30); ``fraction``: share of
     samples degraded (0.4); ``seed``: with ``epoch`` and ``index`` fixes every decision

@@ -1,6 +1,6 @@
 """The two-view input pipeline: grain over a tfds data source, decoded with OpenCV.
 
-Every training example becomes two views of one face (seed wang2019 §2.2, "KD_im"): the
+Every training example becomes two views of one face (Wang et al. 2019 §2.2, "KD_im"): the
 teacher's (the original image) and the student's (the same image degraded to low resolution by
 ``LowResolutionAugment`` for 40% of samples by default). The horizontal flip is drawn once per
 example and applied to the image *before* the views are made, so both views always share it.
@@ -260,7 +260,7 @@ def make_training_pipeline(
         view") is still accepted.
       student_view: 'original' or 'low_resolution' (``student_augment``, default
         ``LowResolutionAugment(seed=seed)``: blur + downscale to {8,12,16,20,30} px and back for
-        40% of samples, seed wang2019 §2.2). A custom ``student_augment(image, *, epoch, index)
+        40% of samples, Wang et al. 2019 §2.2). A custom ``student_augment(image, *, epoch, index)
         -> (image, size)`` replaces it.
       image_size: ``(height, width)`` of the images the networks get.
       crop_from: ``None`` (the face is resized to ``image_size``), or ``(height, width)`` at

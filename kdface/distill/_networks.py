@@ -2,7 +2,7 @@
 
 ``FaceNetwork`` = backbone + classifier head (+ optional landmark head) and returns the output
 dict the loss terms read (``kdface.distill._terms``). ``DistillStudent`` adds the 1x1 conv + BN
-stage adapters that map student stages onto the teacher's (seed duong2019 §3.3).
+stage adapters that map student stages onto the teacher's (Duong et al. 2019 §3.3).
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ class TermDecl:
 class TeacherPhase:
     """A run before the distillation: the teacher is trained again (from ``teacher_checkpoint``)
     with recipe ``recipe`` on ``student_view`` data in ``workdir/<subdir>``, and the
-    distillation then uses that run as its teacher (seed wang2019's KD fine-tunes the teacher on
+    distillation then uses that run as its teacher (Wang et al. 2019's KD fine-tunes the teacher on
     low-resolution data first)."""
     subdir: str
     recipe: str = "scratch"
@@ -85,10 +85,10 @@ class RecipeSpec:
 
     head: the student's classifier head kind ('softmax' logits or a margin head's cos θ).
     student_view / teacher_view: what each network sees ('original' image, or the
-    'low_resolution' augmented one of seed wang2019 §2.2).
+    'low_resolution' augmented one of Wang et al. 2019 §2.2).
     adapters / landmark_head: None = built when a term's contract asks for them.
     phases: runs before this one (``TeacherPhase``).
-    generations: student generations (seed yan2019's recursive KD), each from the previous one.
+    generations: student generations (Yan et al. 2019's recursive KD), each from the previous one.
     optimizer: keyword settings of ``kdface.training.make_optimizer`` the method fixes (e.g.
     ``{'nesterov': True}``), literals or ``Option``s.
     choices: ``{option: accepted values}`` for options the recipe branches on (``when``).

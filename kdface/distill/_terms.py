@@ -34,7 +34,7 @@ class TermInputs:
     labels: [B] int identity labels. student / teacher: output dicts (teacher None when the recipe
     has no teacher; teacher outputs are constants — gradients never reach the teacher).
     teacher_tail: ``(i, feature) -> embedding``, the frozen teacher run from stage i+1 to the end
-    (seed duong2019 eq. 6). adapters: ``(i, student_stage) -> teacher-shaped feature``.
+    (Duong et al. 2019 eq. 6). adapters: ``(i, student_stage) -> teacher-shaped feature``.
     landmarks: [B, 5, 2] ground-truth landmarks when the data has them.
     relation_groups: relational terms split the batch into this many equal groups (1 = the whole
     global batch; the device count = per-device relations, as the papers' multi-GPU code did).
@@ -159,7 +159,7 @@ def _grouped(fn: Callable[..., jax.Array], groups: int, *arrays: jax.Array) -> j
     return jnp.mean(jax.vmap(fn)(*split))
 
 
-# --- classification (the "hard" loss; seed wang2019 eq. 3) -------------------------------------
+# --- classification (the "hard" loss; Wang et al. 2019 eq. 3) -------------------------------------
 
 @term("softmax", student_outputs={"logits"})
 def softmax_term(inputs: TermInputs) -> jax.Array:
@@ -169,7 +169,7 @@ def softmax_term(inputs: TermInputs) -> jax.Array:
 
 @term("cosface", student_outputs={"cos"})
 def cosface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.35) -> jax.Array:
-    """CosFace (seed nikitin2020 §4.2: s=64, m=0.35) on the student's cos θ."""
+    """CosFace (Nikitin et al. 2020 §4.2: s=64, m=0.35) on the student's cos θ."""
     logits = losses.cosface_logits(inputs.student["cos"], inputs.labels, scale=scale,
                                    margin=margin)
     return losses.softmax_cross_entropy(logits, inputs.labels)
@@ -177,7 +177,7 @@ def cosface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.3
 
 @term("arcface", student_outputs={"cos"})
 def arcface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.5) -> jax.Array:
-    """ArcFace (seed yan2019: s=64, m=0.5) on the student's cos θ."""
+    """ArcFace (Yan et al. 2019: s=64, m=0.5) on the student's cos θ."""
     logits = losses.arcface_logits(inputs.student["cos"], inputs.labels, scale=scale,
                                    margin=margin)
     return losses.softmax_cross_entropy(logits, inputs.labels)
@@ -244,7 +244,7 @@ def hidden_term(inputs: TermInputs) -> jax.Array:
 @term("mk_mmd", teacher_outputs={"embedding"}, same_embedding=True, relational=True)
 def mk_mmd_term(inputs: TermInputs, *, estimator: str = "biased",
                 multipliers: tuple[float, ...] = (1, 2, 4, 8, 16)) -> jax.Array:
-    """MK-MMD between normalized student and teacher embeddings (seed wang2019 eqs. 7-8)."""
+    """MK-MMD between normalized student and teacher embeddings (Wang et al. 2019 eqs. 7-8)."""
     teacher = _teacher(inputs, "mk_mmd")
     fn = lambda s, t: losses.mk_mmd(s, t, multipliers=multipliers, estimator=estimator)
     return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], teacher["embedding"])
@@ -252,14 +252,14 @@ def mk_mmd_term(inputs: TermInputs, *, estimator: str = "biased",
 
 @term("normalized_l2", teacher_outputs={"embedding"}, same_embedding=True)
 def normalized_l2_term(inputs: TermInputs) -> jax.Array:
-    """L2 between L2-normalized embeddings (seed wang2019 eqs. 5-6, seed yan2019 eq. 5)."""
+    """L2 between L2-normalized embeddings (Wang et al. 2019 eqs. 5-6, Yan et al. 2019 eq. 5)."""
     teacher = _teacher(inputs, "normalized_l2")
     return losses.normalized_l2_loss(inputs.student["embedding"], teacher["embedding"])
 
 
 @term("angular", teacher_outputs={"embedding"}, same_embedding=True)
 def angular_term(inputs: TermInputs) -> jax.Array:
-    """ShrinkTeaNet angular loss at the final embedding (seed duong2019 eqs. 4-5)."""
+    """ShrinkTeaNet angular loss at the final embedding (Duong et al. 2019 eqs. 4-5)."""
     teacher = _teacher(inputs, "angular")
     return losses.angular_distillation_loss(inputs.student["embedding"], teacher["embedding"])
 
@@ -300,7 +300,7 @@ def angular_stages_term(inputs: TermInputs, *, final_weight: float = 1.0,
 
 @term("hint_stages", student_outputs={"stages"}, teacher_outputs={"stages"}, adapters=True)
 def hint_stages_term(inputs: TermInputs, *, stages: tuple[int, ...] = (1, 2)) -> jax.Array:
-    """Hidden-layer L2 hint on adapted stage features (seed kd_transfer, alignment transfer)."""
+    """Hidden-layer L2 hint on adapted stage features (Wang, Lan & Zhang 2017, alignment transfer)."""
     teacher = _teacher(inputs, "hint_stages")
     if inputs.adapters is None:
         raise ValueError("hint_stages needs stage adapters")
@@ -311,11 +311,11 @@ def hint_stages_term(inputs: TermInputs, *, stages: tuple[int, ...] = (1, 2)) ->
     return total / len(stages)
 
 
-# --- relational (seed nikitin2020) -------------------------------------------------------------
+# --- relational (Nikitin et al. 2020) -------------------------------------------------------------
 
 @term("pwr", teacher_outputs={"embedding"}, relational=True)
 def pwr_term(inputs: TermInputs, **options) -> jax.Array:
-    """PWR on the embeddings' pair scores (seed nikitin2020 eqs. 3-11); options go to pwr_loss."""
+    """PWR on the embeddings' pair scores (Nikitin et al. 2020 eqs. 3-11); options go to pwr_loss."""
     teacher = _teacher(inputs, "pwr")
     fn = lambda s, t: losses.pwr_loss(s, t, **options)
     return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], teacher["embedding"])
@@ -365,19 +365,19 @@ def darkrank_term(inputs: TermInputs, *, alpha: float = 3.0, beta: float = 3.0,
     return _grouped(fn, inputs.relation_groups, s, t)
 
 
-# --- verification and alignment (seed kd_transfer) ---------------------------------------------
+# --- verification and alignment (Wang, Lan & Zhang 2017) ---------------------------------------------
 
 @term("triplet", relational=True)
 def triplet_term(inputs: TermInputs, *, margin: float = 0.2, mining: str = "batch_hard"
                  ) -> jax.Array:
-    """Triplet loss on the student's embeddings (seed kd_transfer, verification transfer)."""
+    """Triplet loss on the student's embeddings (Wang, Lan & Zhang 2017, verification transfer)."""
     fn = lambda e, y: losses.triplet_loss(e, y, margin=margin, mining=mining)
     return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], inputs.labels)
 
 
 @term("landmark", student_outputs={"landmarks"}, batch_fields={"landmarks"})
 def landmark_term(inputs: TermInputs) -> jax.Array:
-    """Landmark regression L2 (seed kd_transfer, alignment transfer)."""
+    """Landmark regression L2 (Wang, Lan & Zhang 2017, alignment transfer)."""
     if inputs.landmarks is None or "landmarks" not in inputs.student:
         raise ValueError("the landmark term needs data with landmarks and a landmark head")
     return losses.landmark_l2_loss(inputs.student["landmarks"], inputs.landmarks)

@@ -22,7 +22,7 @@ from kdface import metrics
 
 def resolve_workdir(workdir: str) -> str:
     """The directory holding the run's ``config.json`` (the last ``gen_k`` of a ``generations=K``
-    run, seed yan2019); see ``kdface.training.resolve_run_dir``."""
+    run, Yan et al. 2019); see ``kdface.training.resolve_run_dir``."""
     from kdface.training import resolve_run_dir
     return resolve_run_dir(workdir)
 
@@ -44,7 +44,7 @@ class Embedder:
     compiled.
 
     Attributes: ``config`` (the run's config dict), ``workdir``, ``step``, ``input_size``
-    (H, W), ``embedding_size``, ``has_landmarks`` (the run's network carries seed kd_transfer's
+    (H, W), ``embedding_size``, ``has_landmarks`` (the run's network carries Wang, Lan & Zhang 2017's
     landmark head), ``network`` (the eval-mode ``FaceNetwork``).
     """
 
@@ -138,7 +138,7 @@ class Embedder:
     def landmarks(self, images) -> np.ndarray:
         """Predicted 5-point landmarks ``[N, 5, 2]`` (x, y) in pixels of the network input
         (``input_size``), the frame the training targets use (kdface.data pipeline: landmarks
-        scaled with the image resize, seed kd_transfer eq. (6) regression targets)."""
+        scaled with the image resize, Wang, Lan & Zhang 2017 eq. (6) regression targets)."""
         if not self.has_landmarks:
             raise ValueError(f"run {self.workdir} has no landmark head (train it with "
                              f"--recipe=transfer --transfer_task=alignment)")

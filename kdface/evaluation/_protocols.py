@@ -75,7 +75,7 @@ def verification_report(embed, images: np.ndarray, issame: np.ndarray, *, flip: 
     embed: an :class:`Embedder` or any ``uint8 [N, H, W, 3] -> [N, D]`` callable. With ``flip``
     each image's embedding is ``normalize(e(x) + e(mirror(x)))`` (insightface's option).
     Returns ``kdface.metrics.verification``'s dict: 10-fold accuracy (threshold on 9 folds,
-    accuracy on the 10th, contiguous folds in file order; seed nikitin2020 §4.1), best-threshold
+    accuracy on the 10th, contiguous folds in file order; Nikitin et al. 2020 §4.1), best-threshold
     accuracy, ROC/AUC, TAR@FAR with the unsupported FARs listed. ``protocol='insightface'``:
     insightface's grids and interpolation (``kdface.metrics.insightface_verification``), fed
     the unnormalized image + mirror sums as insightface's script feeds them.
@@ -87,7 +87,7 @@ def verification_report(embed, images: np.ndarray, issame: np.ndarray, *, flip: 
 
 
 def check_lr_sizes(sizes: Sequence[int]) -> list[int]:
-    """Probe sizes as positive ints (seed wang2019 §3.1 uses 8, 12, 16, 20 px)."""
+    """Probe sizes as positive ints (Wang et al. 2019 §3.1 uses 8, 12, 16, 20 px)."""
     if isinstance(sizes, (str, bytes)):
         raise TypeError("lr_sizes must be a sequence of ints, not a string")
     out = []
@@ -104,7 +104,7 @@ def lr_report(embed, images: np.ndarray, issame: np.ndarray, sizes: Sequence[int
               flip: bool = False, folds: int = 10,
               far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
               protocol: str = "exact") -> dict[int, dict[str, Any]]:
-    """Seed wang2019 §3.1 LR-LFW: the gallery image (row 2i) is kept, the probe (row 2i + 1) is
+    """Wang et al. 2019 §3.1 LR-LFW: the gallery image (row 2i) is kept, the probe (row 2i + 1) is
     blurred, downscaled to ``size`` px on its longer side and scaled back
     (``kdface.data.lr_probe_pairs``); one verification result per size."""
     from kdface.data import lr_probe_pairs
@@ -125,7 +125,7 @@ def identification_report(probe_emb: Any, probe_labels: Any, gallery_emb: Any,
                           fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS,
                           probe_chunk: int = 1024, item_chunk: int = 16384,
                           nn_top1: bool = True) -> dict[str, Any]:
-    """Identification (``kdface.metrics.identify``, chunked) plus seed kd_transfer's
+    """Identification (``kdface.metrics.identify``, chunked) plus Wang, Lan & Zhang 2017's
     nearest-neighbour top-1 verification.
 
     probe_emb: [Q, D], probe_labels: [Q]; gallery_emb: [G, D], gallery_labels: [G];
@@ -159,7 +159,7 @@ def identification_report(probe_emb: Any, probe_labels: Any, gallery_emb: Any,
 
 
 def alignment_report(pred: Any, truth: Any) -> dict[str, Any]:
-    """Seed kd_transfer §5.1 alignment NRMSE of 5-point landmarks ``pred, truth: [N, 5, 2]``.
+    """Wang, Lan & Zhang 2017 §5.1 alignment NRMSE of 5-point landmarks ``pred, truth: [N, 5, 2]``.
 
     Both in pixels of the network input (the frame of the training targets); error per image =
     mean point-to-point distance / inter-ocular distance (points 0 and 1, the eye centres of the

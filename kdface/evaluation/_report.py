@@ -105,7 +105,7 @@ def compare(runs: Mapping[str, Any], sets: Mapping[str, tuple[Any, Any]], *,
 
     runs: ``{name: workdir | .npz path | Embedder | EmbeddingFile}``. sets: ``{name: (images
     uint8 [2P, H, W, 3] or None, issame [P])}`` (``kdface.evaluate.load_sets``; images None =
-    exported embeddings only). lr_sizes: probe sizes of seed wang2019's LR protocol, one row
+    exported embeddings only). lr_sizes: probe sizes of Wang et al. 2019's LR protocol, one row
     each. identification_data: a labelled dataset (``open_face_records``) split per identity
     into gallery (first image) and probes (the rest), embedded by each checkpoint run;
     embedding-file runs use their own ``gallery_*``/``probe_*`` arrays. distractors: a shared
@@ -379,7 +379,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"{'yes' if proto.get('flip') else 'no'}. (--protocol=insightface gives "
             f"insightface's numbers.)")
     if sizes:
-        lines.append("LR columns: seed wang2019 LR protocol, gallery image kept, probe blurred "
+        lines.append("LR columns: Wang et al. 2019 LR protocol, gallery image kept, probe blurred "
                      "and downscaled to N px (longer side), then scaled back.")
     lines.append("")
     acc_rows, tar_rows = [], []
@@ -436,7 +436,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                          f"{info.get('distractors') or 'none'}.")
         lines.append("Rank-k: a mated probe is right when fewer than k non-mates outscore its "
                      "best mate. TPR@FPR over all probe-item pairs (n/s: fewer than 1/FPR "
-                     "impostor pairs). NN top-1: seed kd_transfer leave-one-out nearest "
+                     "impostor pairs). NN top-1: Wang, Lan & Zhang 2017 leave-one-out nearest "
                      "neighbour (Euclidean) over gallery + probes.")
         lines.append("")
         lines += _table(["run", "gallery", "probes", "distractors",
@@ -468,7 +468,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                   for run_name, entry in runs.items() if (a := entry.get("alignment"))]
     if align_rows:
         lines += ["## Alignment", "",
-                  "Seed kd_transfer NRMSE: mean point-to-point error / inter-ocular distance of "
+                  "Wang, Lan & Zhang 2017 NRMSE: mean point-to-point error / inter-ocular distance of "
                   "the ground truth, 5 points, in network-input pixels.", ""]
         lines += _table(["run", "images", "NRMSE", "failure rate (>0.1)", "CED AUC (0-0.2)"],
                         align_rows)

@@ -220,7 +220,7 @@ def embed_records(embedder, records: FaceRecords, *, flip: bool = False,
 
 def split_gallery_probe(labels: Any) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(gallery [G], probes [Q])`` of a labelled set: each identity's first image in
-    dataset order is its gallery image, the rest are its probes (seed wang2019 §3.1 SCFace
+    dataset order is its gallery image, the rest are its probes (Wang et al. 2019 §3.1 SCFace
     layout: one enrolment image per identity). Identities with one image are gallery only and
     act as extra non-mates for everyone else. Dataset order is the ``.rec`` record order, the
     sorted file names of a folder per identity, or, for a built tfds training set, the order

@@ -1,6 +1,6 @@
 """Third-party pretrained teachers: ``--teacher=pth:...`` / ``--teacher=onnx:...`` specs.
 
-Seed wang2019's teacher is a network the student's trainer did not train. Users have insightface's
+Wang et al. 2019's teacher is a network the student's trainer did not train. Users have insightface's
 IResNet teachers as PyTorch state dicts and ONNX files; a teacher spec names one:
 
 * ``pth:/path/backbone.pth`` - an ``arcface_torch`` IResNet state dict (depth inferred from the

@@ -13,11 +13,11 @@ from kdface.losses._feature import angular_distillation_loss, l2_hint_loss, norm
 from kdface.losses._logit import hinton_kd_loss, soft_prediction_loss
 from kdface.losses._metric import landmark_l2_loss, nrmse, triplet_loss
 
-# PWR, pairwise ranking distillation (seed nikitin2020): dense / tiled / sorted / sharded.
+# PWR, pairwise ranking distillation (Nikitin et al. 2020): dense / tiled / sorted / sharded.
 from kdface.losses._pwr import pairwise_scores, pwr_loss, pwr_loss_from_scores
 from kdface.losses._pwr_sharded import pwr_loss_sharded
 
-# MK-MMD (seed wang2019) and the relational baselines RKD-D, RKD-A, DarkRank-hard (nikitin2020 §4),
+# MK-MMD (Wang et al. 2019) and the relational baselines RKD-D, RKD-A, DarkRank-hard (nikitin2020 §4),
 # plus their batch-global versions across devices (call inside jax.shard_map, or via a mesh).
 from kdface.losses._mmd import mk_mmd
 from kdface.losses._relational import darkrank_hard_loss, rkd_angle_loss, rkd_distance_loss

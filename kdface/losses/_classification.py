@@ -1,9 +1,9 @@
 """Classification losses and margin heads for face recognition.
 
 Margin heads turn the cosines between (normalized) embeddings and class weights into logits;
-``softmax_cross_entropy`` then trains on them. The heads serve the seeds as base losses:
-CosFace (seed nikitin2020, s=64, m=0.35), ArcFace (seed yan2019 eq. (6)) and SphereFace's
-A-Softmax (the teacher backbones of seed wang2019 are SphereFace networks).
+``softmax_cross_entropy`` then trains on them. The heads serve the five papers as base losses:
+CosFace (Nikitin et al. 2020, s=64, m=0.35), ArcFace (Yan et al. 2019 eq. (6)) and SphereFace's
+A-Softmax (the teacher backbones of Wang et al. 2019 are SphereFace networks).
 
 Shapes: ``cos_theta``/``logits`` ``[N, C]``, ``labels`` int ``[N]`` in ``[0, C)``.
 """
@@ -64,10 +64,10 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                           reduction: str | None = "mean") -> jax.Array:
     """Softmax cross-entropy ``-log softmax(logits)[label]``.
 
-    The "softmax loss" / hard loss of the seeds (seed wang2019 eq. (4) H(X_S, y); the first term
-    of seed kd_transfer eq. (2), and its eq. (3)), and the loss on margin logits: the margin
+    The "softmax loss" / hard loss of the seeds (Wang et al. 2019 eq. (4) H(X_S, y); the first term
+    of Wang, Lan & Zhang 2017 eq. (2), and its eq. (3)), and the loss on margin logits: the margin
     heads (``cosface_logits``/``arcface_logits``/``sphereface_logits``) already carry the scale
-    and the margin, so seed yan2019 eq. (6) is this function fed ``arcface_logits``. Computed
+    and the margin, so Yan et al. 2019 eq. (6) is this function fed ``arcface_logits``. Computed
     in float32 for half-precision logits.
 
     Args:
@@ -116,7 +116,7 @@ def cosface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64
                    margin: float = 0.35) -> jax.Array:
     """CosFace (large margin cosine) logits ``s * (cos θ_j - m * [j == y])``.
 
-    The base classification loss of seed nikitin2020 (Sec. 4, "margin = 0.35 and scale = 64.0",
+    The base classification loss of Nikitin et al. 2020 (Sec. 4, "margin = 0.35 and scale = 64.0",
     the defaults here). Feed the result to ``softmax_cross_entropy``.
 
     Args:
@@ -156,7 +156,7 @@ def arcface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64
                    margin: float = 0.5, easy_margin: bool = False) -> jax.Array:
     """ArcFace (additive angular margin) logits: ``s * cos(θ_y + m)`` on the target class.
 
-    Seed yan2019 eq. (6) (VarGFaceNet trains with ArcFace). Non-target classes get ``s * cos θ_j``.
+    Yan et al. 2019 eq. (6) (VarGFaceNet trains with ArcFace). Non-target classes get ``s * cos θ_j``.
     ``cos(θ + m)`` is evaluated as ``cos θ cos m - sin θ sin m`` with ``sin θ = sqrt(1 - cos² θ)``.
 
     cos(θ + m) stops decreasing in θ once θ + m > π, so the target logit needs a fallback there
@@ -210,7 +210,7 @@ def sphereface_logits(cos_theta: jax.Array, labels: jax.Array, *,
                       lambda_: float | jax.Array = 0.0) -> jax.Array:
     """SphereFace A-Softmax logits with the multiplicative angular margin.
 
-SphereFace (Liu et al. 2017) eq. (7), the loss of the seed wang2019 teacher and student nets.
+SphereFace (Liu et al. 2017) eq. (7), the loss of the Wang et al. 2019 teacher and student nets.
 
     Target class: ``||x|| ψ(θ_y)`` with ``ψ(θ) = (-1)^k cos(mθ) - 2k`` for
     ``θ ∈ [kπ/m, (k+1)π/m]`` (monotone decreasing on [0, π]); ``cos(mθ)`` is the Chebyshev

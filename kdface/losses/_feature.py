@@ -2,15 +2,15 @@
 
 All three compare one student feature with one teacher feature per example:
 
-* ``l2_hint_loss``: ``||s - t||²`` (FitNets-style hint; seed wang2019 eq. (5) before
-  normalization; the ℓ2 baseline of seed duong2019).
-* ``normalized_l2_loss``: ``||s/||s|| - t/||t|| ||²`` (seed yan2019 eq. (5), seed wang2019's
+* ``l2_hint_loss``: ``||s - t||²`` (FitNets-style hint; Wang et al. 2019 eq. (5) before
+  normalization; the ℓ2 baseline of Duong et al. 2019).
+* ``normalized_l2_loss``: ``||s/||s|| - t/||t|| ||²`` (Yan et al. 2019 eq. (5), Wang et al. 2019's
   "L2 loss for normalized feature" of eq. (6)). For unit vectors it equals ``2 (1 - cos)``.
-* ``angular_distillation_loss``: ``(1 - cos(s, t))²`` (seed duong2019 eq. (4), seed yan2019
+* ``angular_distillation_loss``: ``(1 - cos(s, t))²`` (Duong et al. 2019 eq. (4), Yan et al. 2019
   eq. (4)).
 
 Features are ``[N, D]`` embeddings or ``[N, H, W, C]`` stage feature maps; a feature map is
-flattened to one ``H*W*C`` vector per example (seed duong2019 applies the loss at intermediate
+flattened to one ``H*W*C`` vector per example (Duong et al. 2019 applies the loss at intermediate
 stages, after the teacher's remaining blocks, which the caller runs). Student and teacher must
 have the same shape: a 1x1 adapter (``kdface.models``) maps widths first. Teacher features are
 frozen inputs and get ``stop_gradient``; losses are averaged over the batch as the 1/N of the
@@ -49,8 +49,8 @@ def l2_hint_loss(student: jax.Array, teacher: jax.Array, *, reduction: str | Non
                  squared: bool = True) -> jax.Array:
     """Raw hint loss: the squared Euclidean distance ``||s - t||²`` per example.
 
-    Seed wang2019 eq. (5) writes ``||F_S - F_T||`` and calls it the "feature L2 loss"; the
-    FitNets hint and seed duong2019's ℓ2 baseline square it. The default is the squared
+    Wang et al. 2019 eq. (5) writes ``||F_S - F_T||`` and calls it the "feature L2 loss"; the
+    FitNets hint and Duong et al. 2019's ℓ2 baseline square it. The default is the squared
     distance summed over all feature elements (no 1/2, no division by D: duong2019 weights
     it by 0.001 "due to the large value of the loss with large feature map");
     ``squared=False`` gives the plain norm of eq. (5), whose gradient at s = t is taken as 0.
@@ -77,8 +77,8 @@ def normalized_l2_loss(student: jax.Array, teacher: jax.Array, *,
                        reduction: str | None = "mean") -> jax.Array:
     """Normalized hint ``|| s/||s|| - t/||t|| ||²`` per example.
 
-    Seed yan2019 eq. (5) (``1/N Σ ||F_t/||F_t|| - F_s/||F_s|| ||²₂``, no 1/2) and the normalized
-    feature L2 loss of seed wang2019 eq. (6). Zero for ``s = a t`` with a > 0; equal to
+    Yan et al. 2019 eq. (5) (``1/N Σ ||F_t/||F_t|| - F_s/||F_s|| ||²₂``, no 1/2) and the normalized
+    feature L2 loss of Wang et al. 2019 eq. (6). Zero for ``s = a t`` with a > 0; equal to
     ``2 (1 - cos(s, t))``, so it ranges over [0, 4].
 
     Args:
@@ -98,8 +98,8 @@ def angular_distillation_loss(student: jax.Array, teacher: jax.Array, *,
                               reduction: str | None = "mean") -> jax.Array:
     """Angular distillation loss ``(1 - cos(s, t))²`` per example.
 
-    Seed duong2019 eq. (4) (``|| 1 - G^t/||G^t|| * G^s/||G^s|| ||²₂``, the product being the
-    cosine of the two features) with the 1/N batch mean of its eq. (7); seed yan2019 eq. (4).
+    Duong et al. 2019 eq. (4) (``|| 1 - G^t/||G^t|| * G^s/||G^s|| ||²₂``, the product being the
+    cosine of the two features) with the 1/N batch mean of its eq. (7); Yan et al. 2019 eq. (4).
     Zero for parallel features of any norms; 4 for opposite ones.
 
     Args:

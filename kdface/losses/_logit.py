@@ -1,11 +1,11 @@
 """Logit-level distillation: Hinton's soft targets and the hard (label) loss.
 
-Two forms of the soft loss appear in the seeds and are kept apart here:
+Two forms of the soft loss appear in the papers and are kept apart here:
 
 * ``soft_prediction_loss``: the cross-entropy ``H(softmax(t/τ), softmax(s/τ))`` written by seed
-  wang2019 eq. (3) and seed kd_transfer eq. (2) (second term), with no τ² factor.
+  wang2019 eq. (3) and Wang, Lan & Zhang 2017 eq. (2) (second term), with no τ² factor.
 * ``hinton_kd_loss``: ``τ² KL(softmax(t/τ) || softmax(s/τ))``, Hinton et al.'s form with the τ²
-  gradient rescaling, used as "HKD" with τ = 4 by seed nikitin2020 eq. (12).
+  gradient rescaling, used as "HKD" with τ = 4 by Nikitin et al. 2020 eq. (12).
 
 The two differ by τ² and by the teacher entropy ``H(softmax(t/τ))``, which is constant with
 respect to the student, so their student gradients differ only by the factor τ².
@@ -116,7 +116,7 @@ def hinton_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temp
                    reduction: str | None = "mean") -> jax.Array:
     """Hinton KD ``τ² KL(p_t || p_s)`` with ``p = softmax(logits / τ)``.
 
-    Seed nikitin2020 eq. (12), the HKD term (τ = 4 there); the same soft targets as seed wang2019
+    Nikitin et al. 2020 eq. (12), the HKD term (τ = 4 there); the same soft targets as Wang et al. 2019
     eq. (3). Returns the KL divergence, not the cross-entropy: it is 0 when the student matches
     the teacher, and differs from ``τ² H(p_t, p_s)`` by the teacher entropy ``τ² H(p_t)``, a
     constant for the student (see ``soft_prediction_loss`` for the cross-entropy form). The τ²
@@ -144,8 +144,8 @@ def soft_prediction_loss(student_logits: jax.Array, teacher_logits: jax.Array, *
                          temperature: float, reduction: str | None = "mean") -> jax.Array:
     """Cross-entropy between soft predictions ``H(p_t, p_s) = -Σ_c p_t,c log p_s,c``.
 
-    ``p = softmax(logits / τ)``. Seed wang2019 eq. (3) ("the soft loss is the cross entropy
-    between X_T^τ and X_S^τ") and seed kd_transfer eqs. (1)-(2), whose second term is the
+    ``p = softmax(logits / τ)``. Wang et al. 2019 eq. (3) ("the soft loss is the cross entropy
+    between X_T^τ and X_S^τ") and Wang, Lan & Zhang 2017 eqs. (1)-(2), whose second term is the
     cross-entropy between the teacher's and student's soft predictions. Neither writes a τ²
     factor, so none is applied (compare ``hinton_kd_loss``). The value includes the teacher
     entropy, so it is not 0 when the student matches the teacher. ``teacher_logits`` get
@@ -154,7 +154,7 @@ def soft_prediction_loss(student_logits: jax.Array, teacher_logits: jax.Array, *
     Args:
       student_logits: ``[N, C]`` float.
       teacher_logits: ``[N, C]`` float.
-      temperature: τ > 0 (the seeds tune it by cross-validation; no value survives in them).
+      temperature: τ > 0 (the papers tune it by cross-validation; no value survives in them).
       reduction: ``'mean'`` over the batch (default), ``'sum'``, or ``None``/``'none'``.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Multi-kernel maximum mean discrepancy between student and teacher features (seed wang2019,
+"""Multi-kernel maximum mean discrepancy between student and teacher features (Wang et al. 2019,
 eqs. (7)-(8), §2.3), the feature term of its improved low-resolution KD objective, eq. (9).
 
 Fast form: the kernel matrices are never stacked. Each block's squared distances come from one
@@ -43,7 +43,7 @@ def check_mmd_args(x: Array, y: Array, multipliers: Sequence[float], estimator: 
 
 
 def prepare_features(x: Array, y: Array, normalize: bool) -> tuple[Array, Array]:
-    """Casts to the compute dtype and, with ``normalize``, L2-normalizes each row (seed wang2019
+    """Casts to the compute dtype and, with ``normalize``, L2-normalizes each row (Wang et al. 2019
     §2.3: ``x / |x|``, ``y / |y|``, so both sides have the same scale)."""
     dtype = compute_dtype(x, y)
     x, y = x.astype(dtype), y.astype(dtype)
@@ -109,7 +109,7 @@ def quadratic_sums(x: Array, y: Array, coefs: Array, x_offset: Array | int, n_x:
 
 def combine_quadratic(s_xx: Array, s_yy: Array, s_xy: Array, n: int, m: int,
                       unbiased: bool) -> Array:
-    """Seed wang2019 eq. (8) from full kernel sums; the unbiased form divides the
+    """Wang et al. 2019 eq. (8) from full kernel sums; the unbiased form divides the
     diagonal-free within-sample sums by ``N(N-1)``, ``M(M-1)``."""
     if unbiased:
         return s_xx / (n * (n - 1)) + s_yy / (m * (m - 1)) - 2.0 * s_xy / (n * m)
@@ -130,17 +130,17 @@ def linear_sum(x: Array, y: Array, coefs: Array) -> Array:
 
 def mk_mmd(x: Array, y: Array, *, multipliers: Sequence[float] = (1, 2, 4, 8, 16),
            normalize: bool = True, estimator: str = "biased") -> Array:
-    """Squared multi-kernel MMD (seed wang2019 eq. (8); MK-MMD after Long et al. 2015 [7]).
+    """Squared multi-kernel MMD (Wang et al. 2019 eq. (8); MK-MMD after Long et al. 2015 [7]).
 
     ``MMD^2 = mean_{i,i'} k(x_i, x_i') + mean_{j,j'} k(y_j, y_j') - 2 mean_{i,j} k(x_i, y_j)``
     with ``k = (1/K) sum_m k_m`` and Gaussian ``k_m(a, b) = exp(-|a - b|^2 / (2 sigma^2 m))``,
-    i.e. variances ``sigma^2 * m`` for ``m`` in ``multipliers``, as in seed wang2019 §2.3.
+    i.e. variances ``sigma^2 * m`` for ``m`` in ``multipliers``, as in Wang et al. 2019 §2.3.
 
     Args:
       x: ``[N, D]`` student features (seed eq. (9) applies it to the student's embedding).
       y: ``[M, D]`` teacher features (gradients flow to both; stop the teacher's yourself).
       multipliers: variance multipliers; the seed's ``(1, 2, 4, 8, 16)``.
-      normalize: L2-normalize each row first (seed wang2019: "normalized feature MK-MMD").
+      normalize: L2-normalize each row first (Wang et al. 2019: "normalized feature MK-MMD").
       estimator: ``'biased'`` (eq. (8) as written, diagonals included, ``>= 0``, exactly 0 for
         ``x == y``; any ``N, M >= 1``), ``'unbiased'`` (U-statistic: within-sample sums over
         ``i != i'`` divided by ``N(N-1)``, resp. ``M(M-1)``; needs ``N, M >= 2``; may be

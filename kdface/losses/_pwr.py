@@ -1,4 +1,4 @@
-"""Pairwise ranking distillation, PWR (seed nikitin2020 eqs. 3-11): public entry and dense form.
+"""Pairwise ranking distillation, PWR (Nikitin et al. 2020 eqs. 3-11): public entry and dense form.
 
 For a batch of N student and teacher embeddings, the relational scores psi are taken over the
 M = N(N-1)/2 unordered pairs i < j, and the loss penalizes every *pair of scores* that the
@@ -91,7 +91,7 @@ def pair_rows(n: int) -> tuple[Array, Array]:
 
 
 def pairwise_scores(embeddings: Array, *, relation: str = "cosine") -> Array:
-    """Relational scores psi over the unordered pairs of a batch (seed nikitin2020 §3.1).
+    """Relational scores psi over the unordered pairs of a batch (Nikitin et al. 2020 §3.1).
 
     Args:
       embeddings: ``[N, D]`` float, N >= 2; L2-normalized here first.
@@ -119,7 +119,7 @@ def pairwise_scores(embeddings: Array, *, relation: str = "cosine") -> Array:
 
 def pair_values(s: Array, t: Array, margin: str, margin_value: float) -> tuple[Array, Array]:
     """``(x, y)``, ``[M]`` each, such that the margin-augmented pair difference of the
-    teacher-ordered pair (a above b) is ``z_ab = x_b - y_a`` (seed nikitin2020 eqs. 7-9):
+    teacher-ordered pair (a above b) is ``z_ab = x_b - y_a`` (Nikitin et al. 2020 eqs. 7-9):
 
     none: x = y = s; const / teacher_std (alpha): x = s + alpha, y = s;
     teacher_diff (alpha_ab = t_a - t_b): x = y = s - t.
@@ -198,7 +198,7 @@ def pwr_loss(student: Array, teacher: Array, *, relation: str = "cosine",
              inversion: str = "exp", margin: str = "teacher_diff", margin_value: float = 0.0,
              power: float = 1.0, beta: float = 1.0, method: str = "auto",
              tie_tolerance: float = 0.0) -> Array:
-    """Pairwise ranking distillation loss, seed nikitin2020 eq. (3) with eqs. (4)-(11).
+    """Pairwise ranking distillation loss, Nikitin et al. 2020 eq. (3) with eqs. (4)-(11).
 
     L = mean over ordered score pairs (a, b) with psi_a^T > psi_b^T of
         l_inv(z_ab),  z_ab = psi_b^S - psi_a^S + margin_ab,
@@ -252,7 +252,7 @@ def pwr_loss_from_scores(student_scores: Array, teacher_scores: Array, *, invers
                          margin: str = "teacher_diff", margin_value: float = 0.0,
                          power: float = 1.0, beta: float = 1.0, method: str = "auto",
                          tie_tolerance: float = 0.0) -> Array:
-    """PWR (seed nikitin2020 eq. 3) on precomputed relational scores, for any relational
+    """PWR (Nikitin et al. 2020 eq. 3) on precomputed relational scores, for any relational
     function psi (§3.1: e.g. RKD-A angles of triplets).
 
     Args:

@@ -1,4 +1,4 @@
-"""Shared pieces of the PWR loss (seed nikitin2020 eqs. 3-11) used by every method.
+"""Shared pieces of the PWR loss (Nikitin et al. 2020 eqs. 3-11) used by every method.
 
 Every method (dense, tiled, sorted, sharded) reduces the loss to the same per-pair form: with
 per-score values ``x`` (the lower-ranked score's role) and ``y`` (the higher-ranked score's role),
@@ -40,7 +40,7 @@ SORTED_MAX_POWER = 2
 
 @dataclasses.dataclass(frozen=True)
 class Inversion:
-    """The inversion penalty ``l(z)`` of seed nikitin2020 eqs. (4)-(6), (11), for the pair
+    """The inversion penalty ``l(z)`` of Nikitin et al. 2020 eqs. (4)-(6), (11), for the pair
     difference ``z = psi_b^S - psi_a^S + margin`` of a teacher-ordered pair (a above b).
 
     ``diff``: max(z, 0) (eq. 4); ``power``: max(z, 0)^p (eq. 5); ``exp``: max(exp(beta z) - 1, 0)

@@ -1,4 +1,4 @@
-"""PWR of the global batch across devices (seed nikitin2020 eq. 3), called inside shard_map.
+"""PWR of the global batch across devices (Nikitin et al. 2020 eq. 3), called inside shard_map.
 
 PWR couples every score pair of the whole batch, so a per-device PWR of the local shard would be
 a different (smaller-batch) loss. Here each device ``all_gather``s the embeddings, forms all M
@@ -47,7 +47,7 @@ def pwr_loss_sharded(student: Array, teacher: Array, *, axis_name: str = "data",
                      margin: str = "teacher_diff", margin_value: float = 0.0,
                      power: float = 1.0, beta: float = 1.0, method: str = "auto",
                      tie_tolerance: float = 0.0) -> Array:
-    """``pwr_loss`` (seed nikitin2020 eqs. 3-11) of the global batch, inside ``jax.shard_map``.
+    """``pwr_loss`` (Nikitin et al. 2020 eqs. 3-11) of the global batch, inside ``jax.shard_map``.
 
     Args:
       student: ``[N / P, D_s]`` this device's rows of the student embeddings (global rows

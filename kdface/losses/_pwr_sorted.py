@@ -1,4 +1,4 @@
-"""PWR in O(M log M): the separable variants as 2-D dominance sums (seed nikitin2020 eq. 3).
+"""PWR in O(M log M): the separable variants as 2-D dominance sums (Nikitin et al. 2020 eq. 3).
 
 For the separable inversions the pair term splits into per-score factors,
 
@@ -349,7 +349,7 @@ def sorted_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, *,
                     query_mask: Array | None = None, tie_tolerance: float = 0.0
                     ) -> tuple[Array, Array]:
     """``(sum, count)`` over ordered pairs with t_b < t_a - tie_tolerance of ``l(x_b - y_a)``
-    (seed nikitin2020 eq. 3) for diff, integer power and exp, in O(M log M) time and O(M)
+    (Nikitin et al. 2020 eq. 3) for diff, integer power and exp, in O(M log M) time and O(M)
     memory.
 
     Args:

@@ -195,7 +195,7 @@ def tiled_pair_sum(t: Array, x: Array, y: Array, inversion: Inversion, range_bou
                    block: int | None = None, share: tuple[Array, int] | None = None,
                    tie_tolerance: float = 0.0) -> tuple[Array, Array]:
     """``(sum, count)`` over ordered pairs with t_b < t_a - tie_tolerance of ``l(x_b - y_a)``
-    (seed nikitin2020 eq. 3), by lower-triangular tiles of the teacher-sorted comparison matrix
+    (Nikitin et al. 2020 eq. 3), by lower-triangular tiles of the teacher-sorted comparison matrix
     (a tolerance >= 0 keeps every counted pair in those tiles).
 
     Args:

@@ -1,5 +1,5 @@
 """Relational distillation baselines: RKD-D, RKD-A (Park et al., 2019) and DarkRank-hard
-(Chen et al., 2018), as compared against PWR in seed nikitin2020 §4.
+(Chen et al., 2018), as compared against PWR in Nikitin et al. 2020 §4.
 
 All three are written in their fast, memory-bounded form:
 
@@ -131,7 +131,7 @@ def rkd_distance_rows(student: Array, teacher: Array, row_offset: Array | int, n
 
 def rkd_distance_loss(student: Array, teacher: Array, *, reduction: str | None = "mean"
                       ) -> Array:
-    """RKD-D (Park et al., CVPR 2019, eq. (3)-(4)); baseline 'RKD-D' of seed nikitin2020 §4.
+    """RKD-D (Park et al., CVPR 2019, eq. (3)-(4)); baseline 'RKD-D' of Nikitin et al. 2020 §4.
 
     ``psi_D(t_i, t_j) = |t_i - t_j| / mu`` with ``mu`` the mean distance over the batch's pairs,
     for teacher and student separately; the loss is the Huber (smooth-L1, delta 1) difference.
@@ -332,7 +332,7 @@ def _rkd_angle_sum_jvp(n_vertices: int, block_size: int, primals: tuple, tangent
 
 
 def rkd_angle_loss(student: Array, teacher: Array, *, block_size: int | None = None) -> Array:
-    """RKD-A (Park et al., CVPR 2019, eq. (5)-(6)); baseline 'RKD-A' of seed nikitin2020 §4.
+    """RKD-A (Park et al., CVPR 2019, eq. (5)-(6)); baseline 'RKD-A' of Nikitin et al. 2020 §4.
 
     ``psi_A(t_i, t_j, t_k) = cos angle(t_i, t_j, t_k) = <e_ij, e_kj>``,
     ``e_ij = (t_i - t_j) / |t_i - t_j|``, vertex ``t_j``; Huber (delta 1) between the teacher's
@@ -490,7 +490,7 @@ def darkrank_hard_loss(student: Array, teacher: Array, *, alpha: float = 3.0,
                        beta: float = 3.0, list_length: int | None = None,
                        reduction: str | None = "mean") -> Array:
     """DarkRank, hard version (Chen et al., AAAI 2018, eq. (4)-(6)); baseline 'DarkRank' of
-    seed nikitin2020 §4 (which uses the hard version for its batch-size-free cost).
+    Nikitin et al. 2020 §4 (which uses the hard version for its batch-size-free cost).
 
     Similarity ``S(x_i, x_j) = -alpha |x_i - x_j|^beta``. For each anchor ``i`` the other samples
     are sorted by the teacher's similarity (``pi``), and the student's scores must reproduce that

@@ -129,7 +129,7 @@ def megaface_identification(probe_emb: Any, probe_labels: Any, distractor_emb: A
                             ranks: Sequence[int] = (1, 10),
                             fpr_targets: Sequence[float] = (1e-6,), probe_chunk: int = 1024,
                             item_chunk: int = 16384) -> dict[str, Any]:
-    """MegaFace challenge-1 style Id(k) and Ver (seed nikitin2020 Table 1: Ver, Id(1), Id(10)).
+    """MegaFace challenge-1 style Id(k) and Ver (Nikitin et al. 2020 Table 1: Ver, Id(1), Id(10)).
 
     probe_emb: [Q, D] with probe_labels [Q] int (FaceScrub role); distractor_emb: [M, D]
     (MegaFace's 1M distractors; may be memory-mapped).

@@ -1,7 +1,7 @@
 """Pair verification: the 10-fold LFW protocol, best-threshold accuracy, ROC/AUC and TAR@FAR.
 
-Used for LFW, CFP-FP, AgeDB-30, CALFW, CPLFW (seed nikitin2020 §4.1: "verification accuracy,
-estimated on 10-fold cross validation") and for the low-resolution LFW protocol of seed wang2019
+Used for LFW, CFP-FP, AgeDB-30, CALFW, CPLFW (Nikitin et al. 2020 §4.1: "verification accuracy,
+estimated on 10-fold cross validation") and for the low-resolution LFW protocol of Wang et al. 2019
 §3.1 (gallery image kept, probe image degraded to 8/12/16/20 px: call :func:`verification` once
 per probe size with ``emb1`` from the HR images and ``emb2`` from the degraded ones).
 

@@ -1,6 +1,6 @@
-"""Adapters that map student features into the teacher's feature space (seed duong2019).
+"""Adapters that map student features into the teacher's feature space (Duong et al. 2019).
 
-ShrinkTeaNet (seed duong2019, Sec. 3.3 and eq. (6)) compares the student's stage ``i`` with the
+ShrinkTeaNet (Duong et al. 2019, Sec. 3.3 and eq. (6)) compares the student's stage ``i`` with the
 teacher's, and passes the adapted student stage through the teacher's remaining blocks; the
 teacher side is the identity and the student side ``G_i^s`` is "1x1 convolution followed by batch
 normalization" to match the teacher's dimension. When the spatial sizes differ too (e.g. a
@@ -94,7 +94,7 @@ def stage_adapters(student, teacher, input_hw: tuple[int, int] = (112, 112), *,
     """The four :class:`ConvAdapter` s mapping ``student`` stage ``i`` to ``teacher`` stage ``i``.
 
     Shapes come from ``stage_shapes`` (abstract evaluation, nothing runs). ``teacher_input_hw``
-    defaults to ``input_hw`` (seed wang2019 feeds both networks the same size, the student's
+    defaults to ``input_hw`` (Wang et al. 2019 feeds both networks the same size, the student's
     view being degraded and resized back). Returns an ``nnx.List`` indexable by stage.
     """
     s_shapes = student.stage_shapes(check_input_size(input_hw))

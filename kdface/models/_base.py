@@ -3,7 +3,7 @@
 A backbone is ``stem -> stage 0 -> stage 1 -> stage 2 -> stage 3 -> embedding head``. The four
 stage outputs are the "stage features" (for 112x112 inputs most networks give spatial sizes
 56/28/14/7, or 28/14/7/7 where the paper's network downsamples earlier; each network documents its
-own). ShrinkTeaNet (seed duong2019 eq. 6) passes an adapted student stage through the teacher's
+own). ShrinkTeaNet (Duong et al. 2019 eq. 6) passes an adapted student stage through the teacher's
 *remaining* blocks, which is ``teacher.forward_from(i, feature)``.
 
 Invariants every subclass keeps (tests check them for every registered name):

@@ -2,7 +2,7 @@
 
 * :class:`MarginHead` gives ``cos(theta)`` between the L2-normalized embedding and L2-normalized
   class weights, the input of SphereFace / CosFace / ArcFace (``kdface.losses.sphereface_logits``,
-  ``cosface_logits``, ``arcface_logits`` apply the margin and the scale). Used by seeds wang2019
+  ``cosface_logits``, ``arcface_logits`` apply the margin and the scale). Used by Wang et al. 2019
   (SphereFace teacher), nikitin2020 (CosFace base loss) and yan2019 (ArcFace).
 * :class:`SoftmaxHead`: plain linear logits (the softmax classifier whose soft predictions seed
   kd_transfer eqs. (1)-(2) distill).
@@ -144,7 +144,7 @@ class LandmarkHead(nnx.Module):
     """Landmark regression: ``[B, D]`` embedding or ``[B, H, W, D]`` feature map -> ``[B, P, 2]``.
 
     A feature map is global-average-pooled over ``H, W`` first; then one linear layer gives
-    ``2 * num_points`` numbers read as ``(x, y)`` per point (seed kd_transfer regresses the
+    ``2 * num_points`` numbers read as ``(x, y)`` per point (Wang, Lan & Zhang 2017 regresses the
     5 points with a fully connected mapping on the hidden layer). The coordinate units are
     whatever the training targets use (kdface's pipeline and evaluation use pixel
     coordinates of the network input).

@@ -1,6 +1,6 @@
-"""MobileFaceNet and MobileFaceNet-R (seed duong2019's students), plus the mobile building blocks.
+"""MobileFaceNet and MobileFaceNet-R (Duong et al. 2019's students), plus the mobile building blocks.
 
-MobileFaceNet (Chen et al. 2018, seed duong2019 ref. [34]) at a 112x112 input:
+MobileFaceNet (Chen et al. 2018, Duong et al. 2019 ref. [34]) at a 112x112 input:
 
 =========  ==================================================  ===============
 part       layers (t = expansion, c = out channels, n, s)      output (H,W,C)
@@ -19,11 +19,11 @@ final linear layer (insightface's "GDC" output, with BN scale fixed to 1). The G
 the final spatial size (7x7 at 112x112, 7x6 at 112x96).
 
 Embedding size: Chen et al. use D = 128 (0.99 M parameters, 221 M multiply-adds; we measure
-1.00 M and 221.0 M). Seed duong2019 reports 1.2 M parameters for its MobileFaceNet student
+1.00 M and 221.0 M). Duong et al. 2019 reports 1.2 M parameters for its MobileFaceNet student
 (Table 2), which is exactly what D = 512 gives (1.20 M measured), so kdface's default of 512
 agrees with the seed that uses it.
 
-MobileFaceNet-R (seed duong2019 sec. 4.2: "similar to MobileFacenet except the feature size of
+MobileFaceNet-R (Duong et al. 2019 sec. 4.2: "similar to MobileFacenet except the feature size of
 each resnet-block is equal to the size of its corresponding features in the teacher network") is
 specified by the seed only by that sentence and its size, 3.73 M parameters. Our reading: the
 stages keep MobileFaceNet's spatial sizes (already 56/28/14/7, as the ResNet teacher) and take the
@@ -210,7 +210,7 @@ class MobileFaceNet(Backbone):
 @register("mobilefacenet")
 def mobilefacenet(*, rngs: nnx.Rngs, embedding_size: int = 512,
                   input_size: tuple[int, int] = (112, 112), **kwargs) -> MobileFaceNet:
-    """MobileFaceNet (Chen et al. 2018; seed duong2019 student "MFN", 1.2 M parameters).
+    """MobileFaceNet (Chen et al. 2018; Duong et al. 2019 student "MFN", 1.2 M parameters).
 
     Stages at 112x112: 56x56x64, 28x28x64, 14x14x128, 7x7x128. ``embedding_size=128`` gives the
     original paper's network (0.99 M parameters).
@@ -224,7 +224,7 @@ def mobilefacenet_r(*, rngs: nnx.Rngs, embedding_size: int = 512,
                     input_size: tuple[int, int] = (112, 112),
                     stage_channels: tuple[int, int, int, int] = (64, 128, 256, 512),
                     act: str = "prelu") -> MobileFaceNet:
-    """MobileFaceNet-R (seed duong2019 sec. 4.2): stage features sized like the teacher's.
+    """MobileFaceNet-R (Duong et al. 2019 sec. 4.2): stage features sized like the teacher's.
 
     Stages at 112x112: ``56x56xC0, 28x28xC1, 14x14xC2, 7x7xC3`` with ``stage_channels`` (default
     the IResNet teacher's 64/128/256/512), so ShrinkTeaNet's stage adapters (eq. 6) map equal

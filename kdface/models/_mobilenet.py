@@ -1,6 +1,6 @@
-"""MobileNetV1 and MobileNetV2 adapted to 112x112 faces (seed duong2019's "MV1" / "MV2" students).
+"""MobileNetV1 and MobileNetV2 adapted to 112x112 faces (Duong et al. 2019's "MV1" / "MV2" students).
 
-Seed duong2019 names the students and their sizes (Table 2: MV1 3.53 M, MV2 2.15 M parameters)
+Duong et al. 2019 names the students and their sizes (Table 2: MV1 3.53 M, MV2 2.15 M parameters)
 but not how they were adapted to faces. Our adaptation, one rule for both:
 
 * The stem conv has stride 1 instead of 2, so a 112x112 face passes through the same feature
@@ -154,7 +154,7 @@ class MobileNetV2(Backbone):
 @register("mobilenet_v1")
 def mobilenet_v1(*, rngs: nnx.Rngs, embedding_size: int = 512,
                  input_size: tuple[int, int] = (112, 112), **kwargs) -> MobileNetV1:
-    """MobileNetV1 face student (seed duong2019 "MV1"); options as :class:`MobileNetV1`."""
+    """MobileNetV1 face student (Duong et al. 2019 "MV1"); options as :class:`MobileNetV1`."""
     return MobileNetV1(rngs=rngs, embedding_size=embedding_size, input_size=input_size,
                        **kwargs)
 
@@ -162,6 +162,6 @@ def mobilenet_v1(*, rngs: nnx.Rngs, embedding_size: int = 512,
 @register("mobilenet_v2")
 def mobilenet_v2(*, rngs: nnx.Rngs, embedding_size: int = 512,
                  input_size: tuple[int, int] = (112, 112), **kwargs) -> MobileNetV2:
-    """MobileNetV2 face student (seed duong2019 "MV2"); options as :class:`MobileNetV2`."""
+    """MobileNetV2 face student (Duong et al. 2019 "MV2"); options as :class:`MobileNetV2`."""
     return MobileNetV2(rngs=rngs, embedding_size=embedding_size, input_size=input_size,
                        **kwargs)

@@ -1,11 +1,11 @@
 """SphereFace-style residual networks: sphereface20/36/64 and the thin sphereface36_thin.
 
-Seed wang2019 Tables 1-2 (the layout of the SphereFace paper, Liu et al. 2017, Table 2). Each of
+Wang et al. 2019 Tables 1-2 (the layout of the SphereFace paper, Liu et al. 2017, Table 2). Each of
 the four stages ``Conv{k}.x`` is one 3x3 stride-2 convolution (with bias) + PReLU followed by
 ``n_k`` residual units ``x + PReLU(Conv3x3(PReLU(Conv3x3(x))))`` (no bias, identity shortcut, no
 activation after the addition); after the last stage a fully connected layer gives the 512-d
 embedding. For a 112x112 input the stage features are 56x56, 28x28, 14x14, 7x7 (56x48 ... 7x6 at
-the 112x96 input seed wang2019 uses: pass ``input_size=(112, 96)``); the FC input size is
+the 112x96 input Wang et al. 2019 uses: pass ``input_size=(112, 96)``); the FC input size is
 ``C4 * H/16 * W/16`` computed from ``input_size``.
 
 ==================  ===================  ============  ================================
@@ -13,8 +13,8 @@ name                channels             units         source
 ==================  ===================  ============  ================================
 sphereface20        64/128/256/512       1/2/4/1       SphereFace paper
 sphereface36        64/128/256/512       2/4/8/2       SphereFace paper
-sphereface64        64/128/256/512       3/8/16/3      seed wang2019 Table 1 (teacher)
-sphereface36_thin   18/36/72/144         2/4/8/2       seed wang2019 Table 2 (student)
+sphereface64        64/128/256/512       3/8/16/3      Wang et al. 2019 Table 1 (teacher)
+sphereface36_thin   18/36/72/144         2/4/8/2       Wang et al. 2019 Table 2 (student)
 ==================  ===================  ============  ================================
 
 Choices the papers leave open, following SphereFace's public Caffe prototxt: there is no
@@ -73,7 +73,7 @@ class SphereNet(Backbone):
     Args:
       channels: output channels of the four stages.
       units: residual units per stage.
-      embedding_size: FC output size (512 in seed wang2019).
+      embedding_size: FC output size (512 in Wang et al. 2019).
       input_size: ``(H, W)`` the network is built for; fixes the FC input size.
       batch_norm: adds BN after every convolution (not in the paper).
     """
@@ -106,7 +106,7 @@ class SphereNet(Backbone):
         self.fc = nnx.Linear(in_channels * h * w, embedding_size, kernel_init=_XAVIER, rngs=rngs)
 
     def stem(self, x: jax.Array) -> jax.Array:
-        return x  # Conv1.x's stride-2 convolution belongs to stage 0 (seed wang2019 Table 1)
+        return x  # Conv1.x's stride-2 convolution belongs to stage 0 (Wang et al. 2019 Table 1)
 
     def embed(self, h: jax.Array) -> jax.Array:
         self.check_final_map(h)
@@ -131,13 +131,13 @@ def sphereface36(*, rngs: nnx.Rngs, **kwargs) -> SphereNet:
 
 @register("sphereface64")
 def sphereface64(*, rngs: nnx.Rngs, **kwargs) -> SphereNet:
-    """Seed wang2019 Table 1 teacher: channels 64/128/256/512, units 3/8/16/3, FC 512."""
+    """Wang et al. 2019 Table 1 teacher: channels 64/128/256/512, units 3/8/16/3, FC 512."""
     return SphereNet(_WIDE, (3, 8, 16, 3), rngs=rngs, **kwargs)
 
 
 @register("sphereface36_thin")
 def sphereface36_thin(*, rngs: nnx.Rngs, **kwargs) -> SphereNet:
-    """Seed wang2019 Table 2 student: channels 18/36/72/144, units 2/4/8/2, FC 512."""
+    """Wang et al. 2019 Table 2 student: channels 18/36/72/144, units 2/4/8/2, FC 512."""
     return SphereNet(_THIN, (2, 4, 8, 2), rngs=rngs, **kwargs)
 
 
@@ -145,5 +145,5 @@ def sphereface36_thin(*, rngs: nnx.Rngs, **kwargs) -> SphereNet:
 def sphereface_custom(*, rngs: nnx.Rngs, channels: tuple[int, ...] = _THIN,
                       units: tuple[int, ...] = (1, 1, 1, 1), **kwargs) -> SphereNet:
     """A SphereFace-style net of any stage widths and depths (e.g. the demo's small teacher and
-    student, which keep the seed wang2019 layout at a width that trains on a CPU in minutes)."""
+    student, which keep the Wang et al. 2019 layout at a width that trains on a CPU in minutes)."""
     return SphereNet(tuple(channels), tuple(units), rngs=rngs, **kwargs)

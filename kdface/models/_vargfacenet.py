@@ -1,4 +1,4 @@
-"""VarGFaceNet and the plain VarGNet embedding variant (seed yan2019, Table 1 and Fig. 1).
+"""VarGFaceNet and the plain VarGNet embedding variant (Yan et al. 2019, Table 1 and Fig. 1).
 
 Layout at a 112x112 input (``multiplier=1.25``, the seed's Table 1 widths 40/80/160/320):
 
@@ -50,7 +50,7 @@ _BASE_WIDTHS = (32, 64, 128, 256)
 
 
 class VarGroupSeparable(nnx.Module):
-    """Variable-group conv + pointwise conv (seed yan2019 eqs. 1-2, Fig. 1).
+    """Variable-group conv + pointwise conv (Yan et al. 2019 eqs. 1-2, Fig. 1).
 
     ``[B, H, W, c_in] -> [B, H/stride, W/stride, c_out]``: a 3x3 conv with ``c_in / group_size``
     groups (``group_size = S`` input channels per group, so a group sees S channels, eq. 2) and
@@ -71,7 +71,7 @@ class VarGroupSeparable(nnx.Module):
 
 
 class NormalBlock(nnx.Module):
-    """VarGFaceNet normal block (seed yan2019 Fig. 1a): two separable units, SE, residual, act.
+    """VarGFaceNet normal block (Yan et al. 2019 Fig. 1a): two separable units, SE, residual, act.
 
     ``[B, H, W, c_in] -> [B, H/stride, W/stride, c_out]``. The shortcut is the identity when
     ``stride == 1`` and ``c_in == c_out``, else a separable unit without output activation (the
@@ -98,7 +98,7 @@ class NormalBlock(nnx.Module):
 
 
 class DownsamplingBlock(nnx.Module):
-    """VarGFaceNet downsampling block (seed yan2019 Fig. 1b), stride 2.
+    """VarGFaceNet downsampling block (Yan et al. 2019 Fig. 1b), stride 2.
 
     ``[B, H, W, c_in] -> [B, H/2, W/2, c_out]``: two parallel separable units are summed and
     activated, a third separable unit follows, and a separable shortcut is added before the final
@@ -121,7 +121,7 @@ class DownsamplingBlock(nnx.Module):
 
 
 class VarGFaceNet(Backbone):
-    """VarGFaceNet (seed yan2019 Table 1): ``[B, H, W, 3] -> [B, embedding_size]``.
+    """VarGFaceNet (Yan et al. 2019 Table 1): ``[B, H, W, 3] -> [B, embedding_size]``.
 
     Stages at 112x112: 56x56x40, 28x28x80, 14x14x160, 7x7x320 (module docstring table).
     ``embedding='vargface'`` is the seed's embedding block (Fig. 1d); ``embedding='avgpool'`` is
@@ -203,7 +203,7 @@ class VarGFaceNet(Backbone):
 @register("vargfacenet")
 def vargfacenet(*, rngs: nnx.Rngs, embedding_size: int = 512,
                 input_size: tuple[int, int] = (112, 112), **kwargs) -> VarGFaceNet:
-    """VarGFaceNet of seed yan2019 (Table 1, Fig. 1); options as :class:`VarGFaceNet`."""
+    """VarGFaceNet of Yan et al. 2019 (Table 1, Fig. 1); options as :class:`VarGFaceNet`."""
     return VarGFaceNet(rngs=rngs, embedding_size=embedding_size, input_size=input_size,
                        **kwargs)
 
@@ -211,7 +211,7 @@ def vargfacenet(*, rngs: nnx.Rngs, embedding_size: int = 512,
 @register("vargnet")
 def vargnet(*, rngs: nnx.Rngs, embedding_size: int = 512,
             input_size: tuple[int, int] = (112, 112), **kwargs) -> VarGFaceNet:
-    """The plain VarGNet student of seed yan2019 Table 4: ``[B, H, W, 3] -> [B, 512]``.
+    """The plain VarGNet student of Yan et al. 2019 Table 4: ``[B, H, W, 3] -> [B, 512]``.
 
     The seed builds it from VarGNet with VarGFaceNet's stride-1 head "for fair comparison" and
     keeps VarGNet's embedding, "only an average pooling between last conv and fc layer". Since the

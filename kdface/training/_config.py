@@ -31,9 +31,9 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *,
 class TrainConfig:
     workdir: str = option(help="Run directory: checkpoints, logs, config.json. Required.")
     recipe: str = option("scratch", "Method (kdface.distill.recipe_names()): scratch (no "
-                         "teacher) | kd_im, kd (seed wang2019) | pwr (seed nikitin2020) | "
-                         "transfer (seed kd_transfer) | vargface (seed yan2019) | shrinktea "
-                         "(seed duong2019).")
+                         "teacher) | kd_im, kd (Wang et al. 2019) | pwr (Nikitin et al. 2020) | "
+                         "transfer (Wang, Lan & Zhang 2017) | vargface (Yan et al. 2019) | shrinktea "
+                         "(Duong et al. 2019).")
     # --- networks -----------------------------------------------------------------------------
     student: str = option("iresnet18", "Student backbone name (kdface.models.names()).")
     student_options: dict[str, Any] = option({}, "Backbone kwargs as k=v,k=v (Python literals), "
@@ -49,50 +49,50 @@ class TrainConfig:
                                             "its config.json; loaded params-only, never "
                                             "written into this run).")
     init_checkpoint: str | None = option(None, "Initialize the student from this run's weights "
-                                         "(seed nikitin2020 starts from the pretrained "
-                                         "baseline student; seed kd_transfer's "
+                                         "(Nikitin et al. 2020 starts from the pretrained "
+                                         "baseline student; Wang, Lan & Zhang 2017's "
                                          "full-initialization trick).")
-    head: str = option("cosface", "Classifier head of the hard loss (seed nikitin2020: CosFace; "
-                       "seed wang2019 teachers: SphereFace; seed yan2019: ArcFace).",
+    head: str = option("cosface", "Classifier head of the hard loss (Nikitin et al. 2020: CosFace; "
+                       "Wang et al. 2019 teachers: SphereFace; Yan et al. 2019: ArcFace).",
                        choices=("softmax", "cosface", "arcface", "sphereface"))
-    margin_scale: float = option(64.0, "Scale s of CosFace/ArcFace (64 in seeds nikitin2020 and "
+    margin_scale: float = option(64.0, "Scale s of CosFace/ArcFace (64 in Nikitin et al. 2020 and "
                                  "yan2019); also the logit scale s*cos for Hinton KD on margin "
                                  "heads.")
-    margin: float = option(0.35, "CosFace margin m (0.35, seed nikitin2020 §4.2).")
+    margin: float = option(0.35, "CosFace margin m (0.35, Nikitin et al. 2020 §4.2).")
     arcface_margin: float = option(0.5, "ArcFace margin m (0.5: Deng et al.'s ArcFace default; "
-                                   "seeds yan2019 and duong2019 print no value, so kdface's "
+                                   "Yan et al. 2019 and Duong et al. 2019 print no value, so kdface's "
                                    "choice there).")
     sphereface_m: int = option(4, "A-Softmax angular margin m (4, SphereFace).")
     sphereface_anneal: bool = option(False, "A-Softmax λ annealing max(5, 1000 (1 + 0.12 "
                                      "step)^-1), SphereFace's public solver (kdface's choice "
-                                     "for seed wang2019's SphereFace nets).")
+                                     "for Wang et al. 2019's SphereFace nets).")
     input_size: tuple[int, int] = option((112, 112), "Network input H,W of the student and the "
-                                         "teacher (112x112; seed wang2019 used 112x96).")
+                                         "teacher (112x112; Wang et al. 2019 used 112x96).")
     # --- loss weights (recipes read the ones they use) ----------------------------------------
-    lambda_hard: float = option(1.0, "λ1, hard (classification) loss weight (seed wang2019 "
+    lambda_hard: float = option(1.0, "λ1, hard (classification) loss weight (Wang et al. 2019 "
                                 "eq. 6/9; the paper does not print values: 1.0).")
-    lambda_soft: float = option(1.0, "λ2, weight of the soft loss H(p_t, p_s) (seed wang2019 "
-                                "eq. 3/9; seed kd_transfer's soft-prediction target, α of its "
+    lambda_soft: float = option(1.0, "λ2, weight of the soft loss H(p_t, p_s) (Wang et al. 2019 "
+                                "eq. 3/9; Wang, Lan & Zhang 2017's soft-prediction target, α of its "
                                 "eq. 5). The papers print no value: 1.0 is kdface's choice.")
-    lambda_feature: float = option(1.0, "λ3, feature loss weight (seed wang2019 eq. 6/9).")
-    lambda_hidden: float = option(0.0, "β of seed kd_transfer eq. 5: weight of the hidden-layer "
+    lambda_feature: float = option(1.0, "λ3, feature loss weight (Wang et al. 2019 eq. 6/9).")
+    lambda_hidden: float = option(0.0, "β of Wang, Lan & Zhang 2017 eq. 5: weight of the hidden-layer "
                                   "target (the embedding feeding the head; 1 in its alignment "
                                   "distillation, eq. 7; 0 in its eqs. 4 and 9).")
     temperature: float = option(4.0, "Softmax temperature τ of the soft losses (4.0, seed "
-                                "nikitin2020 HKD; kdface's choice for seeds wang2019 and "
+                                "nikitin2020 HKD; kdface's choice for Wang et al. 2019 and "
                                 "kd_transfer, which print none).")
     feature_loss: str = option("mk_mmd", "Feature term of kd/kd_im: MK-MMD on normalized "
-                               "features (seed wang2019 eq. 9) or normalized L2 (eq. 6, the "
+                               "features (Wang et al. 2019 eq. 9) or normalized L2 (eq. 6, the "
                                "ablation).", choices=("mk_mmd", "normalized_l2"))
-    kd_loss: str = option("pwr", "L_KD of the pwr recipe (seed nikitin2020 eq. 12).",
+    kd_loss: str = option("pwr", "L_KD of the pwr recipe (Nikitin et al. 2020 eq. 12).",
                           choices=("pwr", "rkd_d", "rkd_a", "rkd_da", "darkrank", "hinton"))
-    alpha: float = option(100.0, "α, weight of L_KD (seed nikitin2020: 100 for PWR-Diff/Exp and "
+    alpha: float = option(100.0, "α, weight of L_KD (Nikitin et al. 2020: 100 for PWR-Diff/Exp and "
                           "RKD-D, 15 for PWR-RankNet, 200 for RKD-A, 1 for DarkRank).")
-    beta: float = option(1.0, "β, weight of CosFace in the pwr recipe (1.0, seed nikitin2020; "
+    beta: float = option(1.0, "β, weight of CosFace in the pwr recipe (1.0, Nikitin et al. 2020; "
                          "0.7 with HKD).")
     gamma: float = option(0.0, "γ, weight of Hinton KD in the pwr recipe (0; 0.3 with HKD, seed "
                           "nikitin2020).")
-    pwr_relation: str = option("cosine", "PWR relational function ψ (cosine, seed nikitin2020).",
+    pwr_relation: str = option("cosine", "PWR relational function ψ (cosine, Nikitin et al. 2020).",
                                choices=("cosine", "euclidean"))
     pwr_inversion: str = option("exp", "PWR inversion loss (exp: PWR-Exp, the paper's best).",
                                 choices=("diff", "power", "exp", "ranknet"))
@@ -104,23 +104,23 @@ class TrainConfig:
     pwr_beta: float = option(1.0, "β of the exp / RankNet inversion losses (eqs. 6, 10).")
     pwr_method: str = option("auto", "PWR algorithm (all exact; auto picks the fastest).",
                              choices=("auto", "dense", "tiled", "sorted"))
-    transfer_task: str = option("classification", "Seed kd_transfer task of the transfer "
+    transfer_task: str = option("classification", "Wang, Lan & Zhang 2017 task of the transfer "
                                 "recipe.", choices=("classification", "alignment",
                                                     "verification"))
-    triplet_margin: float = option(0.2, "Triplet loss margin (seed kd_transfer).")
+    triplet_margin: float = option(0.2, "Triplet loss margin (Wang, Lan & Zhang 2017).")
     triplet_mining: str = option("batch_hard", "Triplet mining.",
                                  choices=("batch_all", "batch_hard"))
     extra_softmax: float = option(1.0, "Weight of the additional softmax loss in transfer/"
-                                  "verification (seed kd_transfer Table 5, its best result; "
+                                  "verification (Wang, Lan & Zhang 2017 Table 5, its best result; "
                                   "the weight 1 is kdface's choice; 0 gives its Table 4).")
-    vargface_alpha: float = option(7.0, "α of the normalized-L2 term (7, seed yan2019).")
-    generations: int = option(1, "Recursive KD generations (seed yan2019): generation k+1 "
+    vargface_alpha: float = option(7.0, "α of the normalized-L2 term (7, Yan et al. 2019).")
+    generations: int = option(1, "Recursive KD generations (Yan et al. 2019): generation k+1 "
                               "starts from generation k's student; each in workdir/gen_k.")
-    shrinktea_lambda: float = option(1.0, "λ_n of the final angular loss (1, seed duong2019); "
+    shrinktea_lambda: float = option(1.0, "λ_n of the final angular loss (1, Duong et al. 2019); "
                                      "stage weights λ_i = λ_{i+1}/2; 0.001 for the ℓ2 "
                                      "baseline).")
     shrinktea_distance: str = option("angular", "Distance of the shrinktea levels: angular "
-                                     "(seed duong2019 eq. 4) or l2 (its 'Student-1' baseline).",
+                                     "(Duong et al. 2019 eq. 4) or l2 (its 'Student-1' baseline).",
                                      choices=("angular", "l2"))
     relation_scope: str = option("global", "Relational losses over the global batch, or per "
                                  "device as the papers' multi-GPU code did.",
@@ -138,10 +138,10 @@ class TrainConfig:
                                        "an image is shrunk to before being resized back (seed "
                                        "wang2019 §2.2: 8, 12, 16, 20, 30).")
     lr_fraction: float = option(0.4, "Low-resolution view: fraction of images degraded (0.4, "
-                                "seed wang2019 §2.2).")
+                                "Wang et al. 2019 §2.2).")
     crop_from: tuple[int, int] | None = option(None, "Random crop: resize faces to H,W and "
                                                "cut a random --input_size window, shared by "
-                                               "both views (seed kd_transfer: 'randomly "
+                                               "both views (Wang, Lan & Zhang 2017: 'randomly "
                                                "cropped and flipped'); unset: resize only.")
     flip: bool = option(True, "Random horizontal flip, identical for both views.")
     seed: int = option(0, "Seed of initialization, shuffling, flips and degradation.")
@@ -150,14 +150,14 @@ class TrainConfig:
     steps: int | None = option(None, "Training steps (1000 when neither --steps nor --epochs "
                                "is given; not with --epochs).")
     epochs: float | None = option(None, "Training length in passes over the training set: "
-                                  "steps = ceil(epochs * N / batch_size) (seed nikitin2020: 13; "
+                                  "steps = ceil(epochs * N / batch_size) (Nikitin et al. 2020: 13; "
                                   "not with --steps).")
     optimizer: str = option("sgd", "Optimizer (SGD momentum 0.9 in the seeds).",
                             choices=("sgd", "adamw"))
-    learning_rate: float = option(0.1, "Base learning rate (0.1 in seeds nikitin2020 and "
+    learning_rate: float = option(0.1, "Base learning rate (0.1 in Nikitin et al. 2020 and "
                                   "duong2019).")
     momentum: float = option(0.9, "SGD momentum (0.9).")
-    nesterov: bool = option(False, "Nesterov momentum for SGD (seed kd_transfer trains with "
+    nesterov: bool = option(False, "Nesterov momentum for SGD (Wang, Lan & Zhang 2017 trains with "
                             "NAG).")
     weight_decay: float = option(5e-4, "Weight decay (5e-4, insightface).")
     schedule: str = option("step", "LR schedule.", choices=("constant", "step", "cosine"))
@@ -166,7 +166,7 @@ class TrainConfig:
     decay_steps: tuple[int, ...] = option((), "Steps where the step schedule multiplies the LR "
                                           "by --decay_factor (not with --decay_epochs).")
     decay_epochs: tuple[float, ...] = option((), "Epochs where the step schedule multiplies the "
-                                             "LR by --decay_factor (seed nikitin2020: every 2 "
+                                             "LR by --decay_factor (Nikitin et al. 2020: every 2 "
                                              "epochs; not with --decay_steps).")
     decay_factor: float = option(0.1, "Step-schedule factor (0.1).")
     clip_norm: float = option(0.0, "Global gradient-norm clipping (0 = off).")

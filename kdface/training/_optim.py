@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules for the trainer (optax).
 
-The papers train with SGD + momentum 0.9 and step schedules (seed nikitin2020: lr 0.1 divided by
-10 every 2 epochs; seed duong2019: lr 0.1, momentum 0.9); AdamW and cosine are offered for modern
+The papers train with SGD + momentum 0.9 and step schedules (Nikitin et al. 2020: lr 0.1 divided by
+10 every 2 epochs; Duong et al. 2019: lr 0.1, momentum 0.9); AdamW and cosine are offered for modern
 setups. Weight decay is applied to every parameter of rank >= 2 and to none of the biases,
 BatchNorm scales or PReLU slopes (insightface convention: decaying PReLU slopes hurts).
 """

@@ -30,7 +30,7 @@ RUN_KEYS = ("num_classes", "head_used")
 
 def resolve_run_dir(workdir: str) -> str:
     """The directory holding the run's ``config.json``: ``workdir`` itself, or for a
-    ``generations=K`` run (seed yan2019), which keeps its students in ``workdir/gen_1..gen_K``,
+    ``generations=K`` run (Yan et al. 2019), which keeps its students in ``workdir/gen_1..gen_K``,
     the last generation."""
     workdir = os.fspath(workdir)
     if not os.path.isdir(workdir):
@@ -179,7 +179,7 @@ def _shapes(module: nnx.Module) -> list[tuple[str, Any, Any]]:
 def init_from_run(student: DistillStudent, directory: str) -> list[str]:
     """Copies into ``student`` every part of the run in ``directory`` that has the same
     architecture: the backbone (required), and the classifier head, landmark head and stage
-    adapters when both have them with the same shapes (seed kd_transfer's full initialization
+    adapters when both have them with the same shapes (Wang, Lan & Zhang 2017's full initialization
     starts an alignment student from a classification run, which has no landmark head or
     adapters). Returns the names of the parts copied."""
     source = restore_run(directory).student

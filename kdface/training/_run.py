@@ -6,10 +6,10 @@
   folder that is built there on first use; ``val_data`` entries are ``.bin`` files or built
   verification sets.
 * a recipe's declared ``phases`` run first: a ``TeacherPhase`` trains the teacher again in
-  ``workdir/<subdir>`` (e.g. seed wang2019's ``kd`` fine-tunes it on low-resolution-augmented
+  ``workdir/<subdir>`` (e.g. Wang et al. 2019's ``kd`` fine-tunes it on low-resolution-augmented
   data in ``workdir/teacher_lr``, a ``scratch`` run initialized from ``teacher_checkpoint``),
   and the run then distils from that teacher.
-* a recipe's ``generations=K`` (seed yan2019's recursive KD) runs K student generations in
+* a recipe's ``generations=K`` (Yan et al. 2019's recursive KD) runs K student generations in
   ``workdir/gen_1 .. gen_K``; generation k+1 starts from generation k's student, same teacher.
 """
 from __future__ import annotations
