@@ -159,3 +159,18 @@ def test_sharded_head_trains_like_the_replicated_one(tmp_path):
     with pytest.raises(ValueError, match="--shard_head=on"):
         fit(tiny_config(tmp_path / "odd", steps=1, shard_head="on"),
             ArrayBatches(images, labels % 3, batch_size=8), num_classes=3)
+
+
+def test_a_diverged_run_resumes_from_the_named_checkpoint_with_a_lower_learning_rate(tmp_path):
+    images, labels = labelled_images()
+    cfg = tiny_config(tmp_path / "div", steps=8, save_every=2, learning_rate=0.05)
+    fit(cfg.replace(steps=2), ArrayBatches(images, labels, batch_size=8), num_classes=CLASSES)
+    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint: 2\. Rerun") as e:
+        fit(cfg.replace(learning_rate=1e6), ArrayBatches(images, labels, batch_size=8),
+            num_classes=CLASSES)
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "div" / "checkpoints") if d.isdigit())
+    assert max(steps) == 2, str(e.value)  # nothing after the divergence was saved
+    # What the message says works: the same run, a lower learning rate, resumes from step 2.
+    summary = fit(cfg.replace(learning_rate=0.01), ArrayBatches(images, labels, batch_size=8),
+                  num_classes=CLASSES)
+    assert summary["step"] == 8 and np.isfinite(summary["metrics"]["loss"])

@@ -148,7 +148,7 @@ def open_face_records(spec: Any, *, data_dir: str = "data",
                         f"{type(spec).__name__}")
     path = os.fspath(spec)
     if path.endswith(".rec"):
-        rec = RecordIO(path)
+        rec = RecordIO(path, build_index=True)  # a lost .idx is rebuilt in memory
 
         def read_rec(i):
             label, image = rec[i]

@@ -27,7 +27,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdface.data import normalize_images
+from kdface.data import device_put_batch, normalize_images
 from kdface.distill._networks import DistillStudent, FaceNetwork
 from kdface.distill._recipes import Recipe, build_recipe
 from kdface.training._checkpoint import Checkpoints
@@ -61,9 +61,7 @@ def data_mesh() -> jax.sharding.Mesh:
 
 def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Places this process's share of the global batch onto the mesh's ``data`` axis."""
-    sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
+    return device_put_batch(batch, NamedSharding(mesh, P("data")))
 
 
 def build_teacher(config: TrainConfig, num_classes: int, recipe: Recipe) -> FaceNetwork | None:
