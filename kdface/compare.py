@@ -66,7 +66,7 @@ def define_flags(fv):
     flags.DEFINE_bool("flip", False, "Embed image + mirrored image.", **d)
     flags.DEFINE_integer("folds", 10, "Verification folds.", **d)
     flags.DEFINE_string("alignment_data", None, "Labelled dataset with 5-point landmarks: "
-                        "NRMSE of the alignment row (Wang, Lan & Zhang 2017).", **d)
+                        "NRMSE of the alignment row (Wang et al. 2017).", **d)
     flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs in --out/jax_cache "
                       "so that seeds and evaluations reuse them.", **d)
     flags.DEFINE_bool("list_methods", False, "Print the methods and exit.", **d)

@@ -39,11 +39,11 @@ Protocols, each optional:
   (``--probe_chunk`` x ``--item_chunk``) so a million distractors fit in memory: measured on
   synthetic D=512 embeddings, 100k probes x 1M distractors took 1,420 s and 2.0 GiB of working
   memory (4.3 GiB process peak with the 2.2 GiB of inputs) on the 2-core CPU
-  (benchmarks/IDENTIFICATION_SCALE.md), and Wang, Lan & Zhang 2017's
+  (benchmarks/IDENTIFICATION_SCALE.md), and Wang et al. 2017's
   nearest-neighbour top-1 verification (Euclidean, leave-one-out over gallery + probes:
   give a dataset of identities held out from training).
 * Alignment (``--alignment_data``: a labelled dataset with 5-point landmarks): NRMSE of runs
-  trained with ``--recipe=transfer --transfer_task=alignment`` (Wang, Lan & Zhang 2017). Predictions
+  trained with ``--recipe=transfer --transfer_task=alignment`` (Wang et al. 2017). Predictions
   and ground truth are compared in pixels of the network input, the frame the training targets
   use (the pipeline scales landmarks with the image resize); normalized by the inter-ocular
   distance (points 0, 1) of the ground truth; failure rate at 0.1 and the CED.
@@ -148,7 +148,7 @@ def define_flags(fv):
     flags.DEFINE_list("ijb_far_targets", ["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
                       "FARs of the IJB TAR@FAR table.", **d)
     flags.DEFINE_string("alignment_data", None, "Labelled dataset with 5-point landmarks for "
-                        "the NRMSE of landmark-head runs (Wang, Lan & Zhang 2017).", **d)
+                        "the NRMSE of landmark-head runs (Wang et al. 2017).", **d)
     flags.DEFINE_string("landmarks", None, "Landmarks CSV for a .rec/folder alignment "
                         "dataset.", **d)
     flags.DEFINE_bool("model_facts", True, "Report parameters, MACs and batch-1 CPU "

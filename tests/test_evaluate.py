@@ -212,7 +212,7 @@ def test_identification_from_dataset_equals_identify_on_direct_embeddings(report
     assert got["rank_accuracy"] == pytest.approx(ref["rank_accuracy"])
     assert got["tpr_at_fpr"] == pytest.approx(ref["tpr_at_fpr"])
     assert (got["num_gallery"], got["num_probes"]) == (6, 34)
-    # Wang, Lan & Zhang 2017 nearest neighbour, by a float64 loop over gallery + probes
+    # Wang et al. 2017 nearest neighbour, by a float64 loop over gallery + probes
     x = np.concatenate([emb[g], emb[~g]]).astype(np.float64)
     y = np.concatenate([labels[g], labels[~g]])
     hits = []
@@ -289,7 +289,7 @@ def test_cli_export_then_compare_with_the_checkpoint(env, direct, tmp_path, caps
     assert "| exported | val |" in capsys.readouterr().out
 
 
-# --- alignment (Wang, Lan & Zhang 2017) ------------------------------------------------------------
+# --- alignment (Wang et al. 2017) ------------------------------------------------------------
 
 def _alignment_run(workdir, teacher_dir):
     """A transfer/alignment run as the trainer lays it out (config.json + an orbax checkpoint
@@ -339,7 +339,7 @@ def test_alignment_nrmse_in_network_input_pixels(env, embedder, tmp_path):
     pred = np.asarray(jax.jit(landmarks)(params, rest, normalize_images(x)), np.float64)
     truth = np.stack([r["landmarks"] for r in recs]).astype(np.float64) * (16 / 20)
     errors = []
-    for p, t in zip(pred, truth):  # Wang, Lan & Zhang 2017 NRMSE, inter-ocular (points 0 and 1)
+    for p, t in zip(pred, truth):  # Wang et al. 2017 NRMSE, inter-ocular (points 0 and 1)
         d = np.hypot(*(t[0] - t[1]))
         errors.append(np.mean([np.hypot(*(p[k] - t[k])) for k in range(5)]) / d)
     got = rep["runs"]["align"]["alignment"]

@@ -23,7 +23,7 @@ from kdface.models._sphereface import SphereNet, SphereUnit
 MINE = ("sphereface20", "sphereface36", "sphereface64", "sphereface36_thin", "iresnet18",
         "iresnet34", "iresnet50", "iresnet100", "se_iresnet100", "resnet50")
 WIDE = (64, 128, 256, 512)
-# (name, kwargs) -> stage channels, from Wang et al. 2019 Tables 1-2, insightface, Wang, Lan & Zhang 2017.
+# (name, kwargs) -> stage channels, from Wang et al. 2019 Tables 1-2, insightface, Wang et al. 2017.
 CHANNELS = {
     ("sphereface20", 1): WIDE, ("sphereface36", 1): WIDE, ("sphereface64", 1): WIDE,
     ("sphereface36_thin", 1): (18, 36, 72, 144), ("iresnet18", 1): WIDE,

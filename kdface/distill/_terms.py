@@ -300,7 +300,7 @@ def angular_stages_term(inputs: TermInputs, *, final_weight: float = 1.0,
 
 @term("hint_stages", student_outputs={"stages"}, teacher_outputs={"stages"}, adapters=True)
 def hint_stages_term(inputs: TermInputs, *, stages: tuple[int, ...] = (1, 2)) -> jax.Array:
-    """Hidden-layer L2 hint on adapted stage features (Wang, Lan & Zhang 2017, alignment transfer)."""
+    """Hidden-layer L2 hint on adapted stage features (Wang et al. 2017, alignment transfer)."""
     teacher = _teacher(inputs, "hint_stages")
     if inputs.adapters is None:
         raise ValueError("hint_stages needs stage adapters")
@@ -365,19 +365,19 @@ def darkrank_term(inputs: TermInputs, *, alpha: float = 3.0, beta: float = 3.0,
     return _grouped(fn, inputs.relation_groups, s, t)
 
 
-# --- verification and alignment (Wang, Lan & Zhang 2017) ---------------------------------------------
+# --- verification and alignment (Wang et al. 2017) ---------------------------------------------
 
 @term("triplet", relational=True)
 def triplet_term(inputs: TermInputs, *, margin: float = 0.2, mining: str = "batch_hard"
                  ) -> jax.Array:
-    """Triplet loss on the student's embeddings (Wang, Lan & Zhang 2017, verification transfer)."""
+    """Triplet loss on the student's embeddings (Wang et al. 2017, verification transfer)."""
     fn = lambda e, y: losses.triplet_loss(e, y, margin=margin, mining=mining)
     return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], inputs.labels)
 
 
 @term("landmark", student_outputs={"landmarks"}, batch_fields={"landmarks"})
 def landmark_term(inputs: TermInputs) -> jax.Array:
-    """Landmark regression L2 (Wang, Lan & Zhang 2017, alignment transfer)."""
+    """Landmark regression L2 (Wang et al. 2017, alignment transfer)."""
     if inputs.landmarks is None or "landmarks" not in inputs.student:
         raise ValueError("the landmark term needs data with landmarks and a landmark head")
     return losses.landmark_l2_loss(inputs.student["landmarks"], inputs.landmarks)

@@ -44,7 +44,7 @@ class Embedder:
     compiled.
 
     Attributes: ``config`` (the run's config dict), ``workdir``, ``step``, ``input_size``
-    (H, W), ``embedding_size``, ``has_landmarks`` (the run's network carries Wang, Lan & Zhang 2017's
+    (H, W), ``embedding_size``, ``has_landmarks`` (the run's network carries Wang et al. 2017's
     landmark head), ``network`` (the eval-mode ``FaceNetwork``).
     """
 
@@ -138,7 +138,7 @@ class Embedder:
     def landmarks(self, images) -> np.ndarray:
         """Predicted 5-point landmarks ``[N, 5, 2]`` (x, y) in pixels of the network input
         (``input_size``), the frame the training targets use (kdface.data pipeline: landmarks
-        scaled with the image resize, Wang, Lan & Zhang 2017 eq. (6) regression targets)."""
+        scaled with the image resize, Wang et al. 2017 eq. (6) regression targets)."""
         if not self.has_landmarks:
             raise ValueError(f"run {self.workdir} has no landmark head (train it with "
                              f"--recipe=transfer --transfer_task=alignment)")

@@ -125,7 +125,7 @@ def identification_report(probe_emb: Any, probe_labels: Any, gallery_emb: Any,
                           fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS,
                           probe_chunk: int = 1024, item_chunk: int = 16384,
                           nn_top1: bool = True) -> dict[str, Any]:
-    """Identification (``kdface.metrics.identify``, chunked) plus Wang, Lan & Zhang 2017's
+    """Identification (``kdface.metrics.identify``, chunked) plus Wang et al. 2017's
     nearest-neighbour top-1 verification.
 
     probe_emb: [Q, D], probe_labels: [Q]; gallery_emb: [G, D], gallery_labels: [G];
@@ -159,7 +159,7 @@ def identification_report(probe_emb: Any, probe_labels: Any, gallery_emb: Any,
 
 
 def alignment_report(pred: Any, truth: Any) -> dict[str, Any]:
-    """Wang, Lan & Zhang 2017 §5.1 alignment NRMSE of 5-point landmarks ``pred, truth: [N, 5, 2]``.
+    """Wang et al. 2017 §5.1 alignment NRMSE of 5-point landmarks ``pred, truth: [N, 5, 2]``.
 
     Both in pixels of the network input (the frame of the training targets); error per image =
     mean point-to-point distance / inter-ocular distance (points 0 and 1, the eye centres of the

@@ -436,7 +436,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                          f"{info.get('distractors') or 'none'}.")
         lines.append("Rank-k: a mated probe is right when fewer than k non-mates outscore its "
                      "best mate. TPR@FPR over all probe-item pairs (n/s: fewer than 1/FPR "
-                     "impostor pairs). NN top-1: Wang, Lan & Zhang 2017 leave-one-out nearest "
+                     "impostor pairs). NN top-1: Wang et al. 2017 leave-one-out nearest "
                      "neighbour (Euclidean) over gallery + probes.")
         lines.append("")
         lines += _table(["run", "gallery", "probes", "distractors",
@@ -468,7 +468,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                   for run_name, entry in runs.items() if (a := entry.get("alignment"))]
     if align_rows:
         lines += ["## Alignment", "",
-                  "Wang, Lan & Zhang 2017 NRMSE: mean point-to-point error / inter-ocular distance of "
+                  "Wang et al. 2017 NRMSE: mean point-to-point error / inter-ocular distance of "
                   "the ground truth, 5 points, in network-input pixels.", ""]
         lines += _table(["run", "images", "NRMSE", "failure rate (>0.1)", "CED AUC (0-0.2)"],
                         align_rows)

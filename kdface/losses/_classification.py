@@ -65,7 +65,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
     """Softmax cross-entropy ``-log softmax(logits)[label]``.
 
     The "softmax loss" / hard loss of the seeds (Wang et al. 2019 eq. (4) H(X_S, y); the first term
-    of Wang, Lan & Zhang 2017 eq. (2), and its eq. (3)), and the loss on margin logits: the margin
+    of Wang et al. 2017 eq. (2), and its eq. (3)), and the loss on margin logits: the margin
     heads (``cosface_logits``/``arcface_logits``/``sphereface_logits``) already carry the scale
     and the margin, so Yan et al. 2019 eq. (6) is this function fed ``arcface_logits``. Computed
     in float32 for half-precision logits.

@@ -3,7 +3,7 @@
 Two forms of the soft loss appear in the papers and are kept apart here:
 
 * ``soft_prediction_loss``: the cross-entropy ``H(softmax(t/τ), softmax(s/τ))`` written by seed
-  wang2019 eq. (3) and Wang, Lan & Zhang 2017 eq. (2) (second term), with no τ² factor.
+  wang2019 eq. (3) and Wang et al. 2017 eq. (2) (second term), with no τ² factor.
 * ``hinton_kd_loss``: ``τ² KL(softmax(t/τ) || softmax(s/τ))``, Hinton et al.'s form with the τ²
   gradient rescaling, used as "HKD" with τ = 4 by Nikitin et al. 2020 eq. (12).
 
@@ -145,7 +145,7 @@ def soft_prediction_loss(student_logits: jax.Array, teacher_logits: jax.Array, *
     """Cross-entropy between soft predictions ``H(p_t, p_s) = -Σ_c p_t,c log p_s,c``.
 
     ``p = softmax(logits / τ)``. Wang et al. 2019 eq. (3) ("the soft loss is the cross entropy
-    between X_T^τ and X_S^τ") and Wang, Lan & Zhang 2017 eqs. (1)-(2), whose second term is the
+    between X_T^τ and X_S^τ") and Wang et al. 2017 eqs. (1)-(2), whose second term is the
     cross-entropy between the teacher's and student's soft predictions. Neither writes a τ²
     factor, so none is applied (compare ``hinton_kd_loss``). The value includes the teacher
     entropy, so it is not 0 when the student matches the teacher. ``teacher_logits`` get

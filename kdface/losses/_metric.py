@@ -1,4 +1,4 @@
-"""Task losses of Wang, Lan & Zhang 2017: triplet loss (verification) and landmark regression (alignment).
+"""Task losses of Wang et al. 2017: triplet loss (verification) and landmark regression (alignment).
 
 The seed's equations were lost from its text; what survives fixes the families: verification
 trains with the triplet loss of FaceNet (its ref. [22], eq. (8)) and alignment regresses
@@ -49,7 +49,7 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
                  normalize: bool = True, average_over: str = "active") -> jax.Array:
     """Triplet loss over the triplets of one batch, ``[d(a, p) - d(a, n) + margin]_+``.
 
-    Wang, Lan & Zhang 2017 eq. (8), the FaceNet triplet loss (its ref. [22]): anchor a and positive p
+    Wang et al. 2017 eq. (8), the FaceNet triplet loss (its ref. [22]): anchor a and positive p
     share an identity, the negative n does not. Triplets are formed inside the batch:
 
     * ``mining='batch_all'``: every valid triplet (a, p, n) with a != p. With
@@ -121,7 +121,7 @@ def landmark_l2_loss(pred: jax.Array, target: jax.Array, *,
                      reduction: str | None = "mean") -> jax.Array:
     """Landmark regression loss ``1/2 Σ_k ||pred_k - target_k||²`` per example.
 
-    Wang, Lan & Zhang 2017 eq. (6), the "Euclidean loss" of landmark regression. The formula did not
+    Wang et al. 2017 eq. (6), the "Euclidean loss" of landmark regression. The formula did not
     survive in the seed's text; this is the Caffe ``EuclideanLoss`` the term names,
     ``1/(2N) Σ_n ||pred_n - target_n||²`` with the default batch mean (note the 1/2). The
     same function serves as the hidden-layer distillation term of eq. (7) with
@@ -151,7 +151,7 @@ def nrmse(pred: jax.Array, target: jax.Array, *, normalization: str = "inter_ocu
           reduction: str | None = "mean") -> jax.Array:
     """Normalized landmark error: ``(1/K) Σ_k ||pred_k - target_k||₂ / d`` per image.
 
-    The alignment metric of Wang, Lan & Zhang 2017 (Sec. 5.1, "NRMSE", after its ref. [28], TCNN):
+    The alignment metric of Wang et al. 2017 (Sec. 5.1, "NRMSE", after its ref. [28], TCNN):
     the mean over the K points of the Euclidean point error, divided by a normalizing distance
     d of the ground truth, then averaged over images. Returned as a fraction (tables print it
     x100, in %). d is:

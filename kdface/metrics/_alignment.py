@@ -1,5 +1,5 @@
-"""Wang, Lan & Zhang 2017's evaluation of the transfer tasks: alignment NRMSE and nearest-neighbour
-verification (Wang, Lan & Zhang 2017 §5.1 "Evaluation").
+"""Wang et al. 2017's evaluation of the transfer tasks: alignment NRMSE and nearest-neighbour
+verification (Wang et al. 2017 §5.1 "Evaluation").
 
 ``nrmse_dataset`` is the NumPy evaluation twin of the differentiable ``kdface.losses.nrmse``: both
 call one implementation (``kdface._landmarks``), so definition, options, index parsing and defaults
@@ -25,7 +25,7 @@ def nrmse_dataset(pred: Any, target: Any, *, normalization: str = "inter_ocular"
                   ced_points: int = 201) -> dict[str, Any]:
     """Landmark NRMSE over a dataset: per image ``(1/K) Σ_k ||pred_k - target_k||₂ / d``.
 
-    Wang, Lan & Zhang 2017 §5.1 (NRMSE, after its ref. [28], TCNN: mean point-to-point Euclidean error
+    Wang et al. 2017 §5.1 (NRMSE, after its ref. [28], TCNN: mean point-to-point Euclidean error
     normalized by the inter-ocular distance), reported as a fraction (x100 for the paper's %).
     pred, target: [N, K, 2] or interleaved [N, 2K] (x1, y1, x2, y2, ...) in pixels.
 
@@ -70,7 +70,7 @@ def nearest_neighbour_verification(embeddings: Any, labels: Any, *, metric: str 
                                    chunk: int = 1024) -> dict[str, Any]:
     """Leave-one-out nearest-neighbour top-1 accuracy on held-out identities.
 
-    Wang, Lan & Zhang 2017 §5.1: "we compute the Euclidean distance between each pair in testing
+    Wang et al. 2017 §5.1: "we compute the Euclidean distance between each pair in testing
     samples, and the top1 accuracy is reported based on if a test sample and its nearest sample
     belong to the same identity". embeddings: [N, D] of the test split (identities not seen in
     training); labels: [N] int. Each sample's nearest *other* sample is found; accuracy is the

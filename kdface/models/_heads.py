@@ -144,7 +144,7 @@ class LandmarkHead(nnx.Module):
     """Landmark regression: ``[B, D]`` embedding or ``[B, H, W, D]`` feature map -> ``[B, P, 2]``.
 
     A feature map is global-average-pooled over ``H, W`` first; then one linear layer gives
-    ``2 * num_points`` numbers read as ``(x, y)`` per point (Wang, Lan & Zhang 2017 regresses the
+    ``2 * num_points`` numbers read as ``(x, y)`` per point (Wang et al. 2017 regresses the
     5 points with a fully connected mapping on the hidden layer). The coordinate units are
     whatever the training targets use (kdface's pipeline and evaluation use pixel
     coordinates of the network input).

@@ -1,6 +1,6 @@
-"""Bottleneck ResNet-50 and its width-divided students ResNet-50/2, /4, /8 (Wang, Lan & Zhang 2017).
+"""Bottleneck ResNet-50 and its width-divided students ResNet-50/2, /4, /8 (Wang et al. 2017).
 
-Wang, Lan & Zhang 2017 ("Teacher and Student"): the teacher is ResNet-50 (He et al. 2016); students
+Wang et al. 2017 ("Teacher and Student"): the teacher is ResNet-50 (He et al. 2016); students
 keep the depth and divide the number of convolution kernels in every layer by 2, 4 or 8
 (``width_divisor``). Units are the bottleneck ``Conv1x1 -> BN -> ReLU -> Conv3x3(stride) -> BN ->
 ReLU -> Conv1x1(x4) -> BN``, added to the shortcut (Conv1x1(stride) + BN when the shape changes),
@@ -104,5 +104,5 @@ class ResNet50(Backbone):
 
 @register("resnet50")
 def resnet50(*, rngs: nnx.Rngs, **kwargs) -> ResNet50:
-    """ResNet-50 face backbone; ``width_divisor=2/4/8`` gives Wang, Lan & Zhang 2017's students."""
+    """ResNet-50 face backbone; ``width_divisor=2/4/8`` gives Wang et al. 2017's students."""
     return ResNet50(rngs=rngs, **kwargs)

@@ -32,7 +32,7 @@ class TrainConfig:
     workdir: str = option(help="Run directory: checkpoints, logs, config.json. Required.")
     recipe: str = option("scratch", "Method (kdface.distill.recipe_names()): scratch (no "
                          "teacher) | kd_im, kd (Wang et al. 2019) | pwr (Nikitin et al. 2020) | "
-                         "transfer (Wang, Lan & Zhang 2017) | vargface (Yan et al. 2019) | shrinktea "
+                         "transfer (Wang et al. 2017) | vargface (Yan et al. 2019) | shrinktea "
                          "(Duong et al. 2019).")
     # --- networks -----------------------------------------------------------------------------
     student: str = option("iresnet18", "Student backbone name (kdface.models.names()).")
@@ -50,7 +50,7 @@ class TrainConfig:
                                             "written into this run).")
     init_checkpoint: str | None = option(None, "Initialize the student from this run's weights "
                                          "(Nikitin et al. 2020 starts from the pretrained "
-                                         "baseline student; Wang, Lan & Zhang 2017's "
+                                         "baseline student; Wang et al. 2017's "
                                          "full-initialization trick).")
     head: str = option("cosface", "Classifier head of the hard loss (Nikitin et al. 2020: CosFace; "
                        "Wang et al. 2019 teachers: SphereFace; Yan et al. 2019: ArcFace).",
@@ -72,10 +72,10 @@ class TrainConfig:
     lambda_hard: float = option(1.0, "λ1, hard (classification) loss weight (Wang et al. 2019 "
                                 "eq. 6/9; the paper does not print values: 1.0).")
     lambda_soft: float = option(1.0, "λ2, weight of the soft loss H(p_t, p_s) (Wang et al. 2019 "
-                                "eq. 3/9; Wang, Lan & Zhang 2017's soft-prediction target, α of its "
+                                "eq. 3/9; Wang et al. 2017's soft-prediction target, α of its "
                                 "eq. 5). The papers print no value: 1.0 is kdface's choice.")
     lambda_feature: float = option(1.0, "λ3, feature loss weight (Wang et al. 2019 eq. 6/9).")
-    lambda_hidden: float = option(0.0, "β of Wang, Lan & Zhang 2017 eq. 5: weight of the hidden-layer "
+    lambda_hidden: float = option(0.0, "β of Wang et al. 2017 eq. 5: weight of the hidden-layer "
                                   "target (the embedding feeding the head; 1 in its alignment "
                                   "distillation, eq. 7; 0 in its eqs. 4 and 9).")
     temperature: float = option(4.0, "Softmax temperature τ of the soft losses (4.0, seed "
@@ -104,14 +104,14 @@ class TrainConfig:
     pwr_beta: float = option(1.0, "β of the exp / RankNet inversion losses (eqs. 6, 10).")
     pwr_method: str = option("auto", "PWR algorithm (all exact; auto picks the fastest).",
                              choices=("auto", "dense", "tiled", "sorted"))
-    transfer_task: str = option("classification", "Wang, Lan & Zhang 2017 task of the transfer "
+    transfer_task: str = option("classification", "Wang et al. 2017 task of the transfer "
                                 "recipe.", choices=("classification", "alignment",
                                                     "verification"))
-    triplet_margin: float = option(0.2, "Triplet loss margin (Wang, Lan & Zhang 2017).")
+    triplet_margin: float = option(0.2, "Triplet loss margin (Wang et al. 2017).")
     triplet_mining: str = option("batch_hard", "Triplet mining.",
                                  choices=("batch_all", "batch_hard"))
     extra_softmax: float = option(1.0, "Weight of the additional softmax loss in transfer/"
-                                  "verification (Wang, Lan & Zhang 2017 Table 5, its best result; "
+                                  "verification (Wang et al. 2017 Table 5, its best result; "
                                   "the weight 1 is kdface's choice; 0 gives its Table 4).")
     vargface_alpha: float = option(7.0, "α of the normalized-L2 term (7, Yan et al. 2019).")
     generations: int = option(1, "Recursive KD generations (Yan et al. 2019): generation k+1 "
@@ -141,7 +141,7 @@ class TrainConfig:
                                 "Wang et al. 2019 §2.2).")
     crop_from: tuple[int, int] | None = option(None, "Random crop: resize faces to H,W and "
                                                "cut a random --input_size window, shared by "
-                                               "both views (Wang, Lan & Zhang 2017: 'randomly "
+                                               "both views (Wang et al. 2017: 'randomly "
                                                "cropped and flipped'); unset: resize only.")
     flip: bool = option(True, "Random horizontal flip, identical for both views.")
     seed: int = option(0, "Seed of initialization, shuffling, flips and degradation.")
@@ -157,7 +157,7 @@ class TrainConfig:
     learning_rate: float = option(0.1, "Base learning rate (0.1 in Nikitin et al. 2020 and "
                                   "duong2019).")
     momentum: float = option(0.9, "SGD momentum (0.9).")
-    nesterov: bool = option(False, "Nesterov momentum for SGD (Wang, Lan & Zhang 2017 trains with "
+    nesterov: bool = option(False, "Nesterov momentum for SGD (Wang et al. 2017 trains with "
                             "NAG).")
     weight_decay: float = option(5e-4, "Weight decay (5e-4, insightface).")
     schedule: str = option("step", "LR schedule.", choices=("constant", "step", "cosine"))

@@ -179,7 +179,7 @@ def _shapes(module: nnx.Module) -> list[tuple[str, Any, Any]]:
 def init_from_run(student: DistillStudent, directory: str) -> list[str]:
     """Copies into ``student`` every part of the run in ``directory`` that has the same
     architecture: the backbone (required), and the classifier head, landmark head and stage
-    adapters when both have them with the same shapes (Wang, Lan & Zhang 2017's full initialization
+    adapters when both have them with the same shapes (Wang et al. 2017's full initialization
     starts an alignment student from a classification run, which has no landmark head or
     adapters). Returns the names of the parts copied."""
     source = restore_run(directory).student
