@@ -22,7 +22,7 @@ def test_loss_is_exported_and_documented(name):
     fn = getattr(kdface.losses, name)
     doc = inspect.getdoc(fn) or ""
     assert "[" in doc, f"{name} docstring names no shapes"
-    assert "seed" in doc.lower() or "eq" in doc.lower(), f"{name} docstring cites no equation"
+    assert "et al." in doc or "eq" in doc.lower(), f"{name} docstring cites no paper or equation"
 
 
 def _kwonly_defaults(fn):
