@@ -71,7 +71,10 @@ def init_health(recipe: Recipe) -> dict[str, Any]:
     names = ["loss"] + [t.name for t in recipe.terms]
     return {"steps": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32),
             "first_runaway": jnp.full((), -1, jnp.int32),
-            "reference_loss": jnp.full((), jnp.nan, jnp.float32),
+            # No NaN sentinel: multi-process device_put checks the value is equal on every
+            # process, and NaN != NaN.
+            "has_reference": jnp.zeros((), bool),
+            "reference_loss": jnp.zeros((), jnp.float32),
             "grads_finite": jnp.ones((), bool),
             "bad_values": {n: jnp.zeros((), jnp.float32) for n in names}}
 
@@ -168,13 +171,13 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
                                           for g in jax.tree.leaves(grads)]))
         finite = jnp.isfinite(total) & grads_finite
         healthy = health["first_bad"] < 0
-        reference = jnp.where(jnp.isnan(health["reference_loss"]) & finite, total,
-                              health["reference_loss"])
+        take = ~health["has_reference"] & finite
+        reference = jnp.where(take, total, health["reference_loss"])
         runaway = jnp.zeros((), bool)
         if config.runaway_factor > 0:
             # Against the first step's loss, from the step after it.
             previous = health["reference_loss"]
-            runaway = finite & ~jnp.isnan(previous) & (
+            runaway = finite & health["has_reference"] & (
                 jnp.abs(total) > config.runaway_factor * jnp.maximum(jnp.abs(previous), 1e-6))
         runaway_ok = health["first_runaway"] < 0
         apply = finite & healthy & runaway_ok & ~runaway
@@ -190,6 +193,7 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
             "steps": steps,
             "first_bad": jnp.where(healthy & ~finite, steps, health["first_bad"]),
             "first_runaway": jnp.where(runaway_ok & runaway, steps, health["first_runaway"]),
+            "has_reference": health["has_reference"] | take,
             "reference_loss": reference,
             "grads_finite": jnp.where(healthy & ~finite, grads_finite, health["grads_finite"]),
             "bad_values": {k: jnp.where(record, metrics[k].astype(jnp.float32), v)
