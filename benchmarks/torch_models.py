@@ -8,6 +8,11 @@ depthwise conv + BN + linear + BN1d), written here from that description in NCHW
 (CCBR 2018) and exactly kdface's ``mobilefacenet`` (64/128 channels, expansions 2 and 4, 221 M
 multiply-adds at 112x112 for a 128-d embedding); insightface's ``mbf`` model is ``scale=2``.
 
+``IResNet`` follows insightface's ``backbones/iresnet.py`` layout and parameter names (stem
+conv3x3 + BN + PReLU; units BN - conv3x3 - BN - PReLU - conv3x3(stride) - BN plus a 1x1
+conv + BN shortcut where the shape changes; BN2d - flatten - FC - BN1d ``features``); units
+``(3, 13, 30, 3)`` is IResNet-100 (Deng et al., ArcFace, CVPR 2019), kdface's ``iresnet100``.
+
 ``CosFaceHead``: ``s * (cos θ - m [j == y])`` on L2-normalized embeddings and class weights
 ``[E, C]``, followed by cross-entropy (Wang et al., CosFace, CVPR 2018), as kdface's
 ``MarginHead`` + ``cosface_logits`` + ``margin_cross_entropy``.
@@ -77,6 +82,50 @@ class MobileFaceNet(nn.Module):
         return self.bn(self.linear(h))
 
 
+class IResNetUnit(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in, eps=1e-5)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out, eps=1e-5)
+        self.prelu = nn.PReLU(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out, eps=1e-5)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                            nn.BatchNorm2d(c_out, eps=1e-5))
+
+    def forward(self, x):
+        y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return y + (x if self.downsample is None else self.downsample(x))
+
+
+class IResNet(nn.Module):
+    """``[B, 3, H, W] -> [B, embedding]``; ``final_hw`` = input size / 16."""
+
+    def __init__(self, units=(3, 13, 30, 3), *, embedding=512, final_hw=(7, 7)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
+        self.prelu = nn.PReLU(64)
+        c_in = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), units)):
+            blocks = [IResNetUnit(c_in, planes, 2)]
+            blocks += [IResNetUnit(planes, planes, 1) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            c_in = planes
+        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        self.fc = nn.Linear(512 * final_hw[0] * final_hw[1], embedding)
+        self.features = nn.BatchNorm1d(embedding, eps=1e-5)
+
+    def forward(self, x):
+        x = self.prelu(self.bn1(self.conv1(x)))
+        for i in range(4):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.features(self.fc(torch.flatten(self.bn2(x), 1)))
+
+
 class CosFaceHead(nn.Module):
     """Mean CosFace loss of ``embeddings [B, E]`` against ``labels [B]`` over ``num_classes``."""
 
@@ -90,3 +139,25 @@ class CosFaceHead(nn.Module):
         cos = cos.clamp(-1.0, 1.0)
         onehot = F.one_hot(labels, cos.shape[1]).to(cos.dtype)
         return F.cross_entropy(self.scale * (cos - self.margin * onehot), labels)
+
+
+def cos_logits(embeddings, weight):
+    """cos θ of L2-normalized ``embeddings [B, E]`` to L2-normalized class weights ``[E, C]``."""
+    return (F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=0)).clamp(-1.0, 1.0)
+
+
+def kd_im_loss(student_embedding, teacher_embedding, labels, head, teacher_weight, *,
+               temperature=4.0):
+    """kdface's ``kd_im`` objective (Wang et al. 2019 eq. 9 with λ = 1): the student's CosFace
+    loss + the cross-entropy between the teacher's and the student's softened predictions
+    (logits ``s cos θ``, eq. 3, no τ²) + biased MK-MMD² of the L2-normalized embeddings
+    (``torch_reference.mmd_gemm_torch``, kernels ``(1, 2, 4, 8, 16)`` x the mean distance)."""
+    from benchmarks.torch_reference import mmd_gemm_torch
+    cos = cos_logits(student_embedding, head.weight)
+    onehot = F.one_hot(labels, cos.shape[1]).to(cos.dtype)
+    hard = F.cross_entropy(head.scale * (cos - head.margin * onehot), labels)
+    with torch.no_grad():
+        p_t = F.softmax(head.scale * cos_logits(teacher_embedding, teacher_weight) / temperature,
+                        dim=1)
+    soft = -(p_t * F.log_softmax(head.scale * cos / temperature, dim=1)).sum(1).mean()
+    return hard + soft + mmd_gemm_torch(student_embedding, teacher_embedding.detach())

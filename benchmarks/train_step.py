@@ -1,12 +1,27 @@
-r"""Train-step throughput per recipe, and the teacher cache's measured speedup.
+r"""Train-step throughput per recipe, the teacher cache's speedup, and the full-size step.
 
   python -m benchmarks.train_step [--batch=32] [--steps=5] [--quick]
+  python -m benchmarks.train_step --full [--batch=16] [--steps=3] [--classes=85742]
 
-For the Wang et al. 2019 pair (SphereFace-64 teacher, thin SphereFace-36 student, 112x112) it times
+``--full``: an IResNet-100 teacher (Deng et al. 2019, 65 M parameters) and a MobileFaceNet
+student (Chen et al. 2018) at 112x112 with CosFace heads over ``--classes`` (MS1M's 85,742 by
+default), bfloat16 on an accelerator and float32 on a CPU (``--dtype``). Cases: kd_im with the
+teacher's forward pass, kd_im from the teacher cache (float16 embeddings in the batch, logits
+from the teacher head), and the student alone. Each is timed in kdface (the trainer's jitted
+step, uint8 batches already on the device) and in PyTorch eager written the way arcface_torch
+users write it (``benchmarks.torch_models``: insightface's IResNet and MobileFaceNet layouts,
+the same losses), in alternated rounds in one process; images/s, model FLOP utilization
+(``kdface.models.count_macs``; the peak is the data-sheet bf16 peak on a GPU and the measured
+JAX GEMM rate on a CPU) and the torch ratio are reported. The breakdown adds the input pipeline
+alone (host and device LR view) and the loop (``kdface.training.fit`` over in-memory uint8
+batches, student alone) against the step alone. Writes the section "Full size" of
+benchmarks/TRAIN_STEP.md.
+
+Without ``--full``, for the Wang et al. 2019 pair (SphereFace-64 teacher, thin SphereFace-36 student, 112x112) it times
 one jitted ``kd_im`` step (hard + Hinton + MK-MMD) three ways, side by side in one process:
 with the teacher's forward pass, with the teacher's outputs read from the cache, and the student
-alone (``scratch``, the floor). Median over ``--steps`` steps after compilation; writes
-benchmarks/TRAIN_STEP.md with the command and the machine.
+alone (``scratch``, the floor). Median over ``--steps`` steps after compilation; writes the
+section "Teacher cache speedup" of benchmarks/TRAIN_STEP.md with the command and the machine.
 """
 from __future__ import annotations
 
@@ -18,9 +33,22 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_integer("batch", 32, "Global batch size.")
-flags.DEFINE_integer("steps", 5, "Timed steps per case (median reported).")
+from benchmarks._markdown_section import write_section
+
+flags.DEFINE_integer("batch", None, "Global batch size (default 32; --full: 128 on an "
+                     "accelerator, 16 on a CPU).")
+flags.DEFINE_integer("steps", None, "Timed steps (rounds with --full) per case, median "
+                     "reported (default 5; --full: 3).")
 flags.DEFINE_bool("quick", False, "Small networks at 56x56 (a smoke run).")
+flags.DEFINE_bool("full", False, "IResNet-100 teacher + MobileFaceNet student, torch peer, "
+                  "breakdown (module docstring).")
+flags.DEFINE_integer("classes", None, "Classes of the heads (default 1000; --full: 85742).")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "--full: network compute dtype (auto: bfloat16 on an accelerator, float32 on "
+                  "a CPU).")
+flags.DEFINE_integer("loop_steps", 10, "--full: timed steps of the loop row.")
+flags.DEFINE_integer("pipeline_batches", 8, "--full: timed batches of the input-pipeline rows.")
+flags.DEFINE_bool("peer", True, "--full: also time the PyTorch peer (needs torch).")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "TRAIN_STEP.md"),
                     "Markdown output.")
 F = flags.FLAGS
@@ -69,8 +97,16 @@ def _case(recipe_name, student, teacher, cached, batch_size, hw, classes, steps)
     return statistics.median(times), compile_s
 
 
+CACHE_SECTION = "## Teacher cache speedup (Wang et al. 2019 pair)"
+FULL_SECTION = "## Full size: IResNet-100 teacher + MobileFaceNet student"
+
+
 def main(argv):
     del argv
+    if F.full:
+        return full()
+    F.batch = F.batch or 32
+    F.steps = F.steps or 5
     from flax import nnx
     from kdface.distill import build_student
     hw = (56, 56) if F.quick else (112, 112)
@@ -97,7 +133,7 @@ def main(argv):
               f"(compile {compile_s:.1f} s)", flush=True)
     speedup = rows[0][1] / rows[1][1]
     lines = [
-        "# Train-step throughput",
+        CACHE_SECTION,
         "",
         f"Command: `python -m benchmarks.train_step --batch={F.batch} --steps={F.steps}"
         f"{' --quick' if F.quick else ''}`  ",
@@ -116,9 +152,86 @@ def main(argv):
         f"{rows[2][1]*1000:.0f} ms).",
         "",
     ]
-    with open(F.out, "w") as f:
-        f.write("\n".join(lines))
+    write_section(F.out, CACHE_SECTION, lines)
     print(f"speedup {speedup:.2f}x; wrote {F.out}")
+    return 0
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f}"
+
+
+def full() -> int:
+    import jax
+    from flax import nnx
+    from benchmarks import _full_step as fs
+    from kdface.distill import build_student
+
+    accelerator = jax.devices()[0].platform != "cpu"
+    batch = F.batch or (128 if accelerator else 16)
+    rounds = F.steps or 3
+    classes = F.classes or 85742
+    dtype = F.dtype if F.dtype != "auto" else ("bfloat16" if accelerator else "float32")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's per-save INFO lines
+    machine = fs.machine_line()
+    print(f"machine: {machine}; batch {batch}, {classes} classes, {dtype}", flush=True)
+    t_start = time.perf_counter()
+    teacher = build_student("iresnet100", num_classes=classes, head="cosface",
+                            rngs=nnx.Rngs(1)).network
+    cases, macs = fs.jax_cases(batch, classes, dtype, teacher)
+    if F.peer:
+        cases += fs.torch_cases(batch, classes, dtype, {c.label: c.flops for c in cases})
+    fs.time_rounds(cases, rounds)
+    peak, peak_source = fs.peak_flops(dtype)
+    student_case = next(c for c in cases if c.framework == "kdface"
+                        and c.label == fs.CASES[2][0])
+    loop, alone = fs.loop_rate(batch, classes, F.loop_steps, dtype, student_case)
+    pipeline = fs.pipeline_rates(batch, F.pipeline_batches, os.cpu_count() or 1)
+    median = {(c.framework, c.label): statistics.median(c.times) for c in cases}
+    rows = []
+    for c in cases:
+        m = median[c.framework, c.label]
+        mfu = f"{c.flops / m / peak:.1%}" if peak else "n/a"
+        peer = median.get(("torch eager", c.label))
+        ratio = f"**{peer / m:.2f}x**" if c.framework == "kdface" and peer else ""
+        rows.append(f"| {c.label} | {c.framework} | {_ms(m)} | {batch / m:,.1f} | {mfu} | "
+                    f"{ratio} | {c.compile_s:.1f} |")
+    lines = [
+        FULL_SECTION,
+        "",
+        f"Command: `python -m benchmarks.train_step --full --batch={batch} --steps={rounds} "
+        f"--classes={classes} --dtype={dtype}` at commit {fs._commit()}, "
+        f"{time.perf_counter() - t_start:.0f} s.  ",
+        f"Machine: {machine} (load at the end).  ",
+        f"Networks: teacher iresnet100 ({macs['teacher'] / 1e9:.2f} G multiply-adds per "
+        f"112x112 image), student mobilefacenet ({macs['student'] / 1e6:.0f} M), CosFace heads "
+        f"over {classes:,} classes at 512-d; {dtype} networks, float32 losses; SGD momentum "
+        f"0.9. Step alone: batch {batch} already on the device (uint8 in kdface, normalized in "
+        f"the step; float NCHW in torch, as arcface_torch's loader delivers it); alternated "
+        f"rounds, median of {rounds}. MFU: model FLOPs (2 x multiply-adds: the student's "
+        "forward x 3 for its backward, the teacher's forward, the heads) per second over the "
+        f"peak: {peak_source}.",
+        "",
+        "| case | framework | ms / step | images / s | MFU | kdface vs torch | compile s |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Breakdown (kdface, same batch):",
+        "",
+        "| part | images / s | vs the step alone (student) |",
+        "|---|---|---|",
+        f"| step alone, student alone (data on the device; {F.loop_steps} steps before and "
+        f"after the loop) | {alone:,.1f} | 1.00x |",
+        f"| the loop (`fit`, in-memory uint8 batches, student alone, {F.loop_steps} steps) | "
+        f"{loop:,.1f} | **{loop / alone:.2f}x** |",
+        *[f"| {label} | {rate:,.0f} | {rate / alone:.2f}x |" for label, rate in pipeline],
+        "",
+    ]
+    if not accelerator:
+        lines += ["GPU rows: not measured (no accelerator was lent to this work).", ""]
+    write_section(F.out, FULL_SECTION, lines)
+    print("\n".join(lines))
     return 0
 
 

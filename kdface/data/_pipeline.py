@@ -111,6 +111,15 @@ class _EpochOrder:
                 self._cache[epoch] = order
         return epoch, self.start + int(order[position])
 
+    def __getstate__(self) -> dict:
+        # grain worker processes receive the pipeline by pickling: each starts with its own
+        # lock and an empty cache (the permutation is a function of (seed, epoch)).
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache, self._lock = {}, threading.Lock()
+
 
 class _TwoViews:
     """Turns a stream position into one two-view example (a dict of arrays)."""
@@ -188,10 +197,12 @@ class TwoViewPipeline:
     ``iter_from(state)`` starts a fresh one there.
     """
 
-    def __init__(self, dataset, *, fingerprint: dict, read_options: grain.ReadOptions):
+    def __init__(self, dataset, *, fingerprint: dict, read_options: grain.ReadOptions,
+                 num_workers: int = 0):
         self._dataset = dataset
         self._fingerprint = fingerprint
         self._read_options = read_options
+        self._num_workers = num_workers
         self.iterator = None
 
     @property
@@ -200,7 +211,13 @@ class TwoViewPipeline:
         return self._fingerprint["batches_per_epoch"]
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        self.iterator = iter(self._dataset.to_iter_dataset(self._read_options))
+        dataset = self._dataset.to_iter_dataset(self._read_options)
+        if self._num_workers:
+            # Worker processes each make whole batches (grain slices the stream among them);
+            # the iterator state stays a position in the one stream, so resuming is exact.
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._num_workers))
+        self.iterator = iter(dataset)
         return self.iterator
 
     def get_state(self) -> dict[str, Any]:
@@ -242,7 +259,7 @@ def make_training_pipeline(
         crop_from: Sequence[int] | None = None, normalize: bool = True,
         shard_options: grain.sharding.ShardOptions | None = None,
         num_devices: int | None = None, num_threads: int = 2,
-        prefetch_buffer_size: int | None = None) -> TwoViewPipeline:
+        prefetch_buffer_size: int | None = None, num_workers: int = 0) -> TwoViewPipeline:
     """Builds the two-view training pipeline over a random-access ``source``.
 
     Args:
@@ -271,6 +288,11 @@ def make_training_pipeline(
         (``ShardByJaxProcess(drop_remainder=drop_remainder)``).
       num_threads, prefetch_buffer_size: grain read threads (0 = in the calling thread) and
         the number of examples read ahead.
+      num_workers: grain worker processes (0 = none, batches are made in this process); each
+        makes whole batches with its own ``num_threads`` read threads. They pay off when the
+        per-example Python work (decode, LR view) holds the GIL; the source and the
+        ``student_augment`` must pickle. ``benchmarks/INPUT_PIPELINE.md`` has the measured
+        images/s against workers.
     """
     if not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
@@ -289,6 +311,8 @@ def make_training_pipeline(
         raise ValueError(f"num_epochs must be None or a positive int, got {num_epochs!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
     image_size = tuple(int(v) for v in image_size)
     if len(image_size) != 2 or min(image_size) < 1:
         raise ValueError(f"image_size must be (height, width), got {image_size!r}")
@@ -344,7 +368,8 @@ def make_training_pipeline(
         num_threads=num_threads,
         prefetch_buffer_size=prefetch_buffer_size if prefetch_buffer_size is not None
         else max(1, 2 * num_threads))
-    return TwoViewPipeline(batches, fingerprint=fingerprint, read_options=read_options)
+    return TwoViewPipeline(batches, fingerprint=fingerprint, read_options=read_options,
+                           num_workers=num_workers)
 
 
 def _normalize_views(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
