@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def reporting(p):
+        p.add_argument("--json", action="store_true", help="print summaries as JSON")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--verbose", action="store_true",
+                       help="on failure, print the full traceback instead of one line")
+
     def common(p, *, naming=None):
         p.add_argument("--data-dir", required=True, help="root folder of the tfds datasets")
         if naming:
@@ -39,10 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
         p.add_argument("--no-verify", action="store_true",
                        help="do not decode every image while building (faster, unchecked)")
-        p.add_argument("--json", action="store_true", help="print summaries as JSON")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.add_argument("--verbose", action="store_true",
-                       help="on failure, print the full traceback instead of one line")
+        reporting(p)
 
     p = sub.add_parser("recordio", help="insightface/MXNet train.rec (+ train.idx beside it)")
     p.add_argument("source", help="path of the .rec file")
@@ -92,10 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="default: <out_dir>/tfds")
     p.add_argument("--name", default="synth",
                    help="datasets are <name>_train and <name>_val (default synth)")
-    p.add_argument("--json", action="store_true", help="print summaries as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", action="store_true",
-                   help="on failure, print the full traceback instead of one line")
+    reporting(p)
     return parser
 
 

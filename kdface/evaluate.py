@@ -138,28 +138,27 @@ def define_flags(fv):
     return fv
 
 
-def _ints(name: str, values: Sequence[str], *, minimum: int = 1) -> list[int]:
+def _numbers(name: str, values: Sequence[str], convert, noun: str, accept, rule: str) -> list:
+    """``values`` of list flag ``--name`` converted one by one; a value ``convert`` refuses is
+    "not ``noun``", one ``accept`` refuses breaks ``rule``."""
     out = []
     for v in values:
         try:
-            out.append(int(v))
+            out.append(convert(v))
         except ValueError:
-            raise UsageError(f"--{name}: {v!r} is not an integer") from None
-        if out[-1] < minimum:
-            raise UsageError(f"--{name}: {v!r} must be >= {minimum}")
+            raise UsageError(f"--{name}: {v!r} is not {noun}") from None
+        if not accept(out[-1]):
+            raise UsageError(f"--{name}: {v!r} {rule}")
     return out
+
+
+def _ints(name: str, values: Sequence[str]) -> list[int]:
+    return _numbers(name, values, int, "an integer", lambda v: v >= 1, "must be >= 1")
 
 
 def _rates(name: str, values: Sequence[str]) -> list[float]:
-    out = []
-    for v in values:
-        try:
-            out.append(float(v))
-        except ValueError:
-            raise UsageError(f"--{name}: {v!r} is not a number") from None
-        if not 0.0 < out[-1] <= 1.0:
-            raise UsageError(f"--{name}: {v!r} must lie in (0, 1]")
-    return out
+    return _numbers(name, values, float, "a number", lambda v: 0.0 < v <= 1.0,
+                    "must lie in (0, 1]")
 
 
 def parse_runs(items: Sequence[str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-_NORM_EPS = 1e-12
+from kdface._math import l2_normalize
 
 
 def _check_size(name: str, value: int) -> None:
@@ -35,12 +35,6 @@ def _check_embeddings(x: jax.Array, size: int, who: str) -> None:
         raise ValueError(f"{who} expects embeddings [B, {size}], got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{who} expects float embeddings, got {x.dtype}")
-
-
-def l2_normalize(x: jax.Array, axis: int) -> jax.Array:
-    """``x / max(||x||_2, 1e-12)`` along ``axis`` (the PyTorch ``F.normalize`` convention)."""
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS ** 2))
 
 
 class MarginHead(nnx.Module):

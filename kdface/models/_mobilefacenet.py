@@ -166,6 +166,24 @@ def final_spatial(input_size: tuple[int, int], strides: Sequence[int]) -> tuple[
     return h, w
 
 
+def bottleneck_stages_and_head(c_in: int, stage_specs, input_size: tuple[int, int],
+                               strides: Sequence[int], embedding_size: int, *,
+                               last_channels: int | None, act: str, expand_at_1: bool = False,
+                               rngs: nnx.Rngs) -> tuple[list[nnx.Sequential], GDCEmbedding]:
+    """One :func:`bottleneck_stage` per entry of ``stage_specs``, then the
+    :class:`GDCEmbedding` head at the resolution they leave (``strides``: those of the layers
+    before the first stage). Built in that order, so parameters draw from ``rngs`` as the
+    layers stand."""
+    stages, c, strides = [], c_in, list(strides)
+    for spec in stage_specs:
+        stage, c = bottleneck_stage(c, spec, act=act, expand_at_1=expand_at_1, rngs=rngs)
+        stages.append(stage)
+        strides += [s for _, _, _, s in spec]
+    head = GDCEmbedding(c, final_spatial(input_size, strides), embedding_size,
+                        last_channels=last_channels, act=act, rngs=rngs)
+    return stages, head
+
+
 _MFN_STAGES = (
     ((2, 64, 5, 2),),
     ((4, 128, 1, 2), (2, 128, 6, 1)),
@@ -191,17 +209,12 @@ class MobileFaceNet(Backbone):
         self.embedding_size = embedding_size
         self.input_size = hw
         self.conv1 = ConvBNAct(3, stem_channels, 3, stride=2, act=act, rngs=rngs)
-        stages = [ConvBNAct(stem_channels, stem_channels, 3, groups=stem_channels, act=act,
-                            rngs=rngs)]
-        c = stem_channels
-        strides = [2]
-        for spec in stage_specs:
-            stage, c = bottleneck_stage(c, spec, act=act, expand_at_1=True, rngs=rngs)
-            stages.append(stage)
-            strides += [s for _, _, _, s in spec]
-        self.stages = nnx.List(stages)
-        self.head = GDCEmbedding(c, final_spatial(hw, strides), embedding_size,
-                                 last_channels=last_channels, act=act, rngs=rngs)
+        depthwise = ConvBNAct(stem_channels, stem_channels, 3, groups=stem_channels, act=act,
+                              rngs=rngs)
+        stages, self.head = bottleneck_stages_and_head(
+            stem_channels, stage_specs, hw, [2], embedding_size, last_channels=last_channels,
+            act=act, expand_at_1=True, rngs=rngs)
+        self.stages = nnx.List([depthwise, *stages])
 
     def stem(self, x: jax.Array) -> jax.Array:
         return self.conv1(x)

@@ -26,7 +26,7 @@ from flax import nnx
 from kdface.models._base import Backbone
 from kdface.models._layers import check_input_size
 from kdface.models._mobilefacenet import (ConvBNAct, GDCEmbedding, bottleneck_stage,
-                                          final_spatial)
+                                          bottleneck_stages_and_head, final_spatial)
 from kdface.models._registry import register
 
 
@@ -137,15 +137,11 @@ class MobileNetV2(Backbone):
         self.conv1 = ConvBNAct(3, width(32), 3, stride=1, act=act, rngs=rngs)
         self.block1, c = bottleneck_stage(width(32), ((1, width(16), 1, 1),), act=act,
                                           rngs=rngs)
-        stages, strides = [], [1, 1]
-        for spec in _V2_STAGES:
-            spec = tuple((t, width(ch), n, s) for t, ch, n, s in spec)
-            stage, c = bottleneck_stage(c, spec, act=act, rngs=rngs)
-            stages.append(stage)
-            strides += [s for _, _, _, s in spec]
+        specs = [tuple((t, width(ch), n, s) for t, ch, n, s in spec) for spec in _V2_STAGES]
+        stages, self.head = bottleneck_stages_and_head(
+            c, specs, hw, [1, 1], embedding_size, last_channels=last_channels, act=act,
+            rngs=rngs)
         self.stages = nnx.List(stages)
-        self.head = GDCEmbedding(c, final_spatial(hw, strides), embedding_size,
-                                 last_channels=last_channels, act=act, rngs=rngs)
 
     def stem(self, x: jax.Array) -> jax.Array:
         return self.block1(self.conv1(x))
