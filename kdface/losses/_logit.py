@@ -2,8 +2,8 @@
 
 Two forms of the soft loss appear in the papers and are kept apart here:
 
-* ``soft_prediction_loss``: the cross-entropy ``H(softmax(t/τ), softmax(s/τ))`` written by seed
-  wang2019 eq. (3) and Wang et al. 2017 eq. (2) (second term), with no τ² factor.
+* ``soft_prediction_loss``: the cross-entropy ``H(softmax(t/τ), softmax(s/τ))`` written by
+  Wang et al. 2019 eq. (3) and Wang et al. 2017 eq. (2) (second term), with no τ² factor.
 * ``hinton_kd_loss``: ``τ² KL(softmax(t/τ) || softmax(s/τ))``, Hinton et al.'s form with the τ²
   gradient rescaling, used as "HKD" with τ = 4 by Nikitin et al. 2020 eq. (12).
 

@@ -10,12 +10,12 @@ but not how they were adapted to faces. Our adaptation, one rule for both:
   depthwise (GDConv) embedding: linear depthwise conv over the whole final map, BN, linear to D,
   BN (insightface's "GDC" output). The kernel follows the final size (7x6 at 112x96).
 * MobileNetV2's 1x1 widening conv before pooling goes to 512 channels rather than 1280 (as
-  MobileFaceNet's), since 1280 would put the network at 2.9 M parameters, 37% over the seed.
+  MobileFaceNet's), since 1280 would put the network at 2.9 M parameters, 37% over the paper's.
 * Activations are the originals: ReLU (V1), ReLU6 (V2).
 
-Measured at D = 512 and 112x112: MV1 3.78 M parameters (seed 3.53 M, +7%: the seed does not
+Measured at D = 512 and 112x112: MV1 3.78 M parameters (paper 3.53 M, +7%: the paper does not
 describe its head; a 1024 -> 512 linear alone is 0.52 M) and 568 M multiply-adds; MV2 2.27 M
-parameters (seed 2.15 M, +5%) and 288 M multiply-adds (the ImageNet networks' 569 M / 300 M at
+parameters (paper 2.15 M, +5%) and 288 M multiply-adds (the ImageNet networks' 569 M / 300 M at
 224x224, as the feature sizes are the same).
 """
 from __future__ import annotations

@@ -145,7 +145,7 @@ def init_key(seed: int) -> jax.Array:
 def make_student(config: TrainConfig, num_classes: int, recipe: Recipe,
                  teacher: FaceNetwork | None) -> DistillStudent:
     """The freshly initialized student (``build_run_student``), or, with ``--init_checkpoint``,
-    initialized from that run (Nikitin et al. 2020 / kd_transfer: a pretrained student)."""
+    initialized from that run (Nikitin et al. 2020 / Wang et al. 2017: a pretrained student)."""
     shapes = teacher_stage_shapes(config, recipe, teacher)
     student = build_run_student(config, num_classes=num_classes, head=recipe.head,
                                 landmark_head=recipe.landmark_head,
