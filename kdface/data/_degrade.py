@@ -93,7 +93,8 @@ def degrade_to_low_resolution(image, size: int, *, blur_sigma: float | None = No
 
 
 def lr_probe(image, size: int, *, blur: bool = True, interpolation: str = "bicubic"):
-    """One LR-LFW probe: ``image`` uint8 ``[H, W, 3]`` degraded to ``size`` (Wang et al. 2019 §3)."""
+    """One LR-LFW probe: ``image`` uint8 ``[H, W, 3]`` degraded to ``size`` (Wang et al. 2019
+    §3)."""
     return degrade_to_low_resolution(image, size, blur_sigma=None if blur else 0.0,
                                      interpolation=interpolation)
 

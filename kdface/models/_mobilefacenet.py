@@ -1,4 +1,4 @@
-"""MobileFaceNet and MobileFaceNet-R (Duong et al. 2019's students), plus the mobile building blocks.
+"""MobileFaceNet and MobileFaceNet-R (Duong et al. 2019's students), plus the mobile blocks.
 
 MobileFaceNet (Chen et al. 2018, Duong et al. 2019 ref. [34]) at a 112x112 input:
 

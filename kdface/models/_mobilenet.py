@@ -1,4 +1,4 @@
-"""MobileNetV1 and MobileNetV2 adapted to 112x112 faces (Duong et al. 2019's "MV1" / "MV2" students).
+"""MobileNetV1 and MobileNetV2 for 112x112 faces (Duong et al. 2019's "MV1" / "MV2" students).
 
 Duong et al. 2019 names the students and their sizes (Table 2: MV1 3.53 M, MV2 2.15 M parameters)
 but not how they were adapted to faces. Our adaptation, one rule for both:

@@ -60,8 +60,8 @@ class TrainConfig:
                                  "margin heads.")
     margin: float = option(0.35, "CosFace margin m (0.35, Nikitin et al. 2020 §4.2).")
     arcface_margin: float = option(0.5, "ArcFace margin m (0.5: Deng et al.'s ArcFace default; "
-                                   "Yan et al. 2019 and Duong et al. 2019 print no value, so kdface's "
-                                   "choice there).")
+                                   "Yan et al. 2019 and Duong et al. 2019 print no value, so "
+                                   "kdface's choice there).")
     sphereface_m: int = option(4, "A-Softmax angular margin m (4, SphereFace).")
     sphereface_anneal: bool = option(False, "A-Softmax λ annealing max(5, 1000 (1 + 0.12 "
                                      "step)^-1), SphereFace's public solver (kdface's choice "
