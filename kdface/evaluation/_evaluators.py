@@ -7,16 +7,16 @@ parsed back), so they are static methods: an evaluator class renders as well as 
 """
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from kdface import metrics
 from kdface.evaluation._embedder import Embedder, EmbeddingFile
+from kdface.evaluation._evaluator import (Evaluator, Run, cell, far_label, file_part, keyed,
+                                          pick, roc_plots, table)
 from kdface.evaluation._ijb import ijb_report, parse_ijb_spec
 from kdface.evaluation._protocols import (alignment_report, check_lr_sizes,
                                           identification_arrays, identification_report,
@@ -25,8 +25,6 @@ from kdface.evaluation._protocols import (alignment_report, check_lr_sizes,
 from kdface.evaluation._sources import embed_records, open_face_records
 from kdface.metrics import (DEFAULT_FAR_TARGETS, DEFAULT_FPR_TARGETS, DEFAULT_RANKS,
                             IJB_FAR_TARGETS, PROTOCOLS, fold_bounds)
-
-Run = Embedder | EmbeddingFile
 
 _VERIFICATION_KEYS = ("accuracy", "accuracy_std", "fold_accuracies", "threshold",
                       "best_threshold_accuracy", "best_threshold", "auc", "tar_at_far",
@@ -39,87 +37,6 @@ _IDENTIFICATION_KEYS = ("rank_accuracy", "cmc", "tpr_at_fpr", "tpr_at_fpr_unsupp
 _ALIGNMENT_KEYS = ("nrmse", "failure_rate", "ced_auc", "num_images")
 _IJB_KEYS = ("tar_at_far", "fpr_at_far", "auc", "num_images", "num_templates", "num_pairs",
              "num_positive", "num_negative", "settings")
-
-
-class Evaluator(Protocol):
-    """One evaluation protocol.
-
-    ``report_fields()``: the report-level entries it adds (its settings, its data's summary);
-    a mapping value is merged into an entry of the same name (``protocol``).
-    ``evaluate(run)``: the run's result as entries of the run's report (``verification``,
-    ``model``, ...), plus two reserved keys: ``notes`` (lines for the report's notes) and
-    ``plot`` (curves for :meth:`plots`, left out of ``report.json``).
-    ``markdown(report)``: its sections as markdown lines. ``plots(report, curves, out_dir)``:
-    writes its figures (``curves``: ``{run: plot}``) and returns the paths written.
-    """
-
-    def report_fields(self) -> dict[str, Any]:
-        return {}
-
-    def evaluate(self, run: Run) -> dict[str, Any]:
-        ...
-
-    @staticmethod
-    def markdown(report: Mapping[str, Any]) -> list[str]:
-        return []
-
-    @staticmethod
-    def plots(report: Mapping[str, Any], curves: Mapping[str, Any], out_dir: str) -> list[str]:
-        return []
-
-
-# --- shared pieces -----------------------------------------------------------------------------
-
-def _pick(result: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    return {k: result[k] for k in keys if k in result}
-
-
-def _get(mapping: Mapping[Any, Any], key: float | int) -> Any:
-    """A FAR/FPR-keyed value from a live report (float keys) or a parsed one (string keys)."""
-    if key in mapping:
-        return mapping[key]
-    return mapping.get(f"{key:g}")
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:.{digits}f}"
-
-
-def _far_label(f: float) -> str:
-    return f"{f:.0e}".replace("e-0", "e-")
-
-
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def table(head: Sequence[str], rows: list[list[str]]) -> list[str]:
-    """A markdown table: the header, its rule and one line per row."""
-    return [_row(head), "|" + "---|" * len(head), *[_row(r) for r in rows]]
-
-
-def file_part(name: str) -> str:
-    """``name`` as a piece of a file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def _roc_plots(curves: Mapping[str, Mapping[str, Any]], out_dir: str) -> list[str]:
-    """``roc_<set>.png`` per set, every run with finite curves on one figure; ``curves``:
-    ``{run: {set: {"fpr", "tpr"}}}``."""
-    by_set: dict[str, dict[str, Any]] = {}
-    for run_name, per_set in curves.items():
-        for set_name, curve in per_set.items():
-            by_set.setdefault(set_name, {})[run_name] = curve
-    written: list[str] = []
-    for set_name, runs in by_set.items():
-        finite = {r: c for r, c in runs.items()
-                  if np.all(np.isfinite(c["fpr"])) and np.all(np.isfinite(c["tpr"]))}
-        if finite:
-            path = os.path.join(out_dir, f"roc_{file_part(set_name)}.png")
-            written += metrics.plot_roc(path, finite, title=f"ROC on {set_name}")
-    return written
 
 
 def _min_train_negatives(issame: np.ndarray, folds: int) -> int:
@@ -183,8 +100,8 @@ class Verification(Evaluator):
                     continue
             rocs[set_name] = hr["roc"]
             results[set_name] = {
-                "hr": _pick(hr, _VERIFICATION_KEYS),
-                "lr": {str(s): _pick(r, _VERIFICATION_KEYS) for s, r in lr.items()}}
+                "hr": pick(hr, _VERIFICATION_KEYS),
+                "lr": {str(s): pick(r, _VERIFICATION_KEYS) for s, r in lr.items()}}
         return {"verification": results, "notes": notes, "plot": rocs}
 
     def _options(self) -> dict[str, Any]:
@@ -246,13 +163,13 @@ class Verification(Evaluator):
             for set_name, ver in entry.get("verification", {}).items():
                 hr = ver["hr"]
                 acc_rows.append([run_name, set_name,
-                                 f"{_num(hr['accuracy'])} ± {_num(hr['accuracy_std'])}",
-                                 _num(hr.get("best_threshold_accuracy")), _num(hr.get("auc")),
-                                 *[_num(ver["lr"].get(str(s), {}).get("accuracy"))
+                                 f"{cell(hr['accuracy'])} ± {cell(hr['accuracy_std'])}",
+                                 cell(hr.get("best_threshold_accuracy")), cell(hr.get("auc")),
+                                 *[cell(ver["lr"].get(str(s), {}).get("accuracy"))
                                    for s in sizes]])
                 unsupported = [float(u) for u in hr.get("tar_at_far_unsupported", [])]
                 tar_rows.append([run_name, set_name, *[
-                    "n/s" if f in unsupported else _num(_get(hr["tar_at_far"], f))
+                    "n/s" if f in unsupported else cell(keyed(hr["tar_at_far"], f))
                     for f in fars]])
         if not acc_rows:
             return lines
@@ -260,7 +177,7 @@ class Verification(Evaluator):
         lines += table(["run", "set", "accuracy (mean ± std)", "best-threshold acc", "AUC",
                         *[f"{s} px probe" for s in sizes]], acc_rows)
         lines += ["", "## TAR at FAR", ""]
-        lines += table(["run", "set", *[f"TAR@FAR={_far_label(f)}" for f in fars]], tar_rows)
+        lines += table(["run", "set", *[f"TAR@FAR={far_label(f)}" for f in fars]], tar_rows)
         lines.append("")
         for set_name, info in report.get("sets", {}).items():
             if insightface:
@@ -268,7 +185,7 @@ class Verification(Evaluator):
                              f"{info['num_negative']} negative.")
                 continue
             need = info["min_train_negatives"]
-            missing = [_far_label(f) for f in fars if f * need + 1e-9 < 1.0]
+            missing = [far_label(f) for f in fars if f * need + 1e-9 < 1.0]
             text = (f"- {set_name}: {info['num_pairs']} pairs, {info['num_negative']} negative; "
                     f"the smallest training split (all folds but one) has {need} negatives, so "
                     f"FARs below 1/{need} cannot be set")
@@ -282,7 +199,7 @@ class Verification(Evaluator):
         """``roc_<set>.png`` (every run on one figure) and ``lr_<set>.png`` (accuracy vs probe
         size; full-resolution probes at the network's input size, or the set's image size
         where the run's input size is unknown)."""
-        written = _roc_plots(curves, out_dir)
+        written = roc_plots(curves, out_dir)
         sizes = report.get("lr_sizes", [])
         for set_name, info in report.get("sets", {}).items() if sizes else ():
             series, full = {}, {}
@@ -371,7 +288,7 @@ class Identification(Evaluator):
             ident["probe_emb"], ident["probe_labels"], ident["gallery_emb"],
             ident["gallery_labels"], distractor_emb=distractors, ranks=self.ranks,
             fpr_targets=self.fpr_targets, **self.chunks)
-        return {"identification": _pick(result, _IDENTIFICATION_KEYS), "notes": notes}
+        return {"identification": pick(result, _IDENTIFICATION_KEYS), "notes": notes}
 
     @staticmethod
     def markdown(report: Mapping[str, Any]) -> list[str]:
@@ -387,10 +304,10 @@ class Identification(Evaluator):
             rows.append([
                 run_name, str(ident["num_gallery"]), str(ident["num_probes"]),
                 str(ident["num_distractors"]),
-                *[_num(_get(ident["rank_accuracy"], k)) for k in ranks],
-                *["n/s" if f in unsupported else _num(_get(ident["tpr_at_fpr"], f))
+                *[cell(keyed(ident["rank_accuracy"], k)) for k in ranks],
+                *["n/s" if f in unsupported else cell(keyed(ident["tpr_at_fpr"], f))
                   for f in fprs],
-                _num(ident.get("nn_top1")), f"{ident.get('seconds', float('nan')):.2f}"])
+                cell(ident.get("nn_top1")), f"{ident.get('seconds', float('nan')):.2f}"])
         if not rows:
             return []
         info = report.get("identification", {})
@@ -405,7 +322,7 @@ class Identification(Evaluator):
         lines.append("")
         lines += table(["run", "gallery", "probes", "distractors",
                         *[f"rank-{k}" for k in ranks],
-                        *[f"TPR@FPR={_far_label(f)}" for f in fprs], "NN top-1", "time (s)"],
+                        *[f"TPR@FPR={far_label(f)}" for f in fprs], "NN top-1", "time (s)"],
                        rows)
         lines.append("")
         return lines
@@ -446,7 +363,7 @@ class IjbVerification(Evaluator):
         results, rocs = {}, {}
         for name, root in self.sets:
             result = ijb_report(run, root, name, far_targets=self.far_targets)
-            results[name] = _pick(result, _IJB_KEYS)
+            results[name] = pick(result, _IJB_KEYS)
             rocs[name] = {"fpr": result["roc"]["fpr"], "tpr": result["roc"]["tpr"]}
         return {"ijb": results, "plot": rocs}
 
@@ -457,7 +374,7 @@ class IjbVerification(Evaluator):
             return []
         fars = [float(f) for f in info.get("far_targets", IJB_FAR_TARGETS)]
         rows = [[run_name, name, str(r["num_templates"]), str(r["num_pairs"]),
-                 *[_num(_get(r["tar_at_far"], f)) for f in fars], _num(r.get("auc"))]
+                 *[cell(keyed(r["tar_at_far"], f)) for f in fars], cell(r.get("auc"))]
                 for run_name, entry in report["runs"].items()
                 for name, r in entry.get("ijb", {}).items()]
         if not rows:
@@ -468,12 +385,12 @@ class IjbVerification(Evaluator):
                  "template and normalized; cosine of template pairs; TAR at the ROC point "
                  "whose FPR is nearest each target (sklearn roc_curve points).", ""]
         lines += table(["run", "set", "templates", "pairs",
-                        *[f"TAR@FAR={_far_label(f)}" for f in fars], "AUC"], rows)
+                        *[f"TAR@FAR={far_label(f)}" for f in fars], "AUC"], rows)
         return lines + [""]
 
     @staticmethod
     def plots(report: Mapping[str, Any], curves: Mapping[str, Any], out_dir: str) -> list[str]:
-        return _roc_plots(curves, out_dir)
+        return roc_plots(curves, out_dir)
 
 
 # --- alignment NRMSE ---------------------------------------------------------------------------
@@ -494,12 +411,12 @@ class Alignment(Evaluator):
             return {"notes": ["no landmark head: alignment not evaluated"]}
         data = embed_records(run, self.records, with_landmarks=True)
         result = alignment_report(data["pred_landmarks"], data["landmarks"])
-        return {"alignment": _pick(result, _ALIGNMENT_KEYS), "plot": result["ced"]}
+        return {"alignment": pick(result, _ALIGNMENT_KEYS), "plot": result["ced"]}
 
     @staticmethod
     def markdown(report: Mapping[str, Any]) -> list[str]:
-        rows = [[run_name, str(a["num_images"]), _num(a["nrmse"]), _num(a["failure_rate"]),
-                 _num(a["ced_auc"])]
+        rows = [[run_name, str(a["num_images"]), cell(a["nrmse"]), cell(a["failure_rate"]),
+                 cell(a["ced_auc"])]
                 for run_name, entry in report["runs"].items() if (a := entry.get("alignment"))]
         if not rows:
             return []

@@ -1,5 +1,5 @@
 """Side-by-side comparison of runs: ``compare`` loops runs x evaluators (the protocol objects
-of :mod:`kdface.evaluation._evaluators`), ``markdown_table`` joins the evaluators' sections and
+of ``kdface.evaluation._evaluators``), ``markdown_table`` joins the evaluators' sections and
 ``write_report`` writes them with the plots. The report layout is documented in
 :mod:`kdface.evaluate`."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from kdface.evaluation._embedder import Embedder, EmbeddingFile
-from kdface.evaluation._evaluators import EVALUATORS, Evaluator
+from kdface.evaluation._evaluator import Evaluator
+from kdface.evaluation._evaluators import EVALUATORS
 from kdface.evaluation._imported import TeacherEmbedder
 
 
@@ -95,7 +96,7 @@ def write_json_and_markdown(out_dir: str, stem: str, report: Mapping[str, Any],
 
 
 def write_report(report: Mapping[str, Any], out_dir: str,
-                 evaluators: Sequence[Evaluator] = EVALUATORS, *,
+                 evaluators: Sequence[Evaluator | type[Evaluator]] = EVALUATORS, *,
                  curves: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
     """Writes ``report.json``, ``report.md`` and each evaluator's plots (``curves``: per
     evaluator ``{run: plot data}``, as :func:`compare` collects them; without them only the
@@ -124,7 +125,7 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def markdown_table(report: Mapping[str, Any],
-                   evaluators: Sequence[Evaluator] = EVALUATORS) -> str:
+                   evaluators: Sequence[Evaluator | type[Evaluator]] = EVALUATORS) -> str:
     """The report as markdown: each evaluator's sections in order (by default every
     protocol's: verification accuracy with one column per LR probe size, TAR@FAR with the
     unsupported FARs explained, identification, IJB, alignment, model facts), then the notes."""
