@@ -22,8 +22,9 @@ import torch
 Tensor = torch.Tensor
 
 
-def _pair_values(s: Tensor, t: Tensor, margin: str, margin_value: float
-                 ) -> tuple[Tensor, Tensor]:
+def pwr_pair_values(s: Tensor, t: Tensor, margin: str, margin_value: float
+                    ) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` with the teacher-ordered pair (a above b) difference ``z = x_b - y_a``."""
     if margin == "teacher_diff":
         return s - t, s - t
     if margin == "const":
@@ -33,7 +34,9 @@ def _pair_values(s: Tensor, t: Tensor, margin: str, margin_value: float
     return s, s
 
 
-def _scores(e: Tensor) -> Tensor:
+def pwr_scores(e: Tensor) -> Tensor:
+    """``[M]`` cosine similarities of the pairs ``i < j`` (kdface's convention; MXNet-style L2
+    normalization, eps inside the sqrt)."""
     e = e / torch.sqrt((e * e).sum(dim=1, keepdim=True) + 1e-12)
     rows, cols = torch.triu_indices(e.shape[0], e.shape[0], offset=1)
     return (e @ e.T)[rows, cols]
@@ -100,10 +103,10 @@ def pwr_sorted_torch(student: Tensor, teacher: Tensor, *, relation: str = "cosin
     if relation != "cosine" or not separable:
         raise ValueError("the torch sorted reference implements relation='cosine' with "
                          "inversion 'diff' or 'exp' only")
-    s = _scores(student)
+    s = pwr_scores(student)
     with torch.no_grad():
-        t = _scores(teacher)
-    x, y = _pair_values(s, t, margin, margin_value)
+        t = pwr_scores(teacher)
+    x, y = pwr_pair_values(s, t, margin, margin_value)
     if inversion == "exp":
         mid = 0.5 * (x.max() + y.min()).detach()
         w_sum, c = dominance_sums(t, x, y, torch.exp(beta * (x - mid)))

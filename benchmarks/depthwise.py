@@ -29,7 +29,7 @@ from unittest import mock
 
 from absl import app, flags
 
-from benchmarks._markdown_section import write_section
+from benchmarks._common import publish_section
 
 flags.DEFINE_integer("batch", 64, "Batch size.")
 flags.DEFINE_integer("rounds", 3, "Alternated timing rounds (median reported).")
@@ -193,9 +193,7 @@ def main(argv):
         "column does not change.",
         "",
     ]
-    write_section(F.out, SECTION, lines)
-    print("\n".join(lines))
-    return 0
+    return publish_section(F.out, SECTION, lines)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks._common import write_markdown  # noqa: E402
 from kdface.models import count_macs, count_params, create, names  # noqa: E402
 
 # Extra configurations of a registered name worth their own row.
@@ -157,10 +158,7 @@ def main(argv=None) -> int:
                   f"**student is {r['ratio']:.1f}x faster** (MAC ratio {r['mac_ratio']:.1f}x; "
                   "the paper reports 3x on a 2.5 GHz Intel CPU)."]
         print(f"wang2019 ratio: {r}", flush=True)
-    with open(args.output, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.output}")
-    return 0
+    return write_markdown(args.output, lines)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks._common import write_markdown  # noqa: E402
 from kdface.models import count_params, create  # noqa: E402
 
 DEFAULT = ("sphereface36_thin", "mobilefacenet", "vargfacenet", "sphereface20", "iresnet18",
@@ -151,10 +152,7 @@ def main(argv=None) -> int:
              f"session options. 'max rel. diff' is max |ORT - JAX| / max |JAX| on the timed "
              f"input.", ""]
     lines += _table(rows)
-    with open(args.output, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.output}")
-    return 0
+    return write_markdown(args.output, lines)
 
 
 if __name__ == "__main__":

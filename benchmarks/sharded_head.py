@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from benchmarks._markdown_section import write_section
+from benchmarks._common import head_step_memory, peak_bytes, publish_section
 
 flags.DEFINE_integer("devices", 4, "Forced CPU devices (the mesh's data axis).")
 flags.DEFINE_integer("classes", 2_000_000, "Classes of the head.")
@@ -31,40 +31,9 @@ GIB = 2**30
 
 def _memory(shard):
     import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from kdface.losses import cosface_logits, margin_cross_entropy
-    from kdface.models import MarginHead, shard_margin_heads
-
     mesh = jax.make_mesh((F.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    head = nnx.eval_shape(lambda: MarginHead(F.embedding, F.classes, rngs=nnx.Rngs(0)))
-    if shard:
-        shardings = shard_margin_heads(head, mesh)
-    else:
-        shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.state(head, nnx.Param))
-    graphdef, params = nnx.split(head)
-    opt = optax.sgd(0.1, momentum=0.9)
-
-    def step(params, opt_state, embeddings, labels):
-        def loss_fn(p):
-            cos = nnx.merge(graphdef, p)(embeddings)
-            return margin_cross_entropy(cosface_logits(cos, labels), labels)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          params, shardings)
-    by_batch = NamedSharding(mesh, P("data"))
-    args = (params, jax.eval_shape(opt.init, params),
-            jax.ShapeDtypeStruct((F.batch, F.embedding), jnp.float32, sharding=by_batch),
-            jax.ShapeDtypeStruct((F.batch,), jnp.int32, sharding=by_batch))
-    m = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().memory_analysis()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-    return m.argument_size_in_bytes, m.temp_size_in_bytes, peak
+    m = head_step_memory(mesh, F.embedding, F.classes, F.batch, shard=shard)
+    return m.argument_size_in_bytes, m.temp_size_in_bytes, peak_bytes(m)
 
 
 def main(argv):
@@ -95,9 +64,7 @@ def main(argv):
         f"(ideal 1/{F.devices} = {1 / F.devices:.2f}).",
         "",
     ]
-    write_section(F.out, SECTION, lines)
-    print("\n".join(lines))
-    return 0
+    return publish_section(F.out, SECTION, lines)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from benchmarks._torch_pwr_sorted import pwr_pair_values, pwr_scores
 from benchmarks._torch_pwr_sorted import pwr_sorted_torch  # noqa: F401  (re-export)
 
 Tensor = torch.Tensor
@@ -102,25 +103,6 @@ def pwr_dense_official(student: Tensor, teacher: Tensor, *, relation: str = "cos
     else:
         diff_loss = F.relu(torch.exp(beta * scores_diff) - 1.0)
     return (diff_loss * is_greater).sum() / is_greater.sum()
-
-
-def pwr_scores(e: Tensor) -> Tensor:
-    """``[M]`` cosine similarities of the pairs ``i < j`` (kdface's convention)."""
-    e = _l2_normalize(e)
-    rows, cols = torch.triu_indices(e.shape[0], e.shape[0], offset=1)
-    return (e @ e.T)[rows, cols]
-
-
-def pwr_pair_values(s: Tensor, t: Tensor, margin: str, margin_value: float
-                    ) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` with the teacher-ordered pair (a above b) difference ``z = x_b - y_a``."""
-    if margin == "teacher_diff":
-        return s - t, s - t
-    if margin == "const":
-        return s + margin_value, s
-    if margin == "teacher_std":
-        return s + torch.std(t, unbiased=False), s
-    return s, s
 
 
 def pwr_penalty(z: Tensor, inversion: str, power: float, beta: float) -> Tensor:

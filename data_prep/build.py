@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def reporting(p):
+        p.add_argument("--json", action="store_true", help="print summaries as JSON")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--verbose", action="store_true",
+                       help="on failure, print the full traceback instead of one line")
+
     def common(p, *, naming=None):
         p.add_argument("--data-dir", required=True, help="root folder of the tfds datasets")
         if naming:
@@ -39,26 +45,24 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
         p.add_argument("--no-verify", action="store_true",
                        help="do not decode every image while building (faster, unchecked)")
-        p.add_argument("--json", action="store_true", help="print summaries as JSON")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.add_argument("--verbose", action="store_true",
-                       help="on failure, print the full traceback instead of one line")
+        reporting(p)
+
+    def labelled_images(p, *, source, filename, skipped):
+        p.add_argument("source", help=source)
+        p.add_argument("--landmarks", default=None,
+                       help=f"CSV filename,x1,y1,...,x5,y5 with filename {filename}")
+        p.add_argument("--skip-undecodable", action="store_true",
+                       help=f"skip and count {skipped} cannot be decoded or is damaged")
 
     p = sub.add_parser("recordio", help="insightface/MXNet train.rec (+ train.idx beside it)")
-    p.add_argument("source", help="path of the .rec file")
-    p.add_argument("--landmarks", default=None,
-                   help="CSV filename,x1,y1,...,x5,y5 with filename = record index")
-    p.add_argument("--skip-undecodable", action="store_true",
-                   help="skip and count records whose image cannot be decoded or is damaged")
+    labelled_images(p, source="path of the .rec file", filename="= record index",
+                    skipped="records whose image")
     common(p, naming="<folder>_<file>_<8 hex digits of the content fingerprint>, e.g. "
                      "faces_emore_train_1f0c2a9b")
 
     p = sub.add_parser("folders", help="one sub-folder of images per identity")
-    p.add_argument("source", help="root folder")
-    p.add_argument("--landmarks", default=None,
-                   help="CSV filename,x1,y1,...,x5,y5 with filename relative to the root")
-    p.add_argument("--skip-undecodable", action="store_true",
-                   help="skip and count images that cannot be decoded or are damaged")
+    labelled_images(p, source="root folder", filename="relative to the root",
+                    skipped="any image that")
     common(p, naming="<folder>_<8 hex digits of the content fingerprint>")
 
     p = sub.add_parser("verification-bin", help="insightface verification .bin files")
@@ -92,10 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="default: <out_dir>/tfds")
     p.add_argument("--name", default="synth",
                    help="datasets are <name>_train and <name>_val (default synth)")
-    p.add_argument("--json", action="store_true", help="print summaries as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", action="store_true",
-                   help="on failure, print the full traceback instead of one line")
+    reporting(p)
     return parser
 
 

@@ -59,8 +59,8 @@ def define_flags(fv):
     flags.DEFINE_string("common", "", "TrainConfig fields every row shares, k=v,k=v (e.g. "
                         "steps=2000,batch_size=128,input_size=(112,112),student_view="
                         "low_resolution).", **d)
-    flags.DEFINE_list("lr_sizes", ["8", "12", "16", "20"], "LR probe sizes in px (seed "
-                      "wang2019 §3.1).", **d)
+    flags.DEFINE_list("lr_sizes", ["8", "12", "16", "20"], "LR probe sizes in px (Wang "
+                      "et al. 2019 §3.1).", **d)
     flags.DEFINE_list("far_targets", ["1e-1", "1e-2", "1e-3", "1e-4"], "FARs of TAR@FAR "
                       "(reported where the set supports them).", **d)
     flags.DEFINE_bool("flip", False, "Embed image + mirrored image.", **d)

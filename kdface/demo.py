@@ -46,9 +46,9 @@ F = flags.FLAGS
 SIZE = 32
 INPUT = (SIZE, SIZE)
 LR_SIZES = (8, 12, 16)
-# batch_norm: the seed's SphereFace nets have none, but without it these narrow nets barely move
-# in a few hundred CPU steps (teacher cosface loss 10.9 after 500 steps, measured). One
-# embedding size for both: MK-MMD, normalized L2 and the angular losses compare embeddings.
+# batch_norm: Wang et al. 2019's SphereFace nets have none, but without it these narrow nets
+# barely move in a few hundred CPU steps (teacher cosface loss 10.9 after 500 steps, measured).
+# One embedding size for both: MK-MMD, normalized L2 and the angular losses compare embeddings.
 TEACHER = ("sphereface_custom", {"channels": (16, 32, 64, 128), "units": (1, 1, 1, 1),
                                  "embedding_size": 64, "input_size": INPUT, "batch_norm": True})
 STUDENT = ("sphereface_custom", {"channels": (8, 16, 32, 64), "units": (0, 1, 0, 0),

@@ -74,32 +74,9 @@ import sys
 from collections.abc import Sequence
 
 from kdface._cli import UsageError, parse_command_line, report_usage_error
-from kdface.evaluation import (  # noqa: F401  (the public names of this command)
-    Embedder,
-    EmbeddingFile,
-    FaceRecords,
-    IjbMeta,
-    TeacherEmbedder,
-    aligned_crops,
-    alignment_report,
-    compare,
-    embed_records,
-    export_embeddings,
-    identification_arrays,
-    identification_report,
-    ijb_embeddings,
-    ijb_report,
-    load_sets,
-    lr_report,
-    markdown_table,
-    open_face_records,
-    open_run,
-    parse_ijb_spec,
-    split_gallery_probe,
-    verification_from_embeddings,
-    verification_report,
-    write_report,
-)
+from kdface.evaluation import (Alignment, IjbVerification, Identification, ModelFacts,
+                               Verification, compare, export_embeddings, load_sets,
+                               markdown_table, open_face_records, open_run, parse_ijb_spec)
 
 PROG = "kdface.evaluate"
 
@@ -161,28 +138,27 @@ def define_flags(fv):
     return fv
 
 
-def _ints(name: str, values: Sequence[str], *, minimum: int = 1) -> list[int]:
+def _numbers(name: str, values: Sequence[str], convert, noun: str, accept, rule: str) -> list:
+    """``values`` of list flag ``--name`` converted one by one; a value ``convert`` refuses is
+    "not ``noun``", one ``accept`` refuses breaks ``rule``."""
     out = []
     for v in values:
         try:
-            out.append(int(v))
+            out.append(convert(v))
         except ValueError:
-            raise UsageError(f"--{name}: {v!r} is not an integer") from None
-        if out[-1] < minimum:
-            raise UsageError(f"--{name}: {v!r} must be >= {minimum}")
+            raise UsageError(f"--{name}: {v!r} is not {noun}") from None
+        if not accept(out[-1]):
+            raise UsageError(f"--{name}: {v!r} {rule}")
     return out
+
+
+def _ints(name: str, values: Sequence[str]) -> list[int]:
+    return _numbers(name, values, int, "an integer", lambda v: v >= 1, "must be >= 1")
 
 
 def _rates(name: str, values: Sequence[str]) -> list[float]:
-    out = []
-    for v in values:
-        try:
-            out.append(float(v))
-        except ValueError:
-            raise UsageError(f"--{name}: {v!r} is not a number") from None
-        if not 0.0 < out[-1] <= 1.0:
-            raise UsageError(f"--{name}: {v!r} must lie in (0, 1]")
-    return out
+    return _numbers(name, values, float, "a number", lambda v: 0.0 < v <= 1.0,
+                    "must lie in (0, 1]")
 
 
 def parse_runs(items: Sequence[str]) -> dict[str, str]:
@@ -200,15 +176,60 @@ def parse_runs(items: Sequence[str]) -> dict[str, str]:
 
 def _sets_from_files(runs: dict) -> dict:
     """Verification sets named by exported-embedding files (used when --val_data is empty)."""
-    files = [r for r in runs.values() if isinstance(r, EmbeddingFile)]
-    if len(files) != len(runs):
+    if any(run.embeds_images for run in runs.values()):
         return {}
     sets = {}
-    for f in files:
+    for f in runs.values():
         names = f.set_names() or (["embeddings"] if "issame" in f.arrays else [])
         for name in names:
             sets.setdefault(name, (None, f.issame(name)))
     return sets
+
+
+def parse_settings(fv) -> dict:
+    """The flags that carry lists and counts, checked and converted before any file is read."""
+    if fv.folds < 2:
+        raise UsageError(f"--folds must be >= 2, got {fv.folds}")
+    for name in ("batch_size", "latency_repeats", "probe_chunk", "item_chunk"):
+        if getattr(fv, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(fv, name)}")
+    try:
+        ijb = [parse_ijb_spec(entry) for entry in fv.ijb]
+    except ValueError as err:
+        raise UsageError(f"--ijb: {err}") from None
+    return {"lr_sizes": _ints("lr_sizes", fv.lr_sizes),
+            "far_targets": _rates("far_targets", fv.far_targets), "ijb": ijb,
+            "ijb_far_targets": _rates("ijb_far_targets", fv.ijb_far_targets),
+            "fpr_targets": _rates("fpr_targets", fv.fpr_targets), "ranks": _ints("ranks", fv.ranks)}
+
+
+def _records(fv, spec, **kwargs):
+    return None if spec is None else open_face_records(spec, data_dir=fv.data_dir, **kwargs)
+
+
+def build_evaluators(fv, settings: dict, sets: dict, opened: dict) -> list:
+    """The protocol objects the flags ask for, in the report's order: verification (with the
+    LR probes), identification, IJB, alignment, model facts."""
+    verification = Verification(sets, lr_sizes=settings["lr_sizes"], protocol=fv.protocol,
+                                flip=fv.flip, folds=fv.folds,
+                                far_targets=settings["far_targets"])
+    ident = _records(fv, fv.identification_data)
+    evaluators = [verification, Identification(
+        ident, distractors=fv.distractors, distractor_records=_records(fv, fv.distractor_data),
+        flip=verification.flip, ranks=settings["ranks"], fpr_targets=settings["fpr_targets"],
+        probe_chunk=fv.probe_chunk, item_chunk=fv.item_chunk)]
+    if settings["ijb"]:
+        evaluators.append(IjbVerification(settings["ijb"],
+                                          far_targets=settings["ijb_far_targets"]))
+    if fv.alignment_data is not None:
+        evaluators.append(Alignment(_records(fv, fv.alignment_data, landmarks=fv.landmarks)))
+    if fv.model_facts:
+        evaluators.append(ModelFacts(latency_repeats=fv.latency_repeats))
+    files = not all(run.embeds_images for run in opened.values())
+    if not (sets or settings["ijb"] or files or ident is not None or fv.alignment_data):
+        raise ValueError("nothing to evaluate: give verification sets, IJB sets, "
+                         "identification data or alignment data")
+    return evaluators
 
 
 def run_command(fv) -> int:
@@ -217,47 +238,26 @@ def run_command(fv) -> int:
     runs = parse_runs(fv.runs)
     if not runs:
         raise UsageError("--runs is required (name=workdir or name=embeddings.npz)")
-    lr_sizes = _ints("lr_sizes", fv.lr_sizes)
-    far_targets = _rates("far_targets", fv.far_targets)
-    ijb_far_targets = _rates("ijb_far_targets", fv.ijb_far_targets)
-    try:
-        ijb = [parse_ijb_spec(entry) for entry in fv.ijb]
-    except ValueError as err:
-        raise UsageError(f"--ijb: {err}") from None
-    fpr_targets = _rates("fpr_targets", fv.fpr_targets)
-    ranks = _ints("ranks", fv.ranks)
-    if fv.folds < 2:
-        raise UsageError(f"--folds must be >= 2, got {fv.folds}")
-    for name in ("batch_size", "latency_repeats", "probe_chunk", "item_chunk"):
-        if getattr(fv, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(fv, name)}")
+    settings = parse_settings(fv)
     sets = load_sets(fv.val_data, data_dir=fv.data_dir, pairs_image_root=fv.pairs_image_root,
                      pairs_ext=fv.pairs_ext)
-    data = dict(data_dir=fv.data_dir)
-    ident = (None if fv.identification_data is None else
-             open_face_records(fv.identification_data, **data))
-    distr_data = (None if fv.distractor_data is None else
-                  open_face_records(fv.distractor_data, **data))
     if fv.export_embeddings:
-        return _export(fv, runs, sets, lr_sizes, ident, distr_data)
+        return _export(fv, runs, sets, settings["lr_sizes"])
     opened = {name: open_run(path, batch_size=fv.batch_size) for name, path in runs.items()}
     if not sets and not fv.val_data:
         sets = _sets_from_files(opened)
-    report = compare(opened, sets, lr_sizes=lr_sizes, flip=fv.flip, protocol=fv.protocol,
-                     ijb=ijb, ijb_far_targets=ijb_far_targets, out_dir=fv.out,
-                     model_facts=fv.model_facts, folds=fv.folds, far_targets=far_targets,
-                     identification_data=ident, distractors=fv.distractors,
-                     distractor_data=distr_data, ranks=ranks, fpr_targets=fpr_targets,
-                     probe_chunk=fv.probe_chunk, item_chunk=fv.item_chunk,
-                     alignment_data=fv.alignment_data, landmarks=fv.landmarks,
-                     data_dir=fv.data_dir, batch_size=fv.batch_size,
-                     latency_repeats=fv.latency_repeats)
-    print(markdown_table(report))
+    evaluators = build_evaluators(fv, settings, sets, opened)
+    report = compare(opened, evaluators, out_dir=fv.out)
+    print(markdown_table(report, evaluators))
     print(f"report written to {os.path.abspath(fv.out)} (report.md, report.json, plots)")
     return 0
 
 
-def _export(fv, runs, sets, lr_sizes, ident, distr_data) -> int:
+def _export(fv, runs: dict, sets: dict, lr_sizes: list[int]) -> int:
+    """Writes each run's embeddings of the configured sets and datasets (``.npz``), with the
+    flip the report would use (the verification protocol's)."""
+    flip = Verification({}, protocol=fv.protocol, flip=fv.flip).flip
+    ident, distr = _records(fv, fv.identification_data), _records(fv, fv.distractor_data)
     target = fv.export_embeddings
     single = target.endswith(".npz")
     if single and len(runs) != 1:
@@ -267,10 +267,9 @@ def _export(fv, runs, sets, lr_sizes, ident, distr_data) -> int:
         if path.endswith(".npz"):
             raise UsageError(f"run {name!r} is already an embedding file ({path})")
         out = target if single else os.path.join(target, f"{name}.npz")
-        flip = (fv.protocol == "insightface") if fv.flip is None else fv.flip
         keys = export_embeddings(open_run(path, batch_size=fv.batch_size), out, sets=sets,
                                  lr_sizes=lr_sizes, flip=flip, identification_data=ident,
-                                 distractor_data=distr_data)
+                                 distractor_data=distr)
         print(f"{name}: wrote {out} ({', '.join(keys)})")
     return 0
 

@@ -15,7 +15,6 @@ default, help text and choices): the dataclass is the only place an option is de
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -25,6 +24,7 @@ from typing import Any
 
 from absl import app, flags
 
+from kdface._cli import UsageError, parse_key_values, run_main, silence_logs, wants_verbose
 from kdface.training._config import TrainConfig, option_fields
 
 F = flags.FLAGS
@@ -94,7 +94,7 @@ def _field_value(name: str, hint, text: Any) -> Any:
     if text is None or origin not in (tuple, dict):
         return text
     if origin is dict:
-        return parse_options(text)
+        return parse_key_values(text, name)
     args = typing.get_args(kind)
     item = args[0] if args else str
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
@@ -109,31 +109,6 @@ def _field_value(name: str, hint, text: Any) -> Any:
 
 
 define_config_flags()
-
-
-def parse_options(text: str) -> dict:
-    """``'a=1,b=(2,3),c=x'`` -> ``{'a': 1, 'b': (2, 3), 'c': 'x'}`` (Python literals)."""
-    out, depth, current = {}, 0, ""
-    parts = []
-    for ch in text:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    if current.strip():
-        parts.append(current)
-    for part in parts:
-        if "=" not in part:
-            raise ValueError(f"option {part!r} is not key=value")
-        key, value = part.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
 
 
 def _occurrences(argv: list[str], flag_values: flags.FlagValues
@@ -177,9 +152,9 @@ def merge_option_flags(argv: list[str], flag_values: flags.FlagValues = F
         else:
             raise app.UsageError(f"--{name} needs a value (k=v,k=v)")
         try:
-            values = parse_options(text)
-        except ValueError as e:
-            raise app.UsageError(f"--{name}={text}: {e}") from None
+            values = parse_key_values(text, name)
+        except UsageError as e:
+            raise app.UsageError(str(e)) from None
         keys = merged.setdefault(name, {})
         count[name] = count.get(name, 0) + 1
         if not values:
@@ -242,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry (``argv[0]`` is the program): 0 when trained (or already finished),
     2 for an unusable command line, 1 for inputs or faults met while running; errors are one
     ``kdface.train: error: ...`` line on stderr (tracebacks with ``--verbose``)."""
-    from kdface._cli import run_main, silence_logs, wants_verbose
     argv = list(sys.argv if argv is None else argv)
     verbose = wants_verbose(argv)
     silence_logs(verbose)

@@ -7,18 +7,18 @@ import sys
 
 import pytest
 
-from kdface.train import parse_options
+from kdface._cli import parse_key_values
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "kdface", "configs",
                                         "*.flags")))
 
 
-def test_parse_options_reads_python_literals():
-    assert parse_options("") == {}
-    assert parse_options("a=1,b=(2, 3),c=x,d=[1,2],e=0.5") == {
+def test_parse_key_values_reads_python_literals():
+    assert parse_key_values("", "opts") == {}
+    assert parse_key_values("a=1,b=(2, 3),c=x,d=[1,2],e=0.5", "opts") == {
         "a": 1, "b": (2, 3), "c": "x", "d": [1, 2], "e": 0.5}
-    with pytest.raises(ValueError, match="key=value"):
-        parse_options("a=1,oops")
+    with pytest.raises(ValueError, match="--opts: 'oops' is not key=value"):
+        parse_key_values("a=1,oops", "opts")
 
 
 def test_every_flagfile_builds_its_recipe():

@@ -1,7 +1,7 @@
 """`python -m kdface.compare`: a 2-method, 1-seed comparison end to end on tiny nets, its numbers
-against `kdface.evaluate`'s library function on the same workdirs, resuming after an
-interruption between rows, the rendered commands against the trainer's own flag parsing, and
-rows this kdface cannot run."""
+against `kdface.evaluation.compare` (behind `kdface.evaluate`) on the same workdirs, resuming
+after an interruption between rows, the rendered commands against the trainer's own flag
+parsing, and rows this kdface cannot run."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from kdface import comparison, evaluate
+from kdface import comparison, evaluation
 from kdface.comparison import _runner
 from kdface.data import make_synthetic_dataset
 from kdface.training import TrainConfig
@@ -123,9 +123,10 @@ def test_report_numbers_equal_kdface_evaluate_on_the_same_runs(resumed, data):
     spec, report = resumed["spec"], resumed["report"]
     workdirs = {m: comparison.row_workdir(spec, m, 0) for m in ("self_studied", "kd_im")}
     workdirs["teacher"] = data["teacher"]
-    sets = evaluate.load_sets([data["bin"]])
-    direct = evaluate.compare(workdirs, sets, lr_sizes=LR_SIZES, far_targets=FARS,
-                              latency_repeats=1)
+    sets = evaluation.load_sets([data["bin"]])
+    direct = evaluation.compare(workdirs, [
+        evaluation.Verification(sets, lr_sizes=LR_SIZES, far_targets=FARS),
+        evaluation.ModelFacts(latency_repeats=1)])
     set_name = next(iter(sets))
     for method in ("self_studied", "kd_im"):
         want = direct["runs"][method]["verification"][set_name]

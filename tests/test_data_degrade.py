@@ -4,15 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdface.data import (
-    LR_SIZES,
-    LowResolutionAugment,
-    default_blur_sigma,
-    degrade_to_low_resolution,
-    low_resolution_shape,
-    lr_probe,
-    lr_probe_pairs,
-)
+from kdface.data import (LR_SIZES, LowResolutionAugment, default_blur_sigma,
+                         degrade_to_low_resolution, low_resolution_shape, lr_probe, lr_probe_pairs)
 
 
 def noise_image(h=112, w=112, seed=0):

@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from kdface import evaluate, metrics
+from kdface import evaluate, evaluation, metrics
 from kdface.data import (build_training_dataset, build_verification_dataset, encode_image,
                          lr_probe_pairs, make_verification_arrays, normalize_images,
                          write_landmarks_csv, write_lfw_pairs, write_recordio,
@@ -73,7 +73,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedder(env):
-    return evaluate.Embedder(env["run"], batch_size=BATCH)
+    return evaluation.Embedder(env["run"], batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +120,12 @@ def _records(n=40, size=20, seed=5, landmarks=False):
 def report(env, embedder, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("report"))
     recs, _, _ = _records()
-    sets = evaluate.load_sets([env["bin"]])
-    rep = evaluate.compare({"tiny": embedder}, sets, lr_sizes=[4, 8, 12], out_dir=out,
-                           identification_data=recs, ranks=(1, 3), fpr_targets=(0.1, 0.01),
-                           probe_chunk=7, item_chunk=5, latency_repeats=2)
+    sets = evaluation.load_sets([env["bin"]])
+    evaluators = [evaluation.Verification(sets, lr_sizes=[4, 8, 12]),
+                  evaluation.Identification(recs, ranks=(1, 3), fpr_targets=(0.1, 0.01),
+                                            probe_chunk=7, item_chunk=5),
+                  evaluation.ModelFacts(latency_repeats=2)]
+    rep = evaluation.compare({"tiny": embedder}, evaluators, out_dir=out)
     return rep, out
 
 
@@ -145,7 +147,7 @@ def test_flip_sums_image_and_mirror_embeddings(env, embedder, direct):
     want = (a + b) / np.linalg.norm(a + b, axis=1, keepdims=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert np.abs(got - metrics.l2_normalize(a)).max() > 1e-3  # the mirror changes something
-    res = evaluate.verification_report(embedder, images, env["issame"], flip=True)
+    res = evaluation.verification_report(embedder, images, env["issame"], flip=True)
     ref = metrics.verification(want[0::2], want[1::2], env["issame"])
     assert res["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
 
@@ -166,7 +168,7 @@ def test_report_files_exist_and_parse(report):
     for s in (4, 8, 12):
         assert f"{s} px probe" in md
     # Rendering the parsed JSON (string keys) gives the same markdown as the live report.
-    assert evaluate.markdown_table(parsed) == md
+    assert evaluation.markdown_table(parsed) == md
 
 
 def test_report_accuracies_equal_metrics_on_independent_embeddings(env, report, direct):
@@ -193,7 +195,7 @@ def test_unsupported_fars_are_stated(report):
     assert rep["sets"]["val"]["min_train_negatives"] == 18
     assert hr["tar_at_far_unsupported"] == [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]
     assert hr["tar_at_far"][0.1] is not None and hr["tar_at_far"][1e-2] is None
-    md = evaluate.markdown_table(rep)
+    md = evaluation.markdown_table(rep)
     assert "n/s" in md and "not supported) at 1e-2, 1e-3, 1e-4, 1e-5, 1e-6" in md
 
 
@@ -233,7 +235,7 @@ def test_model_facts(report, env):
     backbone = nnx.state(abstract.network.backbone, nnx.Param)
     assert facts["params"] == sum(int(np.prod(v.shape)) for v in jax.tree.leaves(backbone))
     assert facts["macs"] > 0 and facts["latency_ms"] > 0
-    assert "MACs" in evaluate.markdown_table(report[0])
+    assert "MACs" in evaluation.markdown_table(report[0])
 
 
 # --- exported embeddings ---------------------------------------------------------------------
@@ -246,9 +248,9 @@ def test_identification_from_npz_equals_identify(tmp_path):
     shared = rng.normal(size=(50, 8)).astype(np.float32)
     np.savez(tmp_path / "a.npz", **arrays)
     np.save(tmp_path / "distr.npy", shared)
-    rep = evaluate.compare({"a": str(tmp_path / "a.npz")}, {}, ranks=(1, 5),
-                           fpr_targets=(1e-1, 1e-2), distractors=str(tmp_path / "distr.npy"),
-                           item_chunk=7)
+    ident = evaluation.Identification(ranks=(1, 5), fpr_targets=(1e-1, 1e-2),
+                                      distractors=str(tmp_path / "distr.npy"), item_chunk=7)
+    rep = evaluation.compare({"a": str(tmp_path / "a.npz")}, [evaluation.Verification({}), ident])
     ref = metrics.identify(arrays["probe_emb"], arrays["probe_labels"], arrays["gallery_emb"],
                            arrays["gallery_labels"], distractor_emb=shared, ranks=(1, 5),
                            fpr_targets=(1e-1, 1e-2))
@@ -257,7 +259,7 @@ def test_identification_from_npz_equals_identify(tmp_path):
     assert got["rank_accuracy"] == pytest.approx(ref["rank_accuracy"])
     assert got["tpr_at_fpr"] == pytest.approx(ref["tpr_at_fpr"])
     assert got["dir_at_fpir"] == pytest.approx(ref["dir_at_fpir"])
-    assert "| a | 10 | 30 | 50 |" in evaluate.markdown_table(rep)
+    assert "| a | 10 | 30 | 50 |" in evaluation.markdown_table(rep)
 
 
 def test_cli_export_then_compare_with_the_checkpoint(env, direct, tmp_path, capsys):
@@ -328,8 +330,8 @@ def test_alignment_nrmse_in_network_input_pixels(env, embedder, tmp_path):
     workdir = str(tmp_path / "align")
     graphdef, params, rest = _alignment_run(workdir, env["run"])
     recs, images, _ = _records(n=12, size=20, landmarks=True)
-    rep = evaluate.compare({"align": workdir, "plain": embedder}, {}, alignment_data=recs,
-                           model_facts=False, out_dir=str(tmp_path / "out"))
+    rep = evaluation.compare({"align": workdir, "plain": embedder}, [evaluation.Alignment(recs)],
+                             out_dir=str(tmp_path / "out"))
 
     def landmarks(p, r, x):
         student = nnx.merge(graphdef, p, r)
@@ -348,7 +350,7 @@ def test_alignment_nrmse_in_network_input_pixels(env, embedder, tmp_path):
     assert "alignment" not in rep["runs"]["plain"]
     assert "no landmark head" in " ".join(rep["runs"]["plain"]["notes"])
     assert os.path.isfile(tmp_path / "out" / "ced_alignment.png")
-    assert "## Alignment" in evaluate.markdown_table(rep)
+    assert "## Alignment" in evaluation.markdown_table(rep)
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -367,14 +369,14 @@ def test_pairs_txt_and_built_set_read_like_the_bin(env, tmp_path):
         pairs.append((f"a{i}", 1, 2) if issame[i] else (f"a{i}", 1, f"b{i}", 1))
     write_lfw_pairs(tmp_path / "pairs.txt", pairs, num_folds=10)
     build_verification_dataset(env["bin"], str(tmp_path / "tfds"), name="built")
-    sets = evaluate.load_sets([f"{tmp_path / 'pairs.txt'}={tmp_path / 'img'}", env["bin"],
+    sets = evaluation.load_sets([f"{tmp_path / 'pairs.txt'}={tmp_path / 'img'}", env["bin"],
                                "built"], pairs_ext="png", data_dir=str(tmp_path / "tfds"))
     assert list(sets) == [tmp_path.name, "val", "built"]
     for name in sets:
         np.testing.assert_array_equal(sets[name][0], images)
         np.testing.assert_array_equal(sets[name][1], issame)
     with pytest.raises(FileNotFoundError, match="neither a file nor a verification set"):
-        evaluate.load_sets(["nosuchset"], data_dir=str(tmp_path / "tfds"))
+        evaluation.load_sets(["nosuchset"], data_dir=str(tmp_path / "tfds"))
 
 
 def test_labelled_datasets_read_alike_from_rec_folders_and_built_sets(tmp_path):
@@ -388,9 +390,9 @@ def test_labelled_datasets_read_alike_from_rec_folders_and_built_sets(tmp_path):
         cv2.imwrite(str(tmp_path / "folders" / f"id{y}" / f"{i:02d}.png"), im[..., ::-1])
     build_training_dataset(str(tmp_path / "d.rec"), str(tmp_path / "tfds"), name="train_lm",
                            landmarks=str(tmp_path / "d.csv"))
-    rec = evaluate.open_face_records(str(tmp_path / "d.rec"), landmarks=str(tmp_path / "d.csv"))
-    built = evaluate.open_face_records("train_lm", data_dir=str(tmp_path / "tfds"))
-    listed = evaluate.open_face_records(recs)
+    rec = evaluation.open_face_records(str(tmp_path / "d.rec"), landmarks=str(tmp_path / "d.csv"))
+    built = evaluation.open_face_records("train_lm", data_dir=str(tmp_path / "tfds"))
+    listed = evaluation.open_face_records(recs)
     for source in (rec, built, listed):
         assert len(source) == 8
         read = [source.read(i) for i in range(8)]
@@ -403,13 +405,13 @@ def test_labelled_datasets_read_alike_from_rec_folders_and_built_sets(tmp_path):
             assert label == labels[i]
             np.testing.assert_array_equal(image, images[i])
             np.testing.assert_allclose(lm, points[i], atol=5e-4)  # the CSV keeps 3 decimals
-    folders = evaluate.open_face_records(str(tmp_path / "folders"))
+    folders = evaluation.open_face_records(str(tmp_path / "folders"))
     got = sorted((folders.read(i)[0], folders.read(i)[1].tobytes()) for i in range(8))
     assert got == sorted((int(y), im.tobytes()) for y, im in zip(labels, images))
-    gallery, probes = evaluate.split_gallery_probe(labels)
+    gallery, probes = evaluation.split_gallery_probe(labels)
     assert gallery.tolist() == [0, 1, 2, 3, 4, 5] and probes.tolist() == [6, 7]
     with pytest.raises(FileNotFoundError, match="neither a path nor a training set"):
-        evaluate.open_face_records("nosuchset", data_dir=str(tmp_path / "tfds"))
+        evaluation.open_face_records("nosuchset", data_dir=str(tmp_path / "tfds"))
 
 
 def test_generations_parent_resolves_to_the_last_generation(tmp_path):
@@ -425,31 +427,32 @@ def test_generations_parent_resolves_to_the_last_generation(tmp_path):
 def test_bad_pair_inputs_raise_clear_errors(env, embedder, tmp_path):
     images, issame = env["images"], env["issame"]
     with pytest.raises(ValueError, match="odd number of images"):
-        evaluate.verification_report(embedder, images[:-1], issame[:-1])
+        evaluation.verification_report(embedder, images[:-1], issame[:-1])
     with pytest.raises(ValueError, match="40 pairs of images but 39 issame"):
-        evaluate.verification_report(embedder, images, issame[:-1])
+        evaluation.verification_report(embedder, images, issame[:-1])
     with pytest.raises(ValueError, match="positive ints"):
-        evaluate.lr_report(embedder, images, issame, [0])
+        evaluation.lr_report(embedder, images, issame, [0])
     with pytest.raises(ValueError, match="smaller than the set's images"):
-        evaluate.lr_report(embedder, images, issame, [8, 24])
+        evaluation.lr_report(embedder, images, issame, [8, 24])
+    val = [evaluation.Verification({"val": (None, issame)})]
     np.savez(tmp_path / "odd.npz", emb=np.zeros((5, 8)), issame=np.ones(2, bool))
     with pytest.raises(ValueError, match="odd number of rows"):
-        evaluate.compare({"x": str(tmp_path / "odd.npz")}, {"val": (None, issame)})
+        evaluation.compare({"x": str(tmp_path / "odd.npz")}, val)
     np.savez(tmp_path / "flipped.npz", emb=np.zeros((80, 8)), issame=~issame)
     with pytest.raises(ValueError, match="differ from set 'val'"):
-        evaluate.compare({"x": str(tmp_path / "flipped.npz")}, {"val": (None, issame)})
+        evaluation.compare({"x": str(tmp_path / "flipped.npz")}, val)
     np.savez(tmp_path / "short.npz", emb=np.zeros((78, 8)))
     with pytest.raises(ValueError, match="39 pairs but set 'val' has 40"):
-        evaluate.compare({"x": str(tmp_path / "short.npz")}, {"val": (None, issame)})
+        evaluation.compare({"x": str(tmp_path / "short.npz")}, val)
     np.savez(tmp_path / "ident.npz", gallery_emb=np.zeros((4, 8)), gallery_labels=np.arange(3),
              probe_emb=np.zeros((2, 8)), probe_labels=np.arange(2))
     with pytest.raises(ValueError, match="one label per row"):
-        evaluate.compare({"x": str(tmp_path / "ident.npz")}, {})
+        evaluation.compare({"x": str(tmp_path / "ident.npz")}, [evaluation.Identification()])
 
 
 def test_workdir_without_config_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a kdface training workdir"):
-        evaluate.Embedder(str(tmp_path))
+        evaluation.Embedder(str(tmp_path))
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -496,9 +499,10 @@ def test_insightface_protocol_report_equals_insightface_numbers(env, embedder, t
     """--protocol=insightface: flip on by default, the unnormalized image + mirror sums fed to
     insightface's evaluate() (re-implemented in test_metrics_verification); the report says so."""
     from test_metrics_verification import _insightface_evaluate
-    sets = evaluate.load_sets([env["bin"]])
-    rep = evaluate.compare({"tiny": embedder}, sets, protocol="insightface", model_facts=False,
-                           out_dir=str(tmp_path))
+    sets = evaluation.load_sets([env["bin"]])
+    rep = evaluation.compare({"tiny": embedder},
+                             [evaluation.Verification(sets, protocol="insightface")],
+                             out_dir=str(tmp_path))
     images, issame = sets["val"]
     raw = (np.asarray(embedder(images), np.float64) +
            np.asarray(embedder(np.ascontiguousarray(images[:, :, ::-1])), np.float64))
@@ -509,9 +513,9 @@ def test_insightface_protocol_report_equals_insightface_numbers(env, embedder, t
     assert rep["protocol"]["verification"] == "insightface" and rep["protocol"]["flip"] is True
     md = open(os.path.join(str(tmp_path), "report.md")).read()
     assert "Verification protocol: **insightface**" in md and "n/s" not in md
-    exact = evaluate.compare({"tiny": embedder}, sets, model_facts=False)
+    exact = evaluation.compare({"tiny": embedder}, [evaluation.Verification(sets)])
     assert exact["protocol"]["verification"] == "exact" and exact["protocol"]["flip"] is False
-    assert "Verification protocol: **exact**" in evaluate.markdown_table(exact)
+    assert "Verification protocol: **exact**" in evaluation.markdown_table(exact)
 
 
 def test_cli_evaluates_pth_and_onnx_teachers_and_ijb(env, tmp_path, capsys):
@@ -546,8 +550,8 @@ def test_cli_evaluates_pth_and_onnx_teachers_and_ijb(env, tmp_path, capsys):
     hr = entry["verification"]["val"]["hr"]
     assert hr["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
     assert hr["auc"] == pytest.approx(ref["auc"], abs=1e-3)
-    meta = evaluate.IjbMeta(ijb_root, "IJBC")
-    crops = evaluate.aligned_crops(meta, 0, len(meta))
+    meta = evaluation.IjbMeta(ijb_root, "IJBC")
+    crops = evaluation.aligned_crops(meta, 0, len(meta))
     feats = metrics.ijb_image_features(torch_model(crops), torch_model(crops[:, :, ::-1]),
                                        meta.face_scores)
     want = metrics.ijb_verification(feats, meta.templates, meta.medias, meta.template1,
@@ -561,9 +565,9 @@ def test_cli_evaluates_pth_and_onnx_teachers_and_ijb(env, tmp_path, capsys):
     pytest.importorskip("onnx", reason="reading .onnx files needs the onnx package")
     torch.onnx.export(net, torch.zeros(1, 3, 16, 16), onnx_path, dynamo=False,
                       input_names=["data"])
-    onnx_rep = evaluate.compare({"onnx": f"onnx:iresnet18:{onnx_path}"},
-                                evaluate.load_sets([env["bin"]]), model_facts=False,
-                                batch_size=32)
+    onnx_sets = evaluation.load_sets([env["bin"]])
+    onnx_rep = evaluation.compare({"onnx": f"onnx:iresnet18:{onnx_path}"},
+                                  [evaluation.Verification(onnx_sets)], batch_size=32)
     onnx_hr = onnx_rep["runs"]["onnx"]["verification"]["val"]["hr"]
     assert onnx_hr["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
     assert onnx_rep["runs"]["onnx"]["source"] == f"onnx:iresnet18:{onnx_path}"

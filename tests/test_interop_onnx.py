@@ -1,6 +1,6 @@
 """Shipping students as ONNX: ``python -m kdface.export`` and the jaxpr -> ONNX translator.
 
-The reference is JAX itself (``kdface.evaluate.Embedder`` for a trained run, the module's own
+The reference is JAX itself (``kdface.evaluation.Embedder`` for a trained run, the module's own
 forward pass elsewhere); ONNX Runtime must agree to 1e-4 (relative to the output scale) at batch
 1 and 3 from one file, which checks that the batch dimension is really dynamic.
 """
@@ -80,7 +80,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_cli_export_of_trained_run_matches_jax_at_batch_1_and_3(trained_run, tmp_path):
-    from kdface.evaluate import Embedder
+    from kdface.evaluation import Embedder
     from kdface.data import normalize_images
     out = tmp_path / "student.onnx"
     # A fresh single-device process (the run was trained on 4 devices here).

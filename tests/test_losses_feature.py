@@ -1,4 +1,4 @@
-"""Tests for kdface.losses._feature against float64 NumPy loops over the seeds' formulas."""
+"""Tests for kdface.losses._feature against float64 NumPy loops over the papers' formulas."""
 from __future__ import annotations
 
 import math

@@ -160,4 +160,4 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="reduction"):
         soft_prediction_loss(s, t, temperature=1.0, reduction="batchmean")
     with pytest.raises(TypeError):
-        hinton_kd_loss(s, t)  # temperature has no default: the seeds' values differ
+        hinton_kd_loss(s, t)  # temperature has no default: the papers' values differ

@@ -128,7 +128,8 @@ def _embeddings(n: int, seed: int, ties: bool):
 @pytest.mark.parametrize("method,relation,inversion,margin,margin_value", [
     ("sorted", "cosine", "exp", "teacher_diff", 0.0),
     ("sorted", "euclidean", "diff", "const", 0.1),
-    ("tiled", "cosine", "ranknet", "teacher_std", 0.0), ("tiled", "euclidean", "power", "none", 0.0)])
+    ("tiled", "cosine", "ranknet", "teacher_std", 0.0),
+    ("tiled", "euclidean", "power", "none", 0.0)])
 def test_embeddings_equal_dense(method, relation, inversion, margin, margin_value):
     """Both relations, through the scores' chain rule; duplicate rows give teacher and student
     ties."""

@@ -1,5 +1,5 @@
-"""PWR teacher ties (Nikitin et al. 2020 eq. 3): the tie tolerance in every method, and pairs counted
-in the inputs' dtype by the sharded loss.
+"""PWR teacher ties (Nikitin et al. 2020 eq. 3): the tie tolerance in every method, and pairs
+counted in the inputs' dtype by the sharded loss.
 
 A teacher with integer-valued embeddings has many mathematically equal cosines; computed in
 float32 they differ by rounding, and a strict ``>`` orders them. ``tie_tolerance`` merges them:

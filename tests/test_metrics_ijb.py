@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from kdface import evaluate, metrics
+from kdface import evaluation, metrics
 from kdface.data import align_face, face_template
 
 # 6 subjects, 12 templates; template 11 repeats template 10's images under new names, so its
@@ -180,7 +180,7 @@ def ijbc(tmp_path_factory):
 
 def test_ijb_report_equals_insightface_pipeline(ijbc):
     root, count = ijbc
-    got = evaluate.ijb_report(_model, root, "IJBC", far_targets=FARS)
+    got = evaluation.ijb_report(_model, root, "IJBC", far_targets=FARS)
     score, tars = _reference_ijb(root, _model, FARS)
     np.testing.assert_array_equal(got["scores"], score)
     assert got["tar_at_far"] == tars
@@ -194,8 +194,8 @@ def test_ijb_report_equals_insightface_pipeline(ijbc):
 
 def test_alignment_brings_the_landmarks_onto_the_template(ijbc):
     root, _ = ijbc
-    meta = evaluate.IjbMeta(root, "ijbc")
-    crops = evaluate.aligned_crops(meta, 0, 3)
+    meta = evaluation.IjbMeta(root, "ijbc")
+    crops = evaluation.aligned_crops(meta, 0, 3)
     assert crops.shape == (3, 112, 112, 3) and crops.dtype == np.uint8
     rgb = cv2.imread(os.path.join(root, "loose_crop", meta.names[0]))[:, :, ::-1]
     x, y = meta.landmarks[0][2]  # the nose blob's colour reappears at the template's nose
@@ -237,9 +237,9 @@ def test_template_features_hand_example():
 def test_meta_errors_are_clear(ijbc, tmp_path):
     root, _ = ijbc
     with pytest.raises(FileNotFoundError, match="ijbb_face_tid_mid.txt"):
-        evaluate.IjbMeta(root, "IJBB")
+        evaluation.IjbMeta(root, "IJBB")
     with pytest.raises(ValueError, match="IJBB"):
-        evaluate.parse_ijb_spec("LFW:/x")
+        evaluation.parse_ijb_spec("LFW:/x")
     bad = tmp_path / "bad"
     os.makedirs(bad / "meta")
     os.makedirs(bad / "loose_crop")
@@ -250,4 +250,4 @@ def test_meta_errors_are_clear(ijbc, tmp_path):
             text = "\n".join([lines[1], lines[0], *lines[2:]]) + "\n"
         (bad / "meta" / f"ijbc_{suffix}.txt").write_text(text)
     with pytest.raises(ValueError, match="not list the images .* in the same order"):
-        evaluate.IjbMeta(str(bad), "IJBC")
+        evaluation.IjbMeta(str(bad), "IJBC")

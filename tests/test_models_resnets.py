@@ -131,7 +131,8 @@ def test_se_iresnet100_adds_exactly_se_params():
     for c, n in zip(WIDE, (3, 13, 30, 3)):
         r = c // 16
         se += n * (c * r + r + r + r * c + c)   # fc1 + bias, PReLU, fc2 + bias
-    extra = count_params(abstract_model("se_iresnet100")) - count_params(abstract_model("iresnet100"))
+    extra = (count_params(abstract_model("se_iresnet100"))
+             - count_params(abstract_model("iresnet100")))
     assert extra == se
 
 

@@ -21,7 +21,7 @@ from flax import nnx
 from kdface import models
 from kdface.distill import (RECIPES, RecipeSpec, TermDecl, build_recipe, build_student,
                             register_recipe)
-from kdface.evaluate import Embedder
+from kdface.evaluation import Embedder
 from kdface.export import export_checkpoint
 from kdface.training import ArrayBatches, fit, restore_run
 from kdface.training._checkpoint import load_model_weights

@@ -3,11 +3,11 @@ the replicated head's loss and gradients, and holds ~1/4 of the head's memory pe
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from benchmarks._common import head_step_memory, peak_bytes
 from kdface.distill import build_student
 from kdface.losses import arcface_logits, cosface_logits, margin_cross_entropy
 from kdface.models import MarginHead, shard_margin_heads
@@ -93,36 +93,9 @@ def test_heads_below_min_classes_stay_replicated_and_bad_inputs_are_refused():
 
 def _compiled_step_memory(embedding_size, num_classes, batch, *, shard):
     """Per-device memory analysis of one CosFace + SGD-momentum step of the head alone, compiled
-    from abstract inputs (nothing of that size is allocated)."""
-    mesh = _mesh()
-    head = nnx.eval_shape(lambda: MarginHead(embedding_size, num_classes, rngs=nnx.Rngs(0)))
-    if shard:
-        shardings = shard_margin_heads(head, mesh)
-    else:
-        shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.state(head, nnx.Param))
-    graphdef, params = nnx.split(head)
-    opt = optax.sgd(0.1, momentum=0.9)
-    loss_fn = _loss_fn(graphdef, cosface_logits)
-
-    def step(params, opt_state, embeddings, labels):
-        loss, grads = jax.value_and_grad(loss_fn)(params, embeddings, labels)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          params, shardings)
-    opt_state = jax.eval_shape(opt.init, params)
-    by_batch = NamedSharding(mesh, P("data"))
-    embeddings = jax.ShapeDtypeStruct((batch, embedding_size), jnp.float32, sharding=by_batch)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_batch)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, embeddings,
-                                                          labels).compile()
-    return compiled.memory_analysis()
-
-
-def _peak(memory):
-    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    from abstract inputs (nothing of that size is allocated): the program the sharded-head
+    benchmark measures."""
+    return head_step_memory(_mesh(), embedding_size, num_classes, batch, shard=shard)
 
 
 def test_per_device_memory_of_head_and_logits_is_about_a_quarter():
@@ -139,8 +112,8 @@ def test_per_device_memory_of_head_and_logits_is_about_a_quarter():
 def test_two_million_class_head_compiles_within_one_device_budget():
     """A 2 M-class x 512 head with a batch of 512: replicated it needs ~19 GiB per device (more
     than a 16 GiB accelerator holds); split over 4 devices ~5.7 GiB each."""
-    replicated = _peak(_compiled_step_memory(512, 2_000_000, 512, shard=False))
-    sharded = _peak(_compiled_step_memory(512, 2_000_000, 512, shard=True))
+    replicated = peak_bytes(_compiled_step_memory(512, 2_000_000, 512, shard=False))
+    sharded = peak_bytes(_compiled_step_memory(512, 2_000_000, 512, shard=True))
     assert replicated > 16 * GIB
     assert sharded < 8 * GIB
     assert sharded < 0.35 * replicated

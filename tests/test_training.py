@@ -289,7 +289,7 @@ def test_every_recipe_runs(tmp_path, teacher_dir, recipe, extra):
     summary = run(cfg, data_dir="", source=_source(), num_classes=CLASSES, val_sets=[])
     assert summary["step"] == 2
     assert np.isfinite(summary["metrics"]["loss"])
-    # Every recipe's run evaluates (kdface.evaluate's Embedder) and exports to ONNX.
+    # Every recipe's run evaluates (kdface.evaluation's Embedder) and exports to ONNX.
     from kdface.evaluation import Embedder
     from kdface.export import export_checkpoint
     images = np.stack([decode_image(r["image"]) for r in _source(4)])

@@ -72,6 +72,16 @@ class Method:
 
 _PWR_BASE = {"recipe": "pwr", "temperature": 4.0, "gamma": 0.0}
 
+
+def _nikitin_baseline(name: str, kd_loss: str, alpha: float, beta: float,
+                      weights: str) -> Method:
+    """A Nikitin et al. 2020 Table 1 baseline: eq. 12, CosFace + ``kd_loss`` weighted ``alpha``
+    (``beta`` on CosFace), initialized from the self-studied student like PWR."""
+    return Method(name, "nikitin2020", f"eq. 12, CosFace + {weights} (Table 1)",
+                  {**_PWR_BASE, "kd_loss": kd_loss, "alpha": alpha, "beta": beta},
+                  init_from="self_studied")
+
+
 METHODS: tuple[Method, ...] = (
     Method("self_studied", "self", "the student's own classification loss, same LR-augmented "
            "data (Wang et al. 2019 / duong2019 'self-studied' baseline)",
@@ -97,22 +107,12 @@ METHODS: tuple[Method, ...] = (
                                     "pwr_inversion": "exp", "pwr_margin": "teacher_diff",
                                     "alpha": 100.0, "beta": 0.0},
            init_from="self_studied"),
-    Method("rkd_d", "nikitin2020", "eq. 12, CosFace + RKD-D: α = 100, β = 1 (Table 1)",
-           {**_PWR_BASE, "kd_loss": "rkd_d", "alpha": 100.0, "beta": 1.0},
-           init_from="self_studied"),
-    Method("rkd_a", "nikitin2020", "eq. 12, CosFace + RKD-A: α = 200, β = 1 (Table 1)",
-           {**_PWR_BASE, "kd_loss": "rkd_a", "alpha": 200.0, "beta": 1.0},
-           init_from="self_studied"),
-    Method("rkd_da", "nikitin2020", "eq. 12, CosFace + RKD-DA: α = 100 (RKD-D's; the paper "
-           "gives none for DA), β = 1 (Table 1)",
-           {**_PWR_BASE, "kd_loss": "rkd_da", "alpha": 100.0, "beta": 1.0},
-           init_from="self_studied"),
-    Method("darkrank", "nikitin2020", "eq. 12, CosFace + DarkRank (hard): α = 1, β = 1 "
-           "(Table 1)", {**_PWR_BASE, "kd_loss": "darkrank", "alpha": 1.0, "beta": 1.0},
-           init_from="self_studied"),
-    Method("hkd", "nikitin2020", "eq. 12, CosFace + HKD: β = 0.7, γ = 0.3, τ = 4 (Table 1)",
-           {**_PWR_BASE, "kd_loss": "hinton", "alpha": 0.3, "beta": 0.7},
-           init_from="self_studied"),
+    _nikitin_baseline("rkd_d", "rkd_d", 100.0, 1.0, "RKD-D: α = 100, β = 1"),
+    _nikitin_baseline("rkd_a", "rkd_a", 200.0, 1.0, "RKD-A: α = 200, β = 1"),
+    _nikitin_baseline("rkd_da", "rkd_da", 100.0, 1.0,
+                      "RKD-DA: α = 100 (RKD-D's; the paper gives none for DA), β = 1"),
+    _nikitin_baseline("darkrank", "darkrank", 1.0, 1.0, "DarkRank (hard): α = 1, β = 1"),
+    _nikitin_baseline("hkd", "hinton", 0.3, 0.7, "HKD: β = 0.7, γ = 0.3, τ = 4"),
     # kd_transfer: the softmax-pretrained student is the full initialization (eq. 3).
     Method("softmax_student", "kd_transfer", "eq. 3: the student pretrained with softmax (the "
            "full initialization of the two rows below; no teacher)",

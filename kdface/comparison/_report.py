@@ -274,7 +274,8 @@ def _macs(model: Mapping[str, Any]) -> str:
 
 def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
     """``comparison.json``, ``comparison.md``, ``accuracy_<set>.png`` (per method, mean ± std
-    at full resolution and at the smallest probe size) and ``accuracy_vs_probe_<set>.png`` (each with a PDF beside it)."""
+    at full resolution and at the smallest probe size) and ``accuracy_vs_probe_<set>.png`` (each
+    with a PDF beside it)."""
     from kdface import metrics
     from kdface.evaluation import write_json_and_markdown
     written = write_json_and_markdown(out_dir, "comparison", report, markdown_report(report))

@@ -190,19 +190,35 @@ def _train(config, **kwargs) -> dict[str, Any]:
     return run(config, **kwargs)
 
 
-def _evaluate(spec: Comparison, label: str, workdir: str, sets, *,
-              alignment: bool, model_facts: bool) -> dict[str, Any]:
-    """``kdface.evaluation.compare`` on one workdir: the report ``kdface.evaluate`` writes.
-    An alignment row is evaluated on alignment only: its embedding was never trained to
-    verify faces."""
-    from kdface.evaluation import compare
-    if alignment:
-        sets = {}
-    return compare({label: workdir}, sets, lr_sizes=spec.lr_sizes, flip=spec.flip,
-                   folds=spec.folds, far_targets=spec.far_targets, model_facts=model_facts,
-                   alignment_data=spec.alignment_data if alignment else None,
-                   data_dir=spec.data_dir, batch_size=spec.batch_size_eval,
-                   latency_repeats=spec.latency_repeats)
+class _Evaluators:
+    """The comparison's protocol objects, built once from its settings: verification (with the
+    LR probes), model facts, and alignment (its dataset opened when a row first needs it)."""
+
+    def __init__(self, spec: Comparison, sets):
+        from kdface.evaluation import ModelFacts, Verification
+        self.spec = spec
+        self.verification = Verification(sets, lr_sizes=spec.lr_sizes, flip=spec.flip,
+                                         folds=spec.folds, far_targets=spec.far_targets)
+        self.facts = ModelFacts(latency_repeats=spec.latency_repeats)
+        self._alignment = None
+
+    def alignment(self):
+        from kdface.evaluation import Alignment, open_face_records
+        if self._alignment is None:
+            self._alignment = Alignment(open_face_records(self.spec.alignment_data,
+                                                          data_dir=self.spec.data_dir))
+        return self._alignment
+
+    def evaluate(self, label: str, workdir: str, *, alignment: bool,
+                 model_facts: bool) -> dict[str, Any]:
+        """``kdface.evaluation.compare`` on one workdir: the report ``kdface.evaluate`` writes.
+        An alignment row is evaluated on alignment only: its embedding was never trained to
+        verify faces."""
+        from kdface.evaluation import compare
+        chosen = [self.alignment() if alignment else self.verification]
+        if model_facts:
+            chosen.append(self.facts)
+        return compare({label: workdir}, chosen, batch_size=self.spec.batch_size_eval)
 
 
 def _evaluation_settings(spec: Comparison) -> dict[str, Any]:
@@ -239,6 +255,7 @@ def run_comparison(spec: Comparison, *, log: Callable[[str], None] = _print,
     if not sets:
         raise ValueError("no verification sets: give val_data (.bin, pairs.txt or built names)")
     settings = _evaluation_settings(spec)
+    evaluators = _Evaluators(spec, sets)
 
     teacher_result = None
     if teacher["teacher_checkpoint"] is not None:
@@ -246,8 +263,8 @@ def run_comparison(spec: Comparison, *, log: Callable[[str], None] = _print,
         teacher_result = _load(path, settings=settings)
         if teacher_result is None:
             log(f"evaluating the teacher {spec.teacher}")
-            report = _evaluate(spec, "teacher", spec.teacher, sets, alignment=False,
-                               model_facts=True)
+            report = evaluators.evaluate("teacher", spec.teacher, alignment=False,
+                                         model_facts=True)
             teacher_result = {"evaluation_settings": settings, "sets": report["sets"],
                               "evaluation": report["runs"]["teacher"]}
             _write_json(path, teacher_result)
@@ -302,9 +319,9 @@ def run_comparison(spec: Comparison, *, log: Callable[[str], None] = _print,
                 else:  # trained earlier; only the evaluation settings changed
                     train = stored["train"]
                 t0 = time.perf_counter()
-                report = _evaluate(spec, label, fields["workdir"], sets,
-                                   alignment="alignment_data" in method.needs,
-                                   model_facts=i == 0)
+                report = evaluators.evaluate(label, fields["workdir"],
+                                             alignment="alignment_data" in method.needs,
+                                             model_facts=i == 0)
             except Exception as err:  # noqa: BLE001  (one broken method must not end the rest)
                 failed.add(method.name)
                 rows.append({**base, "status": "failed",
@@ -315,7 +332,8 @@ def run_comparison(spec: Comparison, *, log: Callable[[str], None] = _print,
                 continue
             entry = {**base, "status": "done", "fields": _normal(fields),
                      "evaluation_settings": settings, "train": train,
-                     "evaluation_seconds": time.perf_counter() - t0, "sets": report["sets"],
+                     "evaluation_seconds": time.perf_counter() - t0,
+                     "sets": report.get("sets", {}),
                      "evaluation": report["runs"][label]}
             _write_json(path, entry)
             rows.append(json.loads(json.dumps(_jsonable(entry))))

@@ -1,9 +1,9 @@
 """Low-resolution degradation of faces (Wang et al. 2019 §2.2 and the LR-LFW protocol, §3).
 
-wang2019 §2.2 makes low-resolution (LR) students' inputs by Gaussian blur and downscaling:
-40% of the training images, chosen at random, become 8x8, 12x12, 16x16, 20x20 or 30x30; the
-teacher keeps the original. Its LR-LFW test set keeps the gallery image and degrades the probe.
-The network still takes the full input size, so the LR image is scaled back up.
+Wang et al. 2019 §2.2 makes low-resolution (LR) students' inputs by Gaussian blur and downscaling:
+40% of the training images, chosen at random, become 8x8, 12x12, 16x16, 20x20 or 30x30; the teacher
+keeps the original. Its LR-LFW test set keeps the gallery image and degrades the probe. The network
+still takes the full input size, so the LR image is scaled back up.
 
 Choices the paper leaves open, made here:
 
@@ -93,7 +93,8 @@ def degrade_to_low_resolution(image, size: int, *, blur_sigma: float | None = No
 
 
 def lr_probe(image, size: int, *, blur: bool = True, interpolation: str = "bicubic"):
-    """One LR-LFW probe: ``image`` uint8 ``[H, W, 3]`` degraded to ``size`` (Wang et al. 2019 §3)."""
+    """One LR-LFW probe: ``image`` uint8 ``[H, W, 3]`` degraded to ``size`` (Wang et al. 2019
+    §3)."""
     return degrade_to_low_resolution(image, size, blur_sigma=None if blur else 0.0,
                                      interpolation=interpolation)
 

@@ -60,7 +60,7 @@ _TAG_CROP = 13
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
     """uint8 ``[..., H, W, 3]`` -> float32 ``(x / 255 - 0.5) / 0.5`` in [-1, 1] (the insightface
-    convention every seed paper's public code uses)."""
+    convention every paper's public code uses)."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise TypeError(f"images must be uint8, got {images.dtype}")

@@ -12,7 +12,7 @@ Everything is a pure function of integer seeds: ``identity_params(seed, identity
 ``sample_rng(seed, identity, sample)`` build NumPy generators from ``SeedSequence`` entropy
 lists, so one rendering never depends on how many others were drawn before it.
 
-None of the five seed papers describes synthetic data; this module exists so that the trainer, the
+None of the five papers describes synthetic data; this module exists so that the trainer, the
 builders and the evaluator run end to end without a download, through the real formats (RecordIO
 ``.rec/.idx``, ``.bin``).
 """

@@ -315,7 +315,8 @@ def hint_stages_term(inputs: TermInputs, *, stages: tuple[int, ...] = (1, 2)) ->
 
 @term("pwr", teacher_outputs={"embedding"}, relational=True)
 def pwr_term(inputs: TermInputs, **options) -> jax.Array:
-    """PWR on the embeddings' pair scores (Nikitin et al. 2020 eqs. 3-11); options go to pwr_loss."""
+    """PWR on the embeddings' pair scores (Nikitin et al. 2020 eqs. 3-11); options go to
+    pwr_loss."""
     teacher = _teacher(inputs, "pwr")
     fn = lambda s, t: losses.pwr_loss(s, t, **options)
     return _grouped(fn, inputs.relation_groups, inputs.student["embedding"], teacher["embedding"])

@@ -1,10 +1,13 @@
-"""The pieces of ``python -m kdface.evaluate`` (import them from ``kdface.evaluate``).
+"""The evaluator behind ``python -m kdface.evaluate`` and ``kdface.compare``.
 
-``_embedder``: runs (a training workdir's network, or an exported-embedding file);
-``_imported``: a third-party teacher file (``pth:`` / ``onnx:``) as a run; ``_ijb``: IJB-B/C
-meta files, alignment and embedding;
-``_sources``: verification sets and labelled datasets; ``_protocols``: each paper protocol on
-one model; ``_report``: the side-by-side comparison, markdown and plots.
+``_evaluators``: one protocol object per evaluation protocol (:class:`Verification` with the LR
+probes, :class:`Identification`, :class:`IjbVerification`, :class:`Alignment`, :class:`ModelFacts`),
+each built once from its settings, evaluating one run at a time and rendering its own report
+sections (their interface, :class:`Evaluator`, in ``_evaluator``); ``_embedder``: runs (a training
+workdir's network, or an exported-embedding file); ``_imported``: a third-party teacher file
+(``pth:`` / ``onnx:``) as a run; ``_ijb``: IJB-B/C meta files, alignment and embedding;
+``_sources``: verification sets and labelled datasets; ``_protocols``: each paper protocol on one
+model (functions); ``_report``: the side-by-side comparison (runs x evaluators), markdown and plots.
 
 Imports of JAX, Flax, the data stack, the trainer and the ONNX/PyTorch readers sit inside the
 functions that need them, on purpose: ``import kdface.evaluation`` pulls in only NumPy and
@@ -14,6 +17,9 @@ a second.
 from __future__ import annotations
 
 from kdface.evaluation._embedder import Embedder, EmbeddingFile, resolve_workdir
+from kdface.evaluation._evaluator import Evaluator
+from kdface.evaluation._evaluators import (EVALUATORS, Alignment, Identification, IjbVerification,
+                                           ModelFacts, Verification)
 from kdface.evaluation._ijb import (IJB_NAMES, IjbMeta, aligned_crops, ijb_embeddings,
                                     ijb_report, parse_ijb_spec)
 from kdface.evaluation._imported import TeacherEmbedder
@@ -38,10 +44,12 @@ from kdface.evaluation._sources import (
     split_gallery_probe,
 )
 
-__all__ = ["aligned_crops", "alignment_report", "check_lr_sizes", "compare", "embed_records",
-           "Embedder", "EmbeddingFile", "export_embeddings", "FaceRecords",
-           "identification_arrays", "identification_report", "ijb_embeddings", "IJB_NAMES",
-           "ijb_report", "IjbMeta", "load_sets", "lr_report", "markdown_table",
+__all__ = ["aligned_crops", "Alignment", "alignment_report", "check_lr_sizes", "compare",
+           "embed_records", "Embedder", "EmbeddingFile", "Evaluator", "EVALUATORS",
+           "export_embeddings", "FaceRecords", "Identification", "identification_arrays",
+           "identification_report", "ijb_embeddings", "IJB_NAMES", "ijb_report", "IjbMeta",
+           "IjbVerification", "load_sets", "lr_report", "markdown_table", "ModelFacts",
            "open_face_records", "open_run", "parse_ijb_spec", "resolve_workdir", "set_name",
-           "split_gallery_probe", "TeacherEmbedder", "to_jsonable", "verification_from_embeddings",
-           "verification_report", "write_json_and_markdown", "write_report"]
+           "split_gallery_probe", "TeacherEmbedder", "to_jsonable", "Verification",
+           "verification_from_embeddings", "verification_report", "write_json_and_markdown",
+           "write_report"]

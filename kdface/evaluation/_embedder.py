@@ -45,8 +45,11 @@ class Embedder:
 
     Attributes: ``config`` (the run's config dict), ``workdir``, ``step``, ``input_size``
     (H, W), ``embedding_size``, ``has_landmarks`` (the run's network carries Wang et al. 2017's
-    landmark head), ``network`` (the eval-mode ``FaceNetwork``).
+    landmark head), ``network`` (the eval-mode ``FaceNetwork``), ``embeds_images`` (True: the
+    evaluators hand it images).
     """
+
+    embeds_images = True
 
     def __init__(self, workdir: str, *, batch_size: int = 128, step: int | None = None):
         import jax
@@ -144,6 +147,10 @@ class Embedder:
                              f"--recipe=transfer --transfer_task=alignment)")
         return self.outputs(images)["landmarks"]
 
+    def describe(self) -> dict[str, Any]:
+        """The run's entry in a report: ``kind``, ``source``, ``step``."""
+        return {"kind": "checkpoint", "source": self.workdir, "step": self.step}
+
     # -- model facts ---------------------------------------------------------------------------
 
     def model_facts(self, *, latency_repeats: int = 20) -> dict[str, Any]:
@@ -186,7 +193,11 @@ class EmbeddingFile:
     ``<set>/issame`` [P] (or ``issame``), LR probes ``<set>/lr<size>/emb``; identification
     ``gallery_emb`` [G, D], ``gallery_labels`` [G], ``probe_emb`` [Q, D], ``probe_labels`` [Q],
     ``distractor_emb`` [M, D]; ``flip`` (bool scalar: whether the embeddings are image + flip).
+    It embeds no images and has no landmark head (``embeds_images``, ``has_landmarks`` False).
     """
+
+    embeds_images = False
+    has_landmarks = False
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -199,6 +210,10 @@ class EmbeddingFile:
             raise ValueError(f"{self.path} is not a readable .npz of arrays: {err}") from err
         flip = self.arrays.get("flip")
         self.flip = None if flip is None else bool(np.asarray(flip))
+
+    def describe(self) -> dict[str, Any]:
+        """The run's entry in a report: ``kind``, ``source``."""
+        return {"kind": "embeddings", "source": self.path}
 
     def _find(self, set_name: str, suffix: str) -> np.ndarray | None:
         for key in (f"{set_name}/{suffix}", suffix):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import types
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +51,10 @@ class TeacherEmbedder(Embedder):
         self.batch_size = batch_size
         graph, self._teacher_state = nnx.split(backbone)
         self._teacher_forward = _jitted_forward(graph)
+
+    def describe(self) -> dict[str, Any]:
+        """The run's entry in a report: ``kind``, ``source``, ``arch``."""
+        return {"kind": "imported teacher", "source": self.spec, "arch": self.arch}
 
     def outputs(self, images) -> dict[str, np.ndarray]:
         """``{'embedding': [N, E]}`` float32 for uint8 images (chunks padded as Embedder's)."""

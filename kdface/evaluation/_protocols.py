@@ -133,8 +133,8 @@ def identification_report(probe_emb: Any, probe_labels: Any, gallery_emb: Any,
     accuracy, CMC, TPR@FPR over all probe-item pairs, DIR@FPIR, unsupported targets, counts;
     a rank above the number of gallery + distractor items is None), ``seconds``, and with
     ``nn_top1`` the leave-one-out Euclidean nearest-neighbour accuracy over gallery + probes
-    together (``kdface.metrics.nearest_neighbour_verification``; seed
-    kd_transfer §5.1: each test sample's nearest other sample shares its identity).
+    together (``kdface.metrics.nearest_neighbour_verification``; Wang et al. 2017 §5.1: each
+    test sample's nearest other sample shares its identity).
     """
     t0 = time.perf_counter()
     num_items = len(gallery_emb) + (0 if distractor_emb is None else len(distractor_emb))

@@ -1,7 +1,7 @@
 """Third-party pretrained teachers: ``--teacher=pth:...`` / ``--teacher=onnx:...`` specs.
 
-Wang et al. 2019's teacher is a network the student's trainer did not train. Users have insightface's
-IResNet teachers as PyTorch state dicts and ONNX files; a teacher spec names one:
+Wang et al. 2019's teacher is a network the student's trainer did not train. Users have
+insightface's IResNet teachers as PyTorch state dicts and ONNX files; a teacher spec names one:
 
 * ``pth:/path/backbone.pth`` - an ``arcface_torch`` IResNet state dict (depth inferred from the
   tensors), or arcface_torch's resume file ``checkpoint_gpu_<rank>.pt`` (its
@@ -102,9 +102,9 @@ def imported_teacher(spec: str, recipe, *, num_classes: int, input_size: tuple[i
 
     An imported network has no classifier, so its head is a zero softmax layer (logits
     ``[B, num_classes]`` all 0): terms on the teacher's embedding / stage features work, and a
-    recipe that gives the teacher's logits a non-zero weight (``hinton``, ``soft_prediction``) is refused
-    here, before any compilation. ``options`` (``--teacher_options``) must be empty: the file
-    fixes the architecture.
+    recipe that gives the teacher's logits a non-zero weight (``hinton``, ``soft_prediction``) is
+    refused here, before any compilation. ``options`` (``--teacher_options``) must be empty: the
+    file fixes the architecture.
     """
     if options:
         raise ValueError(f"--teacher_options {dict(options)} do not apply to an imported "
@@ -114,7 +114,8 @@ def imported_teacher(spec: str, recipe, *, num_classes: int, input_size: tuple[i
     if logit_terms:
         raise ValueError(
             f"recipe {recipe.name!r} distils the teacher's class logits (term "
-            f"{logit_terms[0].name!r}, weight {logit_terms[0].weight}), but the imported teacher {spec} has no classifier head; "
+            f"{logit_terms[0].name!r}, weight {logit_terms[0].weight}), but the imported "
+            f"teacher {spec} has no classifier head; "
             f"set that weight to 0 (--lambda_soft=0 / --gamma=0) or use a recipe on "
             f"embeddings (pwr, vargface, shrinktea, kd_im with feature terms)")
     _, backbone = load_teacher_backbone(spec, input_size=input_size)

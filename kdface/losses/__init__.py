@@ -1,7 +1,7 @@
 """Distillation and face-recognition losses as pure JAX functions (one family per module).
 
 Every function takes arrays and keyword-only options and returns a scalar (or a per-example array
-with ``reduction=None`` where offered). Docstrings name shapes and the seed paper's equation.
+with ``reduction=None`` where offered). Docstrings name shapes and the paper's equation.
 """
 # Each loss family adds its own import block below.
 
@@ -17,8 +17,9 @@ from kdface.losses._metric import landmark_l2_loss, nrmse, triplet_loss
 from kdface.losses._pwr import pairwise_scores, pwr_loss, pwr_loss_from_scores
 from kdface.losses._pwr_sharded import pwr_loss_sharded
 
-# MK-MMD (Wang et al. 2019) and the relational baselines RKD-D, RKD-A, DarkRank-hard (nikitin2020 §4),
-# plus their batch-global versions across devices (call inside jax.shard_map, or via a mesh).
+# MK-MMD (Wang et al. 2019) and the relational baselines RKD-D, RKD-A, DarkRank-hard
+# (Nikitin et al. 2020 §4), plus their batch-global versions across devices (call inside
+# jax.shard_map, or via a mesh).
 from kdface.losses._mmd import mk_mmd
 from kdface.losses._relational import darkrank_hard_loss, rkd_angle_loss, rkd_distance_loss
 from kdface.losses._sharded import (darkrank_hard_loss_sharded, mk_mmd_sharded,

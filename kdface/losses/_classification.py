@@ -156,11 +156,12 @@ def arcface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64
                    margin: float = 0.5, easy_margin: bool = False) -> jax.Array:
     """ArcFace (additive angular margin) logits: ``s * cos(θ_y + m)`` on the target class.
 
-    Yan et al. 2019 eq. (6) (VarGFaceNet trains with ArcFace). Non-target classes get ``s * cos θ_j``.
+    Yan et al. 2019 eq. (6) (VarGFaceNet trains with ArcFace). Non-target classes get
+    ``s * cos θ_j``.
     ``cos(θ + m)`` is evaluated as ``cos θ cos m - sin θ sin m`` with ``sin θ = sqrt(1 - cos² θ)``.
 
     cos(θ + m) stops decreasing in θ once θ + m > π, so the target logit needs a fallback there
-    (the choice of the insightface reference code, which the seed uses):
+    (the choice of the insightface reference code, which the paper uses):
 
     * ``easy_margin=False`` (default): where ``cos θ <= cos(π - m)`` use ``cos θ - m sin m``
       (a CosFace-style penalty; note it is not continuous with cos(θ + m) at θ = π - m).

@@ -14,7 +14,7 @@ flattened to one ``H*W*C`` vector per example (Duong et al. 2019 applies the los
 stages, after the teacher's remaining blocks, which the caller runs). Student and teacher must
 have the same shape: a 1x1 adapter (``kdface.models``) maps widths first. Teacher features are
 frozen inputs and get ``stop_gradient``; losses are averaged over the batch as the 1/N of the
-seeds' equations unless ``reduction`` says otherwise.
+papers' equations unless ``reduction`` says otherwise.
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def l2_hint_loss(student: jax.Array, teacher: jax.Array, *, reduction: str | Non
 
     Wang et al. 2019 eq. (5) writes ``||F_S - F_T||`` and calls it the "feature L2 loss"; the
     FitNets hint and Duong et al. 2019's ℓ2 baseline square it. The default is the squared
-    distance summed over all feature elements (no 1/2, no division by D: duong2019 weights
-    it by 0.001 "due to the large value of the loss with large feature map");
+    distance summed over all feature elements (no 1/2, no division by D: Duong et al. 2019
+    weight it by 0.001 "due to the large value of the loss with large feature map");
     ``squared=False`` gives the plain norm of eq. (5), whose gradient at s = t is taken as 0.
 
     Args:

@@ -2,8 +2,8 @@
 
 Two forms of the soft loss appear in the papers and are kept apart here:
 
-* ``soft_prediction_loss``: the cross-entropy ``H(softmax(t/τ), softmax(s/τ))`` written by seed
-  wang2019 eq. (3) and Wang et al. 2017 eq. (2) (second term), with no τ² factor.
+* ``soft_prediction_loss``: the cross-entropy ``H(softmax(t/τ), softmax(s/τ))`` written by
+  Wang et al. 2019 eq. (3) and Wang et al. 2017 eq. (2) (second term), with no τ² factor.
 * ``hinton_kd_loss``: ``τ² KL(softmax(t/τ) || softmax(s/τ))``, Hinton et al.'s form with the τ²
   gradient rescaling, used as "HKD" with τ = 4 by Nikitin et al. 2020 eq. (12).
 
@@ -116,8 +116,8 @@ def hinton_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temp
                    reduction: str | None = "mean") -> jax.Array:
     """Hinton KD ``τ² KL(p_t || p_s)`` with ``p = softmax(logits / τ)``.
 
-    Nikitin et al. 2020 eq. (12), the HKD term (τ = 4 there); the same soft targets as Wang et al. 2019
-    eq. (3). Returns the KL divergence, not the cross-entropy: it is 0 when the student matches
+    Nikitin et al. 2020 eq. (12), the HKD term (τ = 4 there); the same soft targets as Wang et al.
+    2019 eq. (3). Returns the KL divergence, not the cross-entropy: it is 0 when the student matches
     the teacher, and differs from ``τ² H(p_t, p_s)`` by the teacher entropy ``τ² H(p_t)``, a
     constant for the student (see ``soft_prediction_loss`` for the cross-entropy form). The τ²
     factor keeps the soft-target gradients on the scale of the hard loss as τ changes.

@@ -1,6 +1,6 @@
 """Task losses of Wang et al. 2017: triplet loss (verification) and landmark regression (alignment).
 
-The seed's equations were lost from its text; what survives fixes the families: verification
+The paper's equations were lost from its text; what survives fixes the families: verification
 trains with the triplet loss of FaceNet (its ref. [22], eq. (8)) and alignment regresses
 landmarks with a Euclidean loss (eq. (6)) evaluated by NRMSE (its ref. [28], TCNN). The open
 details are settled by those references and written in each docstring.
@@ -62,7 +62,7 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
 
     Anchors without a positive or a negative contribute nothing; with no valid triplet at all the
     loss is 0. The defaults (L2-normalized embeddings, squared Euclidean distance, margin 0.2)
-    are FaceNet's; the seed's own margin value did not survive in its text.
+    are FaceNet's; the paper's own margin value did not survive in its text.
 
     Args:
       embeddings: ``[N, D]`` float.
@@ -122,7 +122,7 @@ def landmark_l2_loss(pred: jax.Array, target: jax.Array, *,
     """Landmark regression loss ``1/2 Σ_k ||pred_k - target_k||²`` per example.
 
     Wang et al. 2017 eq. (6), the "Euclidean loss" of landmark regression. The formula did not
-    survive in the seed's text; this is the Caffe ``EuclideanLoss`` the term names,
+    survive in the paper's text; this is the Caffe ``EuclideanLoss`` the term names,
     ``1/(2N) Σ_n ||pred_n - target_n||²`` with the default batch mean (note the 1/2). The
     same function serves as the hidden-layer distillation term of eq. (7) with
     ``target`` = the teacher's (frozen) output.

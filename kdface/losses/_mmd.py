@@ -137,9 +137,10 @@ def mk_mmd(x: Array, y: Array, *, multipliers: Sequence[float] = (1, 2, 4, 8, 16
     i.e. variances ``sigma^2 * m`` for ``m`` in ``multipliers``, as in Wang et al. 2019 §2.3.
 
     Args:
-      x: ``[N, D]`` student features (seed eq. (9) applies it to the student's embedding).
+      x: ``[N, D]`` student features (Wang et al. 2019 eq. (9) applies it to the student's
+        embedding).
       y: ``[M, D]`` teacher features (gradients flow to both; stop the teacher's yourself).
-      multipliers: variance multipliers; the seed's ``(1, 2, 4, 8, 16)``.
+      multipliers: variance multipliers; Wang et al. 2019's ``(1, 2, 4, 8, 16)``.
       normalize: L2-normalize each row first (Wang et al. 2019: "normalized feature MK-MMD").
       estimator: ``'biased'`` (eq. (8) as written, diagonals included, ``>= 0``, exactly 0 for
         ``x == y``; any ``N, M >= 1``), ``'unbiased'`` (U-statistic: within-sample sums over
@@ -151,10 +152,10 @@ def mk_mmd(x: Array, y: Array, *, multipliers: Sequence[float] = (1, 2, 4, 8, 16
     Returns:
       Scalar squared MMD (float32 for half-precision inputs).
 
-    Choices the seed leaves open: ``sigma^2`` is the mean squared distance over the distinct
+    Choices the paper leaves open: ``sigma^2`` is the mean squared distance over the distinct
     pairs of the pooled ``N + M`` samples (after normalization), computed in O((N+M) D) for all
     three estimators and held constant under ``stop_gradient`` (the bandwidth is a heuristic,
-    not a quantity to optimize; DAN's code does the same). The kernel uses the seed's
+    not a quantity to optimize; DAN's code does the same). The kernel uses the paper's
     ``2 sigma^2`` (DAN's public code omits the 2 and centres the multipliers on ``sigma^2``).
     The kernels are averaged (equal convex weights ``beta_m = 1/K``, Long et al.'s MK-MMD),
     not summed, so the value lies in ``[0, 2]`` for the biased estimator whatever ``K``. The

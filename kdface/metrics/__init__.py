@@ -1,7 +1,7 @@
 """Evaluation metrics: pair verification, IJB-B/C template verification, identification with
 distractors, alignment.
 
-Pure NumPy (no JAX needed at evaluation time); see each module for the seed paper and protocol.
+Pure NumPy (no JAX needed at evaluation time); see each module for the paper and protocol.
 """
 from __future__ import annotations
 

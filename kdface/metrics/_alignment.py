@@ -76,9 +76,9 @@ def nearest_neighbour_verification(embeddings: Any, labels: Any, *, metric: str 
     training); labels: [N] int. Each sample's nearest *other* sample is found; accuracy is the
     fraction whose neighbour shares its label.
 
-    metric: ``'euclidean'`` (the seed's; on the embeddings as given) or ``'cosine'`` (on
+    metric: ``'euclidean'`` (the paper's; on the embeddings as given) or ``'cosine'`` (on
     L2-normalized embeddings). Ties go to the lower index. skip_singletons: leave out samples
-    whose identity has no other sample (they can never be right); the seed counts every sample.
+    whose identity has no other sample (they can never be right); the paper counts every sample.
 
     Returns ``top1_accuracy``, ``nearest`` [N] (neighbour index), ``correct`` [N] bool,
     ``num_evaluated``, ``num_singletons``.

@@ -1,8 +1,8 @@
 """Face identification: closed-set rank-k (CMC), open-set DIR@FPIR and MegaFace-style Id(k)/Ver.
 
-Seeds: nikitin2020 §4.1 (MegaFace: "TPR@FPR = 1e-6 for verification, and accuracy at rank-1 and
-rank-10 for identification" with 1M distractors) and wang2019 §3.1 (SCFace: mugshot gallery,
-surveillance probes, rank-1 "face recognition rate").
+Papers: Nikitin et al. 2020 §4.1 (MegaFace: "TPR@FPR = 1e-6 for verification, and accuracy at
+rank-1 and rank-10 for identification" with 1M distractors) and Wang et al. 2019 §3.1 (SCFace:
+mugshot gallery, surveillance probes, rank-1 "face recognition rate").
 
 Everything is computed block by block (:mod:`kdface.metrics._topk`): per probe a running top-k of
 *non-mate* scores and the best *mate* score are kept, so a million distractors never sit in memory

@@ -192,8 +192,8 @@ def verification(emb1: Any, emb2: Any, issame: Any, *, folds: int = 10,
     image+flip option pass :func:`embeddings_with_flip` outputs). issame: [P] bool (or 0/1 int).
 
     Fold k is the k-th contiguous block of pairs in file order (:func:`fold_bounds`). For each
-    fold the threshold maximizing accuracy on the other folds is applied to fold k (seed
-    nikitin2020 §4.1, insightface ``calculate_roc``). Threshold candidates: the exact
+    fold the threshold maximizing accuracy on the other folds is applied to fold k
+    (Nikitin et al. 2020 §4.1, insightface ``calculate_roc``). Threshold candidates: the exact
     :func:`threshold_candidates` of the training scores, or the given ``thresholds`` ([T] cosine
     thresholds; insightface's distance grid ``np.arange(0, 4, 0.01)`` is ``1 - grid / 2``).
 

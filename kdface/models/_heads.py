@@ -3,11 +3,11 @@
 * :class:`MarginHead` gives ``cos(theta)`` between the L2-normalized embedding and L2-normalized
   class weights, the input of SphereFace / CosFace / ArcFace (``kdface.losses.sphereface_logits``,
   ``cosface_logits``, ``arcface_logits`` apply the margin and the scale). Used by Wang et al. 2019
-  (SphereFace teacher), nikitin2020 (CosFace base loss) and yan2019 (ArcFace).
-* :class:`SoftmaxHead`: plain linear logits (the softmax classifier whose soft predictions seed
-  kd_transfer eqs. (1)-(2) distill).
-* :class:`LandmarkHead`: 5-point landmark regression from an embedding or a feature map (seed
-  kd_transfer, face alignment, eqs. (6)-(7)).
+  (SphereFace teacher), Nikitin et al. 2020 (CosFace base loss) and Yan et al. 2019 (ArcFace).
+* :class:`SoftmaxHead`: plain linear logits (the softmax classifier whose soft predictions
+  Wang et al. 2017 eqs. (1)-(2) distill).
+* :class:`LandmarkHead`: 5-point landmark regression from an embedding or a feature map
+  (Wang et al. 2017, face alignment, eqs. (6)-(7)).
 * :func:`shard_margin_heads`: splits the class axis of margin heads over a device mesh axis, the
   memory scaling of insightface's Partial FC (An et al., Partial FC: Training 10 Million
   Identities on a Single Machine, ICCVW 2021) without hand-written collectives: each device holds
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-_NORM_EPS = 1e-12
+from kdface._math import l2_normalize
 
 
 def _check_size(name: str, value: int) -> None:
@@ -35,12 +35,6 @@ def _check_embeddings(x: jax.Array, size: int, who: str) -> None:
         raise ValueError(f"{who} expects embeddings [B, {size}], got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{who} expects float embeddings, got {x.dtype}")
-
-
-def l2_normalize(x: jax.Array, axis: int) -> jax.Array:
-    """``x / max(||x||_2, 1e-12)`` along ``axis`` (the PyTorch ``F.normalize`` convention)."""
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS ** 2))
 
 
 class MarginHead(nnx.Module):

@@ -16,7 +16,8 @@ Units per stage: 18 -> [2,2,2,2], 34 -> [3,4,6,3], 50 -> [3,4,14,3], 100 -> [3,1
 counts at 112x112 match the published ones (IResNet-50 43.6 M, IResNet-100 65.2 M). ``se=True``
 adds a squeeze-excitation block (reduction 16, PReLU inside, the insightface MXNet SE-ResNet) to
 every unit after its last BN: the SE-ResNet100 teacher of Yan et al. 2019 (VarGFaceNet).
-Seeds nikitin2020 (ResNet18/50, FC 512), duong2019 (ResNet teacher) and yan2019 use these nets.
+Nikitin et al. 2020 (ResNet18/50, FC 512), Duong et al. 2019 (ResNet teacher) and Yan et al.
+2019 use these nets.
 """
 from __future__ import annotations
 

@@ -135,8 +135,8 @@ class SqueezeExcite(nnx.Module):
 
     ``s = sigmoid(W2 act(W1 mean_hw(x) + b1) + b2)``, ``y = x * s`` per channel, with ``W1:
     C -> max(1, C // reduction)`` and ``W2`` back to ``C`` as 1x1 convolutions with bias (the
-    form of insightface's SE-ResNet and VarGFaceNet). ``act`` is ``'prelu'`` (insightface / seed
-    yan2019 use PReLU inside SE) or ``'relu'`` (the SE paper).
+    form of insightface's SE-ResNet and VarGFaceNet). ``act`` is ``'prelu'`` (insightface /
+    Yan et al. 2019 use PReLU inside SE) or ``'relu'`` (the SE paper).
     """
 
     def __init__(self, channels: int, reduction: int = 16, *, act: str = "prelu",

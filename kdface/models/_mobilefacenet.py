@@ -1,4 +1,4 @@
-"""MobileFaceNet and MobileFaceNet-R (Duong et al. 2019's students), plus the mobile building blocks.
+"""MobileFaceNet and MobileFaceNet-R (Duong et al. 2019's students), plus the mobile blocks.
 
 MobileFaceNet (Chen et al. 2018, Duong et al. 2019 ref. [34]) at a 112x112 input:
 
@@ -21,18 +21,18 @@ the final spatial size (7x7 at 112x112, 7x6 at 112x96).
 Embedding size: Chen et al. use D = 128 (0.99 M parameters, 221 M multiply-adds; we measure
 1.00 M and 221.0 M). Duong et al. 2019 reports 1.2 M parameters for its MobileFaceNet student
 (Table 2), which is exactly what D = 512 gives (1.20 M measured), so kdface's default of 512
-agrees with the seed that uses it.
+agrees with the paper that uses it.
 
 MobileFaceNet-R (Duong et al. 2019 sec. 4.2: "similar to MobileFacenet except the feature size of
 each resnet-block is equal to the size of its corresponding features in the teacher network") is
-specified by the seed only by that sentence and its size, 3.73 M parameters. Our reading: the
+specified by the paper only by that sentence and its size, 3.73 M parameters. Our reading: the
 stages keep MobileFaceNet's spatial sizes (already 56/28/14/7, as the ResNet teacher) and take the
 teacher's widths, 64/128/256/512 by default. MobileFaceNet widens 128 -> 512 channels with a 1x1
 conv after its 7x7 stage; MFN-R's 7x7 stage already has 512 channels, so that conv is dropped and
 the stage's three bottlenecks use expansion t = 1, keeping the 1x1 expansion conv every
 MobileFaceNet block has (with MobileFaceNet's t = 2 and 4 at 512 channels the 7x7 stage alone
 would exceed 3 M parameters). Stages 1-2 keep MobileFaceNet's expansions and depths. This gives
-3.69 M parameters at D = 512, 1% under the seed's 3.73 M, and 723 M multiply-adds at 112x112.
+3.69 M parameters at D = 512, 1% under the paper's 3.73 M, and 723 M multiply-adds at 112x112.
 """
 from __future__ import annotations
 
@@ -166,6 +166,24 @@ def final_spatial(input_size: tuple[int, int], strides: Sequence[int]) -> tuple[
     return h, w
 
 
+def bottleneck_stages_and_head(c_in: int, stage_specs, input_size: tuple[int, int],
+                               strides: Sequence[int], embedding_size: int, *,
+                               last_channels: int | None, act: str, expand_at_1: bool = False,
+                               rngs: nnx.Rngs) -> tuple[list[nnx.Sequential], GDCEmbedding]:
+    """One :func:`bottleneck_stage` per entry of ``stage_specs``, then the
+    :class:`GDCEmbedding` head at the resolution they leave (``strides``: those of the layers
+    before the first stage). Built in that order, so parameters draw from ``rngs`` as the
+    layers stand."""
+    stages, c, strides = [], c_in, list(strides)
+    for spec in stage_specs:
+        stage, c = bottleneck_stage(c, spec, act=act, expand_at_1=expand_at_1, rngs=rngs)
+        stages.append(stage)
+        strides += [s for _, _, _, s in spec]
+    head = GDCEmbedding(c, final_spatial(input_size, strides), embedding_size,
+                        last_channels=last_channels, act=act, rngs=rngs)
+    return stages, head
+
+
 _MFN_STAGES = (
     ((2, 64, 5, 2),),
     ((4, 128, 1, 2), (2, 128, 6, 1)),
@@ -191,17 +209,12 @@ class MobileFaceNet(Backbone):
         self.embedding_size = embedding_size
         self.input_size = hw
         self.conv1 = ConvBNAct(3, stem_channels, 3, stride=2, act=act, rngs=rngs)
-        stages = [ConvBNAct(stem_channels, stem_channels, 3, groups=stem_channels, act=act,
-                            rngs=rngs)]
-        c = stem_channels
-        strides = [2]
-        for spec in stage_specs:
-            stage, c = bottleneck_stage(c, spec, act=act, expand_at_1=True, rngs=rngs)
-            stages.append(stage)
-            strides += [s for _, _, _, s in spec]
-        self.stages = nnx.List(stages)
-        self.head = GDCEmbedding(c, final_spatial(hw, strides), embedding_size,
-                                 last_channels=last_channels, act=act, rngs=rngs)
+        depthwise = ConvBNAct(stem_channels, stem_channels, 3, groups=stem_channels, act=act,
+                              rngs=rngs)
+        stages, self.head = bottleneck_stages_and_head(
+            stem_channels, stage_specs, hw, [2], embedding_size, last_channels=last_channels,
+            act=act, expand_at_1=True, rngs=rngs)
+        self.stages = nnx.List([depthwise, *stages])
 
     def stem(self, x: jax.Array) -> jax.Array:
         return self.conv1(x)
@@ -228,7 +241,7 @@ def mobilefacenet_r(*, rngs: nnx.Rngs, embedding_size: int = 512,
 
     Stages at 112x112: ``56x56xC0, 28x28xC1, 14x14xC2, 7x7xC3`` with ``stage_channels`` (default
     the IResNet teacher's 64/128/256/512), so ShrinkTeaNet's stage adapters (eq. 6) map equal
-    shapes. Construction and parameter count (3.69 M vs the seed's 3.73 M): module docstring.
+    shapes. Construction and parameter count (3.69 M vs the paper's 3.73 M): module docstring.
     """
     if (not isinstance(stage_channels, (tuple, list)) or len(stage_channels) != 4
             or not all(isinstance(c, int) and c > 0 for c in stage_channels)):

@@ -1,4 +1,4 @@
-"""MobileNetV1 and MobileNetV2 adapted to 112x112 faces (Duong et al. 2019's "MV1" / "MV2" students).
+"""MobileNetV1 and MobileNetV2 for 112x112 faces (Duong et al. 2019's "MV1" / "MV2" students).
 
 Duong et al. 2019 names the students and their sizes (Table 2: MV1 3.53 M, MV2 2.15 M parameters)
 but not how they were adapted to faces. Our adaptation, one rule for both:
@@ -10,12 +10,12 @@ but not how they were adapted to faces. Our adaptation, one rule for both:
   depthwise (GDConv) embedding: linear depthwise conv over the whole final map, BN, linear to D,
   BN (insightface's "GDC" output). The kernel follows the final size (7x6 at 112x96).
 * MobileNetV2's 1x1 widening conv before pooling goes to 512 channels rather than 1280 (as
-  MobileFaceNet's), since 1280 would put the network at 2.9 M parameters, 37% over the seed.
+  MobileFaceNet's), since 1280 would put the network at 2.9 M parameters, 37% over the paper's.
 * Activations are the originals: ReLU (V1), ReLU6 (V2).
 
-Measured at D = 512 and 112x112: MV1 3.78 M parameters (seed 3.53 M, +7%: the seed does not
+Measured at D = 512 and 112x112: MV1 3.78 M parameters (paper 3.53 M, +7%: the paper does not
 describe its head; a 1024 -> 512 linear alone is 0.52 M) and 568 M multiply-adds; MV2 2.27 M
-parameters (seed 2.15 M, +5%) and 288 M multiply-adds (the ImageNet networks' 569 M / 300 M at
+parameters (paper 2.15 M, +5%) and 288 M multiply-adds (the ImageNet networks' 569 M / 300 M at
 224x224, as the feature sizes are the same).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flax import nnx
 from kdface.models._base import Backbone
 from kdface.models._layers import check_input_size
 from kdface.models._mobilefacenet import (ConvBNAct, GDCEmbedding, bottleneck_stage,
-                                          final_spatial)
+                                          bottleneck_stages_and_head, final_spatial)
 from kdface.models._registry import register
 
 
@@ -137,15 +137,11 @@ class MobileNetV2(Backbone):
         self.conv1 = ConvBNAct(3, width(32), 3, stride=1, act=act, rngs=rngs)
         self.block1, c = bottleneck_stage(width(32), ((1, width(16), 1, 1),), act=act,
                                           rngs=rngs)
-        stages, strides = [], [1, 1]
-        for spec in _V2_STAGES:
-            spec = tuple((t, width(ch), n, s) for t, ch, n, s in spec)
-            stage, c = bottleneck_stage(c, spec, act=act, rngs=rngs)
-            stages.append(stage)
-            strides += [s for _, _, _, s in spec]
+        specs = [tuple((t, width(ch), n, s) for t, ch, n, s in spec) for spec in _V2_STAGES]
+        stages, self.head = bottleneck_stages_and_head(
+            c, specs, hw, [1, 1], embedding_size, last_channels=last_channels, act=act,
+            rngs=rngs)
         self.stages = nnx.List(stages)
-        self.head = GDCEmbedding(c, final_spatial(hw, strides), embedding_size,
-                                 last_channels=last_channels, act=act, rngs=rngs)
 
     def stem(self, x: jax.Array) -> jax.Array:
         return self.block1(self.conv1(x))

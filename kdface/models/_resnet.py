@@ -7,9 +7,9 @@ ReLU -> Conv1x1(x4) -> BN``, added to the shortcut (Conv1x1(stride) + BN when th
 then ReLU; stride sits on the 3x3 convolution (torchvision's "v1.5"). Stages have 3/4/6/3 units
 of width 64/128/256/512 (divided), outputs 4x the width.
 
-Choices for 112x112 face crops (the seed gives none; documented here):
+Choices for 112x112 face crops (the paper gives none; documented here):
 
-* the seed puts "batch normalization right after the input data" instead of mean subtraction:
+* the paper puts "batch normalization right after the input data" instead of mean subtraction:
   the stem starts with a BN over the 3 input channels;
 * the ImageNet stem (7x7 stride-2 conv + 3x3 stride-2 max-pool, /4) is replaced by a 3x3
   stride-1 conv + BN + ReLU, and the first unit of *every* stage has stride 2, as insightface does
@@ -63,8 +63,8 @@ class ResNet50(Backbone):
     """ResNet-50 (or /2, /4, /8) face backbone (module docstring): ``[B, H, W, 3] -> [B, E]``.
 
     Args:
-      width_divisor: 1, 2, 4 or 8 — every layer's channel count is divided by it (seed
-        kd_transfer ResNet-50/2, /4, /8).
+      width_divisor: 1, 2, 4 or 8 — every layer's channel count is divided by it
+        (Wang et al. 2017: ResNet-50/2, /4, /8).
       embedding_size: embedding size (512).
       input_size: accepted for a uniform interface; the network works for any input size.
     """

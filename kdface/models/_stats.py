@@ -5,8 +5,8 @@ computed and no memory is used) and adds, for every
 
 * ``conv_general_dilated``: ``prod(output shape) * kh * kw * (C_in / groups)`` — every kernel tap
   of every output element, *including taps that fall on zero padding*, the convention of the
-  papers' "FLOPs"/"MAdds" tables (e.g. Yan et al. 2019's 1 G FLOPs for VarGFaceNet) and of the common
-  counters (thop, ptflops);
+  papers' "FLOPs"/"MAdds" tables (e.g. Yan et al. 2019's 1 G FLOPs for VarGFaceNet) and of the
+  common counters (thop, ptflops);
 * ``dot_general`` (FC layers, matmuls): ``prod(output shape) * prod(contracted dims)``.
 
 Element-wise work (BN, activations, residual additions, pooling, SE scaling) is not counted: it

@@ -1,6 +1,6 @@
 """VarGFaceNet and the plain VarGNet embedding variant (Yan et al. 2019, Table 1 and Fig. 1).
 
-Layout at a 112x112 input (``multiplier=1.25``, the seed's Table 1 widths 40/80/160/320):
+Layout at a 112x112 input (``multiplier=1.25``, the paper's Table 1 widths 40/80/160/320):
 
 =========  =====================================================  ===============
 part       layers                                                 output (H,W,C)
@@ -17,7 +17,7 @@ embed      1x1 conv 320->1024, 7x7 variable-group conv (S=8),     [B, 512]
 For a 112x96 input the stages are 56x48, 28x24, 14x12, 7x6 and the embedding's grouped conv has a
 7x6 kernel: the kernel always equals the final spatial size, so it shrinks the map to 1x1.
 
-Choices the seed leaves open, taken from the authors' released MXNet symbol
+Choices the paper leaves open, taken from the authors' released MXNet symbol
 (github.com/zma-c-137/VarGFaceNet): the "separable" unit is a variable-group 3x3 conv with
 ``in_channels / 8`` groups and ``factor * in_channels`` outputs, BN, PReLU, then a 1x1 conv and BN
 (PReLU unless it ends a block); the normal block expands with ``factor = 2``; SE uses reduction 4
@@ -26,10 +26,10 @@ downsampling block sums two separable branches; FC has no bias (BN follows); BN 
 
 Measured at 112x112 (tests/test_models_mobile.py): 5.20 M parameters with the 512x512 FC (seed:
 "5M", 20 MB as float32); 0.513 G multiply-adds in the convolutions and FC, i.e. 1.025 G FLOPs
-against the seed's 1022 M (Table 4). The seed's FLOPs are 2 x multiply-adds: its teacher "r100,
+against the paper's 1022 M (Table 4). The paper's FLOPs are 2 x multiply-adds: its teacher "r100,
 24G" is IResNet-100, whose convolutions take 12.1 G multiply-adds at 112x112. The embedding
 block's weights (1x1 320->1024, 7x7 grouped, 1x1 1024->512, FC) are 1,515,520 floats = 5.78 MiB,
-exactly the seed's "5.78M" (sec. 2.3.2), which pins the block's layout.
+exactly the paper's "5.78M" (sec. 2.3.2), which pins the block's layout.
 """
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ class VarGFaceNet(Backbone):
     """VarGFaceNet (Yan et al. 2019 Table 1): ``[B, H, W, 3] -> [B, embedding_size]``.
 
     Stages at 112x112: 56x56x40, 28x28x80, 14x14x160, 7x7x320 (module docstring table).
-    ``embedding='vargface'`` is the seed's embedding block (Fig. 1d); ``embedding='avgpool'`` is
-    the plain VarGNet embedding the seed compares against in Table 4: the same 1x1 expansion to
+    ``embedding='vargface'`` is the paper's embedding block (Fig. 1d); ``embedding='avgpool'`` is
+    the plain VarGNet embedding the paper compares against in Table 4: the same 1x1 expansion to
     ``last_channels``, then global average pooling and the FC (see :func:`vargnet`).
     """
 
@@ -213,13 +213,13 @@ def vargnet(*, rngs: nnx.Rngs, embedding_size: int = 512,
             input_size: tuple[int, int] = (112, 112), **kwargs) -> VarGFaceNet:
     """The plain VarGNet student of Yan et al. 2019 Table 4: ``[B, H, W, 3] -> [B, 512]``.
 
-    The seed builds it from VarGNet with VarGFaceNet's stride-1 head "for fair comparison" and
+    The paper builds it from VarGNet with VarGFaceNet's stride-1 head "for fair comparison" and
     keeps VarGNet's embedding, "only an average pooling between last conv and fc layer". Since the
     seed adds SE and PReLU to VarGNet's blocks to get VarGFaceNet (sec. 2.2), the plain blocks
     here have neither (``use_se=False``, ``act='relu'``; pass them to override). The last conv is
     the same 1x1 expansion to 1024 channels. Measured: 4.27 M parameters and 0.512 G
-    multiply-adds = 1.023 G FLOPs against the seed's 1029 M (Table 4, FLOPs = 2 x multiply-adds
-    as for VarGFaceNet); the seed gives no more detail of this variant.
+    multiply-adds = 1.023 G FLOPs against the paper's 1029 M (Table 4, FLOPs = 2 x multiply-adds
+    as for VarGFaceNet); the paper gives no more detail of this variant.
     """
     kwargs.setdefault("use_se", False)
     kwargs.setdefault("act", "relu")

@@ -11,7 +11,7 @@ from kdface.training._restore import Restored, read_run_config, resolve_run_dir,
 from kdface.training._step import StepConfig, init_health, init_state, make_train_step
 
 __all__ = ["ArrayBatches", "Checkpoints", "data_mesh", "epochs_to_steps", "fit", "init_health",
-           "init_state", "learning_rate_schedule", "load_model_weights", "make_optimizer", "make_train_step",
-           "NonFiniteLossError", "normalize_images", "read_events", "read_run_config",
-           "resolve_run_dir", "resolve_schedule", "restore_run", "Restored", "RunLog",
-           "shard_batch", "StepConfig", "StepSchedule", "TrainConfig", "VerificationSet"]
+           "init_state", "learning_rate_schedule", "load_model_weights", "make_optimizer",
+           "make_train_step", "NonFiniteLossError", "normalize_images", "read_events",
+           "read_run_config", "resolve_run_dir", "resolve_schedule", "restore_run", "Restored",
+           "RunLog", "shard_batch", "StepConfig", "StepSchedule", "TrainConfig", "VerificationSet"]

@@ -56,12 +56,12 @@ class TrainConfig:
                        "Wang et al. 2019 teachers: SphereFace; Yan et al. 2019: ArcFace).",
                        choices=("softmax", "cosface", "arcface", "sphereface"))
     margin_scale: float = option(64.0, "Scale s of CosFace/ArcFace (64 in Nikitin et al. 2020 and "
-                                 "yan2019); also the logit scale s*cos for Hinton KD on margin "
-                                 "heads.")
+                                 "Yan et al. 2019); also the logit scale s*cos for Hinton KD on "
+                                 "margin heads.")
     margin: float = option(0.35, "CosFace margin m (0.35, Nikitin et al. 2020 §4.2).")
     arcface_margin: float = option(0.5, "ArcFace margin m (0.5: Deng et al.'s ArcFace default; "
-                                   "Yan et al. 2019 and Duong et al. 2019 print no value, so kdface's "
-                                   "choice there).")
+                                   "Yan et al. 2019 and Duong et al. 2019 print no value, so "
+                                   "kdface's choice there).")
     sphereface_m: int = option(4, "A-Softmax angular margin m (4, SphereFace).")
     sphereface_anneal: bool = option(False, "A-Softmax λ annealing max(5, 1000 (1 + 0.12 "
                                      "step)^-1), SphereFace's public solver (kdface's choice "
@@ -78,9 +78,9 @@ class TrainConfig:
     lambda_hidden: float = option(0.0, "β of Wang et al. 2017 eq. 5: weight of the hidden-layer "
                                   "target (the embedding feeding the head; 1 in its alignment "
                                   "distillation, eq. 7; 0 in its eqs. 4 and 9).")
-    temperature: float = option(4.0, "Softmax temperature τ of the soft losses (4.0, seed "
-                                "nikitin2020 HKD; kdface's choice for Wang et al. 2019 and "
-                                "kd_transfer, which print none).")
+    temperature: float = option(4.0, "Softmax temperature τ of the soft losses (4.0, "
+                                "Nikitin et al. 2020 HKD; kdface's choice for Wang et al. "
+                                "2019 and Wang et al. 2017, which print none).")
     feature_loss: str = option("mk_mmd", "Feature term of kd/kd_im: MK-MMD on normalized "
                                "features (Wang et al. 2019 eq. 9) or normalized L2 (eq. 6, the "
                                "ablation).", choices=("mk_mmd", "normalized_l2"))
@@ -90,8 +90,8 @@ class TrainConfig:
                           "RKD-D, 15 for PWR-RankNet, 200 for RKD-A, 1 for DarkRank).")
     beta: float = option(1.0, "β, weight of CosFace in the pwr recipe (1.0, Nikitin et al. 2020; "
                          "0.7 with HKD).")
-    gamma: float = option(0.0, "γ, weight of Hinton KD in the pwr recipe (0; 0.3 with HKD, seed "
-                          "nikitin2020).")
+    gamma: float = option(0.0, "γ, weight of Hinton KD in the pwr recipe (0; 0.3 with HKD, "
+                          "Nikitin et al. 2020).")
     pwr_relation: str = option("cosine", "PWR relational function ψ (cosine, Nikitin et al. 2020).",
                                choices=("cosine", "euclidean"))
     pwr_inversion: str = option("exp", "PWR inversion loss (exp: PWR-Exp, the paper's best).",
@@ -135,8 +135,8 @@ class TrainConfig:
                                "(kd/kd_im always use low_resolution).",
                                choices=("original", "low_resolution"))
     lr_sizes: tuple[int, ...] = option((8, 12, 16, 20, 30), "Low-resolution view: side lengths "
-                                       "an image is shrunk to before being resized back (seed "
-                                       "wang2019 §2.2: 8, 12, 16, 20, 30).")
+                                       "an image is shrunk to before being resized back "
+                                       "(Wang et al. 2019 §2.2: 8, 12, 16, 20, 30).")
     lr_fraction: float = option(0.4, "Low-resolution view: fraction of images degraded (0.4, "
                                 "Wang et al. 2019 §2.2).")
     crop_from: tuple[int, int] | None = option(None, "Random crop: resize faces to H,W and "
@@ -152,10 +152,10 @@ class TrainConfig:
     epochs: float | None = option(None, "Training length in passes over the training set: "
                                   "steps = ceil(epochs * N / batch_size) (Nikitin et al. 2020: 13; "
                                   "not with --steps).")
-    optimizer: str = option("sgd", "Optimizer (SGD momentum 0.9 in the seeds).",
+    optimizer: str = option("sgd", "Optimizer (SGD momentum 0.9 in the five papers).",
                             choices=("sgd", "adamw"))
     learning_rate: float = option(0.1, "Base learning rate (0.1 in Nikitin et al. 2020 and "
-                                  "duong2019).")
+                                  "Duong et al. 2019).")
     momentum: float = option(0.9, "SGD momentum (0.9).")
     nesterov: bool = option(False, "Nesterov momentum for SGD (Wang et al. 2017 trains with "
                             "NAG).")

@@ -54,7 +54,8 @@ class VerificationSet:
 
 
 def data_mesh() -> jax.sharding.Mesh:
-    """A 1-D ``data`` mesh over every device (Auto axis type: ``jax.make_mesh`` defaults to Explicit axes)."""
+    """A 1-D ``data`` mesh over every device (Auto axis type: ``jax.make_mesh`` defaults to
+    Explicit axes)."""
     return jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -145,7 +146,7 @@ def init_key(seed: int) -> jax.Array:
 def make_student(config: TrainConfig, num_classes: int, recipe: Recipe,
                  teacher: FaceNetwork | None) -> DistillStudent:
     """The freshly initialized student (``build_run_student``), or, with ``--init_checkpoint``,
-    initialized from that run (Nikitin et al. 2020 / kd_transfer: a pretrained student)."""
+    initialized from that run (Nikitin et al. 2020 / Wang et al. 2017: a pretrained student)."""
     shapes = teacher_stage_shapes(config, recipe, teacher)
     student = build_run_student(config, num_classes=num_classes, head=recipe.head,
                                 landmark_head=recipe.landmark_head,
@@ -191,7 +192,8 @@ def check_health(health: dict[str, Any], *, start: int, step: int, last_good: in
         return
     base = step - int(health["steps"])  # the loop step before the first step of this process
     values = {k: float(v) for k, v in health["bad_values"].items()}
-    resume = (f"nothing after step {min(s for s in (first_bad, first_runaway) if s >= 0) + base - 1}"
+    last_applied = min(s for s in (first_bad, first_runaway) if s >= 0) + base - 1
+    resume = (f"nothing after step {last_applied}"
               f" was applied or saved; last good checkpoint: {last_good}. Rerun the same "
               f"command with a lower --learning_rate or a --clip_norm to resume from it")
     if first_bad >= 0 and (first_runaway < 0 or first_bad <= first_runaway):

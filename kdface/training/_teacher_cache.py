@@ -100,8 +100,9 @@ class TeacherCache:
                                 description=cache_description(config, source, start, stop))
         finally:
             bar.close()
-        print(f"teacher cache: {os.path.getsize(os.path.join(directory, 'embedding.npy')) / 1e9:.3g}"
-              f" GB written in {time.perf_counter() - t0:.1f} s", flush=True)
+        written_gb = os.path.getsize(os.path.join(directory, "embedding.npy")) / 1e9
+        print(f"teacher cache: {written_gb:.3g} GB written in {time.perf_counter() - t0:.1f} s",
+              flush=True)
         return cls(store, first=start)
 
 
