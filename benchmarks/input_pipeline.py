@@ -45,12 +45,13 @@ def _decode_rate(source, count: int) -> float:
 
 
 def _pipeline_rate(source, *, batch_size: int, batches: int, num_threads: int,
-                   student_view: str, normalize: bool) -> float:
+                   student_view: str, normalize: bool, num_workers: int = 0) -> float:
     from kdface.data import make_training_pipeline
     pipeline = make_training_pipeline(
         source, global_batch_size=batch_size, num_devices=1, seed=0,
         student_view=student_view, normalize=normalize, num_threads=num_threads,
-        prefetch_buffer_size=max(2 * num_threads, batch_size) if num_threads else None)
+        prefetch_buffer_size=max(2 * num_threads, batch_size) if num_threads else None,
+        num_workers=num_workers)
     iterator = iter(pipeline)
     next(iterator)
     start = time.perf_counter()
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per setting")
     parser.add_argument("--threads", default="0,2,4", help="grain read threads to try")
+    parser.add_argument("--workers", default="1,2,4",
+                        help="grain worker processes to try (each with 1 read thread), on the "
+                             "uint8 LR pipeline the trainer runs")
     parser.add_argument("--write", default=None, help="also write the results as Markdown")
     args = parser.parse_args(argv)
 
@@ -98,6 +102,12 @@ def main(argv=None) -> int:
                                       batches=args.batches, num_threads=threads,
                                       student_view=student_view, normalize=normalize)
                 rows.append((f"{label}, {threads} grain threads", rate))
+        for workers in (int(w) for w in args.workers.split(",") if w):
+            rate = _pipeline_rate(source, batch_size=args.batch_size, batches=args.batches,
+                                  num_threads=1, student_view="low_resolution",
+                                  normalize=False, num_workers=workers)
+            rows.append((f"decode + flip + LR student view, uint8, {workers} grain worker "
+                         f"processes x 1 thread", rate))
 
     machine = _machine()
     command = "python -m benchmarks.input_pipeline " + " ".join(argv or sys.argv[1:])
@@ -133,4 +143,6 @@ the JPEG decode and the tfds example parsing.
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from absl import flags as absl_flags
+    absl_flags.FLAGS.mark_as_parsed()  # grain's worker processes read their absl flags
     sys.exit(main())

@@ -257,3 +257,26 @@ def test_make_verification_arrays_from_bin_source_and_directory(tmp_path):
         np.testing.assert_array_equal(folds2, folds)
     resized = pipe.make_verification_arrays(path, image_size=(12, 12))[0]
     assert resized.shape == (10, 12, 12, 3)
+
+
+def test_worker_processes_give_the_same_stream_and_resume_exactly():
+    # grain worker processes (num_workers) make whole batches in other processes; the batches,
+    # their order and a resumed position must be those of the in-process pipeline.
+    records, _ = _source(12)
+    kwargs = dict(global_batch_size=4, num_devices=1, seed=3, num_threads=1)
+    want = _take(iter(pipe.make_training_pipeline(records, **kwargs)), 6)
+    p = pipe.make_training_pipeline(records, num_workers=2, **kwargs)
+    it = iter(p)
+    got = _take(it, 3)
+    state = p.get_state()
+    got += _take(it, 3)
+    resumed = _take(pipe.make_training_pipeline(records, num_workers=2, **kwargs)
+                    .iter_from(state), 3)
+    for x, y in zip(want, got):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    for x, y in zip(want[3:], resumed):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    with pytest.raises(ValueError, match="num_workers"):
+        pipe.make_training_pipeline(records, num_workers=-1, **kwargs)

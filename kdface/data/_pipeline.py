@@ -28,6 +28,7 @@ from typing import Any
 
 import cv2
 import grain
+from absl import flags as absl_flags
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
@@ -213,6 +214,10 @@ class TwoViewPipeline:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         dataset = self._dataset.to_iter_dataset(self._read_options)
         if self._num_workers:
+            if not absl_flags.FLAGS.is_parsed():
+                # grain's worker start-up reads its absl flags; a library caller (no absl app)
+                # has not parsed any: use their defaults.
+                absl_flags.FLAGS.mark_as_parsed()
             # Worker processes each make whole batches (grain slices the stream among them);
             # the iterator state stays a position in the one stream, so resuming is exact.
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(

@@ -190,6 +190,9 @@ class TrainConfig:
                                 "accelerator (same sizes, fraction and per-seed draws as the "
                                 "host OpenCV version; pixels within one grey level).")
     prefetch: int = option(2, "Batches placed on the devices ahead of the running step.")
+    data_workers: int = option(0, "grain worker processes making training batches (0 = in the "
+                               "trainer's process, with read threads); see "
+                               "benchmarks/INPUT_PIPELINE.md for when they help.")
     runaway_factor: float = option(1000.0, "Stop the run when a finite loss exceeds this "
                                    "multiple of the first step's loss (kdface's choice: 1000; "
                                    "0 = off).")

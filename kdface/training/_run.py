@@ -85,7 +85,7 @@ def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str)
         source, global_batch_size=config.batch_size, seed=config.seed, flip=config.flip,
         teacher_view="original" if teacher_view == "original" else "augmented",
         student_view=student_view, student_augment=augment, image_size=config.input_size,
-        crop_from=config.crop_from or None, normalize=False))
+        crop_from=config.crop_from or None, normalize=False, num_workers=config.data_workers))
 
 
 def planned_runs(config: TrainConfig, recipe) -> list[TrainConfig]:
