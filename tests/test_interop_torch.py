@@ -32,53 +32,17 @@ def _torch():
                                                "(pip install kdface[bench])")
 
 
-# --- a PyTorch IResNet written from the paper, insightface parameter names -------------------
+# --- a PyTorch IResNet in insightface's layout and parameter names --------------------------
 
 def _torch_iresnet(units, *, embedding=512, final_hw=(7, 7), seed=0):
+    """``benchmarks.torch_models.IResNet`` (insightface's ``backbones/iresnet.py`` layout) with
+    random BN statistics and PReLU slopes, in eval mode."""
     torch = _torch()
     nn = torch.nn
-
-    class Unit(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
-            self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
-            self.prelu = nn.PReLU(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
-            self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
-            self.downsample = None
-            if stride != 1 or cin != cout:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                                nn.BatchNorm2d(cout, eps=1e-5))
-
-        def forward(self, x):
-            y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-            return y + (x if self.downsample is None else self.downsample(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
-            self.prelu = nn.PReLU(64)
-            cin = 64
-            for i, (planes, n) in enumerate(zip((64, 128, 256, 512), units)):
-                blocks = [Unit(cin, planes, 2)] + [Unit(planes, planes, 1) for _ in range(n - 1)]
-                setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-                cin = planes
-            self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
-            self.fc = nn.Linear(512 * final_hw[0] * final_hw[1], embedding)
-            self.features = nn.BatchNorm1d(embedding, eps=1e-5)
-
-        def forward(self, x):
-            x = self.prelu(self.bn1(self.conv1(x)))
-            for i in range(4):
-                x = getattr(self, f"layer{i + 1}")(x)
-            return self.features(self.fc(torch.flatten(self.bn2(x), 1)))
+    from benchmarks.torch_models import IResNet
 
     torch.manual_seed(seed)
-    net = Net()
+    net = IResNet(units, embedding=embedding, final_hw=final_hw)
     g = torch.Generator().manual_seed(seed)
     u = lambda n, lo, hi: lo + (hi - lo) * torch.rand(n, generator=g)
     with torch.no_grad():

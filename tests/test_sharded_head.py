@@ -110,10 +110,11 @@ def test_per_device_memory_of_head_and_logits_is_about_a_quarter():
 
 
 def test_two_million_class_head_compiles_within_one_device_budget():
-    """A 2 M-class x 512 head with a batch of 512: replicated it needs ~19 GiB per device (more
-    than a 16 GiB accelerator holds); split over 4 devices ~5.7 GiB each."""
+    """A 2 M-class x 512 head with a batch of 512: replicated it needs ~15.3 GiB per device
+    (weight, momentum, gradient and the [B, C] logits at 3.8 GiB each); split over 4 devices
+    ~5.7 GiB each, within an 8 GiB device."""
     replicated = peak_bytes(_compiled_step_memory(512, 2_000_000, 512, shard=False))
     sharded = peak_bytes(_compiled_step_memory(512, 2_000_000, 512, shard=True))
-    assert replicated > 16 * GIB
+    assert replicated > 14 * GIB
     assert sharded < 8 * GIB
-    assert sharded < 0.35 * replicated
+    assert sharded < 0.4 * replicated

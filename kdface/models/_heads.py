@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from kdface._math import l2_normalize
+from kdface._math import L2_NORM_EPS, l2_normalize
 
 
 def _check_size(name: str, value: int) -> None:
@@ -60,8 +60,15 @@ class MarginHead(nnx.Module):
     def __call__(self, embeddings: jax.Array) -> jax.Array:
         _check_embeddings(embeddings, self.embedding_size, "MarginHead")
         x = l2_normalize(embeddings.astype(jnp.float32), axis=1)
-        w = l2_normalize(self.weight[...].astype(jnp.float32), axis=0)
-        cos = jnp.clip(x @ w, -1.0, 1.0)
+        w = self.weight[...].astype(jnp.float32)
+        # cos θ_c = x·w_c / ||w_c||, the column scaling applied after the product: XLA:CPU fuses
+        # a normalized copy of W into the product as a naive loop when no gradient needs that
+        # copy (a teacher head: 42 s instead of 0.1 s at 85,742 classes, batch 4), and no
+        # [E, C] normalized copy is made on any backend. The squared column norms are a product
+        # with a row of ones (a GEMV: 4x faster on the CPU than the strided column reduction).
+        sq = jnp.ones((1, w.shape[0]), jnp.float32) @ (w * w)
+        cos = (x @ w) * jax.lax.rsqrt(jnp.maximum(sq, L2_NORM_EPS * L2_NORM_EPS))
+        cos = jnp.clip(cos, -1.0, 1.0)
         if self.class_sharding is not None:
             cos = jax.lax.with_sharding_constraint(cos, self.class_sharding)
         return cos
