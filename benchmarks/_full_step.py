@@ -170,14 +170,18 @@ def torch_cases(batch: int, classes: int, dtype: str, flops: dict[str, float]) -
 
 
 def time_rounds(cases: list[Case], rounds: int) -> None:
-    """Alternated rounds: each round times every case once, so load drifts hit all alike."""
-    for r in range(rounds):
-        for case in cases:
-            t0 = time.perf_counter()
-            case.step()
-            case.times.append(time.perf_counter() - t0)
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{c.framework} {c.label} {c.times[-1] * 1000:.0f} ms" for c in cases), flush=True)
+    """Per case, alternated rounds of its implementations (kdface, torch eager, kdface, ...),
+    so that each ratio compares the two under the same load and memory state; cases run one
+    after the other."""
+    for label in dict.fromkeys(c.label for c in cases):
+        group = [c for c in cases if c.label == label]
+        for _ in range(rounds):
+            for case in group:
+                t0 = time.perf_counter()
+                case.step()
+                case.times.append(time.perf_counter() - t0)
+        print(f"  {label}: " + ", ".join(
+            f"{c.framework} {[round(t * 1000) for t in c.times]} ms" for c in group), flush=True)
 
 
 def _source(n: int, seed: int = 0) -> list[dict]:

@@ -10,18 +10,19 @@ teacher's forward pass, kd_im from the teacher cache (float16 embeddings in the 
 from the teacher head), and the student alone. Each is timed in kdface (the trainer's jitted
 step, uint8 batches already on the device) and in PyTorch eager written the way arcface_torch
 users write it (``benchmarks.torch_models``: insightface's IResNet and MobileFaceNet layouts,
-the same losses), in alternated rounds in one process; images/s, model FLOP utilization
-(``kdface.models.count_macs``; the peak is the data-sheet bf16 peak on a GPU and the measured
-JAX GEMM rate on a CPU) and the torch ratio are reported. The breakdown adds the input pipeline
-alone (host and device LR view) and the loop (``kdface.training.fit`` over in-memory uint8
-batches, student alone) against the step alone. Writes the section "Full size" of
-benchmarks/TRAIN_STEP.md.
+the same losses), in alternated rounds per case (kdface, torch, kdface, ...) in one process.
+Reported: images/s, model FLOP utilization (``kdface.models.count_macs``; the peak is the
+data-sheet bf16 peak on a GPU and the measured JAX GEMM rate on a CPU) and the torch ratio. The
+breakdown adds the input pipeline alone (host and device LR view) and the loop
+(``kdface.training.fit`` over in-memory uint8 batches, student alone) against the step alone.
+Writes the section "Full size" of benchmarks/TRAIN_STEP.md.
 
-Without ``--full``, for the Wang et al. 2019 pair (SphereFace-64 teacher, thin SphereFace-36 student, 112x112) it times
-one jitted ``kd_im`` step (hard + Hinton + MK-MMD) three ways, side by side in one process:
-with the teacher's forward pass, with the teacher's outputs read from the cache, and the student
-alone (``scratch``, the floor). Median over ``--steps`` steps after compilation; writes the
-section "Teacher cache speedup" of benchmarks/TRAIN_STEP.md with the command and the machine.
+Without ``--full``, for the Wang et al. 2019 pair (SphereFace-64 teacher, thin SphereFace-36
+student, 112x112) it times one jitted ``kd_im`` step (hard + soft predictions + MK-MMD) three
+ways, side by side in one process: with the teacher's forward pass, with the teacher's outputs
+read from the cache, and the student alone (``scratch``, the floor). Median over ``--steps``
+steps after compilation; writes the section "Teacher cache speedup" of benchmarks/TRAIN_STEP.md
+with the command and the machine.
 """
 from __future__ import annotations
 
@@ -203,14 +204,16 @@ def full() -> int:
         f"Command: `python -m benchmarks.train_step --full --batch={batch} --steps={rounds} "
         f"--classes={classes} --dtype={dtype}` at commit {fs._commit()}, "
         f"{time.perf_counter() - t_start:.0f} s.  ",
-        f"Machine: {machine} (load at the end).  ",
+        f"Machine: {fs.machine_line()} (load at the end).  ",
         f"Networks: teacher iresnet100 ({macs['teacher'] / 1e9:.2f} G multiply-adds per "
         f"112x112 image), student mobilefacenet ({macs['student'] / 1e6:.0f} M), CosFace heads "
         f"over {classes:,} classes at 512-d; {dtype} networks, float32 losses; SGD momentum "
         f"0.9. Step alone: batch {batch} already on the device (uint8 in kdface, normalized in "
-        f"the step; float NCHW in torch, as arcface_torch's loader delivers it); alternated "
-        f"rounds, median of {rounds}. MFU: model FLOPs (2 x multiply-adds: the student's "
-        "forward x 3 for its backward, the teacher's forward, the heads) per second over the "
+        f"the step; float NCHW in torch, as arcface_torch's loader delivers it); per case, "
+        f"alternated rounds of kdface and torch, median of {rounds}; torch with "
+        "OMP_WAIT_POLICY=PASSIVE (no spinning threads between the alternated steps). MFU: "
+        "model FLOPs (2 x multiply-adds: the student's forward x 3 for its backward, the "
+        "teacher's forward, the heads) per second over the "
         f"peak: {peak_source}.",
         "",
         "| case | framework | ms / step | images / s | MFU | kdface vs torch | compile s |",
@@ -236,4 +239,7 @@ def full() -> int:
 
 
 if __name__ == "__main__":
+    # torch's OpenMP threads otherwise spin-wait after each parallel region, taking the cores
+    # from the kdface step timed next in the alternated rounds.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(app.run(main))
