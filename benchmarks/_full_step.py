@@ -18,6 +18,8 @@ import numpy as np
 HW = (112, 112)
 EMBEDDING = 512
 TEMPERATURE = 4.0
+WEIGHT_DECAY = 5e-4   # insightface's arcface_torch SGD, and kdface's --weight_decay default
+RUNAWAY = 1000.0      # kdface's --runaway_factor default
 # (label, kdface recipe, teacher: "forward" | "cache" | None)
 CASES = (("kd_im, teacher forward", "kd_im", "forward"),
          ("kd_im, teacher cache", "kd_im", "cache"),
@@ -67,13 +69,12 @@ def jax_cases(batch: int, classes: int, dtype: str, teacher_net) -> tuple[list[C
     """kdface's jitted ``make_train_step`` for each case; batches uint8 on the device."""
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
     from kdface.distill import build_recipe, build_student
     from kdface.models import count_macs
-    from kdface.training import StepConfig, init_health, init_state, make_train_step
-    from kdface.training._step import split_teacher
-
+    from kdface.training import (StepConfig, init_health, init_state,
+                                 make_optimizer, make_train_step, split_teacher)
+    
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, *HW, 3), dtype=np.uint8)
@@ -87,7 +88,10 @@ def jax_cases(batch: int, classes: int, dtype: str, teacher_net) -> tuple[list[C
         recipe = build_recipe(recipe_name, _recipe_config())
         student = build_student("mobilefacenet", num_classes=classes, head="cosface",
                                 rngs=nnx.Rngs(0))
-        opt = optax.sgd(0.01, momentum=0.9)
+        # The trainer's optimizer and step settings (what `fit` runs, so the loop row compares
+        # like with like): SGD momentum 0.9 with weight decay 5e-4 as L2, the runaway check.
+        opt = make_optimizer(optimizer="sgd", learning_rate=0.01, momentum=0.9,
+                             weight_decay=WEIGHT_DECAY)
         graphdef, state = init_state(student, opt)
         teacher_def = teacher_state = None
         if teacher == "forward":
@@ -96,7 +100,8 @@ def jax_cases(batch: int, classes: int, dtype: str, teacher_net) -> tuple[list[C
             head_def, teacher_state = nnx.split(teacher_net.head)
             teacher_def = (head_def, teacher_net.head_kind, teacher_net.logit_scale)
         step = jax.jit(make_train_step(recipe, graphdef, teacher_def, opt, StepConfig(
-            teacher_cached=teacher == "cache", compute_dtype=compute)), donate_argnums=(0, 1))
+            teacher_cached=teacher == "cache", compute_dtype=compute,
+            runaway_factor=RUNAWAY)), donate_argnums=(0, 1))
         host = {"student_image": lr_images if teacher else images, "label": labels}
         if teacher == "forward":
             host["teacher_image"] = images
@@ -141,7 +146,7 @@ def torch_cases(batch: int, classes: int, dtype: str, flops: dict[str, float]) -
     for label, _, kind in CASES:
         student, head = MobileFaceNet().to(device), CosFaceHead(EMBEDDING, classes).to(device)
         opt = torch.optim.SGD(list(student.parameters()) + list(head.parameters()), lr=0.01,
-                              momentum=0.9)
+                              momentum=0.9, weight_decay=WEIGHT_DECAY)
 
         def run(student=student, head=head, opt=opt, kind=kind):
             student.train()
@@ -201,8 +206,7 @@ def pipeline_rates(batch: int, batches: int, threads: int) -> list[tuple[str, fl
     """Images/s of kdface's input pipeline alone (uint8 two views, as the trainer reads them),
     with the LR view made on the host (OpenCV) and with ``--lr_on_device`` (the host only
     draws each sample's LR size)."""
-    from kdface.data import LowResolutionAugment, make_training_pipeline
-    from kdface.data._degrade_device import DecideOnlyAugment
+    from kdface.data import DecideOnlyAugment, LowResolutionAugment, make_training_pipeline
     source = _source(max(4 * batch, 256))
     batches = max(batches, -(-1024 // batch))  # at least 1,024 images: beyond any read-ahead
     rows = []
@@ -248,7 +252,8 @@ def loop_rate(batch: int, classes: int, steps: int, dtype: str,
             workdir=os.path.join(tmp, "loop"), recipe="scratch", student="mobilefacenet",
             head="cosface", margin_scale=64.0, margin=0.35, batch_size=batch, steps=steps + 1,
             learning_rate=0.01, schedule="constant", log_every=steps + 1, save_every=steps + 1,
-            async_checkpoints=False, progress=False, bf16=dtype == "bfloat16")
+            async_checkpoints=False, progress=False, bf16=dtype == "bfloat16",
+            weight_decay=WEIGHT_DECAY, runaway_factor=RUNAWAY)
         summary = fit(config, ArrayBatches(images, labels, batch_size=batch),
                       num_classes=classes)
     return float(summary["metrics"]["images_per_s"]), (before + alone()) / 2

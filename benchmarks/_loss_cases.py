@@ -119,7 +119,7 @@ def make_inputs(kind: str, n: int, cfg: Config) -> tuple[tuple[np.ndarray, ...],
 
 def _kdface_pwr(method: str, variant: dict) -> Callable[[int, Config], Callable]:
     def build(n: int, cfg: Config) -> Callable:
-        from kdface.losses._pwr import pwr_loss
+        from kdface.losses import pwr_loss
         return lambda s, t: pwr_loss(s, t, relation="cosine", method=method, **variant)
     return build
 

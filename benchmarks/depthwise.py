@@ -29,6 +29,8 @@ from unittest import mock
 
 from absl import app, flags
 
+import kdface  # noqa: F401  (sets its XLA CPU flag before the backend starts)
+
 from benchmarks._common import publish_section
 
 flags.DEFINE_integer("batch", 64, "Batch size.")

@@ -137,7 +137,10 @@ with the number of hosts. On a machine shared with other jobs the numbers vary b
 percent between runs; the load average above says how busy it was. OpenCV's own threads are
 left at their default. In a profile of the LR rows, OpenCV's Gaussian blur before
 downscaling (sigma up to 6.5 px for 8 px faces) takes the largest share of the time, then
-the JPEG decode and the tfds example parsing.
+the JPEG decode and the tfds example parsing. Worker-process rows (`--data_workers` of the
+trainer, grain's `mp_prefetch`): each worker makes whole batches in its own process, so the
+per-example Python work that holds the GIL runs in parallel; compare them with the thread rows
+at the same core count (workers beyond the cores only add start-up and copies).
 """
 
 

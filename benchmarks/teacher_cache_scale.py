@@ -88,7 +88,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from kdface.training import TrainConfig
-    from kdface.training._run import run
+    from kdface.training import run
     root = F.workdir or tempfile.mkdtemp(prefix="kdface_cache_scale_")
     source = GeneratedRecords(F.records, F.classes)
     common = dict(student="sphereface_custom", student_options=TINY, input_size=HW,

@@ -34,6 +34,8 @@ import time
 
 from absl import app, flags
 
+import kdface  # noqa: F401  (sets its XLA CPU flag before the backend starts)
+
 from benchmarks._markdown_section import write_section
 
 flags.DEFINE_integer("batch", None, "Global batch size (default 32; --full: 128 on an "
@@ -47,7 +49,7 @@ flags.DEFINE_integer("classes", None, "Classes of the heads (default 1000; --ful
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                   "--full: network compute dtype (auto: bfloat16 on an accelerator, float32 on "
                   "a CPU).")
-flags.DEFINE_integer("loop_steps", 10, "--full: timed steps of the loop row.")
+flags.DEFINE_integer("loop_steps", 20, "--full: timed steps of the loop row.")
 flags.DEFINE_integer("pipeline_batches", 8, "--full: timed batches of the input-pipeline rows.")
 flags.DEFINE_bool("peer", True, "--full: also time the PyTorch peer (needs torch).")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "TRAIN_STEP.md"),
@@ -62,8 +64,8 @@ def _case(recipe_name, student, teacher, cached, batch_size, hw, classes, steps)
     import optax
     from flax import nnx
     from kdface.distill import build_recipe
-    from kdface.training import StepConfig, init_health, init_state, make_train_step
-    from kdface.training._step import split_teacher
+    from kdface.training import (StepConfig, init_health, init_state, make_train_step,
+                                 split_teacher)
 
     cfg = {"head": "softmax", "lambda_hard": 1.0, "lambda_soft": 1.0, "lambda_feature": 1.0,
            "temperature": 4.0, "feature_loss": "mk_mmd", "margin_scale": 64.0, "margin": 0.35}
@@ -208,10 +210,12 @@ def full() -> int:
         f"Networks: teacher iresnet100 ({macs['teacher'] / 1e9:.2f} G multiply-adds per "
         f"112x112 image), student mobilefacenet ({macs['student'] / 1e6:.0f} M), CosFace heads "
         f"over {classes:,} classes at 512-d; {dtype} networks, float32 losses; SGD momentum "
-        f"0.9. Step alone: batch {batch} already on the device (uint8 in kdface, normalized in "
-        f"the step; float NCHW in torch, as arcface_torch's loader delivers it); per case, "
+        f"0.9, weight decay 5e-4 (both frameworks). Step alone: batch {batch} already on the "
+        f"device (uint8 in kdface, normalized in the step; float NCHW in torch, as "
+        f"arcface_torch's loader delivers it); per case, "
         f"alternated rounds of kdface and torch, median of {rounds}; torch with "
-        "OMP_WAIT_POLICY=PASSIVE (no spinning threads between the alternated steps). MFU: "
+        "OMP_WAIT_POLICY=PASSIVE (no spinning threads between the alternated steps); kdface with "
+        f"its XLA flag (`XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}`, kdface/__init__.py). MFU: "
         "model FLOPs (2 x multiply-adds: the student's forward x 3 for its backward, the "
         "teacher's forward, the heads) per second over the "
         f"peak: {peak_source}.",

@@ -98,7 +98,7 @@ def main(argv) -> int:
     from kdface.comparison import (Comparison, enable_compilation_cache, markdown_report,
                                    run_comparison)
     from kdface.training import TrainConfig
-    from kdface.training._run import resolve_training_data, run
+    from kdface.training import resolve_training_data, run
 
     t_start = time.time()
     out = os.path.abspath(F.out)

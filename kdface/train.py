@@ -25,6 +25,7 @@ from typing import Any
 from absl import app, flags
 
 from kdface._cli import UsageError, parse_key_values, run_main, silence_logs, wants_verbose
+# The config module alone (not kdface.training): flags and --help must not import JAX.
 from kdface.training._config import TrainConfig, option_fields
 
 F = flags.FLAGS
@@ -205,7 +206,7 @@ def train(data_dir: str) -> int:
             os.environ.get("OMPI_COMM_WORLD_SIZE"):
         jax.distributed.initialize(coordinator_address=F.coordinator_address,
                                    num_processes=F.num_processes, process_id=F.process_id)
-    from kdface.training._run import run
+    from kdface.training import run
     config = config_from_flags()
     summary = run(config, data_dir=data_dir)
     if jax.process_index() == 0:

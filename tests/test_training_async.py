@@ -148,6 +148,23 @@ def test_lr_view_on_the_device_trains(tmp_path, teacher_dir):
     assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
 
 
+def test_data_worker_processes_train_exactly_as_in_process(tmp_path, teacher_dir):
+    # --data_workers moves batch-making into grain worker processes: the same batches in the
+    # same order, so the same trained weights (LR view made on the host, in the workers).
+    from flax import nnx
+    from kdface.training import restore_run
+    params = {}
+    for workers in (0, 2):
+        cfg = tiny_config(tmp_path / f"w{workers}", recipe="kd_im", teacher_checkpoint=teacher_dir,
+                          feature_loss="normalized_l2", steps=3, lr_sizes=(4, 8),
+                          lr_fraction=0.5, data_workers=workers, progress=False)
+        run(cfg, data_dir="", source=_source(), num_classes=CLASSES, val_sets=[])
+        state = nnx.state(restore_run(str(tmp_path / f"w{workers}")).network, nnx.Param)
+        params[workers] = jax.tree.leaves(state)
+    for a, b in zip(params[0], params[2]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_sharded_head_trains_like_the_replicated_one(tmp_path):
     images, labels = labelled_images()
     losses = {}

@@ -186,7 +186,7 @@ def _write_json(path: str, payload: Any) -> None:
 
 
 def _train(config, **kwargs) -> dict[str, Any]:
-    from kdface.training._run import run
+    from kdface.training import run
     return run(config, **kwargs)
 
 
@@ -236,7 +236,7 @@ def run_comparison(spec: Comparison, *, log: Callable[[str], None] = _print,
     from kdface.comparison._report import build_report, write_comparison
     from kdface.evaluation import load_sets
     from kdface.training import TrainConfig
-    from kdface.training._run import resolve_training_data
+    from kdface.training import resolve_training_data
 
     t_start = time.perf_counter()
     if not spec.seeds:

@@ -38,6 +38,7 @@ from kdface.data._degrade import (
     lr_probe_pairs,
 )
 # synthetic identities, tfds builders and the two-view pipeline
+from kdface.data._degrade_device import DecideOnlyAugment, DeviceLowResolution
 from kdface.data._synthetic import (
     IdentityParams,
     identity_params,
@@ -71,7 +72,7 @@ from kdface.data._pipeline import (
     normalize_images,
 )
 
-__all__ = ["align_face", "build_recordio_index", "build_training_dataset",
+__all__ = ["align_face", "build_recordio_index", "DecideOnlyAugment", "DeviceLowResolution", "build_training_dataset",
            "build_verification_dataset", "built_dataset_names", "dataset_path", "decode_image",
            "default_blur_sigma", "degrade_to_low_resolution", "device_put_batch", "encode_image",
            "face_template", "identity_params", "IdentityFolders", "IdentityParams", "IRHeader",

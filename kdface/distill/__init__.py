@@ -1,12 +1,13 @@
 """Distillation objectives: loss terms with their contracts, the recipes (methods as data), and
 the networks they train."""
-from kdface.distill._networks import DistillStudent, FaceNetwork, build_student
+from kdface.distill._networks import (DistillStudent, FaceNetwork, build_student, cast_floating,
+                                      class_logits)
 from kdface.distill._recipes import (HEAD, RECIPES, Option, Recipe, RecipeSpec, TeacherPhase,
                                      Term, TermDecl, build_recipe, objective, recipe_names,
                                      recipe_spec, register_recipe)
 from kdface.distill._terms import TERMS, TermInputs, TermSpec, register_term, term, term_spec
 
-__all__ = ["build_recipe", "build_student", "DistillStudent", "FaceNetwork", "HEAD", "objective",
+__all__ = ["build_recipe", "build_student", "cast_floating", "class_logits", "DistillStudent", "FaceNetwork", "HEAD", "objective",
            "Option", "Recipe", "recipe_names", "recipe_spec", "RECIPES", "RecipeSpec",
            "register_recipe", "register_term", "TeacherPhase", "Term", "term", "term_spec",
            "TermDecl", "TermInputs", "TERMS", "TermSpec"]

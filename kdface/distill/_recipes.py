@@ -240,6 +240,7 @@ class _Options:
     e.g. a benchmark's few options, still resolve)."""
 
     def __init__(self, recipe: str, config: Any):
+        # The config module alone, here: kdface.training imports kdface.distill.
         from kdface.training._config import TrainConfig
         self.recipe = recipe
         self.values = config.as_dict() if hasattr(config, "as_dict") else dict(config)

@@ -28,8 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdface.data import device_put_batch, normalize_images
-from kdface.distill._networks import DistillStudent, FaceNetwork
-from kdface.distill._recipes import Recipe, build_recipe
+from kdface.distill import DistillStudent, FaceNetwork, Recipe, build_recipe
 from kdface.training._checkpoint import Checkpoints
 from kdface.training._config import TrainConfig
 from kdface.training._logging import RunLog
@@ -340,7 +339,7 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     n_dev = jax.device_count()
     device_lr = None
     if config.lr_on_device and recipe.student_view == "low_resolution":
-        from kdface.data._degrade_device import DeviceLowResolution
+        from kdface.data import DeviceLowResolution
         device_lr = DeviceLowResolution(tuple(config.input_size), tuple(config.lr_sizes))
     if teacher_cache is not None and teacher is not None:
         # The cache holds embeddings; logits are the teacher head applied to them.

@@ -43,27 +43,26 @@ class PipelineBatches:
 
 def resolve_training_data(train_data: str, data_dir: str) -> tuple[Any, int]:
     """``(tfds data source, num_classes)``; builds the dataset first if given a source path."""
-    from kdface.data import _tfds_builders as data
+    from kdface.data import (build_training_dataset, load_dataset_metadata,
+                             load_training_source)
     name = train_data
     if os.path.exists(train_data):
-        name = data.build_training_dataset(train_data, data_dir, progress=True)["name"]
-    meta = data.load_dataset_metadata(data_dir, "kdface_training", name)
-    return data.load_training_source(data_dir, name), int(meta["num_classes"])
+        name = build_training_dataset(train_data, data_dir, progress=True)["name"]
+    meta = load_dataset_metadata(data_dir, "kdface_training", name)
+    return load_training_source(data_dir, name), int(meta["num_classes"])
 
 
 def resolve_verification_sets(val_data, data_dir: str,
                               input_size: tuple[int, int]) -> list[VerificationSet]:
     """Decodes each ``.bin`` path or built verification set into a ``VerificationSet``."""
-    from kdface.data import _tfds_builders as builders
-    from kdface.data._pipeline import make_verification_arrays
+    from kdface.data import load_verification_source, make_verification_arrays
     sets = []
     for entry in val_data:
         if os.path.exists(entry):
             source, name = entry, os.path.splitext(os.path.basename(entry))[0]
         else:
-            source, name = builders.load_verification_source(data_dir, entry), entry
-        images1, images2, issame, _ = make_verification_arrays(source,
-                                                                    image_size=input_size)
+            source, name = load_verification_source(data_dir, entry), entry
+        images1, images2, issame, _ = make_verification_arrays(source, image_size=input_size)
         interleaved = np.stack([images1, images2], axis=1).reshape(-1, *images1.shape[1:])
         sets.append(VerificationSet(name, interleaved, issame))
     return sets
@@ -72,9 +71,7 @@ def resolve_verification_sets(val_data, data_dir: str,
 def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str):
     """The two-view pipeline; images stay uint8 (normalized in the step, a quarter of the bytes
     to transfer) and, with ``--lr_on_device``, the host only draws each sample's LR size."""
-    from kdface.data._degrade import LowResolutionAugment
-    from kdface.data._degrade_device import DecideOnlyAugment
-    from kdface.data._pipeline import make_training_pipeline
+    from kdface.data import DecideOnlyAugment, LowResolutionAugment, make_training_pipeline
     augment = None
     if student_view == "low_resolution":
         augment = LowResolutionAugment(sizes=tuple(config.lr_sizes), fraction=config.lr_fraction,
@@ -122,7 +119,7 @@ def validate(config: TrainConfig, recipe) -> str | None:
 
 
 def build_recipe_for(config: TrainConfig):
-    from kdface.distill._recipes import build_recipe
+    from kdface.distill import build_recipe
     return build_recipe(config.recipe, config)
 
 

@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kdface.distill._networks import DistillStudent, FaceNetwork, cast_floating, class_logits
-from kdface.distill._recipes import Recipe, objective
-from kdface.distill._terms import TermInputs
+from kdface.distill import (DistillStudent, FaceNetwork, Recipe, TermInputs, cast_floating,
+                            class_logits, objective)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdface._progress import progress
 from kdface.data import decode_image
-from kdface.distill._recipes import Recipe
+from kdface.distill import Recipe
 from kdface.training._config import TrainConfig
 from kdface.training._embedding_store import BadStoreError, build_store, open_store
 from kdface.training._step import normalize_on_device
