@@ -2,7 +2,19 @@
 margin-head step (the sharded-head benchmark and its test measure the same program)."""
 from __future__ import annotations
 
+import os
+import subprocess
+
 from benchmarks._markdown_section import write_section
+
+
+def commit() -> str:
+    """The repository's short HEAD commit, for a result's "at commit" line."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 def write_markdown(path: str, lines: list[str]) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,14 +35,6 @@ class Case:
     compile_s: float
     flops: float            # model FLOPs of one step (2 x multiply-adds)
     times: list[float]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def _recipe_config() -> dict[str, Any]:

@@ -31,7 +31,7 @@ from absl import app, flags
 
 import kdface  # noqa: F401  (sets its XLA CPU flag before the backend starts)
 
-from benchmarks._common import publish_section
+from benchmarks._common import commit, publish_section
 
 flags.DEFINE_integer("batch", 64, "Batch size.")
 flags.DEFINE_integer("rounds", 3, "Alternated timing rounds (median reported).")
@@ -131,14 +131,6 @@ def _uptime() -> str:
         return "uptime unavailable"
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main(argv):
     del argv
     load_before = _uptime()
@@ -171,7 +163,7 @@ def main(argv):
         SECTION,
         "",
         f"Command: `python -m benchmarks.depthwise --batch={F.batch} --rounds={F.rounds} "
-        f"--classes={F.classes}` at commit {_commit()}.  ",
+        f"--classes={F.classes}` at commit {commit()}.  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no accelerator "
         f"({platform.platform()}), shared with other agents' jobs while measured (load before: "
         f"`{load_before.split('load average:')[-1].strip()}`, after: "

@@ -36,6 +36,7 @@ from absl import app, flags
 
 import kdface  # noqa: F401  (sets its XLA CPU flag before the backend starts)
 
+from benchmarks._common import commit
 from benchmarks._markdown_section import write_section
 
 flags.DEFINE_integer("batch", None, "Global batch size (default 32; --full: 128 on an "
@@ -204,7 +205,7 @@ def full() -> int:
         FULL_SECTION,
         "",
         f"Command: `python -m benchmarks.train_step --full --batch={batch} --steps={rounds} "
-        f"--classes={classes} --dtype={dtype}` at commit {fs._commit()}, "
+        f"--classes={classes} --dtype={dtype}` at commit {commit()}, "
         f"{time.perf_counter() - t_start:.0f} s.  ",
         f"Machine: {fs.machine_line()} (load at the end).  ",
         f"Networks: teacher iresnet100 ({macs['teacher'] / 1e9:.2f} G multiply-adds per "
