@@ -277,7 +277,7 @@ def test_cli_reuses_the_finished_rows_and_prints_the_table(resumed, data, capsys
     out = capsys.readouterr().out
     assert status == 0
     assert _files(resumed["out"] / "runs") == before  # nothing retrained
-    assert "| kd_im | wang2019 |" in out and "comparison written to" in out
+    assert "| kd_im | Wang et al. 2019 |" in out and "comparison written to" in out
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -345,9 +345,9 @@ def test_seed_aggregation_and_spread_rule_against_numpy(tmp_path):
     assert report["methods"]["aligned"]["alignment_nrmse"]["mean"] == pytest.approx(0.07)
     assert report["methods"]["diverged"]["alignment_nrmse"] == {"non_finite": 1}
     text = comparison.markdown_report(report)
-    assert "| good | self | 81.00 ± 1.00 ▲ |" in text
-    assert "| close | self | 75.00 ± 2.00 |" in text
-    assert "| aligned | self | alignment only |" in text and "0.07 ± 0.02" in text
+    assert "| good | — | 81.00 ± 1.00 ▲ |" in text
+    assert "| close | — | 75.00 ± 2.00 |" in text
+    assert "| aligned | — | alignment only |" in text and "0.07 ± 0.02" in text
     assert "non-finite (1 seeds)" in text
 
 

@@ -37,6 +37,10 @@ PAPERS = {
     "yan2019": "Yan et al., VarGFaceNet, ICCVW 2019",
     "duong2019": "Duong et al., ShrinkTeaNet, 2019",
 }
+# The paper column of the tables: authors and year (the full reference is in PAPERS).
+PAPER_LABELS = {"self": "—", "wang2019": "Wang et al. 2019", "nikitin2020": "Nikitin et al. 2020",
+                "kd_transfer": "Wang et al. 2017", "yan2019": "Yan et al. 2019",
+                "duong2019": "Duong et al. 2019"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,7 @@ def _nikitin_baseline(name: str, kd_loss: str, alpha: float, beta: float,
 
 METHODS: tuple[Method, ...] = (
     Method("self_studied", "self", "the student's own classification loss, same LR-augmented "
-           "data (Wang et al. 2019 / duong2019 'self-studied' baseline)",
+           "data (Wang et al. 2019 / Duong et al. 2019 'self-studied' baseline)",
            {"recipe": "scratch"}, uses_teacher=False),
     # wang2019: λ1·hard + λ2·soft + λ3·feature, λ = 1 (the paper prints no values).
     Method("kd_im", "wang2019", "eq. 9, KD_im: untouched teacher on HR, student on LR; hard + "

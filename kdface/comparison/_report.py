@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kdface.comparison._methods import PAPERS, Method
+from kdface.comparison._methods import PAPER_LABELS, PAPERS, Method
 
 BASELINE = "self_studied"
 
@@ -88,7 +88,8 @@ def build_report(spec, methods: Sequence[Method], rows: list[dict[str, Any]],
         mine = [r for r in rows if r["method"] == method.name]
         done = [r for r in mine if r["status"] == "done"]
         entry: dict[str, Any] = {
-            "paper": method.paper, "citation": PAPERS[method.paper],
+            "paper": method.paper, "paper_label": PAPER_LABELS[method.paper],
+            "citation": PAPERS[method.paper],
             "equation": method.equation, "adds": method.adds, "note": method.note,
             "init_from": method.init_from, "uses_teacher": method.uses_teacher,
             "overrides": dict(method.overrides),
@@ -202,7 +203,8 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         for name, m in report["methods"].items():
             ver = m.get("verification", {}).get(set_name)
             if ver is None and "alignment_nrmse" in m:
-                cells = [name, m["paper"], "alignment only", *["" for _ in sizes]]
+                cells = [name, m.get("paper_label", m["paper"]), "alignment only",
+                         *["" for _ in sizes]]
                 cells += [""] if far is not None else []
                 cells += [_pm(m["alignment_nrmse"], scale=1.0, digits=4),
                           _params(m.get("model") or {}), _macs(m.get("model") or {}),
@@ -211,13 +213,13 @@ def markdown_report(report: Mapping[str, Any]) -> str:
                 continue
             if ver is None:
                 status = m["status"] + (f": {'; '.join(m['reasons'])}" if m["reasons"] else "")
-                cells = [name, m["paper"], status, *["" for _ in sizes]]
+                cells = [name, m.get("paper_label", m["paper"]), status, *["" for _ in sizes]]
                 cells += [""] if far is not None else []
                 cells += ["", "", "", "", m["adds"]]
                 lines.append(_row(cells))
                 continue
             vs = m.get("vs_self_studied", {}).get(set_name, {})
-            cells = [name, m["paper"], _pm(ver["hr"]) + _mark(vs.get("hr")),
+            cells = [name, m.get("paper_label", m["paper"]), _pm(ver["hr"]) + _mark(vs.get("hr")),
                      *[_pm(ver["lr"].get(s)) + _mark(vs.get("lr", {}).get(s)) for s in sizes]]
             if far is not None:
                 cells.append(_pm(ver["tar_at_far"].get(f"{far:g}")))
