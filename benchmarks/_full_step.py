@@ -56,16 +56,40 @@ def step_flops(student_macs: int, teacher_macs: int, teacher: str | None, batch:
     return 2.0 * batch * macs
 
 
+def compiled_step(recipe, student, teacher_net, teacher: str | None, opt, step_config,
+                  host_batch: dict[str, np.ndarray]) -> tuple[Callable[[], None], float]:
+    """kdface's jitted trainer step over ``host_batch`` placed on the device, compiled by a
+    first call: ``(run, compile seconds)``; ``run()`` takes one step and blocks on its loss.
+    ``teacher``: 'forward' (the teacher network in the step), 'cache' (its head only; the
+    batch carries ``teacher_embedding``) or None."""
+    import jax
+    from kdface.training import init_health, init_state, make_train_step, split_teacher
+    graphdef, state = init_state(student, opt)
+    teacher_def, teacher_state = (split_teacher(teacher_net, cached=teacher == "cache")
+                                  if teacher else (None, None))
+    step = jax.jit(make_train_step(recipe, graphdef, teacher_def, opt, step_config),
+                   donate_argnums=(0, 1))
+    placed = jax.device_put(host_batch)
+    holder = {"state": state, "health": init_health(recipe)}
+
+    def run():
+        holder["state"], holder["health"], m = step(holder["state"], holder["health"],
+                                                    teacher_state, placed)
+        jax.block_until_ready(m["loss"])
+
+    t0 = time.perf_counter()
+    run()
+    return run, time.perf_counter() - t0
+
+
 def jax_cases(batch: int, classes: int, dtype: str, teacher_net) -> tuple[list[Case], dict]:
     """kdface's jitted ``make_train_step`` for each case; batches uint8 on the device."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
     from kdface.distill import build_recipe, build_student
     from kdface.models import count_macs
-    from kdface.training import (StepConfig, init_health, init_state,
-                                 make_optimizer, make_train_step, split_teacher)
-    
+    from kdface.training import StepConfig, make_optimizer
+
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, *HW, 3), dtype=np.uint8)
@@ -83,32 +107,16 @@ def jax_cases(batch: int, classes: int, dtype: str, teacher_net) -> tuple[list[C
         # like with like): SGD momentum 0.9 with weight decay 5e-4 as L2, the runaway check.
         opt = make_optimizer(optimizer="sgd", learning_rate=0.01, momentum=0.9,
                              weight_decay=WEIGHT_DECAY)
-        graphdef, state = init_state(student, opt)
-        teacher_def = teacher_state = None
-        if teacher == "forward":
-            teacher_def, teacher_state = split_teacher(teacher_net)
-        elif teacher == "cache":  # embeddings in the batch; logits from the teacher head
-            head_def, teacher_state = nnx.split(teacher_net.head)
-            teacher_def = (head_def, teacher_net.head_kind, teacher_net.logit_scale)
-        step = jax.jit(make_train_step(recipe, graphdef, teacher_def, opt, StepConfig(
-            teacher_cached=teacher == "cache", compute_dtype=compute,
-            runaway_factor=RUNAWAY)), donate_argnums=(0, 1))
         host = {"student_image": lr_images if teacher else images, "label": labels}
         if teacher == "forward":
             host["teacher_image"] = images
         if teacher == "cache":  # as the teacher cache stores them
             host["teacher_embedding"] = rng.normal(size=(batch, EMBEDDING)).astype(np.float16)
-        placed = jax.device_put(host)
-        holder = {"state": state, "health": init_health(recipe)}
-
-        def run(holder=holder, step=step, teacher_state=teacher_state, placed=placed):
-            holder["state"], holder["health"], m = step(holder["state"], holder["health"],
-                                                        teacher_state, placed)
-            jax.block_until_ready(m["loss"])
-
-        t0 = time.perf_counter()
-        run()
-        cases.append(Case(label, "kdface", run, time.perf_counter() - t0,
+        run, compile_s = compiled_step(
+            recipe, student, teacher_net, teacher, opt,
+            StepConfig(teacher_cached=teacher == "cache", compute_dtype=compute,
+                       runaway_factor=RUNAWAY), host)
+        cases.append(Case(label, "kdface", run, compile_s,
                           step_flops(macs["student"], macs["teacher"], teacher, batch, classes),
                           []))
         print(f"  compiled kdface {label}: {cases[-1].compile_s:.1f} s", flush=True)

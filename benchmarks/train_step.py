@@ -59,44 +59,28 @@ F = flags.FLAGS
 
 
 def _case(recipe_name, student, teacher, cached, batch_size, hw, classes, steps):
-    import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
-    from flax import nnx
+    from benchmarks._full_step import compiled_step
     from kdface.distill import build_recipe
-    from kdface.training import (StepConfig, init_health, init_state, make_train_step,
-                                 split_teacher)
+    from kdface.training import StepConfig
 
     cfg = {"head": "softmax", "lambda_hard": 1.0, "lambda_soft": 1.0, "lambda_feature": 1.0,
            "temperature": 4.0, "feature_loss": "mk_mmd", "margin_scale": 64.0, "margin": 0.35}
-    recipe = build_recipe(recipe_name, cfg)
-    opt = optax.sgd(0.01, momentum=0.9)
-    graphdef, state = init_state(student, opt)
-    teacher_def, teacher_state = (split_teacher(teacher) if teacher is not None and not cached
-                                  else (None, None))
-    if cached:  # the cache holds embeddings; the step recomputes logits from the teacher head
-        head_def, teacher_state = nnx.split(teacher.head)
-        teacher_def = (head_def, teacher.head_kind, teacher.logit_scale)
-    step = jax.jit(make_train_step(recipe, graphdef, teacher_def, opt,
-                                   StepConfig(teacher_cached=cached)), donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
     batch = {"student_image": rng.normal(size=(batch_size, *hw, 3)).astype(np.float32),
              "teacher_image": rng.normal(size=(batch_size, *hw, 3)).astype(np.float32),
              "label": rng.integers(0, classes, batch_size).astype(np.int32)}
     if cached:
         batch["teacher_embedding"] = rng.normal(size=(batch_size, 512)).astype(np.float32)
-    batch = jax.device_put(batch)
-    t0 = time.perf_counter()
-    health = init_health(recipe)
-    state, health, metrics = step(state, health, teacher_state, batch)
-    jax.block_until_ready(metrics["loss"])
-    compile_s = time.perf_counter() - t0
+    mode = None if teacher is None else ("cache" if cached else "forward")
+    run, compile_s = compiled_step(build_recipe(recipe_name, cfg), student, teacher, mode,
+                                   optax.sgd(0.01, momentum=0.9),
+                                   StepConfig(teacher_cached=cached), batch)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, health, metrics = step(state, health, teacher_state, batch)
-        jax.block_until_ready(metrics["loss"])
+        run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), compile_s
 

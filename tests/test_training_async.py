@@ -163,6 +163,8 @@ def test_data_worker_processes_train_exactly_as_in_process(tmp_path, teacher_dir
         params[workers] = jax.tree.leaves(state)
     for a, b in zip(params[0], params[2]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="--data_workers"):
+        tiny_config(tmp_path / "bad", data_workers=-1)
 
 
 def test_sharded_head_trains_like_the_replicated_one(tmp_path):

@@ -222,6 +222,9 @@ class TrainConfig:
         if len(self.input_size) != 2:
             raise ValueError(f"input_size must be (H, W), got {self.input_size!r} "
                              f"(--input_size=H,W)")
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be 0 (batches made in this process) or more "
+                             f"worker processes, got {self.data_workers} (--data_workers)")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -342,10 +342,7 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
         from kdface.data import DeviceLowResolution
         device_lr = DeviceLowResolution(tuple(config.input_size), tuple(config.lr_sizes))
     if teacher_cache is not None and teacher is not None:
-        # The cache holds embeddings; logits are the teacher head applied to them.
-        head_def, head_state = nnx.split(teacher.head)
-        teacher_def = (head_def, teacher.head_kind, teacher.logit_scale)
-        teacher_state = head_state
+        teacher_def, teacher_state = split_teacher(teacher, cached=True)
     if teacher_state is not None:
         teacher_state = jax.device_put(teacher_state, replicated)
     step_config = StepConfig(

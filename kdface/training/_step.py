@@ -84,9 +84,15 @@ def split_student(student: DistillStudent):
     return nnx.split(student, nnx.Param, ...)
 
 
-def split_teacher(teacher: FaceNetwork):
-    """``(graphdef, state)`` of a teacher in eval mode (BN running statistics, no dropout)."""
+def split_teacher(teacher: FaceNetwork, *, cached: bool = False):
+    """``(teacher_def, teacher_state)`` for :func:`make_train_step`: the whole teacher in eval
+    mode (BN running statistics, no dropout); with ``cached`` (``StepConfig.teacher_cached``)
+    only its head, ``((head graphdef, head kind, logit scale), head state)``, since the cache
+    holds embeddings and the step recomputes logits from them."""
     teacher.eval()
+    if cached:
+        head_def, head_state = nnx.split(teacher.head)
+        return (head_def, teacher.head_kind, teacher.logit_scale), head_state
     return nnx.split(teacher)
 
 
