@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from _tolerance import assert_close
 from kdface.losses import _pwr, _pwr_common, _pwr_sorted, _pwr_tiled, pwr_loss
 from kdface.losses._pwr_common import Inversion
 
@@ -140,9 +141,11 @@ def test_embeddings_equal_dense(method, relation, inversion, margin, margin_valu
     for seed, ties in ((0, False), (1, True)):
         s, t = _embeddings(24, seed, ties)
         (v, g), (v0, g0) = fast(s, t), dense(s, t)
-        np.testing.assert_allclose(float(v), float(v0), rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4,
-                                   atol=1e-5 * float(jnp.abs(g0).max()))
+        # A mean over the M^2 ordered pairs of the M = N(N-1)/2 scores: worst-case linear growth
+        # (tests/_tolerance.py); duplicated rows make euclidean gradients ill-conditioned.
+        m2 = (24 * 23 // 2) ** 2
+        assert_close(float(v), float(v0), terms=m2)
+        assert_close(np.asarray(g), np.asarray(g0), terms=m2)
 
 
 # ------------------------------------------------------------------------------ known answers
