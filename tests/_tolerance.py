@@ -16,7 +16,9 @@ cancels to almost zero keeps the absolute error of its large terms. Hence::
   the terms' rounding errors are independent and of both signs, so they add like a random walk
   (Higham §4.2 again); say so at the call site.
 - ``scale``: the magnitude of the reduced terms; by default ``max|desired|``. Pass the norm or the
-  sum of the absolute terms where that is known and larger (cancellation).
+  sum of the absolute terms where that is known and larger (cancellation). It may be an array
+  broadcastable to the result (a per-element magnitude, e.g. ``sum|x_i|`` of each element's terms
+  computed in float64), which bounds each element by its own terms rather than the largest.
 
 Where a float64 reference exists (a NumPy loop over the paper's formula), compare the float32 result
 with it: the float32 error alone then has to fit the bound. Exactness stays exact (permutations,
@@ -31,17 +33,18 @@ __all__ = ["EPS32", "bound", "assert_close"]
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-def bound(*, terms: int, scale: float, growth: str = "linear", dtype=np.float32) -> float:
-    """The rule's absolute tolerance: ``eps(dtype) * growth(terms) * scale``."""
+def bound(*, terms: int, scale, growth: str = "linear", dtype=np.float32):
+    """The rule's absolute tolerance: ``eps(dtype) * growth(terms) * scale`` (an array if scale is)."""
     if terms < 1:
         raise ValueError(f"terms must be >= 1, got {terms}")
     if growth not in ("linear", "sqrt"):
         raise ValueError(f"growth must be 'linear' or 'sqrt', got {growth!r}")
     n = float(terms) if growth == "linear" else float(np.sqrt(terms))
-    return float(np.finfo(dtype).eps) * max(n, 1.0) * float(scale)
+    tol = float(np.finfo(dtype).eps) * max(n, 1.0) * np.asarray(scale, np.float64)
+    return float(tol) if tol.ndim == 0 else tol
 
 
-def assert_close(actual, desired, *, terms: int, scale: float | None = None,
+def assert_close(actual, desired, *, terms: int, scale=None,
                  growth: str = "linear", dtype=np.float32, what: str = "") -> None:
     """Assert ``|actual - desired| <= bound(terms, scale)`` everywhere (shapes must match).
 
@@ -58,14 +61,16 @@ def assert_close(actual, desired, *, terms: int, scale: float | None = None,
     finite = ~np.isnan(d)
     if scale is None:
         scale = float(np.max(np.abs(d[finite]), initial=0.0))
-    scale = max(float(scale), float(np.finfo(dtype).tiny))
-    tol = bound(terms=terms, scale=scale, growth=growth, dtype=dtype)
+    scale = np.broadcast_to(np.maximum(np.asarray(scale, np.float64), np.finfo(dtype).tiny),
+                            d.shape)
+    tol = np.asarray(bound(terms=terms, scale=scale, growth=growth, dtype=dtype))
     err = np.where(finite, np.abs(a - d), 0.0)
-    worst = int(np.argmax(err)) if err.size else 0
-    if err.size and not err.flat[worst] <= tol:
-        where = np.unravel_index(worst, err.shape) if err.ndim else ()
+    over = err - tol
+    worst = int(np.argmax(over)) if err.size else 0
+    if err.size and not over.flat[worst] <= 0:
+        where = tuple(int(i) for i in np.unravel_index(worst, err.shape)) if err.ndim else ()
         raise AssertionError(
-            f"{what}max |error| {err.flat[worst]:.3g} at {where} (got {a.flat[worst]:.9g}, want "
-            f"{d.flat[worst]:.9g}) > bound {tol:.3g} = eps {np.finfo(dtype).eps:.3g} x "
-            f"{growth} growth of {terms} terms x scale {scale:.3g}; "
-            f"{int((err > tol).sum())} of {err.size} elements outside")
+            f"{what}|error| {err.flat[worst]:.3g} at {where} (got {a.flat[worst]:.9g}, want "
+            f"{d.flat[worst]:.9g}) > bound {tol.flat[worst]:.3g} = eps {np.finfo(dtype).eps:.3g} x "
+            f"{growth} growth of {terms} terms x scale {scale.flat[worst]:.3g}; "
+            f"{int((over > 0).sum())} of {err.size} elements outside")
