@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.kdface-runtime
 TESTING := $(VENV)/.kdface-testing
 
-.PHONY: test demo bench install clean
+.PHONY: test test-numerics demo bench install clean
 
 $(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ install: $(TESTING)
 test: $(TESTING)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# The suite under other numeric environments (one core, ISA caps, Eigen on one thread, 1 and 8
+# devices for the sharded tests); logs in numerics-logs/. About 50 min on 2 cores.
+test-numerics: $(TESTING)
+	.ci/test-numerics $(PY)
+
 demo: $(RUNTIME)
 	$(PY) -m kdface.demo
 
@@ -30,4 +35,4 @@ bench: $(TESTING)
 	$(PY) -m benchmarks.loss_throughput
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo_out
+	rm -rf $(VENV) build *.egg-info demo_out numerics-logs
