@@ -79,7 +79,8 @@ def _terms_scale(x, y, mults=MULTS, normalize=True):
     k = lambda a, b: np.mean([ref_kernel(u, v, sigma2, mults) for u in a for v in b])  # noqa
     sq = np.concatenate([np.sum(x * x, 1), np.sum(y * y, 1)])
     exponent = 2 * sq.max() / (2 * sigma2 * min(mults))
-    return max(len(x), len(y)) ** 2 + x.shape[1], (k(x, x) + k(y, y) + 2 * k(x, y)) * (1 + exponent)
+    terms = max(len(x), len(y)) ** 2 + x.shape[1]
+    return terms, (k(x, x) + k(y, y) + 2 * k(x, y)) * (1 + exponent)
 
 
 def jitted(**options):
