@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from _tolerance import assert_close
+
 from kdface.losses import _logit
 from kdface.losses import hinton_kd_loss, soft_prediction_loss
 
@@ -51,12 +53,30 @@ def _reduce(values, reduction):
     return {"mean": values.mean(), "sum": values.sum()}.get(reduction, values)
 
 
+def _row_scale(student, teacher, tau, factor):
+    """Magnitude of the terms a row's value is summed from: the scaled logits z = x / tau and the
+    row log-sum-exps (<= max|z| + log C); the KL (or cross-entropy) is their difference, which
+    cancels to far below them. ``factor``: tau^2 for the KL form, 1 for the cross-entropy."""
+    z = np.abs(np.concatenate([student, teacher], 1).astype(np.float64)) / tau
+    return factor * (z.max(1) + math.log(student.shape[1]))
+
+
+def _terms_scale(rows_scale, reduction):
+    """The row's C-term sums (C terms); a reduction over the N rows adds N terms and sums (or
+    averages) the rows' scales."""
+    if reduction in (None, "none"):
+        return C, rows_scale
+    return C + N, float(rows_scale.sum() if reduction == "sum" else rows_scale.mean())
+
+
 @pytest.mark.parametrize("tau", [1.0, 4.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", None])
 def test_hinton_matches_loop(tau, reduction):
     s, t = _logits(1)
     got = hinton_kd_loss(jnp.asarray(s), jnp.asarray(t), temperature=tau, reduction=reduction)
-    np.testing.assert_allclose(got, _reduce(ref_kl_times_tau2(s, t, tau), reduction), rtol=1e-5)
+    terms, scale = _terms_scale(_row_scale(s, t, tau, tau ** 2), reduction)
+    # float32 vs the float64 loop; terms and scale from _row_scale / _terms_scale
+    assert_close(got, _reduce(ref_kl_times_tau2(s, t, tau), reduction), terms=terms, scale=scale)
 
 
 @pytest.mark.parametrize("tau", [1.0, 4.0])
@@ -65,8 +85,10 @@ def test_soft_prediction_matches_loop(tau, reduction):
     s, t = _logits(2)
     got = soft_prediction_loss(jnp.asarray(s), jnp.asarray(t), temperature=tau,
                                reduction=reduction)
-    np.testing.assert_allclose(got, _reduce(ref_soft_cross_entropy(s, t, tau), reduction),
-                               rtol=1e-5)
+    terms, scale = _terms_scale(_row_scale(s, t, tau, 1.0), reduction)
+    # float32 vs the float64 loop; terms and scale from _row_scale / _terms_scale
+    assert_close(got, _reduce(ref_soft_cross_entropy(s, t, tau), reduction), terms=terms,
+                 scale=scale)
 
 
 def test_kl_and_cross_entropy_differ_by_teacher_entropy():
@@ -75,7 +97,10 @@ def test_kl_and_cross_entropy_differ_by_teacher_entropy():
     kl = hinton_kd_loss(jnp.asarray(s), jnp.asarray(t), temperature=tau, reduction=None)
     ce = soft_prediction_loss(jnp.asarray(s), jnp.asarray(t), temperature=tau, reduction=None)
     entropy = np.array([-sum(p * math.log(p) for p in ref_softmax(row, tau)) for row in t])
-    np.testing.assert_allclose(np.asarray(ce) - np.asarray(kl) / tau ** 2, entropy, rtol=1e-5)
+    # Two float32 values (each within C eps of its row scale) combined, against the float64
+    # entropy: 2C terms, scale the cross-entropy's row scale (the KL's divided by tau^2).
+    assert_close(np.asarray(ce, np.float64) - np.asarray(kl, np.float64) / tau ** 2, entropy,
+                 terms=2 * C, scale=_row_scale(s, t, tau, 1.0))
 
 
 def test_hinton_zero_for_matching_and_shifted_logits():
@@ -84,7 +109,8 @@ def test_hinton_zero_for_matching_and_shifted_logits():
     for teacher in (s, shifted):
         got = hinton_kd_loss(jnp.asarray(s), jnp.asarray(teacher), temperature=4.0,
                              reduction=None)
-        np.testing.assert_allclose(got, np.zeros(N), atol=1e-5)
+        # exact answer 0: the KL's terms (C of them) cancel; scale = tau^2 (max|z| + log C)
+        assert_close(got, np.zeros(N), terms=C, scale=_row_scale(s, teacher, 4.0, 16.0))
 
 
 @pytest.mark.parametrize("tau", [1.0, 4.0])
@@ -100,12 +126,16 @@ def test_gradients_match_closed_form(tau):
     g_kd, g_teacher = jax.jit(jax.grad(
         lambda a, b: hinton_kd_loss(a, b, temperature=tau, reduction="sum"), argnums=(0, 1)))(
             jnp.asarray(s), jnp.asarray(t))
-    np.testing.assert_allclose(g_kd, tau * diff, rtol=1e-4, atol=1e-6)
+    # float32 vs float64 closed form: each entry tau (p_s - p_t), the p from a C-term softmax
+    # sum; the exp of z - lse carries the lse's absolute error, so the scale is tau times the
+    # row scale (max|z| + log C) times the probability, bounded by 1.
+    assert_close(g_kd, tau * diff, terms=C, scale=tau * _row_scale(s, t, tau, 1.0)[:, None])
     np.testing.assert_array_equal(g_teacher, np.zeros_like(t))  # teacher is frozen
     g_soft = jax.jit(jax.grad(
         lambda a: soft_prediction_loss(a, jnp.asarray(t), temperature=tau, reduction="sum")))(
             jnp.asarray(s))
-    np.testing.assert_allclose(g_soft, diff / tau, rtol=1e-4, atol=1e-6)
+    # the same closed form divided by tau^2 (see g_kd)
+    assert_close(g_soft, diff / tau, terms=C, scale=_row_scale(s, t, tau, 1.0)[:, None] / tau)
 
 
 def test_row_blocks_match_whole_rows(monkeypatch):
@@ -125,13 +155,18 @@ def test_row_blocks_match_whole_rows(monkeypatch):
     want = tau**2 * np.sum(pt * (np.log(pt) - np.log(ps)), axis=1)
     f = jax.jit(lambda a, b, r: hinton_kd_loss(a, b, temperature=tau, reduction=r),
                 static_argnums=2)
-    np.testing.assert_allclose(f(jnp.asarray(s), jnp.asarray(t), None), want, rtol=1e-5)
+    rows_scale = _row_scale(s, t, tau, tau ** 2)
+    # float32 vs the float64 closed form, per row (see _row_scale): C terms
+    assert_close(f(jnp.asarray(s), jnp.asarray(t), None), want, terms=C, scale=rows_scale)
     grad = jax.jit(jax.grad(lambda a: hinton_kd_loss(a, jnp.asarray(t), temperature=tau)))(
         jnp.asarray(s))
-    np.testing.assert_allclose(grad, tau * (ps - pt) / s.shape[0], rtol=1e-4, atol=1e-7)
+    # as in test_gradients_match_closed_form, with the mean's 1/N
+    assert_close(grad, tau * (ps - pt) / s.shape[0], terms=C,
+                 scale=tau * _row_scale(s, t, tau, 1.0)[:, None] / s.shape[0])
     batched = jax.jit(jax.vmap(lambda a, b: hinton_kd_loss(a, b, temperature=tau)))(
         jnp.stack([jnp.asarray(s), jnp.asarray(t)]), jnp.stack([jnp.asarray(t), jnp.asarray(s)]))
-    np.testing.assert_allclose(batched[0], np.mean(want), rtol=1e-5)
+    # the mean over N rows of the per-row values: C + N terms, the rows' mean scale
+    assert_close(batched[0], np.mean(want), terms=C + N, scale=float(rows_scale.mean()))
 
 
 def test_check_grads_float64():

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from _tolerance import assert_close
+
 from kdface.losses import landmark_l2_loss, nrmse, triplet_loss
 
 # Class 3 is a singleton: it is never an anchor with a positive, but is a negative for others.
@@ -57,6 +59,26 @@ def ref_triplet(emb, labels, *, margin, mining, distance, normalize, average_ove
     return sum(per_anchor) / len(per_anchor) if per_anchor else 0.0
 
 
+def _triplet_terms_scale(emb, labels, *, margin, mining, distance, normalize):
+    """(terms, scale) of the tolerance rule for a float32 triplet loss against the float64 loop.
+
+    terms: the loss averages the hinges of every valid (anchor, positive, negative) triplet
+    (batch_all) or of the N anchors (batch_hard), each hinge from D-term distances, after the
+    D-term norm of ``normalize``: triplets + 2D. scale: the magnitude of a hinge's terms, the
+    largest pairwise distance (float64) plus the margin.
+    """
+    x = np.asarray(emb, np.float64)
+    if normalize:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    n = len(x)
+    d = np.array([[ref_distance(x, i, j, distance) for j in range(n)] for i in range(n)])
+    same = labels[:, None] == labels[None, :]
+    n_pos = same.sum(1) - 1
+    n_neg = (~same).sum(1)
+    triplets = int(np.sum(n_pos * n_neg)) if mining == "batch_all" else n
+    return triplets + 2 * x.shape[1], float(d.max()) + margin
+
+
 CASES = [("batch_all", "squared_euclidean", True, "active", 0.2),
          ("batch_all", "squared_euclidean", True, "valid", 1.0),
          ("batch_all", "euclidean", False, "active", 1.0),
@@ -74,7 +96,10 @@ def test_triplet_matches_loop(mining, distance, normalize, average_over, margin)
     want = ref_triplet(emb, LABELS, **kw)
     assert want > 0  # the case exercises the hinge
     got = jax.jit(functools.partial(triplet_loss, **kw))(jnp.asarray(emb), jnp.asarray(LABELS))
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # float32 vs the float64 loop: terms and scale derived in _triplet_terms_scale
+    terms, scale = _triplet_terms_scale(emb, LABELS, margin=margin, mining=mining,
+                                        distance=distance, normalize=normalize)
+    assert_close(got, want, terms=terms, scale=scale)
 
 
 @pytest.mark.parametrize("mining", ["batch_all", "batch_hard"])
@@ -158,10 +183,13 @@ def test_landmark_l2_matches_loop_in_both_layouts(reduction):
     want = ref_landmark_l2(pred, target)
     want = {"mean": want.mean(), "sum": want.sum()}.get(reduction, want)
     got = landmark_l2_loss(jnp.asarray(pred), jnp.asarray(target), reduction=reduction)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # float32 vs the float64 loop: 2K = 10 positive squares per image (+ N = 4 for a
+    # reduction), scale = the value itself (all terms positive)
+    terms = 10 if reduction is None else 10 + 4
+    assert_close(got, want, terms=terms, scale=np.abs(want))
     flat = landmark_l2_loss(jnp.asarray(pred.reshape(4, 10)), jnp.asarray(target.reshape(4, 10)),
                             reduction=reduction)
-    np.testing.assert_allclose(flat, want, rtol=1e-5)
+    assert_close(flat, want, terms=terms, scale=np.abs(want))   # the same sums, other layout
 
 
 def test_landmark_l2_gradient():  # jit / vmap / bf16: tests/test_losses_contract.py
@@ -169,7 +197,10 @@ def test_landmark_l2_gradient():  # jit / vmap / bf16: tests/test_losses_contrac
     pred = jnp.asarray(rng.normal(size=(4, 5, 2)).astype(np.float32))
     target = jnp.asarray(rng.normal(size=(4, 5, 2)).astype(np.float32))
     grad = jax.grad(lambda p: landmark_l2_loss(p, target, reduction="sum"))(pred)
-    np.testing.assert_allclose(grad, pred - target, rtol=1e-6)  # d/dp of 1/2 ||p - t||^2
+    # d/dp of 1/2 ||p - t||^2 = p - t: one float32 subtraction per element against the
+    # float64 difference: 1 term, scale = the element itself
+    want = np.asarray(pred, np.float64) - np.asarray(target, np.float64)
+    assert_close(grad, want, terms=1, scale=np.abs(want))
     with jax.enable_x64(True):
         t64 = jnp.asarray(target, jnp.float64)
         check_grads(jax.jit(lambda p: landmark_l2_loss(p, t64)), (jnp.asarray(pred, jnp.float64),),
@@ -184,17 +215,22 @@ def test_nrmse_hand_computed():
                               [[0, 0], [0, 2], [0, 0]]], np.float32)
     # Second image: d = 4, errors 0, 2, 0 -> mean 2/3 -> 1/6.
     per_image = nrmse(jnp.asarray(pred), jnp.asarray(target), reduction=None)
-    np.testing.assert_allclose(per_image, [0.2, 1 / 6], rtol=1e-6)
-    np.testing.assert_allclose(nrmse(jnp.asarray(pred), jnp.asarray(target)),
-                               (0.2 + 1 / 6) / 2, rtol=1e-6)
+    # exact answers in float64: the mean of K = 3 point errors, each a 2-term hypot, over a
+    # 2-term eye distance: 3 + 2 + 2 terms, scale = the value (positive terms); +2 for the mean
+    want = np.array([0.2, 1 / 6])
+    assert_close(per_image, want, terms=3 + 2 + 2, scale=want)
+    assert_close(nrmse(jnp.asarray(pred), jnp.asarray(target)), want.mean(), terms=3 + 2 + 2 + 2,
+                 scale=want.mean())
     # Bounding-box diagonal: image 0 box 10 x 5 -> sqrt(125); image 1 box 2 x 4 -> sqrt(20).
     bbox = nrmse(jnp.asarray(pred), jnp.asarray(target), normalization="bbox_diagonal",
                  reduction=None)
-    np.testing.assert_allclose(bbox, [2 / math.sqrt(125), (2 / 3) / math.sqrt(20)], rtol=1e-6)
+    # as above, the box diagonal a 2-term hypot of exact min/max differences
+    want_bbox = np.array([2 / math.sqrt(125), (2 / 3) / math.sqrt(20)])
+    assert_close(bbox, want_bbox, terms=3 + 2 + 2, scale=want_bbox)
     # Interleaved [N, 2K] layout gives the same numbers.
-    np.testing.assert_allclose(nrmse(jnp.asarray(pred.reshape(2, 6)),
-                                     jnp.asarray(target.reshape(2, 6)), reduction=None),
-                               per_image, rtol=1e-6)
+    # the same computation on another layout, float32 vs float32: 2 x the terms
+    assert_close(nrmse(jnp.asarray(pred.reshape(2, 6)), jnp.asarray(target.reshape(2, 6)),
+                       reduction=None), per_image, terms=2 * (3 + 2 + 2), scale=want)
 
 
 def test_nrmse_inter_pupil_matches_loop():
@@ -210,10 +246,23 @@ def test_nrmse_inter_pupil_matches_loop():
         want.append(sum(math.hypot(*(p[k] - t[k])) for k in range(8)) / 8 / d)
     got = nrmse(jnp.asarray(pred), jnp.asarray(target), normalization="inter_pupil",
                 left_eye=left, right_eye=right, reduction=None)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # float32 vs the float64 loop: K = 8 point errors (2-term hypots of exact differences:
+    # Sterbenz, p within 2x of t), over the distance of two eye centres (means of 3 and 2
+    # points, then a 2-term hypot): 8 + 3 + 2 terms. The centres' difference cancels, so its
+    # error is measured against the coordinates (max|t| <= 100), not the distance d: scale =
+    # value * (1 + max|t| / d).
+    want = np.array(want)
+    d = [math.hypot(*(t[list(left)].mean(0) - t[list(right)].mean(0)))
+         for t in target.astype(np.float64)]
+    scale = want * (1 + np.abs(target).max((1, 2)) / np.array(d))
+    assert_close(got, want, terms=8 + 3 + 2, scale=scale)
     got = jax.jit(lambda p, t: nrmse(p, t, left_eye=2, right_eye=6))(pred, target)
     eager = nrmse(jnp.asarray(pred), jnp.asarray(target), left_eye=2, right_eye=6)
-    np.testing.assert_allclose(got, eager, rtol=1e-6)
+    # float32 vs float32 (fused vs op by op), the batch mean of 3 images: 2 x (8 + 2 + 2 + 3)
+    # terms, scale = the value times (1 + coordinates / eye distance) as above
+    d = np.hypot(*(target[:, 2] - target[:, 6]).T.astype(np.float64))
+    assert_close(got, eager, terms=2 * (8 + 2 + 2 + 3),
+                 scale=float(eager) * (1 + float(np.abs(target).max() / d.min())))
 
 
 def test_landmark_bad_inputs():

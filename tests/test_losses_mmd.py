@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerance import assert_close
 
 from kdface.losses import _mmd
 from kdface.losses._mmd import mk_mmd
@@ -57,8 +58,29 @@ def ref_mmd(x, y, mults=MULTS, normalize=True, estimator="biased", sigma2=None):
 
 
 def _data(n, m, d=6, seed=0, shift=0.7):
+    """float64 arrays holding float32 values: the references see the inputs kdface sees."""
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, d)), rng.normal(size=(m, d)) + shift
+    x, y = rng.normal(size=(n, d)), rng.normal(size=(m, d)) + shift
+    return x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64)
+
+
+def _terms_scale(x, y, mults=MULTS, normalize=True):
+    """(terms, scale) of the tolerance rule for a float32 MMD^2 against the float64 loop.
+
+    Each kernel mean sums up to max(N, M)^2 kernel values of one GEMM-derived squared distance
+    (D products): max(N, M)^2 + D terms. MMD^2 is the difference k_xx + k_yy - 2 k_xy of means
+    of kernels in [0, 1], so the scale is the magnitude of those terms (k_xx + k_yy + 2 k_xy),
+    times 1 + the largest kernel exponent (|a|^2 + |b|^2) / (2 sigma^2 m): the relative error
+    of d^2 = |a|^2 + |b|^2 - 2 a.b is measured against |a|^2 + |b|^2 and the exponential
+    multiplies it by the exponent.
+    """
+    x, y = _normalized(x, y, normalize)
+    sigma2 = ref_sigma2(x, y)
+    k = lambda a, b: np.mean([ref_kernel(u, v, sigma2, mults) for u in a for v in b])  # noqa
+    sq = np.concatenate([np.sum(x * x, 1), np.sum(y * y, 1)])
+    exponent = 2 * sq.max() / (2 * sigma2 * min(mults))
+    terms = max(len(x), len(y)) ** 2 + x.shape[1]
+    return terms, (k(x, x) + k(y, y) + 2 * k(x, y)) * (1 + exponent)
 
 
 def jitted(**options):
@@ -72,8 +94,12 @@ def _f32(*arrays):
 def test_bandwidth_is_mean_over_distinct_pooled_pairs():
     x, y = _data(5, 7)
     got = jax.jit(_mmd.pooled_mean_sq_distance)(*_f32(x, y))
-    np.testing.assert_allclose(got, ref_sigma2(x, y), rtol=1e-5)
+    # float32 vs float64: a sum of P * D = 72 positive squares of centred entries (after the
+    # P-term mean): 72 + 12 terms, scale = the value (positive terms)
+    want = ref_sigma2(x, y)
+    assert_close(got, want, terms=12 * 6 + 12, scale=want)
     # The choice matters: counting the zero self-pairs (P^2) would give a smaller value.
+    # Not a rounding tolerance: the two definitions differ by want / P ~ 0.9, far above 1e-2.
     p = 12
     assert abs(ref_sigma2(x, y) * (p - 1) / p - float(got)) > 1e-2
 
@@ -84,7 +110,8 @@ def test_quadratic_estimators_match_loop(n, m, normalize, estimator):
     x, y = _data(n, m, seed=n + m)
     got = jitted(normalize=normalize, estimator=estimator)(*_f32(x, y))
     want = ref_mmd(x, y, normalize=normalize, estimator=estimator)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    terms, scale = _terms_scale(x, y, normalize=normalize)   # float32 vs float64, see there
+    assert_close(got, want, terms=terms, scale=scale)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -92,20 +119,27 @@ def test_linear_estimator_matches_loop(normalize):
     x, y = _data(10, 10)
     got = jitted(normalize=normalize, estimator="linear")(*_f32(x, y))
     want = ref_mmd(x, y, normalize=normalize, estimator="linear")
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    terms, scale = _terms_scale(x, y, normalize=normalize)   # float32 vs float64, see there
+    assert_close(got, want, terms=terms, scale=scale)
 
 
 @pytest.mark.parametrize("mults", [(1,), (0.5, 3.0), (1, 2, 4, 8, 16, 32)])
 def test_other_multipliers(mults):
     x, y = _data(6, 5)
     got = jitted(multipliers=mults)(*_f32(x, y))
-    np.testing.assert_allclose(got, ref_mmd(x, y, mults=mults), rtol=1e-5, atol=1e-6)
+    terms, scale = _terms_scale(x, y, mults=mults)   # float32 vs float64, see there
+    assert_close(got, ref_mmd(x, y, mults=mults), terms=terms, scale=scale)
 
 
 def test_zero_for_identical_samples_and_positive_otherwise():
-    x, y = _f32(*_data(8, 8))
-    assert abs(float(jitted()(x, x))) < 1e-6
-    assert abs(float(jitted(estimator="linear")(x, x))) < 1e-6
+    x64, y64 = _data(8, 8)
+    x, y = _f32(x64, y64)
+    # exact answer 0 (the kernel means cancel); the float32 sums that should cancel carry the
+    # bound of _terms_scale with x for y
+    terms, scale = _terms_scale(x64, x64)
+    assert_close(float(jitted()(x, x)), 0.0, terms=terms, scale=scale)
+    assert_close(float(jitted(estimator="linear")(x, x)), 0.0, terms=terms, scale=scale)
+    # Not a rounding tolerance: a sanity floor, shifted samples give MMD^2 ~ 0.1 here.
     assert float(jitted()(x, y)) > 1e-3
 
 
@@ -121,15 +155,25 @@ def test_gradient_matches_numpy_with_fixed_bandwidth():
         xm[idx] -= h
         want[idx] = (ref_mmd(xp, y, sigma2=sigma2) - ref_mmd(xm, y, sigma2=sigma2)) / (2 * h)
     got = jax.jit(jax.grad(mk_mmd))(*_f32(x, y))
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
+    # float32 vs float64 central differences (h = 1e-6: truncation ~h^2, rounding ~1e-10, far
+    # below float32's). Each gradient row sums the kernel derivatives against the other N + M
+    # rows, each from a D-term distance, and goes through the normalization's D-term norm:
+    # N + M + 2D terms; scale: the MMD's scale of _terms_scale times the kernel coefficient
+    # 1 / (2 sigma^2) (the chain rule's factor on each kernel derivative), at least max|grad|.
+    terms, scale = _terms_scale(x, y)
+    sigma2 = ref_sigma2(*_normalized(x, y, True))
+    assert_close(got, want, terms=5 + 4 + 2 * 3,
+                 scale=max(scale / (2 * sigma2 * min(MULTS)), np.abs(want).max()))
 
 
 def test_jit_equals_eager():
     # MMD^2 is a difference of O(1) kernel means: fusion changes rounding at the 1e-7 level.
     x, y = _f32(*_data(6, 4))
+    terms, scale = _terms_scale(*_data(6, 4))
     for estimator in ("biased", "unbiased"):
-        np.testing.assert_allclose(jitted(estimator=estimator)(x, y),
-                                   mk_mmd(x, y, estimator=estimator), rtol=1e-5, atol=1e-6)
+        # float32 vs float32 in another order (fused vs op by op): both err, 2 x the terms
+        assert_close(jitted(estimator=estimator)(x, y), mk_mmd(x, y, estimator=estimator),
+                     terms=2 * terms, scale=scale)
 
 
 def test_bfloat16_inputs_compute_in_float32():
@@ -138,7 +182,10 @@ def test_bfloat16_inputs_compute_in_float32():
     got = jitted()(x16, y16)
     assert got.dtype == jnp.float32
     want = jitted()(x16.astype(jnp.float32), y16.astype(jnp.float32))
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # float32 vs float32 of another compiled program (the bf16 -> f32 convert fused in):
+    # both err, 2 x the terms of _terms_scale on the bf16-rounded inputs
+    terms, scale = _terms_scale(np.asarray(x16, np.float64), np.asarray(y16, np.float64))
+    assert_close(got, want, terms=2 * terms, scale=scale)
     assert jax.jit(jax.grad(mk_mmd))(x16, y16).dtype == jnp.bfloat16
 
 
