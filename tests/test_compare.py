@@ -18,7 +18,10 @@ from kdface.data import make_synthetic_dataset
 from kdface.training import TrainConfig
 from kdface.training._run import resolve_training_data, run
 
+from _tolerance import assert_close
 from _train_helpers import HW, TINY
+
+F64 = np.float64
 
 LR_SIZES = (8, 12)
 FARS = (1e-1, 1e-2)
@@ -124,32 +127,33 @@ def test_report_numbers_equal_kdface_evaluate_on_the_same_runs(resumed, data):
     workdirs = {m: comparison.row_workdir(spec, m, 0) for m in ("self_studied", "kd_im")}
     workdirs["teacher"] = data["teacher"]
     sets = evaluation.load_sets([data["bin"]])
+    # The comparison's own batch size: the same compiled forward on the same checkpoints, so
+    # the same embeddings and every number below is exact (a deterministic rerun; JSON keeps
+    # a float64 exactly, and the mean of one seed is that seed's value).
     direct = evaluation.compare(workdirs, [
         evaluation.Verification(sets, lr_sizes=LR_SIZES, far_targets=FARS),
-        evaluation.ModelFacts(latency_repeats=1)])
+        evaluation.ModelFacts(latency_repeats=1)], batch_size=spec.batch_size_eval)
     set_name = next(iter(sets))
     for method in ("self_studied", "kd_im"):
         want = direct["runs"][method]["verification"][set_name]
         tar = {float(k): v for k, v in want["hr"]["tar_at_far"].items()}
         got = report["methods"][method]["verification"][set_name]
-        assert got["hr"]["values"] == [pytest.approx(want["hr"]["accuracy"], abs=1e-12)]
-        assert got["hr"]["mean"] == pytest.approx(want["hr"]["accuracy"], abs=1e-12)
+        assert got["hr"]["values"] == [want["hr"]["accuracy"]]
+        assert got["hr"]["mean"] == want["hr"]["accuracy"]
         assert got["hr"]["std"] == 0.0 and got["hr"]["n"] == 1
         for size in LR_SIZES:
-            assert got["lr"][str(size)]["mean"] == pytest.approx(
-                want["lr"][str(size)]["accuracy"], abs=1e-12)
+            assert got["lr"][str(size)]["mean"] == want["lr"][str(size)]["accuracy"]
         # TAR@FAR only where the 18 negatives of a nine-fold split can set the FAR.
         assert list(got["tar_at_far"]) == ["0.1"]
-        assert got["tar_at_far"]["0.1"]["mean"] == pytest.approx(
-            tar[0.1], abs=1e-12)
+        assert got["tar_at_far"]["0.1"]["mean"] == tar[0.1]
         model = direct["runs"][method]["model"]
         assert report["methods"][method]["model"]["params"] == model["params"]
         assert report["methods"][method]["model"]["macs"] == model["macs"]
         ips = report["methods"][method]["train_images_per_s"]["mean"]
         assert np.isfinite(ips) and ips > 0
     teacher = report["teacher"]["verification"][set_name]
-    assert teacher["hr"] == pytest.approx(
-        direct["runs"]["teacher"]["verification"][set_name]["hr"]["accuracy"], abs=1e-12)
+    assert teacher["hr"] == \
+        direct["runs"]["teacher"]["verification"][set_name]["hr"]["accuracy"]
     # With one seed there is no spread to read a difference against.
     assert report["methods"]["kd_im"]["vs_self_studied"][set_name]["hr"] is None
 
@@ -331,18 +335,24 @@ def test_seed_aggregation_and_spread_rule_against_numpy(tmp_path):
     report = comparison.build_report(spec, methods, rows, None, seconds=1.0)
     for name, accs in acc.items():
         hr = report["methods"][name]["verification"]["v"]["hr"]
-        assert hr["mean"] == pytest.approx(np.mean(accs))
-        assert hr["std"] == pytest.approx(np.std(accs, ddof=1))
+        # exact: the same np.mean / np.std(ddof=1) on the same three floats
+        assert hr["mean"] == np.mean(accs)
+        assert hr["std"] == np.std(accs, ddof=1)
         lr = report["methods"][name]["verification"]["v"]["lr"]["8"]
-        assert lr["mean"] == pytest.approx(np.mean(accs) - 0.1)
+        # float64, another order (mean of a - 0.1 vs mean(a) - 0.1): 3 terms + 1 subtraction
+        # on each side, scale 1 (accuracies)
+        assert_close(lr["mean"], np.mean(accs) - 0.1, terms=2 * (3 + 1), scale=1.0, dtype=F64)
     # Only FAR 0.1 is settable with 90 training negatives; 1e-3 is left out, not averaged.
     assert list(report["methods"]["good"]["verification"]["v"]["tar_at_far"]) == ["0.1"]
     good = report["methods"]["good"]["vs_self_studied"]["v"]["hr"]
-    assert good["delta"] == pytest.approx(0.81 - 0.72)
+    # float64: two 3-term means and their difference vs the literal difference: terms 3 + 3 + 1
+    assert_close(good["delta"], 0.81 - 0.72, terms=7, scale=1.0, dtype=F64)
     assert good["verdict"] == "better"   # 0.09 > 0.01 + 0.02
     assert report["methods"]["close"]["vs_self_studied"]["v"]["hr"]["verdict"] == \
         "within spread"                   # 0.03 < 0.02 + 0.02
-    assert report["methods"]["aligned"]["alignment_nrmse"]["mean"] == pytest.approx(0.07)
+    # float64 3-term mean of 0.05, 0.07, 0.09 vs 0.07: terms 3, scale 0.09 (the largest term)
+    assert_close(report["methods"]["aligned"]["alignment_nrmse"]["mean"], 0.07, terms=3,
+                 scale=0.09, dtype=F64)
     assert report["methods"]["diverged"]["alignment_nrmse"] == {"non_finite": 1}
     text = comparison.markdown_report(report)
     assert "| good | — | 81.00 ± 1.00 ▲ |" in text

@@ -12,6 +12,27 @@ from kdface.data import (
     similarity_transform,
 )
 
+from _tolerance import assert_close
+
+F64 = np.float64
+# Umeyama in float64: 5-point means, variance and 2x2 covariance (5-term sums), the 2x2 SVD and
+# the products u diag vt and scale (~8 steps), apply's 3-term row (3): 16 rounding steps.
+UMEYAMA_STEPS = 16
+
+
+def _row_scale(matrix, points):
+    """The magnitude of the terms of ``apply(matrix, points)``'s rows: |a x| + |b y| + |t|."""
+    return 2 * np.abs(matrix[:, :2]).max() * np.abs(points).max() + np.abs(matrix[:, 2]).max()
+
+
+def _lstsq_scale(src, solution):
+    """Least squares' forward error grows with the condition number of the design matrix
+    (Higham 2002, §20.1: |dx| / |x| <~ kappa(A) x eps x n): the scale is kappa(A) max|x|."""
+    rows = []
+    for x, y in src:
+        rows += [[x, -y, 1, 0], [y, x, 0, 1]]
+    return np.linalg.cond(np.array(rows)) * np.abs(solution).max()
+
 
 def similarity(scale, angle_deg, tx, ty):
     a = np.deg2rad(angle_deg)
@@ -34,10 +55,11 @@ def linear_lstsq_similarity(src, dst):
 
 
 def test_template_constants_and_sizes():
-    np.testing.assert_allclose(TEMPLATE_112[0], [38.2946, 51.6963])
-    np.testing.assert_allclose(face_template((112, 112)), TEMPLATE_112)
-    np.testing.assert_allclose(face_template((112, 96)), TEMPLATE_112 - [8.0, 0.0])
-    np.testing.assert_allclose(face_template((224, 224)), 2 * TEMPLATE_112)
+    # exact: the same literals, and x 1, x 2, - 8 are the template's own float operations
+    np.testing.assert_array_equal(TEMPLATE_112[0], [38.2946, 51.6963])
+    np.testing.assert_array_equal(face_template((112, 112)), TEMPLATE_112)
+    np.testing.assert_array_equal(face_template((112, 96)), TEMPLATE_112 - [8.0, 0.0])
+    np.testing.assert_array_equal(face_template((224, 224)), 2 * TEMPLATE_112)
 
 
 def test_transform_recovers_known_similarity_exactly():
@@ -47,9 +69,15 @@ def test_transform_recovers_known_similarity_exactly():
         landmarks = apply(forward, template)
         matrix = similarity_transform(landmarks, template)
         assert matrix.shape == (2, 3)
-        np.testing.assert_allclose(apply(matrix, landmarks), template, atol=1e-3)
+        # float64: the landmarks (one apply from the template) and the Umeyama steps, scale the
+        # magnitude of apply's terms
+        assert_close(apply(matrix, landmarks), template, terms=UMEYAMA_STEPS + 3,
+                     scale=_row_scale(matrix, landmarks), dtype=F64)
         inverse = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))[:2]
-        np.testing.assert_allclose(matrix, inverse, atol=1e-9)
+        # float64 vs np.linalg.inv (both carry error): terms 2 x the Umeyama steps, scale the
+        # largest entry (the translation of the inverse)
+        assert_close(matrix, inverse, terms=2 * UMEYAMA_STEPS, scale=np.abs(inverse).max(),
+                     dtype=F64)
 
 
 def test_transform_is_the_least_squares_similarity():
@@ -58,13 +86,17 @@ def test_transform_is_the_least_squares_similarity():
     for trial in range(5):
         noisy = apply(similarity(1.3, 10.0 * trial, 3.0, 4.0), template)
         noisy = noisy + rng.normal(0, 2.0, noisy.shape)
-        np.testing.assert_allclose(similarity_transform(noisy, template),
-                                   linear_lstsq_similarity(noisy, template), atol=1e-9)
+        ref = linear_lstsq_similarity(noisy, template)
+        # float64 vs float64 least squares in another algorithm (both carry error): terms
+        # 2 x 10 equations, scale kappa(A) max|x| (_lstsq_scale)
+        assert_close(similarity_transform(noisy, template), ref, terms=2 * 10,
+                     scale=_lstsq_scale(noisy, ref), dtype=F64)
     # Mirrored landmarks: the best map must still be a rotation (no reflection).
     mirrored = template * [-1.0, 1.0]
     matrix = similarity_transform(mirrored, template)
     assert np.linalg.det(matrix[:, :2]) > 0
-    np.testing.assert_allclose(matrix, linear_lstsq_similarity(mirrored, template), atol=1e-9)
+    ref = linear_lstsq_similarity(mirrored, template)
+    assert_close(matrix, ref, terms=2 * 10, scale=_lstsq_scale(mirrored, ref), dtype=F64)
 
 
 def _render_dots(points, shape, sigma=1.5):
@@ -95,6 +127,9 @@ def test_align_face_puts_landmarks_on_the_template(output_size):
     photo = _render_dots(landmarks, (260, 240), sigma=1.5 * 1.6)
     aligned = align_face(photo, landmarks, output_size=output_size)
     assert aligned.shape == output_size + (3,) and aligned.dtype == np.uint8
+    # Not rounding: the centroid of a Gaussian dot rendered to uint8, warped with bilinear
+    # interpolation and re-quantized, lands within 0.15 px of the template point (sub-pixel
+    # accuracy of the warp); a wrong transform moves it by pixels.
     np.testing.assert_allclose(_centroids(aligned, template), template, atol=0.15)
 
 

@@ -28,8 +28,9 @@ def test_shapes_and_defaults():
     assert low_resolution_shape(112, 96, 8) == (8, 7)
     assert low_resolution_shape(112, 96, 30) == (30, 26)
     assert low_resolution_shape(96, 112, 12) == (10, 12)
-    assert default_blur_sigma(112, 112, 8) == pytest.approx(6.5)
-    assert default_blur_sigma(112, 96, 30) == pytest.approx((112 / 30 - 1) / 2)
+    # exact: (112 / 8 - 1) / 2 is exact, and the second repeats the function's float steps
+    assert default_blur_sigma(112, 112, 8) == 6.5
+    assert default_blur_sigma(112, 96, 30) == (112 / 30 - 1) / 2
     for size in LR_SIZES:
         out = degrade_to_low_resolution(noise_image(112, 96), size)
         assert out.shape == (112, 96, 3) and out.dtype == np.uint8
@@ -53,9 +54,12 @@ def test_effective_resolution_matches_size():
     for size in LR_SIZES:
         out = degrade_to_low_resolution(image, size)
         # Detail finer than a size-px grid is gone (< 0.1% of the original's energy there) ...
+        # (not rounding: a physical claim, the fraction of spectral energy left above the
+        # size-px band; 1e-3 is the "gone" threshold, real leaks are orders below it)
         assert energy_above(out, size) < 1e-3 * original[size]
         # ... and degrading again at the same size barely changes it (re-downscale check),
         again = degrade_to_low_resolution(out, size)
+        # (not rounding: uint8 images; the second pass must change < 10 % of what the first did)
         assert np.abs(again.astype(int) - out).mean() < 0.1 * np.abs(out.astype(int) - image).mean()
         leak_at_8.append(energy_above(out, 8))
     # ... while larger sizes keep strictly more detail.
@@ -79,6 +83,8 @@ def test_augment_fraction_and_size_distribution():
     degraded = decisions[decisions > 0]
     assert abs(len(degraded) / 4000 - 0.4) < 0.025  # 3.2 sigma of a binomial(4000, 0.4)
     counts = np.array([(degraded == s).mean() for s in LR_SIZES])
+    # statistical: each size's share of ~1600 degraded draws, sd sqrt(.2 x .8 / 1600) = 0.01,
+    # so 0.05 is 5 sigma
     assert np.all(np.abs(counts - 0.2) < 0.05)
     assert set(np.unique(decisions)) == {0, *LR_SIZES}
     assert all(LowResolutionAugment(fraction=0.0).decide(epoch=0, index=i) == 0

@@ -7,6 +7,10 @@ import pytest
 
 from kdface import losses, metrics
 
+from _tolerance import assert_close
+
+F64 = np.float64
+
 
 def _two_images():
     # image 0: eyes (0,0),(10,0) -> d=10; point errors 5, 0, 10, 0, 0 -> mean 3 -> 0.3
@@ -21,14 +25,15 @@ def _two_images():
 def test_nrmse_hand_computed():
     pred, target = _two_images()
     r = metrics.nrmse_dataset(pred, target)
-    np.testing.assert_allclose(r["per_sample"], [0.3, 0.1])
-    assert r["nrmse"] == pytest.approx(0.2)
+    # float64: 5 point errors (hypot of integer offsets) summed, divided by d: terms 5, |x| <= 1
+    assert_close(r["per_sample"], [0.3, 0.1], terms=5, scale=1.0, dtype=F64)
+    assert_close(r["nrmse"], 0.2, terms=5 + 2, scale=1.0, dtype=F64)  # + the 2-image mean
     assert r["failure_rate"] == 0.5                     # 0.1 is not a failure (> 0.1 is)
     grid, frac = r["ced"]["errors"], r["ced"]["fraction"]
     assert frac[0] == 0.0 and frac[np.searchsorted(grid, 0.15)] == 0.5 and frac[-1] == 0.5
     # interleaved [N, 2K] layout gives the same
     flat = metrics.nrmse_dataset(pred.reshape(2, 10), target.reshape(2, 10))
-    assert flat["nrmse"] == pytest.approx(0.2)
+    assert flat["nrmse"] == r["nrmse"]  # the same numbers in another layout: exact
 
 
 def _literal_nrmse(pred, target, norm_fn):
@@ -55,11 +60,19 @@ def test_nrmse_literal_loop_and_matches_loss(normalization):
         norm_fn = lambda t: np.hypot(*(t.max(0) - t.min(0)))         # noqa: E731
     r = metrics.nrmse_dataset(pred, target, normalization=normalization, **eyes)
     ref = _literal_nrmse(pred, target, norm_fn)
-    np.testing.assert_allclose(r["per_sample"], ref, rtol=1e-12)
-    # the evaluation metric and the differentiable loss agree (float32 loss: rtol 1e-5)
+    # float64 vs a float64 loop in another order (both carry error): 68 positive point errors
+    # summed plus the normalizer (<= 6-point eye means and a hypot: 8 steps), terms 2 x 76;
+    # no cancellation in a sum of positive errors, so each image's own value is its scale
+    assert_close(r["per_sample"], ref, terms=2 * (68 + 8), scale=ref, dtype=F64)
+    # the evaluation metric and the differentiable loss agree: float32 loss vs the float64
+    # reference. The ~3 px offsets are differences of coordinates up to 112 px, rounded to
+    # float32 first, so each point error carries eps32 x |coordinate|: the scale is
+    # max|coordinate| / normalizer per image; terms as above (68 errors + the normalizer)
     loss = losses.nrmse(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32),
                         normalization=normalization, reduction=None, **eyes)
-    np.testing.assert_allclose(np.asarray(loss), ref, rtol=1e-5)
+    coord = np.maximum(np.abs(pred), np.abs(target)).max(axis=(1, 2))
+    assert_close(np.asarray(loss), ref, terms=68 + 8, scale=coord / np.array(
+        [norm_fn(t) for t in target]))
 
 
 def test_nrmse_bad_inputs():
@@ -84,11 +97,11 @@ def test_nearest_neighbour_hand_computed():
     x = np.array([[0.0], [1.0], [10.0], [11.5], [30.0]])
     r = metrics.nearest_neighbour_verification(x, np.array([0, 0, 1, 2, 2]), chunk=2)
     np.testing.assert_array_equal(r["nearest"], [1, 0, 3, 2, 3])
-    assert r["top1_accuracy"] == pytest.approx(3 / 5)
+    assert r["top1_accuracy"] == 3 / 5  # a count / 5: exact
     assert r["num_singletons"] == 1
     skip = metrics.nearest_neighbour_verification(x, np.array([0, 0, 1, 2, 2]),
                                                   skip_singletons=True)
-    assert skip["top1_accuracy"] == pytest.approx(3 / 4) and skip["num_evaluated"] == 4
+    assert skip["top1_accuracy"] == 3 / 4 and skip["num_evaluated"] == 4  # exact count / 4
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -105,7 +118,8 @@ def test_nearest_neighbour_equals_brute_force(metric, chunk):
         dist = [np.inf if j == i else np.sum((y[i] - y[j]) ** 2) for j in range(45)]
         nearest.append(int(np.argmin(dist)))
     np.testing.assert_array_equal(r["nearest"], nearest)
-    assert r["top1_accuracy"] == pytest.approx(np.mean(labels[nearest] == labels))
+    # the same neighbours (asserted above), so the same count / 45: exact
+    assert r["top1_accuracy"] == np.mean(labels[nearest] == labels)
 
 
 def test_nearest_neighbour_bad_inputs():
@@ -128,7 +142,12 @@ def test_nrmse_metric_and_loss_parse_eye_indices_alike(eyes):
     got = metrics.nrmse_dataset(pred, target, **eyes)["per_sample"]
     loss = losses.nrmse(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32),
                         reduction=None, **eyes)
-    np.testing.assert_allclose(np.asarray(loss), got, rtol=1e-6)
+    # float32 loss vs the float64 metric: 5 point errors + the normalizer (an eye mean of <= 2
+    # points and a hypot: 4 steps), terms 9; the coordinates (<= 26 px, exact in float32) over
+    # each image's normalizer d (mean point error / metric) bound the terms: scale max|p, t| / d
+    coord = np.maximum(np.abs(pred), np.abs(target)).max(axis=(1, 2))
+    d = np.hypot(*np.moveaxis(pred - target, -1, 0)).mean(axis=1) / got
+    assert_close(np.asarray(loss), got, terms=5 + 4, scale=coord / d)
 
 
 @pytest.mark.parametrize("bad", [dict(left_eye=True), dict(left_eye=0.0),

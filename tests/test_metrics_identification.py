@@ -8,7 +8,31 @@ import pytest
 
 from kdface import metrics
 
+from _tolerance import bound, assert_close
+
 NO_LABEL = -1  # distractors in the brute-force references
+
+
+def _score_bound(d):
+    """How far kdface's float32 cosine (unit_rows32: a d-term sum of squares, sqrt, divide, for
+    each row; then a d-term dot product of unit rows) may sit from the float64 one: the rule's
+    bound with terms 3d + 4, scale 1 (unit vectors)."""
+    return bound(terms=3 * d + 4, scale=1.0)
+
+
+def _assert_separated(a, b, d, what):
+    """The counts compared below are exact only if every score comparison that decides them has
+    the same outcome in float32 as in float64: each decisive gap |a - b| (float64) must exceed
+    twice the score bound (both scores move). Checked on the data, not assumed."""
+    gap = np.min(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+    assert gap > 2 * _score_bound(d), f"{what}: a decisive gap of {gap:.3g} is within rounding"
+
+
+def _mate_gaps(sim, is_mate):
+    """Per mated row, the best mate's score minus every non-mate's score (the rank comparisons)."""
+    best = np.where(is_mate, sim, -np.inf).max(axis=1, keepdims=True)
+    rows = is_mate.any(axis=1)
+    return (best - np.where(is_mate, np.nan, sim))[rows]
 
 
 def _unit(x):
@@ -40,6 +64,8 @@ def _brute_rank_accuracy(probe, p_lab, gallery, g_lab, distr, ranks):
     sim = _unit(probe) @ _unit(items).T
     order = np.argsort(-sim, axis=1)
     mated = np.isin(p_lab, g_lab)
+    gaps = _mate_gaps(sim, p_lab[:, None] == labels[None, :])
+    _assert_separated(gaps[~np.isnan(gaps)], 0.0, probe.shape[1], "rank")
     return {k: np.mean([p_lab[i] in labels[order[i, :k]] for i in np.nonzero(mated)[0]])
             for k in ranks}
 
@@ -70,8 +96,8 @@ def test_rank_accuracy_equals_brute_force(seed):
     r = metrics.identify(probe, p_lab, gallery, g_lab, distractor_emb=distr, ranks=ranks,
                          probe_chunk=8, item_chunk=16)
     ref = _brute_rank_accuracy(probe, p_lab, gallery, g_lab, distr, ranks)
-    for k in ranks:
-        assert r["rank_accuracy"][k] == pytest.approx(ref[k])
+    for k in ranks:  # the same count / mated probes (separated scores): exact
+        assert r["rank_accuracy"][k] == ref[k]
     assert r["num_mated"] == int(np.isin(p_lab, g_lab).sum())
     assert 0 < r["rank_accuracy"][1] < r["rank_accuracy"][10]   # the test can discriminate
 
@@ -103,19 +129,26 @@ def test_tpr_and_dir_equal_brute_force():
     best_mate = np.where(is_mate, sim_g, -np.inf).max(axis=1)
     best_nonmate = np.maximum(np.where(is_mate, -np.inf, sim_g).max(axis=1), sim_d.max(axis=1))
     top1_nonmated = np.sort(best_nonmate[~mated])[::-1]
+    d = probe.shape[1]
+    _assert_separated(best_mate[mated], best_nonmate[mated], d, "mate vs non-mate")
+    # Exact below: the same counts (every decisive comparison separated) over the same n.
     for f in fprs:
         k = math.floor(f * impostor.size + 1e-9)
         if k == 0:
             assert r["tpr_at_fpr"][f] is None and f in r["tpr_at_fpr_unsupported"]
-        else:
-            assert r["tpr_at_fpr"][f] == pytest.approx(np.mean(genuine > impostor[k]))
+        else:  # the (k+1)-th impostor is the threshold: its neighbours and the genuine apart
+            _assert_separated(impostor[k], impostor[[k - 1, k + 1]], d, "threshold order")
+            _assert_separated(genuine, impostor[k], d, "genuine vs threshold")
+            assert r["tpr_at_fpr"][f] == np.mean(genuine > impostor[k])
         kn = math.floor(f * top1_nonmated.size + 1e-9)
         if kn == 0:
             assert r["dir_at_fpir"][f] is None and f in r["dir_at_fpir_unsupported"]
         else:
+            _assert_separated(top1_nonmated[kn], top1_nonmated[[kn - 1, kn + 1]], d, "FPIR")
+            _assert_separated(best_mate[mated], top1_nonmated[kn], d, "mate vs threshold")
             hit = (best_mate[mated] >= best_nonmate[mated]) & (best_mate[mated]
                                                                > top1_nonmated[kn])
-            assert r["dir_at_fpir"][f] == pytest.approx(np.mean(hit))
+            assert r["dir_at_fpir"][f] == np.mean(hit)
     assert r["tpr_at_fpr"][0.01] is not None and r["dir_at_fpir"][0.1] is not None
 
 
@@ -148,11 +181,18 @@ def test_megaface_identification_equals_literal_loops():
                 if p < g:
                     genuine.append(sim_p[p, g])
     assert r["num_searches"] == searches == 2 * (3 + 1 + 6)
+    # Exact: the same counts, every decisive score comparison separated (checked)
+    mates = (p_lab[:, None] == p_lab[None, :]) & ~np.eye(10, dtype=bool)
+    pairs = np.argwhere(mates)
+    _assert_separated(sim_d[pairs[:, 0]], sim_p[pairs[:, 0], pairs[:, 1]][:, None], 6, "search")
     for k in (1, 10):
-        assert r["id_at_rank"][k] == pytest.approx(correct[k] / searches)
+        assert r["id_at_rank"][k] == correct[k] / searches
     impostor = np.sort(sim_d.ravel())[::-1]
-    t = impostor[math.floor(1e-2 * impostor.size)]
-    assert r["ver_tpr_at_fpr"][1e-2] == pytest.approx(np.mean(np.array(genuine) > t))
+    k = math.floor(1e-2 * impostor.size)
+    t = impostor[k]
+    _assert_separated(t, impostor[[k - 1, k + 1]], 6, "threshold order")
+    _assert_separated(genuine, t, 6, "genuine vs threshold")
+    assert r["ver_tpr_at_fpr"][1e-2] == np.mean(np.array(genuine) > t)
 
 
 @pytest.mark.parametrize("qc,ic", [(1024, 16384), (5, 7), (4, 1)])
@@ -163,7 +203,9 @@ def test_top_k_equals_argsort(qc, ic):
     sim = _unit(q) @ _unit(items).T
     ref = np.argsort(-sim, axis=1)[:, :6]
     np.testing.assert_array_equal(idx, ref)
-    np.testing.assert_allclose(scores, np.take_along_axis(sim, ref, 1), rtol=1e-5, atol=1e-6)
+    # float32 scores vs float64: the float64 inputs rounded to float32 (1 step) + the
+    # 5-d cosine of _score_bound (3 x 5 + 4): terms 20, scale 1 (unit rows)
+    assert_close(scores, np.take_along_axis(sim, ref, 1), terms=3 * 5 + 4 + 1, scale=1.0)
 
 
 def test_top_k_leave_one_out():

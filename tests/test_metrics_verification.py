@@ -8,6 +8,14 @@ import pytest
 
 from kdface import metrics
 
+from _tolerance import EPS32, assert_close
+
+F64 = np.float64
+# The scores of _pairs_with_scores carry float64 rounding: sqrt(1 - s^2) (3 steps), the
+# normalization (2-term sum of squares, sqrt, divide: 4), the 2-term dot product (2), and a
+# midpoint threshold one more (1): 10 rounding steps on values of magnitude <= 1.
+SCORE_STEPS = 10
+
 
 def _pairs_with_scores(scores):
     """2-D embeddings whose pair cosine is exactly-ish the given score."""
@@ -29,16 +37,22 @@ def test_hand_computed_three_folds():
     #         test {.5T .1F} -> 0.5 (t=0.4 would give 1.0, so the tie rule is exercised)
     e1, e2 = _pairs_with_scores(HAND_SCORES)
     r = metrics.verification(e1, e2, np.array(HAND_SAME), folds=3, far_targets=(0.5,))
-    np.testing.assert_allclose(r["fold_accuracies"], [1.0, 0.5, 0.5])
-    assert r["accuracy"] == pytest.approx(2 / 3)
-    assert r["accuracy_std"] == pytest.approx(math.sqrt(1 / 18))
-    np.testing.assert_allclose(r["fold_thresholds"], [0.3, 0.35, 0.8], atol=1e-12)
-    assert r["threshold"] == pytest.approx(1.45 / 3)
+    # counts over 2 test pairs and their mean: k/2 and (1 + .5 + .5)/3 are single roundings of
+    # exact values, the same floats as the literals (exact)
+    np.testing.assert_array_equal(r["fold_accuracies"], [1.0, 0.5, 0.5])
+    assert r["accuracy"] == 2 / 3
+    # np.std: 3 squared deviations of accuracies <= 1 summed (terms 3, scale 1), float64
+    assert_close(r["accuracy_std"], math.sqrt(1 / 18), terms=3, scale=1.0, dtype=F64)
+    # midpoints of float64 scores (SCORE_STEPS roundings of magnitude-1 values), then the
+    # 3-term mean of the fold thresholds
+    assert_close(r["fold_thresholds"], [0.3, 0.35, 0.8], terms=SCORE_STEPS, scale=1.0, dtype=F64)
+    assert_close(r["threshold"], 1.45 / 3, terms=SCORE_STEPS + 3, scale=1.0, dtype=F64)
     # all pairs: t=0.35 accepts .5T .6T .7F .9T -> 5/6
-    assert r["best_threshold_accuracy"] == pytest.approx(5 / 6)
-    assert r["best_threshold"] == pytest.approx(0.35)
+    assert r["best_threshold_accuracy"] == 5 / 6  # a count / 6: exact
+    assert_close(r["best_threshold"], 0.35, terms=SCORE_STEPS, scale=1.0, dtype=F64)
     # positives {.9,.6,.5} vs negatives {.2,.7,.1}: 7 of 9 ordered correctly
-    assert r["auc"] == pytest.approx(7 / 9)
+    # trapezoids over the <= 7 ROC points (rates k/3), float64: terms 7, scale 1
+    assert_close(r["auc"], 7 / 9, terms=7, scale=1.0, dtype=F64)
     assert (r["num_pairs"], r["num_positive"], r["num_negative"]) == (6, 3, 3)
 
 
@@ -50,11 +64,12 @@ def test_hand_computed_tar_at_far():
     r = metrics.verification(e1, e2, np.array(same), folds=2, far_targets=(0.75, 0.25, 0.2))
     # FAR .25 -> k=1: test A uses t=0.4 (2nd of B's negs .7 .4 .35 .0): TAR 1/2, FAR 2/4;
     #                 test B uses t=0.5 (2nd of A's negs .6 .5 .2 .1): TAR 2/2, FAR 1/4.
-    assert r["tar_at_far"][0.25] == pytest.approx(0.75)
-    assert r["far_achieved"][0.25] == pytest.approx(0.375)
-    assert r["tar_at_far_std"][0.25] == pytest.approx(0.25)
+    # means and std of the fold rates 1/2, 2/2 and 2/4, 1/4: dyadic, every step exact
+    assert r["tar_at_far"][0.25] == 0.75
+    assert r["far_achieved"][0.25] == 0.375
+    assert r["tar_at_far_std"][0.25] == 0.25
     # FAR .75 -> k=3: thresholds 0.0 and 0.1, every test positive accepted.
-    assert r["tar_at_far"][0.75] == pytest.approx(1.0)
+    assert r["tar_at_far"][0.75] == 1.0
     # FAR .2 admits floor(0.8)=0 of 4 training negatives: unsupported.
     assert r["tar_at_far"][0.2] is None
     assert r["tar_at_far_unsupported"] == [0.2]
@@ -80,7 +95,8 @@ def test_fold_boundaries_follow_file_order():
     e1, e2 = _pairs_with_scores([0.9, 0.8, 0.1, 0.2])
     r = metrics.verification(e1, e2, np.array([1, 1, 0, 0]), folds=2, far_targets=())
     assert r["accuracy"] == 0.0
-    np.testing.assert_allclose(r["fold_thresholds"], [1.2, -0.2])
+    # max + 1 and min - 1 of float64 scores: SCORE_STEPS + 1 roundings, magnitude <= 1.2
+    assert_close(r["fold_thresholds"], [1.2, -0.2], terms=SCORE_STEPS + 1, scale=1.2, dtype=F64)
 
 
 def test_fold_bounds_match_kfold_sizes():
@@ -126,10 +142,12 @@ def test_matches_literal_loop_reference(num_pairs, folds):
     r = metrics.verification(e1, e2, same, folds=folds, far_targets=(0.5, 0.2, 0.1))
     scores = metrics.pair_scores(e1, e2)
     ref_acc, ref_std, ref_tar = _literal_reference(scores, same, folds, (0.5, 0.2, 0.1))
-    assert r["accuracy"] == pytest.approx(ref_acc, rel=1e-12)
-    assert r["accuracy_std"] == pytest.approx(ref_std, rel=1e-9, abs=1e-12)
+    # Exact: the same scores, the same integer counts per fold, then the same NumPy float64
+    # reductions (count / n, np.mean, np.std over the folds) on both sides.
+    assert r["accuracy"] == ref_acc
+    assert r["accuracy_std"] == ref_std
     for f in (0.5, 0.2, 0.1):
-        assert r["tar_at_far"][f] == pytest.approx(ref_tar[f], rel=1e-12)
+        assert r["tar_at_far"][f] == ref_tar[f]
 
 
 def test_distance_grid_reproduces_insightface_rule():
@@ -148,7 +166,10 @@ def test_distance_grid_reproduces_insightface_rule():
         t = grid_d[int(np.argmax(train_acc))]
         accs.append(np.mean((dist[test_idx] < t) == same[test_idx]))
     r = metrics.verification(e1, e2, same, thresholds=1.0 - grid_d / 2.0, far_targets=())
-    assert r["accuracy"] == pytest.approx(np.mean(accs))
+    # Exact (the same counts): no distance lies within float64 rounding (a few eps x 4) of a
+    # grid point, so d < t and cos > 1 - t/2 split the pairs alike; checked, not assumed.
+    assert np.min(np.abs(dist[:, None] - grid_d[None, :])) > 1e3 * np.finfo(F64).eps
+    assert r["accuracy"] == np.mean(accs)
 
 
 def test_accuracy_independent_of_embedding_scale_and_dtype():
@@ -158,14 +179,19 @@ def test_accuracy_independent_of_embedding_scale_and_dtype():
     a = metrics.verification(e1, e2, same, folds=4)
     b = metrics.verification(3.0 * e1.astype(np.float32), 0.5 * e2.astype(np.float32), same,
                              folds=4)
-    assert a["accuracy"] == pytest.approx(b["accuracy"])
+    # Exact: the float32 copies (cast, x3: 2 roundings per component, normalized in float64)
+    # move each cosine by at most eps32 x 6 components x 3; two scores cannot swap unless their
+    # gap is under twice that, and the smallest gap here is far larger (checked, not assumed).
+    s = np.sort(metrics.pair_scores(e1, e2))
+    assert np.min(np.diff(s)) > 2 * EPS32 * 3 * 6
+    assert a["accuracy"] == b["accuracy"]
 
 
 def test_auc_perfect_and_reversed():
     same = np.array([1, 1, 1, 0, 0, 0], bool)
     assert metrics.auc(np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1]), same) == 1.0
     assert metrics.auc(np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9]), same) == 0.0
-    assert metrics.auc(np.array([0.5] * 6), same) == pytest.approx(0.5)
+    assert metrics.auc(np.array([0.5] * 6), same) == 0.5  # one trapezoid (0,0)-(1,1): exact
     roc = metrics.roc_curve(np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1]), same)
     assert roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0 and roc["fpr"][-1] == 1.0
 
@@ -176,14 +202,17 @@ def test_auc_equals_pair_counting():
     y = rng.random(50) < 0.4
     pos, neg = s[y], s[~y]
     ref = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
-    assert metrics.auc(s, y) == pytest.approx(ref)
+    # float64: trapezoids over <= 51 ROC points vs a mean of 0 / .5 / 1 over the pos x neg pairs
+    # (both sides carry rounding): terms 2 x pairs, scale 1
+    assert_close(metrics.auc(s, y), ref, terms=2 * pos.size * neg.size, scale=1.0, dtype=F64)
 
 
 def test_embeddings_with_flip_and_split_interleaved():
     a = np.array([[3.0, 0.0], [0.0, 1.0]])
     b = np.array([[0.0, 3.0], [0.0, 2.0]])
-    np.testing.assert_allclose(metrics.embeddings_with_flip(a, b),
-                               [[1 / math.sqrt(2), 1 / math.sqrt(2)], [0.0, 1.0]])
+    # float64 normalize of a 2-d sum: the add, a 2-term sum of squares, sqrt, divide (terms 5)
+    assert_close(metrics.embeddings_with_flip(a, b),
+                 [[1 / math.sqrt(2), 1 / math.sqrt(2)], [0.0, 1.0]], terms=5, scale=1.0, dtype=F64)
     x = np.arange(12, dtype=np.float32).reshape(6, 2)
     e1, e2 = metrics.split_interleaved(x)
     np.testing.assert_array_equal(e1, x[[0, 2, 4]])
@@ -379,7 +408,7 @@ def test_insightface_grid_cannot_split_what_exact_protocol_splits():
     exact = metrics.verification(e1, e2, same, folds=5, far_targets=())
     grid = metrics.verification(e1, e2, same, folds=5, far_targets=(), protocol="insightface")
     assert exact["accuracy"] == 1.0 and exact["protocol"] == "exact"
-    assert grid["accuracy"] == pytest.approx(0.75)  # threshold 0.51 also accepts the 0.507
+    assert grid["accuracy"] == 0.75  # 3/4 in every fold (exact); 0.51 also accepts the 0.507
     with pytest.raises(ValueError, match="protocol must be one of"):
         metrics.verification(e1, e2, same, protocol="lfw")
     with pytest.raises(ValueError, match="custom thresholds"):
