@@ -29,6 +29,39 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_prng_impl", "rbg")
 
 
+# XLA:CPU with --xla_cpu_max_isa=SSE4_2 (or lower) cannot convert float16 at all: its JIT lacks
+# the compiler-rt conversion routines (stderr: "Symbols not found: [ __truncsfhf2 ]"; the
+# exception: "Failed to materialize symbols"), so `jnp.ones(2).astype(jnp.float16)` fails under
+# jit (jax 0.10.2; AVX and above convert with F16C). That is XLA's limit, not kdface's: in such an
+# environment, and only when the probe below shows float16 is broken, a test that fails with
+# exactly that error is reported as xfail with the reason; every other failure stays a failure.
+_ISA_CAP = re.search(r"--xla_cpu_max_isa=(\w+)", os.environ.get("XLA_FLAGS", ""))
+_XLA_F16_ERROR = "Failed to materialize symbols"
+_float16_probe: list[bool] = []
+
+
+def _float16_broken() -> bool:
+    if not _float16_probe:
+        import jax.numpy as jnp
+        try:
+            jax.jit(lambda x: x.astype(jnp.float16))(jnp.ones(2)).block_until_ready()
+            _float16_probe.append(False)
+        except jax.errors.JaxRuntimeError as e:
+            _float16_probe.append(_XLA_F16_ERROR in str(e))
+    return _float16_probe[0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (_ISA_CAP and report.failed and call.excinfo is not None
+            and _XLA_F16_ERROR in call.excinfo.exconly() and _float16_broken()):
+        report.outcome = "skipped"
+        report.wasxfail = (f"XLA:CPU under --xla_cpu_max_isa={_ISA_CAP.group(1)} cannot convert "
+                           f"float16 (no __truncsfhf2/__extendhfsf2 in its JIT)")
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "shards: builds a mesh over every forced CPU device; run by make test-numerics "
