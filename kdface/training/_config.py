@@ -254,3 +254,15 @@ def option_fields() -> list[tuple[dataclasses.Field, Any]]:
     """Every option as ``(field, resolved type)``, in declaration order (for flag generation)."""
     hints = _hints()
     return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+
+
+def _defaults() -> dict[str, Any]:
+    return {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(TrainConfig)
+            if not (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)}
+
+
+# The recipe layer resolves options by name; this is where their defaults are declared.
+from kdface.distill import register_option_defaults  # noqa: E402
+
+register_option_defaults(_defaults())

@@ -36,6 +36,7 @@ from kdface.training._optim import learning_rate_schedule, make_optimizer, resol
 from kdface.training._restore import (build_run_student, init_from_run, read_run_config,
                                       restore_run)
 from kdface.training._prefetch import DevicePrefetcher
+from kdface.training._validate import check_teacher_flags, check_workdir
 from kdface.training._step import (StepConfig, init_health, init_state, make_train_step,
                                    split_teacher)
 
@@ -86,31 +87,6 @@ def build_teacher(config: TrainConfig, num_classes: int, recipe: Recipe) -> Face
     teacher = restore_run(config.teacher_checkpoint).network
     teacher.eval()
     return teacher
-
-
-def _comparable(options: dict[str, Any]) -> dict[str, Any]:
-    """Options as JSON sees them (tuples and lists alike), without the input size."""
-    out = json.loads(json.dumps(dict(options or {}), default=list))
-    out.pop("input_size", None)
-    return out
-
-
-def check_teacher_flags(config: TrainConfig, teacher: TrainConfig) -> None:
-    """Refuses ``--teacher`` / ``--teacher_options`` / ``--input_size`` that contradict the
-    teacher run ``teacher`` (the architecture comes from the run; the flags may restate it)."""
-    where = config.teacher_checkpoint
-    if config.teacher and config.teacher != teacher.student:
-        raise ValueError(f"--teacher={config.teacher} contradicts the teacher run {where}, which "
-                         f"trained --student={teacher.student}; leave --teacher out")
-    if config.teacher_options and (_comparable(config.teacher_options)
-                                   != _comparable(teacher.student_options)):
-        raise ValueError(f"--teacher_options={config.teacher_options} contradict the teacher run "
-                         f"{where}, trained with --student_options={teacher.student_options}; "
-                         f"leave --teacher_options out")
-    if tuple(teacher.input_size) != tuple(config.input_size):
-        raise ValueError(f"the teacher run {where} was trained at --input_size="
-                         f"{','.join(map(str, teacher.input_size))}, this run feeds "
-                         f"{','.join(map(str, config.input_size))}; use the teacher's size")
 
 
 def _check_shapes(config: TrainConfig, recipe: Recipe, student: DistillStudent,
@@ -313,7 +289,6 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     teacher_def, teacher_state = split_teacher(teacher) if teacher is not None else (None, None)
 
     main = jax.process_index() == 0
-    from kdface.training._validate import check_workdir
     check_workdir(config, {"num_classes": num_classes, "head_used": recipe.head})
     os.makedirs(config.workdir, exist_ok=True)
     if main:
