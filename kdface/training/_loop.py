@@ -4,7 +4,7 @@
 params-only, resumes from the latest checkpoint in ``config.workdir`` if there is one, and runs
 the jitted step over a ``data`` mesh (jit over NamedSharding(mesh, P('data')); the
 global batch is split across devices and, under jit, BatchNorm statistics and relational losses
-see the global batch unless ``relation_scope='device'``).
+see the global batch, or groups of ``relation_group_size`` of it).
 
 ``batches`` is any iterator of dicts of host NumPy arrays (this process's share of the global
 batch) with ``get_state()`` / ``set_state(state)`` (the data iterator's resumable position).
@@ -311,7 +311,6 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
 
     replicated = NamedSharding(mesh, P())
     state = place_state(state, param_shardings, optimizer, replicated)
-    n_dev = jax.device_count()
     device_lr = None
     if config.lr_on_device and recipe.student_view == "low_resolution":
         from kdface.data import DeviceLowResolution
@@ -321,7 +320,7 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     if teacher_state is not None:
         teacher_state = jax.device_put(teacher_state, replicated)
     step_config = StepConfig(
-        relation_groups=n_dev if config.relation_scope == "device" else 1,
+        relation_groups=config.relation_groups,
         compute_dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
         teacher_cached=teacher_cache is not None, device_lr=device_lr,
         runaway_factor=float(config.runaway_factor))

@@ -113,6 +113,11 @@ def check_workdir(config: TrainConfig, resolved: dict[str, Any] | None = None) -
     saved = saved_run(config.workdir)
     if saved is None:
         return
+    if saved.get("relation_scope") == "device" and not config.relation_group_size:
+        raise ValueError(f"workdir {config.workdir} was trained with --relation_scope=device "
+                         f"(relations within each device's share of the batch), which kdface now "
+                         f"spells as a sample count: resume with --relation_group_size=<batch "
+                         f"size / the devices it ran on>")
     new = {**config.as_dict(), **(resolved or {})}
     diff = changed_options(new, saved)
     if diff:
