@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.kdface-runtime
 TESTING := $(VENV)/.kdface-testing
+TPU := $(VENV)/.kdface-tpu
 
 .PHONY: test test-numerics demo bench install clean
 
@@ -18,14 +19,19 @@ $(TESTING): $(RUNTIME)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(TESTING)
 
-install: $(TESTING)
+# ... and libtpu (~0.7 GB) in $(VENV)/tpu-site, for the tests that compile for a TPU topology.
+$(TPU): $(TESTING)
+	.ci/install-libtpu $(PY)
+	touch $(TPU)
 
-test: $(TESTING)
+install: $(TPU)
+
+test: $(TPU)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The suite under other numeric environments (one core, ISA caps, Eigen on one thread, 1 and 8
 # devices for the sharded tests); logs in numerics-logs/. About 50 min on 2 cores.
-test-numerics: $(TESTING)
+test-numerics: $(TPU)
 	.ci/test-numerics $(PY)
 
 demo: $(RUNTIME)

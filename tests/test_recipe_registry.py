@@ -97,7 +97,7 @@ def test_duplicates_and_bad_declarations_are_refused():
         register_term("hinton", TermSpec(_embedding_cosine))
     with pytest.raises(ValueError, match="unknown entries"):
         TermSpec(_embedding_cosine, teacher_outputs=frozenset({"feelings"}))
-    with pytest.raises(ValueError, match="not a TrainConfig field"):
+    with pytest.raises(ValueError, match=r"not a run option \(a TrainConfig field\)"):
         register_recipe(RecipeSpec(name="reads_a_missing_option",
                                    terms=(TermDecl("softmax", Option("no_such_option")),)))
         build_recipe("reads_a_missing_option", {})

@@ -14,6 +14,7 @@ option feeds which term option. ``cite`` fields carry the paper's sentence a val
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -235,16 +236,26 @@ def recipe_names() -> list[str]:
 
 # --- resolution ----------------------------------------------------------------------------
 
+# The run options' defaults, registered by the layer that declares the options (the trainer's
+# ``TrainConfig`` registers its fields' defaults when it is imported): the recipe layer reads
+# options by name and does not know who declares them.
+_OPTION_DEFAULTS: list[Mapping[str, Any]] = []
+
+
+def register_option_defaults(defaults: Mapping[str, Any]) -> None:
+    """Declares the run options' defaults (name -> value) that ``build_recipe`` falls back to
+    for options a partial mapping leaves out. Called once by ``kdface.training``."""
+    _OPTION_DEFAULTS[:] = [MappingProxyType(dict(defaults))]
+
+
 class _Options:
-    """Option lookup: the run's value, else the ``TrainConfig`` default (so partial mappings,
-    e.g. a benchmark's few options, still resolve)."""
+    """Option lookup: the run's value, else the registered default (so partial mappings, e.g. a
+    benchmark's few options, still resolve)."""
 
     def __init__(self, recipe: str, config: Any):
-        # The config module alone, here: kdface.training imports kdface.distill.
-        from kdface.training._config import TrainConfig
         self.recipe = recipe
         self.values = config.as_dict() if hasattr(config, "as_dict") else dict(config)
-        self.defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        self.defaults = _OPTION_DEFAULTS[0] if _OPTION_DEFAULTS else {}
 
     def __call__(self, value: Any) -> Any:
         if not isinstance(value, Option):
@@ -252,12 +263,12 @@ class _Options:
         if value.name in self.values:
             got = self.values[value.name]
         elif value.name in self.defaults:
-            field = self.defaults[value.name]
-            got = (field.default_factory() if field.default is dataclasses.MISSING
-                   else field.default)
+            got = copy.deepcopy(self.defaults[value.name])  # a dict default is not shared
         else:
             raise ValueError(f"recipe {self.recipe!r} reads option {value.name!r}, which is not "
-                             f"a TrainConfig field")
+                             f"a run option (a TrainConfig field)" if self.defaults else
+                             f"recipe {self.recipe!r} reads option {value.name!r}, which this "
+                             f"mapping leaves out (import kdface.training for the defaults)")
         if value.choices is not None and got not in value.choices:
             raise ValueError(f"{value.name} must be one of {tuple(value.choices)} for recipe "
                              f"{self.recipe!r}, got {got!r} (--{value.name})")
@@ -329,6 +340,3 @@ def objective(recipe: Recipe, inputs: TermInputs) -> tuple[jax.Array, dict[str, 
         total = total + term.weight * value
     return total, values
 
-
-# The five papers' declarations register themselves on import.
-from kdface.distill import _paper_recipes  # noqa: E402,F401

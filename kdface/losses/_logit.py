@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kdface._platform import target_platform
 from kdface.losses._checks import (check_float, check_option, check_positive, check_rank,
                                    check_same_shape, compute_dtype)
 from kdface.losses._classification import REDUCTIONS, apply_reduction
@@ -69,7 +70,7 @@ def _row_blocked(fn: Callable[..., tuple[jax.Array, ...]], student: jax.Array,
     ``N - rows`` and recomputes a few rows, so no [N, C] input is padded or copied."""
     n, c = student.shape
     rows = min(n, max(1, SOFT_ROW_BLOCK_ELEMENTS // c))
-    if jax.default_backend() != "cpu" or rows == n:
+    if target_platform() != "cpu" or rows == n:
         return fn(student, teacher)
 
     def block(i: jax.Array, outs: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from kdface._platform import target_platform
 from kdface.losses import _pwr_sorted
 from kdface.losses._checks import (check_embeddings, check_option, check_positive,
                                    check_same_rows, compute_dtype)
@@ -172,7 +173,7 @@ def rkd_distance_loss(student: Array, teacher: Array, *, reduction: str | None =
 # ----------------------------------------------------------------------------------- RKD-A
 
 def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+    return target_platform() == "cpu"
 
 
 def angle_tile_rows(n: int) -> int:

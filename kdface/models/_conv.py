@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdface._platform import target_platform
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -79,7 +81,7 @@ def _fast_kind(lhs, rhs, kwargs) -> str | None:
     """``'pointwise'`` (1x1, one group), ``'depthwise'`` (one input channel per group),
     ``'grouped'`` (several) or ``None`` (a call left to XLA: another backend, layout, dilation, a
     regular KxK convolution, ...)."""
-    if jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4:
+    if target_platform() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4:
         return None
     if (kwargs["batch_group_count"] != 1 or kwargs["preferred_element_type"] is not None
             or kwargs.get("out_sharding") is not None):

@@ -122,9 +122,12 @@ class TrainConfig:
     shrinktea_distance: str = option("angular", "Distance of the shrinktea levels: angular "
                                      "(Duong et al. 2019 eq. 4) or l2 (its 'Student-1' baseline).",
                                      choices=("angular", "l2"))
-    relation_scope: str = option("global", "Relational losses over the global batch, or per "
-                                 "device as the papers' multi-GPU code did.",
-                                 choices=("global", "device"))
+    relation_group_size: int = option(0, "Relational terms (PWR, RKD, DarkRank, the triplet "
+                                      "loss) relate the samples within groups of this many "
+                                      "consecutive samples of the global batch; 0 = the whole "
+                                      "batch. A sample count, not a device count: the same "
+                                      "flagfile trains the same loss on one GPU or a pod (PWR's "
+                                      "authors: 92 per GPU).")
     # --- data ---------------------------------------------------------------------------------
     train_data: str = option("", "Training set: a built dataset name in --data_dir, or a .rec "
                              "file / identity-folder directory (built on first use). Required "
@@ -222,9 +225,19 @@ class TrainConfig:
         if len(self.input_size) != 2:
             raise ValueError(f"input_size must be (H, W), got {self.input_size!r} "
                              f"(--input_size=H,W)")
+        if self.relation_group_size < 0 or (
+                self.relation_group_size and self.batch_size % self.relation_group_size):
+            raise ValueError(f"relation_group_size {self.relation_group_size} must be 0 (the "
+                             f"whole batch) or divide batch_size {self.batch_size} "
+                             f"(--relation_group_size, --batch_size)")
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be 0 (batches made in this process) or more "
                              f"worker processes, got {self.data_workers} (--data_workers)")
+
+    @property
+    def relation_groups(self) -> int:
+        """How many groups the relational terms split the global batch into (any device count)."""
+        return self.batch_size // self.relation_group_size if self.relation_group_size else 1
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -254,3 +267,15 @@ def option_fields() -> list[tuple[dataclasses.Field, Any]]:
     """Every option as ``(field, resolved type)``, in declaration order (for flag generation)."""
     hints = _hints()
     return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+
+
+def _defaults() -> dict[str, Any]:
+    return {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(TrainConfig)
+            if not (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)}
+
+
+# The recipe layer resolves options by name; this is where their defaults are declared.
+from kdface.distill import register_option_defaults  # noqa: E402
+
+register_option_defaults(_defaults())

@@ -4,7 +4,7 @@
 params-only, resumes from the latest checkpoint in ``config.workdir`` if there is one, and runs
 the jitted step over a ``data`` mesh (jit over NamedSharding(mesh, P('data')); the
 global batch is split across devices and, under jit, BatchNorm statistics and relational losses
-see the global batch unless ``relation_scope='device'``).
+see the global batch, or groups of ``relation_group_size`` of it).
 
 ``batches`` is any iterator of dicts of host NumPy arrays (this process's share of the global
 batch) with ``get_state()`` / ``set_state(state)`` (the data iterator's resumable position).
@@ -36,6 +36,7 @@ from kdface.training._optim import learning_rate_schedule, make_optimizer, resol
 from kdface.training._restore import (build_run_student, init_from_run, read_run_config,
                                       restore_run)
 from kdface.training._prefetch import DevicePrefetcher
+from kdface.training._validate import check_teacher_flags, check_workdir
 from kdface.training._step import (StepConfig, init_health, init_state, make_train_step,
                                    split_teacher)
 
@@ -86,31 +87,6 @@ def build_teacher(config: TrainConfig, num_classes: int, recipe: Recipe) -> Face
     teacher = restore_run(config.teacher_checkpoint).network
     teacher.eval()
     return teacher
-
-
-def _comparable(options: dict[str, Any]) -> dict[str, Any]:
-    """Options as JSON sees them (tuples and lists alike), without the input size."""
-    out = json.loads(json.dumps(dict(options or {}), default=list))
-    out.pop("input_size", None)
-    return out
-
-
-def check_teacher_flags(config: TrainConfig, teacher: TrainConfig) -> None:
-    """Refuses ``--teacher`` / ``--teacher_options`` / ``--input_size`` that contradict the
-    teacher run ``teacher`` (the architecture comes from the run; the flags may restate it)."""
-    where = config.teacher_checkpoint
-    if config.teacher and config.teacher != teacher.student:
-        raise ValueError(f"--teacher={config.teacher} contradicts the teacher run {where}, which "
-                         f"trained --student={teacher.student}; leave --teacher out")
-    if config.teacher_options and (_comparable(config.teacher_options)
-                                   != _comparable(teacher.student_options)):
-        raise ValueError(f"--teacher_options={config.teacher_options} contradict the teacher run "
-                         f"{where}, trained with --student_options={teacher.student_options}; "
-                         f"leave --teacher_options out")
-    if tuple(teacher.input_size) != tuple(config.input_size):
-        raise ValueError(f"the teacher run {where} was trained at --input_size="
-                         f"{','.join(map(str, teacher.input_size))}, this run feeds "
-                         f"{','.join(map(str, config.input_size))}; use the teacher's size")
 
 
 def _check_shapes(config: TrainConfig, recipe: Recipe, student: DistillStudent,
@@ -313,7 +289,6 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     teacher_def, teacher_state = split_teacher(teacher) if teacher is not None else (None, None)
 
     main = jax.process_index() == 0
-    from kdface.training._validate import check_workdir
     check_workdir(config, {"num_classes": num_classes, "head_used": recipe.head})
     os.makedirs(config.workdir, exist_ok=True)
     if main:
@@ -336,7 +311,6 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
 
     replicated = NamedSharding(mesh, P())
     state = place_state(state, param_shardings, optimizer, replicated)
-    n_dev = jax.device_count()
     device_lr = None
     if config.lr_on_device and recipe.student_view == "low_resolution":
         from kdface.data import DeviceLowResolution
@@ -346,7 +320,7 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     if teacher_state is not None:
         teacher_state = jax.device_put(teacher_state, replicated)
     step_config = StepConfig(
-        relation_groups=n_dev if config.relation_scope == "device" else 1,
+        relation_groups=config.relation_groups,
         compute_dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
         teacher_cached=teacher_cache is not None, device_lr=device_lr,
         runaway_factor=float(config.runaway_factor))

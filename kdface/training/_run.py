@@ -179,7 +179,7 @@ def _phase_configs(config: TrainConfig, phase) -> tuple[TrainConfig, TrainConfig
     if not config.teacher_checkpoint:
         raise ValueError(f"recipe {config.recipe!r} trains the teacher again from "
                          f"--teacher_checkpoint (the workdir of a kdface run of the teacher)")
-    from kdface.training._loop import check_teacher_flags
+    from kdface.training._validate import check_teacher_flags
     from kdface.training._restore import read_run_config
     teacher, teacher_run = read_run_config(config.teacher_checkpoint)
     check_teacher_flags(config, teacher)

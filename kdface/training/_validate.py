@@ -36,6 +36,31 @@ RESUMABLE = frozenset({
 _PATHS = ("teacher_checkpoint", "init_checkpoint")
 
 
+def _comparable(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as JSON sees them (tuples and lists alike), without the input size."""
+    out = json.loads(json.dumps(dict(options or {}), default=list))
+    out.pop("input_size", None)
+    return out
+
+
+def check_teacher_flags(config: TrainConfig, teacher: TrainConfig) -> None:
+    """Refuses ``--teacher`` / ``--teacher_options`` / ``--input_size`` that contradict the
+    teacher run ``teacher`` (the architecture comes from the run; the flags may restate it)."""
+    where = config.teacher_checkpoint
+    if config.teacher and config.teacher != teacher.student:
+        raise ValueError(f"--teacher={config.teacher} contradicts the teacher run {where}, which "
+                         f"trained --student={teacher.student}; leave --teacher out")
+    if config.teacher_options and (_comparable(config.teacher_options)
+                                   != _comparable(teacher.student_options)):
+        raise ValueError(f"--teacher_options={config.teacher_options} contradict the teacher run "
+                         f"{where}, trained with --student_options={teacher.student_options}; "
+                         f"leave --teacher_options out")
+    if tuple(teacher.input_size) != tuple(config.input_size):
+        raise ValueError(f"the teacher run {where} was trained at --input_size="
+                         f"{','.join(map(str, teacher.input_size))}, this run feeds "
+                         f"{','.join(map(str, config.input_size))}; use the teacher's size")
+
+
 def _normalized(name: str, value: Any) -> Any:
     if name in _PATHS and value:
         return os.path.abspath(value)
@@ -88,6 +113,11 @@ def check_workdir(config: TrainConfig, resolved: dict[str, Any] | None = None) -
     saved = saved_run(config.workdir)
     if saved is None:
         return
+    if saved.get("relation_scope") == "device" and not config.relation_group_size:
+        raise ValueError(f"workdir {config.workdir} was trained with --relation_scope=device "
+                         f"(relations within each device's share of the batch), which kdface now "
+                         f"spells as a sample count: resume with --relation_group_size=<batch "
+                         f"size / the devices it ran on>")
     new = {**config.as_dict(), **(resolved or {})}
     diff = changed_options(new, saved)
     if diff:
@@ -198,7 +228,6 @@ def check_networks(config: TrainConfig, recipe,
     if not config.teacher_checkpoint:
         raise ValueError(f"recipe {recipe.name!r} needs --teacher_checkpoint (the workdir of a "
                          f"kdface run of the teacher) or --teacher=pth:PATH / onnx:PATH")
-    from kdface.training._loop import check_teacher_flags
     teacher = _run_config(config.teacher_checkpoint, planned, flag="--teacher_checkpoint")
     if config.teacher and config.teacher != teacher.student:
         raise ValueError(f"--teacher_checkpoint {config.teacher_checkpoint} holds a "
