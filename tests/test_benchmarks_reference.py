@@ -4,7 +4,8 @@ Every implementation registered in ``benchmarks._loss_cases`` (the peers' formul
 best-effort torch versions of kdface's algorithms, and kdface's own JAX methods) is run through
 the benchmark's own builders on small inputs; values and gradients must agree with kdface's
 function within tests/_tolerance.py's float32 bound. The measurement helpers' isolation (memory
-cap, timeout) is checked too. Skipped only when torch is not importable (it is in the ``bench`` extra).
+cap, timeout) is checked too. Skipped only when torch is not importable (it is in the ``bench``
+extra).
 """
 from __future__ import annotations
 
