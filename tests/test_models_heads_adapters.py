@@ -9,6 +9,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from _model_helpers import abstract_model, concrete_model, materialize
+from _tolerance import assert_close
 from kdface.models import (ConvAdapter, LandmarkHead, LinearAdapter, MarginHead, SoftmaxHead,
                            resize_features, stage_adapters)
 
@@ -39,17 +40,22 @@ def test_margin_head_is_cosine_of_normalized_vectors():
         for c in range(5):
             ref[b, c] = xn[b] @ w[:, c] / (np.linalg.norm(xn[b]) * np.linalg.norm(w[:, c]))
     assert cos.shape == (3, 5) and cos.dtype == jnp.float32
-    np.testing.assert_allclose(cos, ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(head(7.5 * x), cos, rtol=1e-5, atol=1e-6)  # scale invariant
+    # float32 vs float64 (case 2): the dot product and the two norms each sum 6 terms, then a
+    # rsqrt/divide or two; scale 1 (|cos| <= 1, unit vectors' entries are <= 1)
+    assert_close(cos, ref, terms=6 + 3, scale=1.0)
+    # scale invariance: float32 vs float32 (case 3; 7.5 x changes every rounding)
+    assert_close(head(7.5 * x), cos, terms=2 * (6 + 3), scale=1.0)
     assert float(jnp.max(jnp.abs(cos))) <= 1.0
     assert head(x.astype(jnp.bfloat16)).dtype == jnp.float32
-    np.testing.assert_allclose(jax.jit(head)(x), cos, rtol=1e-6, atol=1e-6)
+    assert_close(jax.jit(head)(x), cos, terms=2 * (6 + 3), scale=1.0)   # jit vs eager, case 3
 
 
 def test_margin_head_gradients():
     head = MarginHead(4, 3, rngs=nnx.Rngs(1))
     check_grads(lambda x: jnp.sum(head(x) * jnp.arange(3.0)[None, :]), (_emb((2, 4)),),
-                order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+                order=1, modes=("rev",), atol=1e-2, rtol=1e-2)  # not rounding: float32
+    # finite differences (JAX's default step 1e-3 in float32) carry ~1e-3 truncation and
+    # cancellation error; 1e-2 is check_grads' usual resolution, a wrong gradient is O(1) off
 
 
 def test_margin_head_zero_embedding_is_finite():
@@ -61,8 +67,11 @@ def test_margin_head_zero_embedding_is_finite():
 def test_softmax_head_is_affine():
     head = _filled(lambda: SoftmaxHead(6, 4, rngs=nnx.Rngs(2)))
     x = _emb((3, 6), 1)
-    ref = np.asarray(x, np.float64) @ _np(head.linear.kernel) + _np(head.linear.bias)
-    np.testing.assert_allclose(head(x), ref, rtol=1e-5, atol=1e-6)
+    xn = np.asarray(x, np.float64)
+    ref = xn @ _np(head.linear.kernel) + _np(head.linear.bias)
+    # float32 vs float64 (case 2): 6 products + the bias; scale: each output's sum of |terms|
+    assert_close(head(x), ref, terms=6 + 1,
+                 scale=np.abs(xn) @ np.abs(_np(head.linear.kernel)) + np.abs(_np(head.linear.bias)))
 
 
 def test_landmark_head_shapes_and_pooling():
@@ -71,11 +80,13 @@ def test_landmark_head_shapes_and_pooling():
     out = head(emb)
     assert out.shape == (2, 5, 2)
     ref = np.asarray(emb, np.float64) @ _np(head.linear.kernel) + _np(head.linear.bias)
-    np.testing.assert_allclose(out, ref.reshape(2, 5, 2), rtol=1e-5, atol=1e-6)
+    # float32 vs float64 (case 2): 8 products + the bias; scale max|ref|
+    assert_close(out, ref.reshape(2, 5, 2), terms=8 + 1)
     fmap = _emb((2, 3, 4, 8), 3)
     pooled = np.asarray(fmap, np.float64).mean(axis=(1, 2))
     ref = pooled @ _np(head.linear.kernel) + _np(head.linear.bias)
-    np.testing.assert_allclose(head(fmap), ref.reshape(2, 5, 2), rtol=1e-5, atol=1e-6)
+    # float32 vs float64: the mean over 3 x 4 positions, then 8 products + the bias
+    assert_close(head(fmap), ref.reshape(2, 5, 2), terms=3 * 4 + 8 + 1)
     head68 = nnx.eval_shape(lambda: LandmarkHead(8, num_points=68, rngs=nnx.Rngs(0)))
     assert jax.eval_shape(lambda h, e: h(e), head68, emb).shape == (2, 68, 2)
 
@@ -106,8 +117,8 @@ def test_conv_adapter_same_size():
     adapter = _filled(lambda: ConvAdapter(6, 10, rngs=nnx.Rngs(0)))
     adapter.eval()
     x = _emb((2, 5, 5, 6))
-    np.testing.assert_allclose(adapter(x), _np_adapter(adapter, np.asarray(x, np.float64)),
-                               rtol=1e-5, atol=1e-5)
+    # float32 vs float64 (case 2): a 1x1 conv over 6 channels, then BN's few roundings (+3)
+    assert_close(adapter(x), _np_adapter(adapter, np.asarray(x, np.float64)), terms=6 + 3)
 
 
 def test_conv_adapter_integer_downsample_is_block_average():
@@ -121,7 +132,8 @@ def test_conv_adapter_integer_downsample_is_block_average():
             pooled[:, i, j] = xn[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2))
     out = adapter(x)
     assert out.shape == (2, 2, 3, 8)
-    np.testing.assert_allclose(out, _np_adapter(adapter, pooled), rtol=1e-5, atol=1e-5)
+    # float32 vs float64: the 2x2 block average (4 terms), a 1x1 conv over 4 channels, BN (+3)
+    assert_close(out, _np_adapter(adapter, pooled), terms=4 + 4 + 3)
 
 
 def test_resize_features_non_integer_and_upsample():
@@ -132,7 +144,9 @@ def test_resize_features_non_integer_and_upsample():
     # Constant maps stay constant under any of the resizes.
     c = jnp.full((1, 7, 7, 3), 2.5)
     for hw in [(4, 4), (14, 14), (7, 1)]:
-        np.testing.assert_allclose(resize_features(c, hw), 2.5, rtol=1e-6)
+        # vs the exact 2.5: an interpolation's weights sum to 1 in at most 7 x 7 taps (the
+        # (7, 1) resize averages a whole row), scale 2.5
+        assert_close(resize_features(c, hw), np.full((1, *hw, 3), 2.5), terms=7 * 7, scale=2.5)
     assert resize_features(x, (7, 7)) is x
     with pytest.raises(ValueError, match="feature map"):
         resize_features(x[0], (4, 4))
@@ -143,8 +157,10 @@ def test_linear_adapter():
     x = _emb((3, 128), 6)
     out = adapter(x)
     assert out.shape == (3, 512)
-    np.testing.assert_allclose(out, np.asarray(x, np.float64) @ _np(adapter.linear.kernel),
-                               rtol=1e-4, atol=1e-5)
+    xn = np.asarray(x, np.float64)
+    # float32 vs float64 (case 2): 128 products per output; scale: each output's sum |x||w|
+    assert_close(out, xn @ _np(adapter.linear.kernel), terms=128,
+                 scale=np.abs(xn) @ np.abs(_np(adapter.linear.kernel)))
     with pytest.raises(ValueError, match=r"\[B, 128\]"):
         adapter(jnp.zeros((3, 64)))
     with pytest.raises(ValueError, match="ConvAdapter"):

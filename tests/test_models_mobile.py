@@ -17,10 +17,15 @@ import pytest
 from flax import nnx
 
 from kdface.models import create, names
-from kdface.models._layers import BN_EPSILON
 from kdface.models._mobilefacenet import (GDCEmbedding, InvertedResidual, mobile_activation)
 from kdface.models._stats import count_macs, count_params, xla_flops
 from kdface.models._vargfacenet import VarGroupSeparable
+
+from _tolerance import assert_close
+
+# Written here, not imported from kdface.models._layers, so that the reference stays
+# independent of the code under test: insightface's BatchNorm epsilon (kdface/models/_layers.py).
+BN_EPSILON = 1e-5
 
 NETS = ("vargfacenet", "vargnet", "mobilenet_v1", "mobilenet_v2", "mobilefacenet",
         "mobilefacenet_r")
@@ -118,12 +123,15 @@ def test_final_kernel_follows_input_size():
 ])
 def test_param_counts_near_published(name, kwargs, published, source):
     n = count_params(abstract(name, **kwargs))
+    # not a rounding tolerance: our layouts vs a paper's rounded table (15%: the papers leave
+    # details such as the embedding block's widths open)
     assert abs(n - published) <= 0.15 * published, (source, n)
 
 
 def test_mobilefacenet_matches_its_paper_closely():
     # Chen et al. 2018 fully specify MobileFaceNet: 0.99 M parameters, 221 M MAdds at 128-d.
     model = abstract("mobilefacenet", embedding_size=128)
+    # not rounding: integer counts vs the paper's two-digit figures (2%: their rounding)
     assert abs(count_params(model) - 0.99e6) <= 0.02 * 0.99e6
     assert abs(count_macs(model) - 221e6) <= 0.02 * 221e6
 
@@ -155,6 +163,7 @@ def test_vargface_flops_near_published(name, published):
     # multiply-adds at 112x112), so 1022 M FLOPs are ~511 M multiply-adds.
     model = abstract(name)
     macs = count_macs(model)
+    # not rounding: integer counts vs the paper's table (15% as for the parameter counts)
     assert abs(2 * macs - published) <= 0.15 * published, macs
     assert abs(2 * macs - published) <= 0.02 * published, macs  # in fact within 2%
     if name == "vargfacenet":
@@ -201,11 +210,18 @@ def test_train_and_eval_batch_norm_differ():
     np.testing.assert_array_equal(np.asarray(model.conv1.bn.mean[...]), mean_before)
     model.train()
     y_train = run(model, x)
+    # not a rounding tolerance: train mode (batch statistics) must differ from eval by far
+    # more than 1e-3 (numpy_filled's running statistics are far from this batch's)
     assert not np.allclose(np.asarray(y_train), np.asarray(y_eval), rtol=1e-3, atol=1e-3)
     # Train mode updates the running mean: 0.9 * old + 0.1 * batch mean of the stem conv.
-    batch_mean = np.asarray(model.conv1.conv(x)).mean(axis=(0, 1, 2))
-    np.testing.assert_allclose(np.asarray(model.conv1.bn.mean[...]),
-                               0.9 * mean_before + 0.1 * batch_mean, rtol=1e-4, atol=1e-5)
+    stem = np.asarray(model.conv1.conv(x), np.float64)
+    batch_mean = stem.mean(axis=(0, 1, 2))
+    # float32 vs float32 in another order (case 3: the jitted step's conv and mean vs the eager
+    # conv here, its mean in float64): 2 x (the 3x3x3 conv + the mean over 4 x 16 x 16
+    # positions); scale: 0.1 x max|stem conv output| and 0.9 x max|old mean|
+    assert_close(np.asarray(model.conv1.bn.mean[...]), 0.9 * mean_before + 0.1 * batch_mean,
+                 terms=2 * (27 + stem.size // stem.shape[-1]),
+                 scale=0.1 * np.max(np.abs(stem)) + 0.9 * np.max(np.abs(mean_before)))
 
 
 def test_deterministic_init_from_seed():
@@ -280,10 +296,12 @@ def test_variable_group_conv_matches_numpy():
     x = np.random.RandomState(4).normal(size=(5, 5, 16))
     want = _np_var_group_separable(block, x)
     got = block(jnp.asarray(x[None], jnp.float32))[0]
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(nnx.jit(lambda b, x: b(x))(block, x[None]
-                                                                     .astype(np.float32)))[0],
-                               np.asarray(got), rtol=1e-5, atol=1e-6)
+    # float32 vs float64 loops (case 2/4): the grouped 3x3x8 conv then the 1x1x32 pointwise,
+    # 72 + 32 terms on the path; scale max|want|
+    assert_close(np.asarray(got), want, terms=3 * 3 * 8 + 32)
+    # jit vs eager: float32 vs float32 (case 3), 2 x the same path
+    assert_close(np.asarray(nnx.jit(lambda b, x: b(x))(block, x[None].astype(np.float32)))[0],
+                 np.asarray(got), terms=2 * (3 * 3 * 8 + 32))
 
 
 def test_variable_group_conv_gradient_matches_finite_differences():
@@ -304,6 +322,10 @@ def test_variable_group_conv_gradient_matches_finite_differences():
         xm[idx] -= eps
         fd = (np.sum(_np_var_group_separable(block, xp) * w)
               - np.sum(_np_var_group_separable(block, xm) * w)) / (2 * eps)
+        # not a rounding tolerance of the float32 gradient alone: float64 central differences
+        # with step 1e-6 (truncation ~1e-12, cancellation ~1e-10) vs the float32 gradient, whose
+        # error is ~eps32 x its reductions (a 3x3x8 conv, 32 pointwise, 72 loss terms) x ~10;
+        # 1e-3 relative / 1e-4 absolute is the check's resolution, a wrong gradient is O(1) off
         np.testing.assert_allclose(grad[idx], fd, rtol=1e-3, atol=1e-4)
 
 
@@ -317,7 +339,9 @@ def test_gdc_embedding_matches_numpy():
     g = _np_bn(np.einsum("bhwc,hwc->bc", x, k), head.gd_bn)
     want = _np_bn(g @ np.asarray(head.linear.kernel[...], np.float64), head.bn, scale=False)
     got = head(jnp.asarray(x, jnp.float32))
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    # float32 vs float64 (case 2/4): the 3x2 global depthwise conv (6 terms) then the linear
+    # map over 4 channels; scale max|want|
+    assert_close(np.asarray(got), want, terms=3 * 2 + 4)
 
 
 def test_inverted_residual_adds_input_only_when_shapes_match():

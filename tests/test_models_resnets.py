@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from _tolerance import assert_close
 from _model_helpers import abstract_model, concrete_model, materialize
 from kdface.models import count_params, create, names
 from kdface.models._iresnet import IBasicUnit, IResNet
@@ -189,6 +190,14 @@ def _x(shape, seed):
     return np.random.default_rng(seed).normal(size=shape)
 
 
+def _kernel_terms(module) -> int:
+    """The reductions of a unit's convolutions and linear maps (case 4 of tests/_tolerance.py):
+    the sum over its kernels of k*k*C_in (the shortcut's too, so an upper bound of the path)."""
+    kernels = [v for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(module, nnx.Param))
+               if "kernel" in jax.tree_util.keystr(p) and v.ndim >= 2]
+    return int(sum(np.prod(k.shape[:-1]) for k in kernels))
+
+
 def test_ibasic_unit_with_se_matches_numpy():
     unit = _filled(lambda: IBasicUnit(4, 32, 2, se=True, rngs=nnx.Rngs(0)), 3)
     unit.prelu.alpha[...] = jnp.linspace(0.1, 0.5, 32)
@@ -203,8 +212,10 @@ def test_ibasic_unit_with_se_matches_numpy():
     s = 1 / (1 + np.exp(-(s @ _w(se.fc2.kernel)[0, 0] + _w(se.fc2.bias))))
     h = h * s[:, None, None, :]
     short = _np_bn(_np_conv(x, _w(unit.down_conv.kernel), 2, 0), unit.down_bn)
-    np.testing.assert_allclose(unit(jnp.asarray(x, jnp.float32)), h + short, rtol=1e-5,
-                               atol=1e-5)
+    # float32 unit vs float64 NumPy (case 2/4): the convs' and SE FCs' reductions summed over
+    # the path, + the SE's mean over the 3x3 output positions; scale max|ref|
+    assert_close(unit(jnp.asarray(x, jnp.float32)), h + short,
+                 terms=_kernel_terms(unit) + 3 * 3)
 
 
 def test_bottleneck_matches_numpy():
@@ -215,8 +226,8 @@ def test_bottleneck_matches_numpy():
     h = relu(_np_bn(_np_conv(h, _w(unit.conv2.kernel), 2, 1), unit.bn2))
     h = _np_bn(_np_conv(h, _w(unit.conv3.kernel), 1, 0), unit.bn3)
     short = _np_bn(_np_conv(x, _w(unit.down_conv.kernel), 2, 0), unit.down_bn)
-    np.testing.assert_allclose(unit(jnp.asarray(x, jnp.float32)), relu(h + short), rtol=1e-5,
-                               atol=1e-5)
+    # float32 vs float64 NumPy (case 2/4): 1x1x8 + 3x3x4 + 1x1x4 (+ the 1x1x8 shortcut) terms
+    assert_close(unit(jnp.asarray(x, jnp.float32)), relu(h + short), terms=_kernel_terms(unit))
 
 
 def test_sphere_unit_matches_numpy():
@@ -227,7 +238,8 @@ def test_sphere_unit_matches_numpy():
     x = _x((2, 5, 4, 3), 12)
     h = _np_prelu(_np_conv(x, _w(unit.a.conv.kernel), 1, 1), unit.a.prelu)
     h = _np_prelu(_np_conv(h, _w(unit.b.conv.kernel), 1, 1), unit.b.prelu)
-    np.testing.assert_allclose(unit(jnp.asarray(x, jnp.float32)), x + h, rtol=1e-5, atol=1e-5)
+    # float32 vs float64 NumPy (case 2/4): two 3x3x3 convs, 27 terms each
+    assert_close(unit(jnp.asarray(x, jnp.float32)), x + h, terms=_kernel_terms(unit))
 
 
 # ---------------------------------------------------------------- modes, determinism, grads
@@ -246,15 +258,23 @@ def test_train_vs_eval_batch_norm():
     before = np.asarray(model.stem_bn.mean[...])
     model.train()
     t = model(x)
-    assert not np.allclose(t, e1, atol=1e-3)                    # batch vs running statistics
+    # not a rounding tolerance: train mode must differ from eval (batch vs running statistics)
+    # by far more than 1e-3, a difference of O(1) here (inputs of mean 1, std 3)
+    assert not np.allclose(t, e1, atol=1e-3)
     after = np.asarray(model.stem_bn.mean[...])
-    assert not np.allclose(before, after)                       # running stats updated in train
+    assert np.all(before != after)           # running stats updated in train (exact: != 0)
     # Flax convention: running = 0.9 * running + 0.1 * batch mean.
-    batch_mean = np.asarray(model.stem_conv(x)).mean(axis=(0, 1, 2))
-    np.testing.assert_allclose(after, 0.9 * before + 0.1 * batch_mean, rtol=1e-4, atol=1e-5)
+    stem = np.asarray(model.stem_conv(x), np.float64)
+    batch_mean = stem.mean(axis=(0, 1, 2))
+    # float32 vs float32 in another order (case 3; the model's conv and mean vs the eager conv
+    # here, its mean in float64): 2 x (3x3x3 conv + the mean over 4 x 16 x 16 positions);
+    # scale: 0.1 x max|stem conv output|, the magnitude of the averaged terms
+    assert_close(after, 0.9 * before + 0.1 * batch_mean, terms=2 * (27 + x.size // 3),
+                 scale=0.1 * float(np.max(np.abs(stem))))
     model.eval()
     jitted = nnx.jit(lambda m, x: m(x))(model, x)
-    np.testing.assert_allclose(jitted, model(x), rtol=1e-4, atol=1e-4)  # jit == eager
+    # jit vs eager: float32 vs float32 (case 3/4), 2 x the network's path; scale max|eager|
+    assert_close(jitted, model(x), terms=2 * _kernel_terms(model))
 
 
 def test_deterministic_init():
@@ -293,4 +313,7 @@ def test_gradients_finite_and_match_finite_differences():
     minus = value_and_grad(model)[0]
     fd = (float(plus) - float(minus)) / (2 * eps)
     analytic = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(d)))
+    # not a rounding tolerance: central differences with step 1e-3 in float32 carry a
+    # truncation error O(step^2) and a cancellation error ~ eps32 |loss| / step; 2% is the
+    # check's resolution, a wrong gradient (a sign, a missing term) is off by O(1)
     assert math.isclose(fd, analytic, rel_tol=2e-2), (fd, analytic)

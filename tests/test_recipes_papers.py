@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from _tolerance import assert_close
 from kdface.distill import build_recipe
 from kdface.training import TrainConfig
 
@@ -537,25 +538,40 @@ def test_paper_terms_match_numpy():
                                  "embedding": jnp.asarray(es, jnp.float32)},
                         teacher={"logits": jnp.asarray(zt, jnp.float32),
                                  "embedding": jnp.asarray(et, jnp.float32)})
+    # the float64 references below see the float32 values the terms see
+    zs, zt, es, et = (a.astype(np.float32).astype(np.float64) for a in (zs, zt, es, et))
     ps, pt = _softmax(zs / 4), _softmax(zt / 4)
+    # float32 vs float64 (case 2) throughout: a log-softmax sums 5 exponentials, the
+    # cross-entropy 5 products, the batch mean 6 rows: 16 terms. Scale: the reduced terms'
+    # magnitude, mean_b sum_c |p_t log p_s| (+ |p_t log p_t| for KL: its two parts cancel),
+    # and at least max|z|/4, the magnitude of a log-probability's own rounding.
+    log_mag = float(np.max(np.abs(np.concatenate([zs, zt])))) / 4
     # wang2019 eq. 3 / kd_transfer eq. 2: H(p_t, p_s), no τ².
-    np.testing.assert_allclose(TERMS["soft_prediction"].fn(inputs, temperature=4.0),
-                               np.mean(-(pt * np.log(ps)).sum(-1)), rtol=1e-5)
+    ce = -(pt * np.log(ps))
+    assert_close(TERMS["soft_prediction"].fn(inputs, temperature=4.0), np.mean(ce.sum(-1)),
+                 terms=16, scale=max(np.mean(np.abs(ce).sum(-1)), log_mag))
     # nikitin2020's HKD as the authors' code: KL(p_t ‖ p_s) without τ²; Hinton's with τ².
     kl = np.mean((pt * (np.log(pt) - np.log(ps))).sum(-1))
-    np.testing.assert_allclose(TERMS["hinton"].fn(inputs, temperature=4.0, tau_squared=False),
-                               kl, rtol=1e-5)
-    np.testing.assert_allclose(TERMS["hinton"].fn(inputs, temperature=4.0), 16 * kl, rtol=1e-5)
+    kl_mag = max(np.mean((np.abs(pt * np.log(pt)) + np.abs(ce)).sum(-1)), log_mag)
+    assert_close(TERMS["hinton"].fn(inputs, temperature=4.0, tau_squared=False), kl,
+                 terms=16 + 5, scale=kl_mag)
+    assert_close(TERMS["hinton"].fn(inputs, temperature=4.0), 16 * kl, terms=16 + 5,
+                 scale=16 * kl_mag)
     # kd_transfer's hidden-layer target: Euclidean loss 1/2 ||H_s - H_t||², batch mean.
-    np.testing.assert_allclose(TERMS["hidden"].fn(inputs),
-                               np.mean(0.5 * ((es - et) ** 2).sum(-1)), rtol=1e-5)
+    # 4 squared differences + the mean over 6; scale: the squares of |H_s| + |H_t| (the
+    # subtraction cancels)
+    assert_close(TERMS["hidden"].fn(inputs), np.mean(0.5 * ((es - et) ** 2).sum(-1)),
+                 terms=4 + 6, scale=np.mean(0.5 * ((np.abs(es) + np.abs(et)) ** 2).sum(-1)))
     # RKD-D on L2-normalized embeddings = RKD-D of the normalized arrays.
     from kdface import losses
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    np.testing.assert_allclose(
+    # float32 vs float32 (case 3, normalized in JAX vs in NumPy): 2 x (a norm over 4, a
+    # distance over 4, the mean over 6 x 6 pairs, the Huber mean over 36); scale the loss
+    assert_close(
         TERMS["rkd_d"].fn(inputs, normalize=True),
         losses.rkd_distance_loss(jnp.asarray(unit(es), jnp.float32),
-                                 jnp.asarray(unit(et), jnp.float32)), rtol=1e-5)
+                                 jnp.asarray(unit(et), jnp.float32)),
+        terms=2 * (4 + 4 + 36 + 36))
 
 
 def test_shrinkteanet_levels_weights_and_l2_baseline():
@@ -575,16 +591,23 @@ def test_shrinkteanet_levels_weights_and_l2_baseline():
 
     def angular(a, b):
         cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-        return np.mean((1 - cos) ** 2)
+        return np.mean((1 - cos) ** 2), 4.0         # (1 - cos)^2 <= 4: the terms' magnitude
 
-    def l2(a, b):
-        return np.mean(((a - b) ** 2).sum(-1))
+    def l2(a, b):                                   # the subtraction cancels: |a| + |b|
+        return np.mean(((a - b) ** 2).sum(-1)), np.mean(((np.abs(a) + np.abs(b)) ** 2).sum(-1))
 
+    # float64 references of the float32 inputs (case 2)
+    stages64, target64, gain64 = ([s.astype(np.float64) for s in stages],
+                                  target.astype(np.float64), gain.astype(np.float64))
     for distance, d, lam in (("angular", angular, 1.0), ("l2", l2, 0.001)):
-        levels = [d(stages[i] * gain[i] * (i + 1.0) + 0.25, target) for i in range(4)]
-        expected = lam * (levels[3] + levels[2] / 2 + levels[1] / 4 + levels[0] / 8)
+        levels = [d(stages64[i] * gain64[i] * (i + 1.0) + 0.25, target64) for i in range(4)]
+        weights = (1 / 8, 1 / 4, 1 / 2, 1)
+        expected = lam * sum(w * v for w, (v, _) in zip(weights, levels))
+        scale = lam * sum(w * m for w, (_, m) in zip(weights, levels))
         got = TERMS["angular_stages"].fn(inputs, final_weight=lam, distance=distance)
-        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        # per level: the adapter and tail (2 roundings), 3-term dot and norms (+ the divides),
+        # the mean over 5 rows; then the 4-level weighted sum: 2 + 3 + 2 + 5 + 4 terms
+        assert_close(got, expected, terms=2 + 3 + 2 + 5 + 4, scale=scale, what=distance)
     with pytest.raises(ValueError, match="distance"):
         TERMS["angular_stages"].fn(inputs, distance="cosine")
 
@@ -601,6 +624,9 @@ def test_sphereface_term_anneals_lambda_with_the_step():
         inputs = TermInputs(labels=labels, step=jnp.asarray(step, jnp.int32),
                             student={"cos": jnp.asarray(cos), "embedding": jnp.asarray(emb)})
         lam = float(losses.sphereface_lambda(step))   # max(5, 1000 / (1 + 0.12 step))
-        assert lam == pytest.approx(max(5.0, 1000.0 / (1 + 0.12 * step)), rel=1e-6)
-        np.testing.assert_allclose(TERMS["sphereface"].fn(inputs, anneal=True),
-                                   TERMS["sphereface"].fn(inputs, lambda_=lam), rtol=1e-6)
+        # float32 vs the exact value: 0.12 * step, + 1, the divide, the max: 3 roundings
+        assert_close(lam, max(5.0, 1000.0 / (1 + 0.12 * step)), terms=3, scale=lam)
+        # λ computed in the graph vs passed in: float32 vs float32 (case 3), 2 x (5 classes'
+        # log-sum-exp + the 4-row mean); scale: the loss (a mean of CE >= 0, no cancellation)
+        annealed = TERMS["sphereface"].fn(inputs, anneal=True)
+        assert_close(annealed, TERMS["sphereface"].fn(inputs, lambda_=lam), terms=2 * (5 + 4))
