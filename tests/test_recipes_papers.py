@@ -153,7 +153,8 @@ PWR = NIKITIN_COMMON + [
         "nikitin2020 §4.2: 'we found α = 100 to be a good option for PWR-Diff and PWR-Exp'; §4.3: "
         "'the best ... is PWR-Exp with adaptively chosen margin (teacher-std or teacher-diff)'; "
         "§3.1: 'cosine similarity performs slightly better'; eq. 6's β = 1 is kdface's choice"),
-    Pin("relation_scope", "device", f"{CHOICE}: relations per GPU as the authors' '92 × 6'"),
+    Pin("relation_group_size", 92, "nikitin2020 §4.2: 'Batch size is fixed to 552(92 × 6)'; "
+        f"relations within each GPU's 92 images is {CHOICE}, fixed whatever the device count"),
 ]
 PWR_BASELINE = NIKITIN_COMMON + [
     Pin("student", "iresnet18", "nikitin2020 Table 1: 'Student, CosFace'"),
@@ -465,7 +466,9 @@ def _tiny(config: TrainConfig, workdir: str, teacher_dir: str) -> TrainConfig:
         config, workdir=workdir, student="sphereface_custom", student_options=dict(TINY),
         input_size=HW, crop_from=None, batch_size=16, steps=2, epochs=None, decay_epochs=(),
         decay_steps=(), warmup_steps=0, margin_scale=16.0, val_data=(), teacher_cache=False,
-        save_every=2, log_every=1, async_checkpoints=False, progress=False, **teacher)
+        save_every=2, log_every=1, async_checkpoints=False, progress=False,
+        # a grouped row keeps grouping at the tiny batch: 4 groups of 4, as the paper's 6 of 92
+        relation_group_size=4 if config.relation_group_size else 0, **teacher)
 
 
 @pytest.mark.parametrize("paper", sorted({r.paper for r in ABLATION_ROWS}))

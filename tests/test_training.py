@@ -304,7 +304,7 @@ def _source(n=32):
 
 @pytest.mark.parametrize("recipe,extra", [
     ("kd_im", {"bf16": True}),
-    ("pwr", {"kd_loss": "rkd_da", "relation_scope": "device", "batch_size": 16}),
+    ("pwr", {"kd_loss": "rkd_da", "relation_group_size": 4, "batch_size": 16}),
     ("pwr", {"kd_loss": "darkrank"}),
     ("vargface", {}),
     ("shrinktea", {}),
