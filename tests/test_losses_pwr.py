@@ -85,34 +85,56 @@ def _penalty_and_slope64(z: np.ndarray, inversion: str, power: float, beta: floa
     return np.logaddexp(0.0, beta * z), beta / (1.0 + np.exp(-beta * z))
 
 
-def ref_scores_terms64(ps, pt, *, inversion="exp", margin="teacher_diff", margin_value=0.0,
-                       power=1.0, beta=1.0, tie_tolerance=0.0):
-    """Eq. (3) over score vectors, vectorized in float64: ``(value, value_scale, grad,
-    grad_scale, count)``.
+def ref_pair_terms64(x, y, t, *, inversion="exp", power=1.0, beta=1.0, tie_tolerance=0.0,
+                     block=512):
+    """Eq. (3) over per-score values, in float64, pair z_ab = x_b - y_a for the teacher-ordered
+    pairs t_b < t_a - tol (``_pwr_common``'s form): ``(value, value_scale, (gx, gx_scale),
+    (gy, gy_scale), count)``, by blocks of ``block`` rows a (M^2 is not held at once).
 
     value_scale: the mean over the ordered pairs of |l(z)| + |l'(z)| (|x_b| + |y_a|): each pair
-    term and the first-order effect of rounding its inputs x, y (and z = x_b - y_a) in float32.
-    grad ([M], d value / d ps) and grad_scale: the mean of |l'(z)| over the ordered pairs each
-    score is in (the magnitude of the terms summed into each element of the gradient). The
-    teacher order is taken from ``pt`` as given (pass the float32 teacher scores: the ties and
-    the order are decided in float32)."""
+    term and the first-order effect of rounding its inputs in float32. gx, gy: d value / dx,
+    d value / dy; gx_scale, gy_scale: the mean of |l'(z)| over the ordered pairs each score is
+    in (the magnitude of the terms summed into each element of the gradient). The teacher order
+    is decided in float32 (``t`` as given and the threshold ``t - tol`` rounded to float32, as
+    in the float32 loss)."""
+    x, y, t = (np.asarray(v, np.float64) for v in (x, y, t))
+    threshold = (np.asarray(t, np.float32) - np.float32(tie_tolerance)).astype(np.float64)
+    total = total_scale = 0.0
+    count = 0
+    gx, gx_scale = np.zeros_like(x), np.zeros_like(x)
+    gy, gy_scale = np.zeros_like(y), np.zeros_like(y)
+    for a0 in range(0, len(t), block):
+        rows = slice(a0, a0 + block)
+        ordered = t[None, :] < threshold[rows, None]           # rows a above columns b
+        z = x[None, :] - y[rows, None]
+        pen, slope = _penalty_and_slope64(z, inversion, power, beta)
+        pen, slope = np.where(ordered, pen, 0.0), np.where(ordered, slope, 0.0)
+        count += int(ordered.sum())
+        total += pen.sum()
+        total_scale += (np.abs(pen) + np.abs(slope) * (np.abs(x)[None, :]
+                                                       + np.abs(y[rows])[:, None])).sum()
+        gx += slope.sum(0)                                     # dz/dx_b = 1
+        gx_scale += np.abs(slope).sum(0)
+        gy[rows] -= slope.sum(1)                               # dz/dy_a = -1
+        gy_scale[rows] += np.abs(slope).sum(1)
+    c = max(count, 1)
+    return (total / c, total_scale / c, (gx / c, gx_scale / c), (gy / c, gy_scale / c), count)
+
+
+def ref_scores_terms64(ps, pt, *, inversion="exp", margin="teacher_diff", margin_value=0.0,
+                       power=1.0, beta=1.0, tie_tolerance=0.0):
+    """``ref_pair_terms64`` of student scores ``ps`` and teacher scores ``pt`` with the margin
+    folded in (``_pwr.pair_values``): ``(value, value_scale, grad, grad_scale, count)``, grad
+    and grad_scale ``[M]`` with respect to ``ps``. Pass the float32 teacher scores: the ties
+    and the order are decided in float32."""
     ps, pt = np.asarray(ps, np.float64), np.asarray(pt, np.float64)
     alpha = {"none": 0.0, "const": margin_value, "teacher_std": float(np.std(pt)),
              "teacher_diff": 0.0}[margin]
     x = ps - pt if margin == "teacher_diff" else ps + alpha
     y = ps - pt if margin == "teacher_diff" else ps
-    threshold = (np.asarray(pt, np.float32) - np.float32(tie_tolerance)).astype(np.float64)
-    ordered = pt[None, :] < threshold[:, None]              # rows a above columns b
-    z = x[None, :] - y[:, None]
-    pen, slope = _penalty_and_slope64(z, inversion, power, beta)
-    pen, slope = np.where(ordered, pen, 0.0), np.where(ordered, slope, 0.0)
-    count = int(ordered.sum())
-    mag = np.abs(x)[None, :] + np.abs(y)[:, None]
-    value = pen.sum() / count
-    value_scale = (np.abs(pen) + np.abs(slope) * mag).sum() / count
-    grad = (slope.sum(0) - slope.sum(1)) / count             # dz/dx_b = 1, dz/dy_a = -1
-    grad_scale = (np.abs(slope).sum(0) + np.abs(slope).sum(1)) / count
-    return value, value_scale, grad, grad_scale, count
+    value, value_scale, (gx, sx), (gy, sy), count = ref_pair_terms64(
+        x, y, pt, inversion=inversion, power=power, beta=beta, tie_tolerance=tie_tolerance)
+    return value, value_scale, gx + gy, sx + sy, count
 
 
 def ref_embeddings_terms64(s, t, *, relation="cosine", **options):
