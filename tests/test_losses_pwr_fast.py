@@ -1,9 +1,10 @@
 """PWR fast methods (Nikitin et al. 2020 eq. 3): tiled and sorted equal dense, value and gradient.
 
 The dense method is checked against a literal NumPy loop in test_losses_pwr.py; here every fast
-method is compared with it (rtol 1e-5, float32) on random and tied inputs, for every inversion
-and every margin (pair level, batched with vmap so each variant compiles once) and both
-relations (embedding level).
+method and the dense one are compared with the float64 reference of that file (tests/_tolerance.py:
+eps32 x reduction length x the float64 magnitude of each element's terms) on random and tied
+inputs, for every inversion and every margin (pair level, batched with vmap so each variant
+compiles once) and both relations (embedding level).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from jax.test_util import check_grads
 
 from _tolerance import assert_close
+from test_losses_pwr import ref_embeddings_terms64, ref_pair_terms64
 from kdface.losses import _pwr, _pwr_common, _pwr_sorted, _pwr_tiled, pwr_loss
 from kdface.losses._pwr_common import Inversion
 
@@ -59,14 +61,20 @@ def _mean_fn(method: str, inversion: Inversion):
     return jax.jit(jax.vmap(jax.value_and_grad(mean, argnums=(0, 1))))
 
 
-def _assert_same(got, want, what: str):
-    (v, (gx, gy)), (v0, (gx0, gy0)) = got, want
-    np.testing.assert_allclose(np.asarray(v), np.asarray(v0), rtol=1e-5, atol=1e-7,
-                               err_msg=f"{what} value")
-    for g, g0, name in ((gx, gx0, "dx"), (gy, gy0, "dy")):
-        scale = np.abs(np.asarray(g0)).max(axis=1, keepdims=True) + 1e-30
-        np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(g0) / scale, rtol=0,
-                                   atol=1e-5, err_msg=f"{what} {name}")
+def _assert_matches_float64(got, problems, inversion: Inversion, what: str):
+    """Value and dS/dx, dS/dy of every stacked problem against ``ref_pair_terms64``."""
+    v, (gx, gy) = got
+    for k, (t, x, y) in enumerate(zip(*(np.asarray(a) for a in problems))):
+        v64, v_scale, (gx64, sx), (gy64, sy), count = ref_pair_terms64(
+            x, y, t, inversion=inversion.kind, power=inversion.power, beta=inversion.beta)
+        # The mean of `count` pair terms (<= M^2); scale: their float64 magnitude with the
+        # first-order effect of rounding their inputs (test_losses_pwr.ref_pair_terms64).
+        assert_close(float(v[k]), v64, terms=max(count, 1), scale=v_scale,
+                     what=f"{what} problem {k} value: ")
+        # Each dS/dx_b (dS/dy_a) sums the slopes of the <= M - 1 ordered pairs score b (a) is
+        # in; per-element scale: the float64 sum of their |l'(z)| / count.
+        assert_close(np.asarray(gx[k]), gx64, terms=M, scale=sx, what=f"{what} {k} dx: ")
+        assert_close(np.asarray(gy[k]), gy64, terms=M, scale=sy, what=f"{what} {k} dy: ")
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +94,8 @@ def _fast_cases():
 def test_fast_equals_dense_every_margin_and_tie_pattern(problems, method, kind, power, beta):
     t, x, y = problems
     inversion = Inversion(kind, power, beta)
-    want = _mean_fn("dense", inversion)(x, y, t)
     got = _mean_fn(method, inversion)(x, y, t)
-    _assert_same(got, want, f"{method} {kind} {power} {beta}")
+    _assert_matches_float64(got, problems, inversion, f"{method} {kind} {power} {beta}")
     if kind != "ranknet":  # student == teacher, margin none / teacher_diff: exactly 0
         equal = 4 * len(MARGINS)
         assert np.all(np.asarray(got[0])[[equal, equal + 3]] == 0.0)
@@ -111,7 +118,11 @@ def test_tiled_exp_falls_back_when_scores_exceed_the_factor_bound():
     inversion = Inversion("exp", 1.0, 1.0)
     got = _pwr_tiled.tiled_pair_sum(t, x, x, inversion, 4.0, block=64)[0]
     want = _pwr.dense_pair_sum(t, x, x, inversion)[0]
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    v64, v_scale, _, _, count = ref_pair_terms64(x, x, t, inversion="exp")
+    # Sums (not means) of `count` pair terms; scale: their float64 magnitude with the effect of
+    # rounding their inputs, times count (ref_pair_terms64 returns means).
+    for what, value in (("tiled ", got), ("dense ", want)):
+        assert_close(float(value), v64 * count, terms=count, scale=v_scale * count, what=what)
 
 
 # --------------------------------------------------------------------------- embedding level
@@ -136,16 +147,24 @@ def test_embeddings_equal_dense(method, relation, inversion, margin, margin_valu
     ties."""
     kw = dict(relation=relation, inversion=inversion, margin=margin, margin_value=margin_value,
               power=2.0, beta=2.0)
-    fast, dense = (jax.jit(jax.value_and_grad(lambda a, b, m=m: pwr_loss(a, b, method=m, **kw)))
-                   for m in (method, "dense"))
+    fns = {m: jax.jit(jax.value_and_grad(lambda a, b, m=m: pwr_loss(a, b, method=m, **kw)))
+           for m in (method, "dense")}
+    n, d, m = 24, 8, 24 * 23 // 2
     for seed, ties in ((0, False), (1, True)):
-        s, t = _embeddings(24, seed, ties)
-        (v, g), (v0, g0) = fast(s, t), dense(s, t)
-        # A mean over the M^2 ordered pairs of the M = N(N-1)/2 scores: worst-case linear growth
-        # (tests/_tolerance.py); duplicated rows make euclidean gradients ill-conditioned.
-        m2 = (24 * 23 // 2) ** 2
-        assert_close(float(v), float(v0), terms=m2)
-        assert_close(np.asarray(g), np.asarray(g0), terms=m2)
+        s, t = _embeddings(n, seed, ties)
+        v64, v_scale, g64, g_scale, count = ref_embeddings_terms64(np.asarray(s), np.asarray(t),
+                                                                    **kw)
+        for name, fn in fns.items():
+            v, g = fn(s, t)
+            # Value: the mean of `count` pair terms of scores that are sums of D products.
+            assert_close(float(v), v64, terms=count + 2 * d, scale=v_scale,
+                         what=f"{name} ties={ties} value: ")
+            # Gradient element (i, c): nested sums, a score's slopes over its <= M - 1 ordered
+            # pairs, then the N - 1 scores of row i, then the normalization's D; per-element
+            # scale: the float64 sum of the |terms| (for euclidean also the rounding of
+            # d psi / d e at near-duplicate rows, see ref_embeddings_terms64).
+            assert_close(np.asarray(g), g64, terms=m + n + d, scale=g_scale,
+                         what=f"{name} ties={ties} grad: ")
 
 
 # ------------------------------------------------------------------------------ known answers
@@ -160,13 +179,16 @@ def test_sorted_exp_beyond_the_factor_bound_is_nan_not_wrong():
 
 def test_medium_batch_sorted_equals_tiled():
     """N=128 (M=8128, 3 levels of tiles, 15 sorted levels): value and gradient agree."""
-    s, t = _embeddings(128, 5, True)
-    f = {m: jax.jit(jax.value_and_grad(lambda a, b, m=m: pwr_loss(a, b, method=m)))
-         for m in ("tiled", "sorted")}
-    (v, g), (v0, g0) = f["sorted"](s, t), f["tiled"](s, t)
-    np.testing.assert_allclose(float(v), float(v0), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4,
-                               atol=1e-5 * float(jnp.abs(g0).max()))
+    n, d = 128, 8
+    s, t = _embeddings(n, 5, True)
+    v64, v_scale, g64, g_scale, count = ref_embeddings_terms64(np.asarray(s), np.asarray(t))
+    for method in ("tiled", "sorted"):
+        v, g = jax.jit(jax.value_and_grad(lambda a, b: pwr_loss(a, b, method=method)))(s, t)
+        # As in test_embeddings_equal_dense: the value a mean of `count` pair terms, a gradient
+        # element nested sums over a score's <= M - 1 pairs, the row's N - 1 scores, D.
+        assert_close(float(v), v64, terms=count + 2 * d, scale=v_scale, what=method + " value: ")
+        assert_close(np.asarray(g), g64, terms=n * (n - 1) // 2 + n + d, scale=g_scale,
+                     what=method + " grad: ")
 
 
 # ------------------------------------------------------------------------------- the pieces
@@ -202,10 +224,17 @@ def test_block_scan_matches_cumsum():
         blocks = v.astype(np.float64).reshape(2, -1, 1 << log_block)
         prefix = np.cumsum(blocks, axis=2) - blocks
         suffix = np.cumsum(blocks[:, :, ::-1], axis=2)[:, :, ::-1] - blocks
-        for got, want in ((scan(jnp.asarray(v), log_block), prefix),
-                          (scan(jnp.asarray(v), log_block, reverse=True), suffix)):
-            np.testing.assert_allclose(np.asarray(got), want.reshape(2, -1), rtol=1e-5,
-                                       atol=1e-4)
+        # block_scan forms the exclusive sum as (inclusive sum) - v: each output's terms are
+        # the block's inputs up to and including its own, their float64 |v| sum its scale.
+        mags = np.abs(blocks)
+        prefix_mag = np.cumsum(mags, axis=2)
+        suffix_mag = np.cumsum(mags[:, :, ::-1], axis=2)[:, :, ::-1]
+        for got, want, mag in ((scan(jnp.asarray(v), log_block), prefix, prefix_mag),
+                               (scan(jnp.asarray(v), log_block, reverse=True), suffix,
+                                suffix_mag)):
+            # Up to 2^log_block inputs summed, then one subtraction.
+            assert_close(np.asarray(got), want.reshape(2, -1), terms=(1 << log_block) + 1,
+                         scale=mag.reshape(2, -1), what=f"log_block={log_block} ")
 
 
 # ------------------------------------------------------------------ auto, jit, dtypes, memory
@@ -226,8 +255,11 @@ def test_auto_picks_an_exact_method():
     with pytest.raises(ValueError, match="up to M="):
         _pwr.resolve_method("sorted", huge, Inversion("exp"), bound)
     s, t = _embeddings(72, 9, False)   # M = 2556: sorted
-    auto, dense = (jax.jit(lambda a, b, m=m: pwr_loss(a, b, method=m)) for m in ("auto", "dense"))
-    np.testing.assert_allclose(float(auto(s, t)), float(dense(s, t)), rtol=1e-5)
+    v64, v_scale, _, _, count = ref_embeddings_terms64(np.asarray(s), np.asarray(t))
+    for m in ("auto", "dense"):
+        # The mean of `count` pair terms of scores that are sums of D = 8 products.
+        assert_close(float(jax.jit(lambda a, b, m=m: pwr_loss(a, b, method=m))(s, t)), v64,
+                     terms=count + 2 * 8, scale=v_scale, what=m + " ")
 
 
 @pytest.mark.parametrize("method,inversion,margin", [
@@ -241,6 +273,8 @@ def test_fast_gradients_finite_differences_float64(method, inversion, margin):
                                        margin_value=0.1 if margin == "const" else 0.0,
                                        power=2.0))
         assert f(s).dtype == jnp.float64
+        # Not the float32 rule: float64 central differences with step 1e-6 (truncation
+        # ~1e-12 x the third derivative, rounding ~1e-10), within check_grads' own tolerances.
         check_grads(f, (s,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -249,7 +283,10 @@ def test_jit_equals_eager_and_bfloat16_compiles(method):
     s, t = _embeddings(8, 10, True)
     eager = pwr_loss(s, t, method=method)
     jitted = jax.jit(lambda a, b: pwr_loss(a, b, method=method))(s, t)
-    np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+    v64, v_scale, _, _, count = ref_embeddings_terms64(np.asarray(s), np.asarray(t))
+    for what, value in (("eager ", eager), ("jit ", jitted)):
+        # The mean of `count` pair terms of scores that are sums of D = 8 products.
+        assert_close(float(value), v64, terms=count + 2 * 8, scale=v_scale, what=what)
     if method == "sorted":  # the dtype handling is shared by all methods
         g = jax.jit(jax.grad(lambda a, b: pwr_loss(a, b, method=method)))(
             s.astype(jnp.bfloat16), t.astype(jnp.bfloat16))
