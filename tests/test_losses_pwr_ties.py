@@ -5,6 +5,10 @@ A teacher with integer-valued embeddings has many mathematically equal cosines; 
 float32 they differ by rounding, and a strict ``>`` orders them. ``tie_tolerance`` merges them:
 the count of ordered pairs must then equal the exact one (rational arithmetic), and every method
 must count the same pairs as a NumPy loop over the same float32 scores.
+
+Float comparisons follow the one tolerance rule (tests/_tolerance.py): the float32 losses against
+the float64 reference of test_losses_pwr.py (the teacher order decided in float32, as in the
+loss), eps32 x reduction length x the float64 magnitude of each element's terms.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
+from _tolerance import assert_close
+from test_losses_pwr import ref_embeddings_terms64, ref_pair_terms64
 from kdface.losses import _pwr, _pwr_common, _pwr_sorted, _pwr_tiled, pwr_loss, pwr_loss_sharded
 from kdface.losses._pwr_common import Inversion
 
@@ -92,14 +98,24 @@ def test_every_method_equals_loop_with_tied_teacher(inversion, beta, margin):
     methods = ["dense", "tiled"] + (["sorted"] if inversion != "ranknet" else [])
     value0, grad0 = jax.jit(jax.value_and_grad(
         lambda a: pwr_loss(a, t, method="dense", **kw)))(s)
-    np.testing.assert_allclose(float(value0), want, rtol=1e-5)
+    v64, v_scale, g64, g_scale, count = ref_embeddings_terms64(
+        np.asarray(s), np.asarray(t), inversion=inversion, beta=beta, margin=margin,
+        tie_tolerance=tol)
+    n, d = s.shape
+    # The loop sums in float64 over the float32 scores (each a sum of D products, normalized):
+    # the same pairs, and only the scores' float32 rounding in the difference (v_scale holds
+    # the first-order effect of rounding a pair's inputs).
+    assert_close(want, v64, terms=2 * d, scale=v_scale, what="loop: ")
+    m = n * (n - 1) // 2
     for method in methods:
         value, grad = jax.jit(jax.value_and_grad(lambda a, m=method: pwr_loss(a, t, method=m,
                                                                              **kw)))(s)
-        np.testing.assert_allclose(float(value), want, rtol=1e-5, err_msg=method)
-        np.testing.assert_allclose(grad, grad0, rtol=1e-5, atol=1e-6 * float(jnp.abs(grad0).max()),
-                                   err_msg=method)
-
+        # Mean of `count` pair terms of scores that are sums of D products; gradient (i, c):
+        # a score's <= M - 1 pairs, the N - 1 scores of row i, the normalization's D.
+        assert_close(float(value), v64, terms=count + 2 * d, scale=v_scale,
+                     what=f"{method} value: ")
+        assert_close(np.asarray(grad), g64, terms=m + n + d, scale=g_scale,
+                     what=f"{method} grad: ")
 
 @pytest.mark.parametrize("tol", [0.0, TOL, 0.3])
 def test_pair_sums_with_small_tiles_and_levels(tol):
@@ -112,14 +128,19 @@ def test_pair_sums_with_small_tiles_and_levels(tol):
     bound = _pwr_common.value_range_bound("cosine", "teacher_diff", 0.0)
     dense_sum, dense_count = _pwr.dense_pair_sum(t, x, y, inv, tol)
     want = _loop_loss(np.asarray(s), np.asarray(t), "exp", 1.0, "teacher_diff", tol)
-    np.testing.assert_allclose(float(dense_sum / dense_count), want, rtol=1e-5)
+    v64, v_scale, _, _, count = ref_pair_terms64(np.asarray(x), np.asarray(y), np.asarray(t),
+                                                 inversion="exp", tie_tolerance=tol)
+    # Both sum in float64; the loop forms the margin s - t in float64, x and y were formed in
+    # float32 (one rounding each): float32's rule over those 2 operations.
+    assert_close(want, v64, terms=2, scale=v_scale, what="loop: ")
     tiled_sum, tiled_count = _pwr_tiled.tiled_pair_sum(t, x, y, inv, bound, block=8,
                                                        tie_tolerance=tol)
     sorted_sum, sorted_count = _pwr_sorted.sorted_pair_sum(t, x, y, inv, tie_tolerance=tol)
-    assert float(tiled_count) == float(sorted_count) == float(dense_count)
-    np.testing.assert_allclose(float(tiled_sum), float(dense_sum), rtol=1e-5)
-    np.testing.assert_allclose(float(sorted_sum), float(dense_sum), rtol=1e-5)
-
+    assert float(tiled_count) == float(sorted_count) == float(dense_count) == count
+    # Sums (not means) of `count` pair terms: scale the mean's magnitude by the count.
+    for what, got in (("dense", dense_sum), ("tiled", tiled_sum), ("sorted", sorted_sum)):
+        assert_close(float(got), v64 * count, terms=max(count, 1), scale=v_scale * count,
+                     what=f"{what} sum: ")
 
 def test_bad_tie_tolerance():
     s, t = jnp.asarray(_student()), jnp.asarray(_integer_teacher())
@@ -147,9 +168,14 @@ def test_sharded_tolerance_equals_single_device(mesh, method):
                             in_specs=(DATA, DATA), out_specs=PartitionSpec())
     value, grad = jax.jit(jax.value_and_grad(sharded))(s, t)
     value0, grad0 = jax.jit(jax.value_and_grad(lambda a: pwr_loss(a, t, **kw)))(s)
-    np.testing.assert_allclose(float(value), float(value0), rtol=1e-6)
-    np.testing.assert_allclose(grad, grad0, rtol=1e-5, atol=1e-6 * float(jnp.abs(grad0).max()))
-
+    v64, v_scale, g64, g_scale, count = ref_embeddings_terms64(np.asarray(s), np.asarray(t),
+                                                                tie_tolerance=TOL)
+    n, d = s.shape
+    m = n * (n - 1) // 2
+    for what, v, g in (("sharded", value, grad), ("single", value0, grad0)):
+        # As above, + the psum over the 4 devices in each reduction.
+        assert_close(float(v), v64, terms=count + 2 * d + 4, scale=v_scale, what=f"{what} value: ")
+        assert_close(np.asarray(g), g64, terms=m + n + d + 4, scale=g_scale, what=f"{what} grad: ")
 
 @pytest.mark.parametrize("method", ["dense", "tiled", "sorted"])
 def test_sharded_float64_counts_in_float64(mesh, method):
@@ -169,4 +195,8 @@ def test_sharded_float64_counts_in_float64(mesh, method):
         got = jax.jit(sharded)(s64, t64)
         want = pwr_loss(s64, t64, method=method)
         assert got.dtype == jnp.float64
-        np.testing.assert_allclose(float(got), float(want), rtol=1e-12)
+        # float64 vs float64 of another summation order (sharded vs single): the rule in float64,
+        # the mean of the ordered pairs (<= M^2) of scores that are sums of D products.
+        m = N * (N - 1) // 2
+        assert_close(float(got), float(want), terms=2 * (m * m + 2 * 5 + 4),
+                     scale=abs(float(want)), dtype=np.float64, what=f"{method} float64: ")
