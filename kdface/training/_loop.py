@@ -35,6 +35,7 @@ from kdface.training._logging import RunLog
 from kdface.training._optim import learning_rate_schedule, make_optimizer, resolve_schedule
 from kdface.training._restore import (build_run_student, init_from_run, read_run_config,
                                       restore_run)
+from kdface.training._placement import place_state, student_shardings
 from kdface.training._prefetch import DevicePrefetcher
 from kdface.training._validate import check_teacher_flags, check_workdir
 from kdface.training._step import (StepConfig, init_health, init_state, make_train_step,
@@ -189,42 +190,6 @@ def steady_state_guard(level: str):
     ('disallow' turns any hidden device-to-host read into an error on accelerators; on the CPU
     backend JAX reads device buffers in place, so tests add their own check of host reads)."""
     return jax.transfer_guard_device_to_host(level)
-
-
-def student_shardings(config: TrainConfig, student: DistillStudent, mesh, num_classes: int):
-    """The params' placement: replicated, except a margin head's class axis split over the
-    devices with ``--shard_head`` (on, or auto from ``--shard_head_min_classes`` classes when
-    the class count divides evenly); None when nothing is split."""
-    from kdface.models import shard_margin_heads
-    devices = mesh.shape["data"]
-    if config.shard_head == "off" or devices == 1:
-        return None
-    if config.shard_head == "auto" and (num_classes < config.shard_head_min_classes
-                                        or num_classes % devices):
-        if num_classes >= config.shard_head_min_classes:
-            logging.warning("--shard_head=auto: %d classes do not divide over %d devices; the "
-                            "head stays replicated", num_classes, devices)
-        return None
-    try:
-        return shard_margin_heads(student, mesh, axis="data")
-    except ValueError as e:
-        raise ValueError(f"--shard_head=on: {e}") from None
-
-
-def place_state(state, param_shardings, optimizer, replicated):
-    """The train state on the mesh: replicated, or with the head (and its optimizer slots)
-    split as ``param_shardings`` says."""
-    if param_shardings is None:
-        return jax.device_put(state, replicated)
-    params = jax.device_put(state["params"], param_shardings)
-    # Optimizer slots (momentum, Adam moments) of a split weight are split the same way; the
-    # head weight [E, C] is the only parameter of its shape.
-    split = {tuple(p.shape): p.sharding for p in jax.tree.leaves(params)
-             if not p.sharding.is_fully_replicated}
-    slots = jax.tree.map(lambda a: split.get(tuple(np.shape(a)), replicated), state["opt_state"])
-    return {"params": params, "rest": jax.device_put(state["rest"], replicated),
-            "opt_state": jax.device_put(state["opt_state"], slots),
-            "step": jax.device_put(state["step"], replicated)}
 
 
 def evaluate_verification(embed: Callable, params, rest, sets: Sequence[VerificationSet], *,
