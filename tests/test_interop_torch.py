@@ -293,25 +293,27 @@ def test_legacy_format_goes_through_torch_weights_only(tmp_path):
 
 def test_pth_teacher_matches_pytorch_through_build_teacher(r18):
     """``--teacher=pth:PATH``: the trainer's teacher embeds as the PyTorch net, zero logits."""
-    from kdface.distill import build_recipe
     from kdface.training import TrainConfig
-    from kdface.training._loop import build_teacher
+    from kdface.training._networks import build_teacher
+    from kdface.training._plan import DataFacts, plan_fit
     net, path, images, want = r18
     assert want.shape == (2, 512) and float(np.std(want)) > 1e-2  # a non-degenerate output
     assert interop.infer_iresnet_arch(read_torch_state_dict(path)) == "iresnet18"
     config = TrainConfig(workdir="unused", recipe="vargface", teacher=f"onnx:{path}")
-    recipe = build_recipe("vargface", config.as_dict())
+
+    def build(config):  # the plan, then the loop's teacher
+        return build_teacher(plan_fit(config, data=DataFacts(5), devices=1))
+
     with pytest.raises(ValueError, match="PyTorch file|ONNX"):
-        build_teacher(config, 5, recipe)  # a .pth given as onnx: is not readable as ONNX
-    teacher = build_teacher(config.replace(teacher=f"pth:{path}"), 5, recipe)
+        build(config)  # a .pth given as onnx: is not readable as ONNX
+    teacher = build(config.replace(teacher=f"pth:{path}"))
     embedding = _kdface_embed(teacher.backbone, images)
     _assert_match(embedding, want, terms=2 * _path_terms(teacher.backbone))
     np.testing.assert_array_equal(np.asarray(teacher.head(jnp.asarray(embedding))),
                                   np.zeros((2, 5), np.float32))
-    kd = build_recipe("kd_im", {**config.as_dict(), "lambda_soft": 0.5})
     with pytest.raises(ValueError,
                        match=r"term 'soft_prediction', weight 0\.5.*no classifier head"):
-        build_teacher(config.replace(teacher=f"pth:{path}"), 5, kd)
+        build(config.replace(teacher=f"pth:{path}", recipe="kd_im", lambda_soft=0.5))
 
 
 def test_imported_teacher_trains_kd_im_and_refuses_teacher_logits(tmp_path):

@@ -497,7 +497,7 @@ def test_ablation_rows_train_two_steps(tmp_path, paper):
 
 
 def test_schedules_in_epochs_resolve_against_the_papers_training_sets():
-    from kdface.training._optim import resolve_schedule
+    from kdface.training._plan import resolve_schedule
     # nikitin2020 §4.1: "It consists of 5.8 million photos from 85,000 subjects"; batch 552,
     # 13 epochs, lr / 10 every 2 epochs: ~136.6 k steps, a decay every ~21 k.
     pwr = resolve_schedule(config_from_flagfile("pwr.flags"), 5_800_000)

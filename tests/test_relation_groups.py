@@ -40,7 +40,7 @@ def test_a_group_size_that_does_not_divide_the_batch_is_refused(size):
 
 
 def test_a_workdir_trained_per_device_is_not_resumed_with_another_loss(tmp_path):
-    from kdface.training._validate import check_workdir
+    from kdface.training._plan import check_workdir
     config = tiny_config(tmp_path / "old")
     os.makedirs(config.workdir)
     with open(os.path.join(config.workdir, "config.json"), "w") as f:

@@ -26,7 +26,8 @@ from kdface.export import export_checkpoint
 from kdface.training import ArrayBatches, fit, restore_run
 from kdface.training._checkpoint import load_model_weights
 from kdface.data import normalize_images
-from kdface.training._loop import build_teacher
+from kdface.training._networks import build_teacher
+from kdface.training._plan import DataFacts, plan_fit
 from kdface.training._restore import build_run_student
 from kdface.training._run import run
 
@@ -145,22 +146,23 @@ def test_full_initialization_copies_the_backbone_into_a_student_with_more_parts(
 def test_teacher_flags_may_restate_the_run_but_not_contradict_it(runs, tmp_path):
     base = tiny_config(tmp_path / "kd", recipe="kd_im", teacher_checkpoint=runs["teacher"],
                        feature_loss="normalized_l2", lambda_soft=0.0)
-    recipe = build_recipe("kd_im", base)
     ref = restore_run(runs["teacher"]).network
-    same = build_teacher(base.replace(teacher="sphereface_custom", teacher_options=TINY),
-                         CLASSES, recipe)
+
+    def teacher(config):  # the plan checks the flags, the loop's build_teacher loads
+        return build_teacher(plan_fit(config, data=DataFacts(CLASSES), devices=1))
+
+    same = teacher(base.replace(teacher="sphereface_custom", teacher_options=TINY))
     for a, b in zip(_leaves(same), _leaves(ref)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="--teacher=sphereface20 contradicts.*"
-                                         "--student=sphereface_custom"):
-        build_teacher(base.replace(teacher="sphereface20"), CLASSES, recipe)
+    with pytest.raises(ValueError, match="holds a sphereface_custom.*--teacher says "
+                                         "sphereface20"):
+        teacher(base.replace(teacher="sphereface20"))
     with pytest.raises(ValueError, match="--teacher_options=.*contradict"):
-        build_teacher(base.replace(teacher_options=dict(TINY, embedding_size=16)), CLASSES,
-                      recipe)
+        teacher(base.replace(teacher_options=dict(TINY, embedding_size=16)))
     with pytest.raises(ValueError, match="--input_size=16,16.*16,24"):
-        build_teacher(base.replace(input_size=(16, 24)), CLASSES, recipe)
+        teacher(base.replace(input_size=(16, 24)))
     # A run with a landmark head and adapters loads as a teacher too.
-    aligned = build_teacher(base.replace(teacher_checkpoint=runs["align"]), CLASSES, recipe)
+    aligned = teacher(base.replace(teacher_checkpoint=runs["align"]))
     assert aligned.landmark_head is not None
 
 

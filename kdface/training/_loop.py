@@ -28,16 +28,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdface.data import device_put_batch, normalize_images
-from kdface.distill import DistillStudent, FaceNetwork, Recipe, build_recipe
+from kdface.distill import DistillStudent
 from kdface.training._checkpoint import Checkpoints
 from kdface.training._config import TrainConfig
 from kdface.training._logging import RunLog
-from kdface.training._optim import learning_rate_schedule, make_optimizer, resolve_schedule
-from kdface.training._restore import (build_run_student, init_from_run, read_run_config,
-                                      restore_run)
+from kdface.training._optim import learning_rate_schedule, make_optimizer
 from kdface.training._placement import place_state, student_shardings
 from kdface.training._prefetch import DevicePrefetcher
-from kdface.training._validate import check_teacher_flags, check_workdir
+from kdface.training._networks import build_networks
+from kdface.training._plan import DataFacts, FitPlan, plan_fit
 from kdface.training._step import (StepConfig, init_health, init_state, make_train_step,
                                    split_teacher)
 
@@ -64,90 +63,6 @@ def data_mesh() -> jax.sharding.Mesh:
 def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Places this process's share of the global batch onto the mesh's ``data`` axis."""
     return device_put_batch(batch, NamedSharding(mesh, P("data")))
-
-
-def build_teacher(config: TrainConfig, num_classes: int, recipe: Recipe) -> FaceNetwork | None:
-    """The frozen teacher: the network of the kdface run in ``--teacher_checkpoint``, rebuilt
-    from that run's config.json (``restore_run``), or a third-party pretrained one named
-    ``pth:[ARCH:]PATH`` / ``onnx:[ARCH:]PATH`` (kdface.interop). ``--teacher`` and
-    ``--teacher_options`` may restate the run's architecture but never contradict it."""
-    if not recipe.needs_teacher:
-        return None
-    from kdface import interop
-    if config.teacher and interop.is_imported_teacher(config.teacher):
-        return interop.imported_teacher(config.teacher, recipe, num_classes=num_classes,
-                                        input_size=tuple(config.input_size),
-                                        options=config.teacher_options)
-    if not config.teacher_checkpoint:
-        raise ValueError(f"recipe {recipe.name!r} needs --teacher_checkpoint (the workdir of a "
-                         f"kdface run of the teacher) or --teacher=pth:PATH / onnx:PATH")
-    if not os.path.isdir(config.teacher_checkpoint):
-        raise FileNotFoundError(f"teacher checkpoint {config.teacher_checkpoint} not found")
-    teacher_config, _ = read_run_config(config.teacher_checkpoint)
-    check_teacher_flags(config, teacher_config)
-    teacher = restore_run(config.teacher_checkpoint).network
-    teacher.eval()
-    return teacher
-
-
-def _check_shapes(config: TrainConfig, recipe: Recipe, student: DistillStudent,
-                  teacher: FaceNetwork | None) -> None:
-    """Config mistakes that would otherwise surface deep inside compilation."""
-    n_dev = jax.device_count()
-    if config.batch_size % n_dev:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                         f"{n_dev} devices")
-    if teacher is None:
-        return
-    s_size = student.network.backbone.embedding_size
-    t_size = teacher.backbone.embedding_size
-    same_embedding = recipe.requiring("same_embedding")
-    if s_size != t_size and same_embedding:
-        raise ValueError(f"student embedding {s_size} != teacher embedding {t_size}: the "
-                         f"recipe's terms {list(same_embedding)} compare embeddings directly")
-    same_classes = recipe.requiring("same_classes")
-    s_classes, t_classes = student.network.num_classes, teacher.num_classes
-    if s_classes != t_classes and same_classes:
-        raise ValueError(f"terms {list(same_classes)} compare class logits, which needs the same "
-                         f"classes: student {s_classes}, teacher {t_classes}")
-
-
-def init_key(seed: int) -> jax.Array:
-    """The key networks are initialized from: the 'rbg' generator, whose initializers compile
-    in a fraction of threefry's time on CPU (measured here: ~0.8 s vs ~14 s per new parameter
-    shape under load) and which is the recommended generator on TPU."""
-    return jax.random.key(seed, impl="rbg")
-
-
-def make_student(config: TrainConfig, num_classes: int, recipe: Recipe,
-                 teacher: FaceNetwork | None) -> DistillStudent:
-    """The freshly initialized student (``build_run_student``), or, with ``--init_checkpoint``,
-    initialized from that run (Nikitin et al. 2020 / Wang et al. 2017: a pretrained student)."""
-    shapes = teacher_stage_shapes(config, recipe, teacher)
-    student = build_run_student(config, num_classes=num_classes, head=recipe.head,
-                                landmark_head=recipe.landmark_head,
-                                rngs=nnx.Rngs(init_key(config.seed)),
-                                teacher_stage_shapes=shapes)
-    if config.init_checkpoint:
-        copied = init_from_run(student, config.init_checkpoint)
-        present = {"head": student.network.head, "adapters": student.adapters,
-                   "landmark_head": student.network.landmark_head}
-        skipped = [n for n, part in present.items() if part is not None and n not in copied]
-        if skipped:
-            logging.warning("--init_checkpoint %s: %s keep their fresh initialization (not in "
-                            "that run, or of other shapes)", config.init_checkpoint, skipped)
-    return student
-
-
-def teacher_stage_shapes(config: TrainConfig, recipe: Recipe, teacher: FaceNetwork | None):
-    """The teacher's four stage shapes at ``--input_size`` when the recipe adapts the student's
-    stages to them, else None."""
-    if not recipe.adapters:
-        return None
-    if teacher is None:
-        raise ValueError(f"recipe {recipe.name!r} adapts the student's stages to the teacher's, "
-                         f"so it needs a teacher (--teacher_checkpoint)")
-    return [list(s) for s in teacher.backbone.stage_shapes(tuple(config.input_size))]
 
 
 def _embed_fn(graphdef):
@@ -219,34 +134,65 @@ def evaluate_verification(embed: Callable, params, rest, sets: Sequence[Verifica
     return out
 
 
+def run_optimizer(plan: FitPlan):
+    """The plan's optimizer: its schedule, ``--optimizer`` and the recipe's optimizer options."""
+    config = plan.config
+    schedule = learning_rate_schedule(
+        base_lr=config.learning_rate, total_steps=plan.schedule.steps,
+        schedule=config.schedule, warmup_steps=plan.schedule.warmup_steps,
+        decay_steps=plan.schedule.decay_steps, decay_factor=config.decay_factor)
+    return make_optimizer(**{
+        "optimizer": config.optimizer, "learning_rate": schedule, "momentum": config.momentum,
+        "nesterov": config.nesterov, "weight_decay": config.weight_decay,
+        "clip_norm": config.clip_norm or None, **plan.recipe.optimizer})
+
+
+def device_low_resolution(plan: FitPlan):
+    """The on-device LR degradation (``--lr_on_device`` with an LR student view), or None."""
+    config = plan.config
+    if not (config.lr_on_device and plan.recipe.student_view == "low_resolution"):
+        return None
+    from kdface.data import DeviceLowResolution
+    return DeviceLowResolution(tuple(config.input_size), tuple(config.lr_sizes))
+
+
+def run_step_config(plan: FitPlan, *, teacher_cached: bool, device_lr) -> StepConfig:
+    """What the jitted step is specialized on: relation groups, compute dtype, teacher cache,
+    on-device LR, the runaway guard."""
+    config = plan.config
+    return StepConfig(relation_groups=config.relation_groups,
+                      compute_dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
+                      teacher_cached=teacher_cached, device_lr=device_lr,
+                      runaway_factor=float(config.runaway_factor))
+
+
 def fit(config: TrainConfig, batches, *, num_classes: int,
         val_sets: Sequence[VerificationSet] = (), teacher_cache=None,
         num_examples: int | None = None) -> dict[str, Any]:
-    """Trains ``config.recipe`` for its steps (``--steps``, or ``--epochs`` over
-    ``num_examples`` training images, by default ``batches.num_examples``), resuming if a
-    checkpoint exists.
+    """Plans (``plan_fit``: every check) and trains ``config.recipe`` for its steps
+    (``--steps``, or ``--epochs`` over ``num_examples`` training images, by default
+    ``batches.num_examples``), resuming if a checkpoint exists (``fit_plan``)."""
+    if num_examples is None:
+        num_examples = getattr(batches, "num_examples", None)
+    plan = plan_fit(config, data=DataFacts(num_classes, num_examples),
+                    devices=jax.device_count())
+    return fit_plan(plan, batches, val_sets=val_sets, teacher_cache=teacher_cache)
 
-    Returns a summary: final step, last metrics, validation metrics, images/s, workdir.
-    """
-    recipe = build_recipe(config.recipe, config)
-    teacher = build_teacher(config, num_classes, recipe)
-    student = make_student(config, num_classes, recipe, teacher)
-    _check_shapes(config, recipe, student, teacher)
+
+def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = (),
+             teacher_cache=None) -> dict[str, Any]:
+    """Runs one planned training-loop run (see module docstring). Returns a summary: final
+    step, last metrics, validation metrics, images/s, workdir."""
+    config, recipe, num_classes = plan.config, plan.recipe, plan.num_classes
+    if plan.devices != jax.device_count():
+        raise ValueError(f"the plan is for {plan.devices} devices, this process sees "
+                         f"{jax.device_count()}")
+    student, teacher = build_networks(plan)
     if config.teacher_cache and teacher_cache is None and recipe.needs_teacher:
         raise ValueError("teacher_cache=True needs a TeacherCache (see kdface.training)")
 
-    if num_examples is None:
-        num_examples = getattr(batches, "num_examples", None)
-    plan = resolve_schedule(config, num_examples)
-    total_steps = plan.steps
-    schedule = learning_rate_schedule(
-        base_lr=config.learning_rate, total_steps=total_steps, schedule=config.schedule,
-        warmup_steps=plan.warmup_steps, decay_steps=plan.decay_steps,
-        decay_factor=config.decay_factor)
-    optimizer = make_optimizer(**{
-        "optimizer": config.optimizer, "learning_rate": schedule, "momentum": config.momentum,
-        "nesterov": config.nesterov, "weight_decay": config.weight_decay,
-        "clip_norm": config.clip_norm or None, **recipe.optimizer})
+    total_steps = plan.schedule.steps
+    optimizer = run_optimizer(plan)
     mesh = data_mesh()
     # Before the split: a sharded head carries its output placement in the graphdef.
     param_shardings = student_shardings(config, student, mesh, num_classes)
@@ -254,17 +200,10 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
     teacher_def, teacher_state = split_teacher(teacher) if teacher is not None else (None, None)
 
     main = jax.process_index() == 0
-    check_workdir(config, {"num_classes": num_classes, "head_used": recipe.head})
     os.makedirs(config.workdir, exist_ok=True)
     if main:
         with open(os.path.join(config.workdir, "config.json"), "w") as f:
-            json.dump({**config.as_dict(), "head_used": recipe.head,
-                       "num_classes": num_classes, "landmark_head": recipe.landmark_head,
-                       "adapters": recipe.adapters,
-                       "teacher_stage_shapes": teacher_stage_shapes(config, recipe, teacher),
-                       "resolved_steps": total_steps, "resolved_decay_steps": plan.decay_steps,
-                       "resolved_warmup_steps": plan.warmup_steps},
-                      f, indent=1, default=list)
+            json.dump(plan.config_json(), f, indent=1, default=list)
     checkpoints = Checkpoints(os.path.join(config.workdir, "checkpoints"), keep=config.keep,
                               keep_best=config.keep_best if val_sets else 0,
                               async_save=config.async_checkpoints)
@@ -276,19 +215,13 @@ def fit(config: TrainConfig, batches, *, num_classes: int,
 
     replicated = NamedSharding(mesh, P())
     state = place_state(state, param_shardings, optimizer, replicated)
-    device_lr = None
-    if config.lr_on_device and recipe.student_view == "low_resolution":
-        from kdface.data import DeviceLowResolution
-        device_lr = DeviceLowResolution(tuple(config.input_size), tuple(config.lr_sizes))
+    device_lr = device_low_resolution(plan)
     if teacher_cache is not None and teacher is not None:
         teacher_def, teacher_state = split_teacher(teacher, cached=True)
     if teacher_state is not None:
         teacher_state = jax.device_put(teacher_state, replicated)
-    step_config = StepConfig(
-        relation_groups=config.relation_groups,
-        compute_dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
-        teacher_cached=teacher_cache is not None, device_lr=device_lr,
-        runaway_factor=float(config.runaway_factor))
+    step_config = run_step_config(plan, teacher_cached=teacher_cache is not None,
+                                  device_lr=device_lr)
     step_fn = jax.jit(make_train_step(recipe, graphdef, teacher_def, optimizer, step_config),
                       donate_argnums=(0, 1))
     embed = _embed_fn(graphdef)

@@ -69,37 +69,6 @@ def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
     return math.ceil(Fraction(str(epochs)) * num_examples / batch_size)
 
 
-def resolve_schedule(config, num_examples: int | None) -> StepSchedule:
-    """The run's steps, warmup and decay points, from ``--steps``/``--decay_steps``/
-    ``--warmup_steps`` or from their epoch forms resolved against the training set's size
-    ``num_examples`` and the global batch. Giving both forms of one setting is refused."""
-    pairs = (("steps", config.steps is not None, "epochs", config.epochs is not None),
-             ("decay_steps", bool(config.decay_steps), "decay_epochs", bool(config.decay_epochs)),
-             ("warmup_steps", bool(config.warmup_steps), "warmup_epochs",
-              bool(config.warmup_epochs)))
-    for steps_name, has_steps, epochs_name, has_epochs in pairs:
-        if has_steps and has_epochs:
-            raise ValueError(f"--{steps_name} and --{epochs_name} both set the same thing; "
-                             f"give one of them")
-    uses_epochs = (config.epochs is not None or bool(config.decay_epochs)
-                   or bool(config.warmup_epochs))
-    if uses_epochs and not num_examples:
-        raise ValueError("--epochs/--decay_epochs/--warmup_epochs need the training set's size, "
-                         "which this data source does not report; give --steps/--decay_steps/"
-                         "--warmup_steps instead")
-    to_steps = lambda e: epochs_to_steps(e, num_examples, config.batch_size)
-    if config.epochs is not None:
-        if config.epochs <= 0:
-            raise ValueError(f"--epochs must be > 0, got {config.epochs}")
-        steps = to_steps(config.epochs)
-    else:
-        steps = DEFAULT_STEPS if config.steps is None else int(config.steps)
-    decay = (tuple(to_steps(e) for e in config.decay_epochs) if config.decay_epochs
-             else tuple(int(s) for s in config.decay_steps))
-    warmup = to_steps(config.warmup_epochs) if config.warmup_epochs else int(config.warmup_steps)
-    return StepSchedule(steps=steps, warmup_steps=warmup, decay_steps=decay)
-
-
 def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 

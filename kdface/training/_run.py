@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from kdface.training._config import TrainConfig
-from kdface.training._loop import VerificationSet, fit
+from kdface.training._loop import VerificationSet, fit_plan
+from kdface.training._plan import DataFacts, FitPlan, RunPlan, make_plan
 
 
 class PipelineBatches:
@@ -85,108 +86,47 @@ def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str)
         crop_from=config.crop_from or None, normalize=False, num_workers=config.data_workers))
 
 
-def planned_runs(config: TrainConfig, recipe) -> list[TrainConfig]:
-    """The configs ``fit`` will be called with, in order, as ``run`` derives them (teacher
-    phases, then the student or each generation): what the checks compare with the workdirs."""
-    runs = []
-    for phase in recipe.phases:
-        tune, config = _phase_configs(config, phase)
-        runs.append(tune)
-    if recipe.generations > 1:
-        previous = config.init_checkpoint
-        for k in range(1, recipe.generations + 1):
-            gen = _generation_config(config, k, previous)
-            runs.append(gen)
-            previous = gen.workdir
-        return runs
-    return runs + [config]
-
-
-def validate(config: TrainConfig, recipe) -> str | None:
-    """Every check that needs no data, before anything is built or written; returns a line
-    saying the run is already finished, or None when there is training to do."""
-    from kdface.training._validate import (check_networks, check_workdir, finished_message,
-                                           saved_run)
-    saved_run(config.workdir)  # refuses a workdir that is a file
-    runs = planned_runs(config, recipe)
-    for planned in runs:
-        check_workdir(planned)
-    earlier: dict[str, TrainConfig] = {}
-    for planned in runs:
-        check_networks(planned, build_recipe_for(planned), earlier)
-        earlier[os.path.abspath(planned.workdir)] = planned
-    return finished_message(runs[-1])
-
-
-def build_recipe_for(config: TrainConfig):
-    from kdface.distill import build_recipe
-    return build_recipe(config.recipe, config)
-
-
 def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | None = None,
         val_sets: list[VerificationSet] | None = None) -> dict[str, Any]:
-    """Runs ``config`` end to end (see module docstring); returns the last fit's summary."""
+    """Plans ``config`` (``make_plan``: every check, before a dataset is built or anything is
+    written), then runs the plan's runs in order (see module docstring); returns the last
+    run's summary."""
     import sys
 
-    from kdface.training._validate import check_classes
-    recipe = build_recipe_for(config)
-    finished = validate(config, recipe)
-    if finished:
-        print(f"kdface.train: {finished}", file=sys.stderr)
-        return {"finished": True, "workdir": config.workdir, "recipe": recipe.name}
+    facts = None if num_classes is None else DataFacts(
+        num_classes, None if source is None else len(source))
+    plan = make_plan(config, data=facts)
+    if plan.finished:
+        print(f"kdface.train: {plan.finished}", file=sys.stderr)
+        return {"finished": True, "workdir": config.workdir, "recipe": plan.final.recipe.name}
     if source is None:
         source, num_classes = resolve_training_data(config.train_data, data_dir)
-    check_classes(config, recipe, num_classes)
+    if facts is None or facts.num_examples is None:
+        plan = make_plan(config, data=DataFacts(num_classes, len(source)))
     if val_sets is None:
         val_sets = resolve_verification_sets(config.val_data, data_dir, config.input_size)
-    for phase in recipe.phases:
-        tune, config = _phase_configs(config, phase)
-        run(tune, data_dir=data_dir, source=source, num_classes=num_classes, val_sets=val_sets)
-    if recipe.generations > 1:
-        summary, previous = {}, config.init_checkpoint
-        for k in range(1, recipe.generations + 1):
-            gen = _generation_config(config, k, previous)
-            summary = run(gen, data_dir=data_dir, source=source, num_classes=num_classes,
-                          val_sets=val_sets)
-            previous = gen.workdir
-        return summary
+    return execute(plan, source, val_sets)
+
+
+def execute(plan: RunPlan, source, val_sets: list[VerificationSet]) -> dict[str, Any]:
+    """Trains the plan's runs in order on ``source``; a run already finished is skipped."""
+    import sys
+
+    summary: dict[str, Any] = {}
+    for fit in plan.fits:
+        if fit.finished:
+            print(f"kdface.train: {fit.finished}", file=sys.stderr)
+            summary = {"finished": True, "workdir": fit.workdir, "recipe": fit.recipe.name}
+            continue
+        summary = _train(fit, source, val_sets)
+    return summary
+
+
+def _train(fit: FitPlan, source, val_sets: list[VerificationSet]) -> dict[str, Any]:
+    config, recipe = fit.config, fit.recipe
     batches = _pipeline(config, source, recipe.student_view, recipe.teacher_view or "original")
     cache = None
     if config.teacher_cache and recipe.needs_teacher:
         from kdface.training._teacher_cache import TeacherCache
-        cache = TeacherCache.for_run(config, recipe, source, num_classes)
-    return fit(config, batches, num_classes=num_classes, val_sets=val_sets,
-               teacher_cache=cache, num_examples=len(source))
-
-
-def _generation_config(config: TrainConfig, k: int, previous: str | None) -> TrainConfig:
-    """Generation ``k`` of a recursive-KD run: ``workdir/gen_k``, from ``previous``'s student.
-    Generations share one teacher, so they share its cache (the parent's)."""
-    return config.replace(workdir=os.path.join(config.workdir, f"gen_{k}"),
-                          init_checkpoint=previous, generations=1,
-                          teacher_cache_dir=config.teacher_cache_dir or os.path.join(
-                              config.workdir, "teacher_cache"))
-
-
-def _phase_configs(config: TrainConfig, phase) -> tuple[TrainConfig, TrainConfig]:
-    """``(teacher run, distillation)``: the config that trains the teacher again as ``phase``
-    declares (in ``workdir/<phase.subdir>``, from ``teacher_checkpoint``) and ``config``
-    distilling from that run instead."""
-    if config.teacher and config.teacher.split(":", 1)[0] in ("pth", "onnx"):
-        raise ValueError(f"recipe {config.recipe!r} trains the teacher again before distilling "
-                         f"({phase.cite or phase.subdir}), which needs a kdface teacher "
-                         f"checkpoint (--teacher_checkpoint), not an imported {config.teacher}")
-    if not config.teacher_checkpoint:
-        raise ValueError(f"recipe {config.recipe!r} trains the teacher again from "
-                         f"--teacher_checkpoint (the workdir of a kdface run of the teacher)")
-    from kdface.training._validate import check_teacher_flags
-    from kdface.training._restore import read_run_config
-    teacher, teacher_run = read_run_config(config.teacher_checkpoint)
-    check_teacher_flags(config, teacher)
-    teacher_dir = os.path.join(config.workdir, phase.subdir)
-    tune = config.replace(workdir=teacher_dir, recipe=phase.recipe, student=teacher.student,
-                          student_options=teacher.student_options,
-                          head=teacher_run["head_used"], init_checkpoint=config.teacher_checkpoint,
-                          teacher=None, teacher_options={}, teacher_checkpoint=None,
-                          student_view=phase.student_view, generations=1)
-    return tune, config.replace(teacher_checkpoint=teacher_dir)
+        cache = TeacherCache.for_run(fit, source)
+    return fit_plan(fit, batches, val_sets=val_sets, teacher_cache=cache)

@@ -32,9 +32,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdface._progress import progress
 from kdface.data import decode_image
-from kdface.distill import Recipe
 from kdface.training._config import TrainConfig
 from kdface.training._embedding_store import BadStoreError, build_store, open_store
+from kdface.training._networks import build_teacher
+from kdface.training._plan import FitPlan
 from kdface.training._step import normalize_on_device
 
 
@@ -61,15 +62,15 @@ class TeacherCache:
         return out
 
     @classmethod
-    def for_run(cls, config: TrainConfig, recipe: Recipe, source, num_classes: int,
-                *, batch_size: int = 64, records: tuple[int, int] | None = None
-                ) -> "TeacherCache":
-        """Opens the cache for this run's teacher and data, computing it first if needed.
+    def for_run(cls, plan: FitPlan, source, *, batch_size: int = 64,
+                records: tuple[int, int] | None = None) -> "TeacherCache":
+        """Opens the cache for the planned run's teacher and data, computing it first if needed.
 
         ``records``: the ``(start, stop)`` slice this process reads (default: its even share of
         the dataset, as the training pipeline splits it; all of it on one host).
         """
-        reason = recipe.uncacheable_reason()
+        config = plan.config
+        reason = plan.recipe.uncacheable_reason()
         if reason is not None:
             raise ValueError(reason)
         start, stop = records if records is not None else host_records(len(source))
@@ -81,8 +82,7 @@ class TeacherCache:
             pass
         except BadStoreError as e:
             print(f"teacher cache {e.problem}; rebuilding it", flush=True)
-        from kdface.training._loop import build_teacher
-        teacher = build_teacher(config, num_classes, recipe)
+        teacher = build_teacher(plan)
         rows = teacher_embedding_rows(teacher, source, config.input_size, first=start,
                                       batch_size=batch_size)
         width = teacher.backbone.embedding_size
