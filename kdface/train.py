@@ -36,6 +36,15 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
                     "(SLURM/OpenMPI/TPU are auto-detected without it).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+flags.DEFINE_string("plan_topology", None, "Compile-only: compile the step this command trains "
+                    "for a TPU topology (e.g. v5e:8x8) without data or a device and print its "
+                    "plan (HBM, fits, estimated img/s); needs libtpu (jax[tpu]).")
+flags.DEFINE_integer("plan_classes", None, "Compile-only: the class count (default: the built "
+                     "--train_data's).")
+flags.DEFINE_integer("plan_examples", None, "Compile-only: the training set's size, for the "
+                     "epoch time (default: the built --train_data's).")
+flags.DEFINE_bool("plan_search_batch", False, "Compile-only: also search the largest per-chip "
+                  "batch that fits (more compiles).")
 flags.DEFINE_bool("verbose", False, "Show tracebacks of errors and the INFO logging of orbax, "
                   "absl and tfds.")
 
@@ -214,6 +223,37 @@ def train(data_dir: str) -> int:
     return 0
 
 
+def plan(data_dir: str) -> int:
+    """``--plan_topology``: the compile-only plan of the parsed flags' run; prints its table."""
+    import jax
+    jax.config.update("jax_platforms", "cpu")  # compile for the topology, run nothing locally
+    site = os.path.join(sys.prefix, "tpu-site")  # where `make test` installs libtpu
+    if os.path.isdir(site) and site not in sys.path:
+        sys.path.append(site)
+    config = config_from_flags()
+    classes, examples = F.plan_classes, F.plan_examples
+    if classes is None or examples is None:
+        from kdface.data import load_dataset_metadata
+        name = os.path.splitext(os.path.basename(config.train_data))[0]
+        try:
+            meta = load_dataset_metadata(data_dir, "kdface_training", config.train_data)
+        except Exception:  # not built here: the flags must say it
+            meta = None
+        if meta is None and classes is None:
+            raise UsageError(f"--plan_topology: --train_data {config.train_data} is not built "
+                             f"in --data_dir {data_dir} ({name}); give --plan_classes (and "
+                             f"--plan_examples for the epoch time)")
+        if meta is not None:
+            classes = int(meta["num_classes"]) if classes is None else classes
+            examples = int(meta.get("num_examples") or 0) or examples
+    from kdface.training._compile import plan_topology
+    fields, table = plan_topology(config, F.plan_topology, num_classes=classes,
+                                  num_examples=examples, search=F.plan_search_batch)
+    print(table)
+    print(json.dumps(fields, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry (``argv[0]`` is the program): 0 when trained (or already finished),
     2 for an unusable command line, 1 for inputs or faults met while running; errors are one
@@ -229,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         F.unparse_flags()
         parse_command_line(argv)
+        if F.plan_topology:
+            return plan(F.data_dir)
         return train(F.data_dir)
     return run_main(body, prog="kdface.train", verbose=verbose)
 

@@ -18,7 +18,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from _tolerance import assert_close
-from test_losses_mmd import MULTS, _normalized, _terms_scale as _mmd_terms_scale, ref_mmd, ref_sigma2
+from test_losses_mmd import (MULTS, _normalized, _terms_scale as _mmd_terms_scale, ref_mmd,
+                             ref_sigma2)
 from test_losses_relational import (_darkrank_terms_scale, _rkd_angle_terms_scale,
                                     _rkd_distance_terms_scale, ref_darkrank, ref_rkd_angle,
                                     ref_rkd_distance)

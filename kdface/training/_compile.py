@@ -80,3 +80,213 @@ def batch_spec(plan: FitPlan, mesh: Mesh, *, teacher_width: int | None) -> dict[
     if config.lr_on_device and recipe.student_view == "low_resolution":
         spec["student_size"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)
     return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """One compile of a plan's step: the compiled program's memory and cost analyses (per chip),
+    and how the head was placed."""
+    batch_size: int
+    devices: int
+    argument_bytes: int
+    state_bytes: int          # parameters + optimizer state + BN statistics, per chip
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    flops: float              # per chip, per step
+    bytes_accessed: float     # per chip, per step
+    optimal_seconds: float | None
+    head_sharded: bool
+    largest: tuple[str, int]  # (what, bytes) of the largest argument per chip
+
+    @property
+    def total_bytes(self) -> int:
+        """Per-chip HBM of the step: arguments + outputs not aliased to them (donated state is
+        updated in place) + temporaries + the program itself."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)
+
+
+def _per_chip(struct) -> int:
+    shape = struct.sharding.shard_shape(struct.shape) if struct.sharding is not None else (
+        struct.shape)
+    return int(math.prod(shape)) * jnp.dtype(struct.dtype).itemsize
+
+
+def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
+    """Compiles the plan's train step for ``mesh`` (a TPU topology's, or any) abstractly: the
+    networks by ``nnx.eval_shape``, the state and batch as ``ShapeDtypeStruct``s with their
+    shardings, the trace under ``compiling_for(mesh)`` so the target's formulations are chosen."""
+    from kdface.training._loop import device_low_resolution, run_optimizer, run_step_config
+    from kdface.training._networks import abstract_networks
+    from kdface.training._placement import student_shardings
+    from kdface.training._step import init_health, make_train_step, split_student, split_teacher
+    if plan.devices != mesh.size:
+        raise ValueError(f"the plan is for {plan.devices} devices, the mesh has {mesh.size}")
+    config, recipe = plan.config, plan.recipe
+    replicated = NamedSharding(mesh, P())
+    with compiling_for(mesh):
+        student, teacher = abstract_networks(plan)
+        param_shardings = student_shardings(config, student, mesh, plan.num_classes)
+        optimizer = run_optimizer(plan)
+        graphdef, params, rest = split_student(student)
+        opt_state = jax.eval_shape(optimizer.init, params)
+        split = {}
+        if param_shardings is not None:
+            for p_, s_ in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings)):
+                if not s_.is_fully_replicated:
+                    split[tuple(p_.shape)] = s_
+        by_shape = lambda x: split.get(tuple(x.shape), replicated)  # noqa: E731 (place_state)
+        state = {"params": _structs(params, by_shape), "rest": _structs(rest, lambda x: replicated),
+                 "opt_state": _structs(opt_state, by_shape),
+                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+        cached = bool(config.teacher_cache and recipe.needs_teacher)
+        teacher_def = teacher_state = None
+        if teacher is not None:
+            teacher_def, teacher_state = split_teacher(teacher, cached=cached)
+            teacher_state = _structs(teacher_state, lambda x: replicated)
+        health = _structs(jax.eval_shape(lambda: init_health(recipe)), lambda x: replicated)
+        width = None if teacher is None else int(teacher.backbone.embedding_size)
+        batch = batch_spec(plan, mesh, teacher_width=width)
+        step = make_train_step(recipe, graphdef, teacher_def, optimizer, run_step_config(
+            plan, teacher_cached=cached, device_lr=device_low_resolution(plan)))
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+            state, health, teacher_state, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    arguments = {"state": state, "teacher": teacher_state, "batch": batch}
+    sizes = [(jax.tree_util.keystr(k), _per_chip(x))
+             for k, x in jax.tree_util.tree_leaves_with_path(arguments)]
+    optimal = cost.get("optimal_seconds")
+    return CompiledStep(
+        batch_size=config.batch_size, devices=mesh.size,
+        argument_bytes=int(memory.argument_size_in_bytes),
+        state_bytes=sum(_per_chip(x) for x in jax.tree.leaves(state)),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        code_bytes=int(memory.generated_code_size_in_bytes),
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        optimal_seconds=None if optimal is None else float(optimal),
+        head_sharded=param_shardings is not None,
+        largest=max(sizes, key=lambda kv: kv[1]))
+
+
+def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
+             hosts: int) -> dict[str, Any]:
+    """The plan's figures from one compile: capacity check, step time (the compiler's estimate
+    where it is positive, else the roofline max(flops / peak, bytes / HBM bandwidth)), images/s
+    per chip and for the slice, model FLOP utilization, epoch time and per-host input rate. All
+    are estimates from the compiled program and the chip's published figures."""
+    peak_tflops, hbm_gib, bandwidth_gbs = CHIPS[chip]
+    capacity = int(hbm_gib * GIB)
+    roofline = max(step.flops / (peak_tflops * 1e12), step.bytes_accessed / (bandwidth_gbs * 1e9))
+    # The compiler's own estimate is used only when it is positive and not below half the
+    # roofline (no program beats its roofline; off v5p it has come out negative).
+    usable = step.optimal_seconds is not None and step.optimal_seconds >= 0.5 * roofline > 0
+    seconds = step.optimal_seconds if usable else roofline
+    per_chip_batch = step.batch_size // step.devices
+    images_chip = per_chip_batch / seconds if seconds > 0 else float("inf")
+    slice_rate = images_chip * step.devices
+    fits = step.total_bytes <= capacity
+    why = (f"{_size(step.total_bytes / GIB)} <= {hbm_gib:g} GiB" if fits else
+           f"{_size(step.total_bytes / GIB)} > {hbm_gib:g} GiB; largest argument "
+           f"{step.largest[0]} {_size(step.largest[1] / GIB)}, temporaries "
+           f"{_size(step.temp_bytes / GIB)}")
+    return {
+        "chip": chip, "devices": step.devices, "hosts": hosts, "batch_per_chip": per_chip_batch,
+        "state_gib": step.state_bytes / GIB, "arguments_gib": step.argument_bytes / GIB,
+        "temporaries_gib": step.temp_bytes / GIB, "total_gib": step.total_bytes / GIB,
+        "capacity_gib": hbm_gib, "fits": fits, "why": why, "head_sharded": step.head_sharded,
+        "flops_per_step": step.flops, "bytes_per_step": step.bytes_accessed,
+        "estimate": "compiler (optimal_seconds)" if usable else (
+            "roofline (optimal_seconds " + ("absent" if step.optimal_seconds is None else
+                                            f"{step.optimal_seconds:.3g}, unusable") + ")"),
+        "step_seconds": seconds, "roofline_seconds": roofline,
+        "images_per_s_chip": images_chip, "images_per_s_slice": slice_rate,
+        "mfu": step.flops / (seconds * peak_tflops * 1e12) if seconds > 0 else 0.0,
+        "epoch_seconds": (num_examples / slice_rate) if num_examples and slice_rate else None,
+        "images_per_s_host": slice_rate / max(hosts, 1)}
+
+
+def largest_fitting_batch(compile_at, chip: str, first: CompiledStep) -> int | None:
+    """The largest per-chip batch whose step fits the chip: per-chip HBM is affine in the batch
+    (arguments and temporaries grow with it, the state does not), so a second compile at twice
+    the batch gives the line; the batch it predicts is verified by a third compile and lowered
+    by halves of the remaining step until it fits. ``compile_at(per_chip) -> CompiledStep``."""
+    capacity = int(CHIPS[chip][1] * GIB)
+    b0 = first.batch_size // first.devices
+    second = compile_at(2 * b0)
+    slope = (second.total_bytes - first.total_bytes) / b0
+    if slope <= 0:
+        return None
+    guess = int((capacity - first.total_bytes) / slope) + b0
+    guess = max(1, guess)
+    while guess > 1:
+        if compile_at(guess).total_bytes <= capacity:
+            return guess
+        guess = int(guess * 0.9)
+    return 1 if compile_at(1).total_bytes <= capacity else 0
+
+
+def _size(gib: float) -> str:
+    for unit, scale in (("GiB", 1.0), ("MiB", 2 ** -10), ("KiB", 2 ** -20)):
+        if gib >= scale or unit == "KiB":
+            return f"{gib / scale:.2f} {unit}"
+    return f"{gib:.2f} GiB"
+
+
+def plan_topology(config, topology: str, *, num_classes: int, num_examples: int | None,
+                  search: bool = False) -> tuple[dict[str, Any], str]:
+    """``(fields, table)`` of the compile-only plan of ``config`` on ``topology``: the plan
+    (``make_plan(compile_only=True)``, every check), its final run's step compiled for the
+    slice, the estimates; with ``search`` the largest per-chip batch that fits."""
+    from kdface.training._plan import DataFacts, make_plan
+    chip = chip_of(topology)
+    mesh = topology_mesh(topology)
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    data = DataFacts(int(num_classes), num_examples)
+    plan = make_plan(config, data=data, devices=mesh.size, compile_only=True).final
+    step = compile_step(plan, mesh)
+    fields = estimate(step, chip, num_examples=num_examples, hosts=hosts)
+    if search:
+        def compile_at(per_chip: int) -> CompiledStep:
+            bigger = config.replace(batch_size=per_chip * mesh.size)
+            return compile_step(make_plan(bigger, data=data, devices=mesh.size,
+                                          compile_only=True).final, mesh)
+        fields["largest_batch"] = largest_fitting_batch(compile_at, chip, step)
+    table = format_table(fields, topology=topology, recipe=plan.recipe.name,
+                         classes=int(num_classes))
+    return fields, table
+
+
+def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes: int) -> str:
+    """The plan as one Markdown table (two columns), every figure labelled as an estimate."""
+    gib = _size
+    rows = [
+        ("topology", f"{topology} ({fields['devices']} chips, {fields['hosts']} hosts)"),
+        ("recipe, classes", f"{recipe}, {classes:,}"),
+        ("head", "sharded over the chips" if fields["head_sharded"] else "replicated"),
+        ("batch per chip", str(fields["batch_per_chip"])),
+        ("per-chip HBM: parameters + optimizer state", gib(fields["state_gib"])),
+        ("per-chip HBM: arguments", gib(fields["arguments_gib"])),
+        ("per-chip HBM: temporaries", gib(fields["temporaries_gib"])),
+        ("per-chip HBM: total", f"{gib(fields['total_gib'])} of {fields['capacity_gib']:g} GiB"),
+        ("fits", ("yes" if fields["fits"] else "no") + f" ({fields['why']})"),
+        ("largest per-chip batch that fits", str(fields.get("largest_batch", "not searched"))),
+        ("flops per step per chip", f"{fields['flops_per_step']:.4g}"),
+        ("step time (estimate)", f"{fields['step_seconds'] * 1e3:.3g} ms, {fields['estimate']}"),
+        ("img/s per chip (estimate)", f"{fields['images_per_s_chip']:,.0f}"),
+        ("img/s for the slice (estimate)", f"{fields['images_per_s_slice']:,.0f}"),
+        ("model FLOP utilization (estimate)", f"{100 * fields['mfu']:.0f} %"),
+        ("time per epoch (estimate)", "unknown (no dataset size)" if fields["epoch_seconds"]
+         is None else f"{fields['epoch_seconds']:.3g} s ({fields['epoch_seconds'] / 3600:.2g} h)"),
+        ("input each host must sustain", f"{fields['images_per_s_host']:,.0f} img/s"),
+    ]
+    if fields.get("pipeline_per_core"):
+        rows.append(("input pipeline measured here", fields["pipeline_per_core"]))
+    out = ["| plan | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(out)

@@ -97,3 +97,28 @@ def check_loaded_teacher(plan: FitPlan, student: DistillStudent,
     if s_classes != t_classes and same_classes:
         raise ValueError(f"terms {list(same_classes)} compare class logits, which needs the same "
                          f"classes: student {s_classes}, teacher {t_classes}")
+
+
+def abstract_networks(plan: FitPlan) -> tuple[DistillStudent, FaceNetwork | None]:
+    """``(student, teacher)`` of the planned run as shapes only (``nnx.eval_shape``: no weight is
+    computed or read; an imported teacher is read from its file), for a compile-only plan."""
+    config, recipe = plan.config, plan.recipe
+    source = plan.teacher
+    teacher = None
+    if source.kind == "imported":
+        teacher = build_teacher(plan)
+    elif source.kind in ("run", "flags"):
+        run = source.run or {}
+        tcfg = source.config
+        teacher = nnx.eval_shape(lambda: build_run_student(
+            tcfg, num_classes=int(run.get("num_classes", plan.num_classes)),
+            head=run.get("head_used", recipe.head),
+            landmark_head=bool(run.get("landmark_head", False)), rngs=nnx.Rngs(0),
+            teacher_stage_shapes=run.get("teacher_stage_shapes"))).network
+        teacher.eval()
+    shapes = teacher_stage_shapes(plan, teacher)
+    student = nnx.eval_shape(lambda: build_run_student(
+        config, num_classes=plan.num_classes, head=recipe.head,
+        landmark_head=recipe.landmark_head, rngs=nnx.Rngs(init_key(config.seed)),
+        teacher_stage_shapes=shapes))
+    return student, teacher

@@ -306,8 +306,9 @@ class DataFacts:
 class TeacherSource:
     """Where a run's frozen teacher comes from. ``kind``: 'none' (the recipe needs no teacher),
     'run' (the kdface run in ``spec``, whose config is ``config`` and config.json ``run``;
-    ``planned`` when this command trains it first) or 'imported' (``spec`` is ``pth:...`` /
-    ``onnx:...``, kdface.interop)."""
+    ``planned`` when this command trains it first), 'imported' (``spec`` is ``pth:...`` /
+    ``onnx:...``, kdface.interop) or, in a compile-only plan, 'flags' (a teacher run that does
+    not exist here, described by ``--teacher``/``--teacher_options`` as ``config``)."""
     kind: str
     spec: str | None = None
     config: TrainConfig | None = None
@@ -411,12 +412,15 @@ def resolve_recipe(config: TrainConfig) -> Recipe:
 
 
 def make_plan(config: TrainConfig, *, data: DataFacts | None = None,
-              devices: int | None = None) -> RunPlan:
+              devices: int | None = None, compile_only: bool = False) -> RunPlan:
     """The plan of ``config`` (see module docstring): every check, nothing written.
 
     data: the training set's facts; None checks everything that needs no data (call again with
     them once the dataset is built). devices: the data-parallel device count the runs will use
-    (default: every device of this process's JAX backend).
+    (default: every device of this process's JAX backend). compile_only: a plan to compile, not
+    to train (``--plan_topology``): checkpoints that do not exist here are planned from the
+    flags (the teacher from ``--teacher``; ``--init_checkpoint`` only sets weights, which do not
+    change the program).
     """
     devices = jax.device_count() if devices is None else int(devices)
     saved_run(config.workdir)  # refuses a workdir that is a file
@@ -437,13 +441,14 @@ def make_plan(config: TrainConfig, *, data: DataFacts | None = None,
     fits = []
     for run_config, role in runs:
         fits.append(plan_fit(run_config, data=data, devices=devices, planned=planned,
-                             role=role))
+                             role=role, compile_only=compile_only))
         planned[os.path.abspath(run_config.workdir)] = run_config
     return RunPlan(fits=tuple(fits), data=data)
 
 
 def plan_fit(config: TrainConfig, *, data: DataFacts | None, devices: int,
-             planned: dict[str, TrainConfig] | None = None, role: str = "student") -> FitPlan:
+             planned: dict[str, TrainConfig] | None = None, role: str = "student",
+             compile_only: bool = False) -> FitPlan:
     """The plan of one training-loop run (``fit``): the checks of the module docstring for
     ``config`` alone. planned: runs this command trains before it, by absolute workdir."""
     planned = planned or {}
@@ -456,7 +461,11 @@ def plan_fit(config: TrainConfig, *, data: DataFacts | None, devices: int,
     resolved = None if num_classes is None else {"num_classes": num_classes,
                                                  "head_used": recipe.head}
     check_workdir(config, resolved)
+    if compile_only:
+        planned = {**planned, **_absent_runs(config)}
     teacher = check_networks(config, recipe, planned)
+    if teacher.kind == "run" and teacher.config.workdir == _FROM_FLAGS:
+        teacher = TeacherSource("flags", spec=config.teacher, config=teacher.config)
     if num_classes is not None:
         check_classes(config, recipe, num_classes, teacher)
     schedule = None if data is None else resolve_schedule(config, num_examples)
@@ -467,6 +476,30 @@ def plan_fit(config: TrainConfig, *, data: DataFacts | None, devices: int,
                                                                          teacher),
                    resume_step=_latest_checkpoint(config.workdir),
                    finished=finished_message(config))
+
+
+_FROM_FLAGS = "<planned from the flags>"
+
+
+def _absent_runs(config: TrainConfig) -> dict[str, TrainConfig]:
+    """For a compile-only plan: the teacher / init runs that do not exist on this machine, as
+    the flags describe them (the teacher's architecture from ``--teacher`` and
+    ``--teacher_options``, the init run as the student itself)."""
+    out = {}
+    teacher = config.teacher_checkpoint
+    if teacher and not os.path.isdir(teacher):
+        from kdface import interop
+        if not config.teacher or interop.is_imported_teacher(config.teacher):
+            raise ValueError(f"--teacher_checkpoint {teacher} does not exist here: a "
+                             f"compile-only plan then takes the teacher's architecture from "
+                             f"--teacher (and --teacher_options)")
+        out[os.path.abspath(teacher)] = config.replace(
+            workdir=_FROM_FLAGS, student=config.teacher,
+            student_options=dict(config.teacher_options or {}))
+    init = config.init_checkpoint
+    if init and not os.path.isdir(init):
+        out[os.path.abspath(init)] = config.replace(workdir=_FROM_FLAGS)
+    return out
 
 
 def _latest_checkpoint(workdir: str) -> int | None:
@@ -486,7 +519,7 @@ def _teacher_stage_shapes(config: TrainConfig, recipe: Recipe, teacher: TeacherS
     if teacher.kind == "none":
         raise ValueError(f"recipe {recipe.name!r} adapts the student's stages to the teacher's, "
                          f"so it needs a teacher (--teacher_checkpoint)")
-    if teacher.kind != "run":
+    if teacher.kind not in ("run", "flags"):
         return None
     shapes = _abstract_backbone(teacher.config).stage_shapes(tuple(config.input_size))
     return tuple(tuple(int(v) for v in s) for s in shapes)

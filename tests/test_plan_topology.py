@@ -1,0 +1,61 @@
+"""`python -m kdface.train ... --plan_topology=v5e:2x2` (issue 23): the step the command trains,
+compiled for a TPU slice from this CPU host with libtpu (`make test` installs it in
+<venv>/tpu-site), without data, a device or a write; the plan's fields come from the compiled
+program (memory_analysis / cost_analysis), and a command the plan refuses is refused in one line.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU_SITE = os.path.join(sys.prefix, "tpu-site")
+# The demo's networks (kdface/demo.py), kd_im with a teacher forward, 100 classes.
+DEMO = ["--recipe=kd_im", "--student=sphereface_custom",
+        "--student_options=channels=(8,16,32,64),units=(0,1,0,0),embedding_size=64,"
+        "batch_norm=True", "--teacher=sphereface_custom",
+        "--teacher_options=channels=(16,32,64,128),units=(1,1,1,1),embedding_size=64,"
+        "batch_norm=True", "--input_size=32,32", "--batch_size=64", "--head=cosface",
+        "--feature_loss=mk_mmd", "--train_data=synth_train", "--plan_examples=2000"]
+
+
+def _plan(tmp_path, *flags):
+    if not os.path.isdir(os.path.join(TPU_SITE, "libtpu")):
+        pytest.fail(f"libtpu is not installed in {TPU_SITE}: `make test` installs it "
+                    f"(.ci/install-libtpu {sys.executable})")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("XLA_FLAGS", None)  # CPU-only flags (ISA caps, device counts) mean nothing here
+    done = subprocess.run(
+        [sys.executable, "-m", "kdface.train", f"--workdir={tmp_path / 'run'}",
+         f"--teacher_checkpoint={tmp_path / 'no_teacher_here'}", *DEMO, *flags],
+        env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    return done
+
+
+def test_the_demo_step_compiles_for_v5e_and_its_plan_is_read_from_the_program(tmp_path):
+    done = _plan(tmp_path, "--plan_topology=v5e:2x2", "--plan_classes=100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fields["chip"] == "v5e" and fields["devices"] == 4 and fields["hosts"] == 1
+    assert fields["batch_per_chip"] == 16 and fields["fits"] is True
+    assert fields["capacity_gib"] == 16.0
+    # parameters + optimizer state are a part of the arguments, which are a part of the total
+    assert 0 < fields["state_gib"] < fields["arguments_gib"] <= fields["total_gib"] < 16.0
+    assert fields["flops_per_step"] > 0 and fields["bytes_per_step"] > 0
+    assert fields["step_seconds"] >= 0.5 * fields["roofline_seconds"] > 0
+    assert fields["images_per_s_slice"] == pytest.approx(4 * fields["images_per_s_chip"])
+    assert fields["epoch_seconds"] == pytest.approx(2000 / fields["images_per_s_slice"])
+    assert "| per-chip HBM: total |" in done.stdout and "img/s per chip (estimate)" in done.stdout
+    assert not os.path.exists(tmp_path / "run")  # a plan writes nothing
+
+
+def test_a_command_the_plan_refuses_is_refused_in_one_line(tmp_path):
+    done = _plan(tmp_path, "--plan_topology=v5e:2x2", "--plan_classes=100", "--batch_size=66")
+    assert done.returncode != 0
+    assert "kdface.train: error:" in done.stderr and "not divisible by the 4" in done.stderr
+    unknown = _plan(tmp_path, "--plan_topology=v9x:2x2", "--plan_classes=100")
+    assert unknown.returncode != 0 and "'v9x' is not one of" in unknown.stderr
+    no_classes = _plan(tmp_path, "--plan_topology=v5e:2x2")
+    assert no_classes.returncode == 2 and "--plan_classes" in no_classes.stderr
