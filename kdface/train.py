@@ -227,6 +227,8 @@ def plan(data_dir: str) -> int:
     """``--plan_topology``: the compile-only plan of the parsed flags' run; prints its table."""
     import jax
     jax.config.update("jax_platforms", "cpu")  # compile for the topology, run nothing locally
+    # Compiling holds no TPU: let several plans (or tests) load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     site = os.path.join(sys.prefix, "tpu-site")  # where `make test` installs libtpu
     if os.path.isdir(site) and site not in sys.path:
         sys.path.append(site)

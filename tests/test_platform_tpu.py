@@ -18,7 +18,8 @@ def compiled():
     if not os.path.isdir(os.path.join(TPU_SITE, "libtpu")):
         pytest.fail(f"libtpu is not installed in {TPU_SITE}: `make test` installs it "
                     f"(.ci/install-libtpu {sys.executable})")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, TPU_SITE]), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, TPU_SITE]), "JAX_PLATFORMS": "cpu",
+           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # other tests compile for a TPU at the same time
     env.pop("XLA_FLAGS", None)  # CPU-only flags (ISA caps, device counts) mean nothing here
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "tpu_compile_worker.py"),
                            "v5e:2x2"], env=env, capture_output=True, text=True, timeout=600)

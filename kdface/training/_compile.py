@@ -175,13 +175,27 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
         largest=max(sizes, key=lambda kv: kv[1]))
 
 
+def chips_in(topology: str) -> int:
+    """The chips a topology name counts (``v5e:8x8`` 64, ``v4:2x2x1`` 4)."""
+    dims = topology.split(":", 1)[1] if ":" in topology else ""
+    try:
+        return math.prod(int(d) for d in dims.split("x"))
+    except ValueError:
+        raise ValueError(f"--plan_topology={topology}: expected <chip>:<dims>, e.g. v5e:2x2")
+
+
 def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
-             hosts: int) -> dict[str, Any]:
+             hosts: int, chips: int | None = None) -> dict[str, Any]:
     """The plan's figures from one compile: capacity check, step time (the compiler's estimate
     where it is positive, else the roofline max(flops / peak, bytes / HBM bandwidth)), images/s
     per chip and for the slice, model FLOP utilization, epoch time and per-host input rate. All
     are estimates from the compiled program and the chip's published figures."""
     peak_tflops, hbm_gib, bandwidth_gbs = CHIPS[chip]
+    # JAX may show a chip as more than one device (v4's two TensorCores): the chip's figures
+    # are shared by its devices.
+    share = (chips or step.devices) / step.devices
+    peak_tflops, hbm_gib, bandwidth_gbs = (peak_tflops * share, hbm_gib * share,
+                                           bandwidth_gbs * share)
     capacity = int(hbm_gib * GIB)
     roofline = max(step.flops / (peak_tflops * 1e12), step.bytes_accessed / (bandwidth_gbs * 1e9))
     # The compiler's own estimate is used only when it is positive and not below half the
@@ -197,7 +211,7 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
            f"{step.largest[0]} {_size(step.largest[1] / GIB)}, temporaries "
            f"{_size(step.temp_bytes / GIB)}")
     return {
-        "chip": chip, "devices": step.devices, "hosts": hosts, "batch_per_chip": per_chip_batch,
+        "chip": chip, "devices": step.devices, "chips": chips or step.devices, "hosts": hosts, "batch_per_chip": per_chip_batch,
         "state_gib": step.state_bytes / GIB, "arguments_gib": step.argument_bytes / GIB,
         "temporaries_gib": step.temp_bytes / GIB, "total_gib": step.total_bytes / GIB,
         "capacity_gib": hbm_gib, "fits": fits, "why": why, "head_sharded": step.head_sharded,
@@ -212,12 +226,12 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
         "images_per_s_host": slice_rate / max(hosts, 1)}
 
 
-def largest_fitting_batch(compile_at, chip: str, first: CompiledStep) -> int | None:
+def largest_fitting_batch(compile_at, capacity_gib: float, first: CompiledStep) -> int | None:
     """The largest per-chip batch whose step fits the chip: per-chip HBM is affine in the batch
     (arguments and temporaries grow with it, the state does not), so a second compile at twice
     the batch gives the line; the batch it predicts is verified by a third compile and lowered
     by halves of the remaining step until it fits. ``compile_at(per_chip) -> CompiledStep``."""
-    capacity = int(CHIPS[chip][1] * GIB)
+    capacity = int(capacity_gib * GIB)
     b0 = first.batch_size // first.devices
     second = compile_at(2 * b0)
     slope = (second.total_bytes - first.total_bytes) / b0
@@ -251,13 +265,14 @@ def plan_topology(config, topology: str, *, num_classes: int, num_examples: int 
     data = DataFacts(int(num_classes), num_examples)
     plan = make_plan(config, data=data, devices=mesh.size, compile_only=True).final
     step = compile_step(plan, mesh)
-    fields = estimate(step, chip, num_examples=num_examples, hosts=hosts)
+    fields = estimate(step, chip, num_examples=num_examples, hosts=hosts,
+                      chips=chips_in(topology))
     if search:
         def compile_at(per_chip: int) -> CompiledStep:
             bigger = config.replace(batch_size=per_chip * mesh.size)
             return compile_step(make_plan(bigger, data=data, devices=mesh.size,
                                           compile_only=True).final, mesh)
-        fields["largest_batch"] = largest_fitting_batch(compile_at, chip, step)
+        fields["largest_batch"] = largest_fitting_batch(compile_at, fields["capacity_gib"], step)
     table = format_table(fields, topology=topology, recipe=plan.recipe.name,
                          classes=int(num_classes))
     return fields, table
@@ -267,7 +282,7 @@ def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes:
     """The plan as one Markdown table (two columns), every figure labelled as an estimate."""
     gib = _size
     rows = [
-        ("topology", f"{topology} ({fields['devices']} chips, {fields['hosts']} hosts)"),
+        ("topology", f"{topology} ({fields['devices']} devices, {fields['hosts']} hosts)"),
         ("recipe, classes", f"{recipe}, {classes:,}"),
         ("head", "sharded over the chips" if fields["head_sharded"] else "replicated"),
         ("batch per chip", str(fields["batch_per_chip"])),
