@@ -1,0 +1,126 @@
+"""`python -m benchmarks.tpu_plan --write benchmarks/TPU_PLAN.md`: the compile-only plan
+(`python -m kdface.train --plan_topology`, issue 23) of the papers' flagfiles on Cloud TPU slices,
+one row per (recipe, topology, classes, head placement), every figure a compiler estimate.
+
+Each row is one `kdface.train` process: the flagfile, bf16, 128 images per chip (the batch is
+128 x the slice's devices), `--shard_head=on|off`, `--plan_classes`, and a teacher checkpoint that
+does not exist here (planned from `--teacher`). A compile takes from seconds to minutes on a
+2-core CPU host; `--recipes/--topologies/--classes/--heads` choose a subset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks._common import commit, write_markdown
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (row label, flagfile, extra flags, images per chip). PWR keeps its relation groups of 92
+# ("Batch size is fixed to 552(92 x 6)", one group per GPU in the paper): 92 per chip.
+RECIPES = {"kd_im": ("kd_im, teacher forward", "kd_im.flags", ["--noteacher_cache"], 128),
+           "kd_im_cached": ("kd_im, teacher cache", "kd_im.flags", ["--teacher_cache"], 128),
+           "pwr": ("pwr", "pwr.flags", [], 92),
+           "shrinktea": ("shrinktea", "shrinktea.flags", [], 128),
+           "vargface": ("vargface", "vargface.flags", [], 128)}
+TOPOLOGIES = {"v4-8": "v4:2x2x1", "v5e-8": "v5e:2x4", "v5e-64": "v5e:8x8", "v5p-8": "v5p:2x2x1",
+              "v6e-8": "v6e:2x4"}
+CLASSES = {"MS1M": 85_742, "Glint360K": 360_232, "2M": 2_000_000}
+PER_CHIP = 128
+MS1M_IMAGES = 5_822_653  # MS1MV2 (insightface), for the epoch column
+
+
+def plan_row(recipe: str, topology: str, classes: int, head: str) -> dict:
+    from kdface.training._compile import chips_in
+    label, flagfile, extra, per_chip = RECIPES[recipe]
+    name = TOPOLOGIES[topology]
+    chips = chips_in(name)
+    devices = chips * (2 if name.startswith("v4") else 1)  # JAX shows v4's 2 cores as devices
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "kdface.train",
+               f"--flagfile={os.path.join(ROOT, 'kdface', 'configs', flagfile)}", *extra,
+               f"--workdir={tmp}/run", f"--teacher_checkpoint={tmp}/teacher_not_here",
+               "--train_data=ms1m", f"--plan_topology={name}", f"--plan_classes={classes}",
+               f"--plan_examples={MS1M_IMAGES}", "--bf16", f"--batch_size={per_chip * devices}",
+               f"--shard_head={head}"]
+        t0 = time.time()
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+        seconds = time.time() - t0
+    row = {"recipe": label, "topology": topology, "classes": classes, "head": head,
+           "compile_s": seconds}
+    if done.returncode != 0:
+        error = [ln for ln in done.stderr.splitlines() if "kdface.train: error" in ln]
+        row["error"] = (error[-1] if error else done.stderr.strip().splitlines()[-1])[:300]
+        return row
+    row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return row
+
+
+def markdown(rows: list[dict], command: str) -> list[str]:
+    lines = ["# TPU plan: the papers' flagfiles compiled for Cloud TPU slices", "",
+             f"Command: `{command}` (at commit {commit()})", "",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"no TPU: every program was compiled here with libtpu for the topology "
+             f"(`jax.experimental.topologies`). **Every figure is a compiler estimate, not a "
+             f"measurement**: HBM from `memory_analysis()`, flops and bytes from "
+             f"`cost_analysis()`, step time from the compiler's `optimal_seconds` where it is "
+             f"usable (positive, not below half the roofline) and otherwise the roofline "
+             f"max(flops / peak, bytes / HBM bandwidth) with the chips' published figures "
+             f"(kdface/training/_compile.py: CHIPS).", "",
+             f"bf16, {PER_CHIP} images per device (PWR: 92, its relation group), epoch of "
+             f"MS1MV2 ({MS1M_IMAGES:,} images). v4: JAX shows each chip's two TensorCores as "
+             f"devices; its per-device figures are half a chip's.", "",
+             "| recipe | slice | classes | head | per-chip HBM | fits | flops/step/chip | "
+             "estimate | img/s/chip | img/s slice | MFU | epoch | compile |",
+             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        head = f"{r['classes']:,}"
+        if "error" in r:
+            lines.append(f"| {r['recipe']} | {r['topology']} | {head} | {r['head']} | "
+                         f"| refused: {r['error']} | | | | | | | {r['compile_s']:.0f} s |")
+            continue
+        lines.append(
+            f"| {r['recipe']} | {r['topology']} | {head} | "
+            f"{'sharded' if r['head_sharded'] else 'replicated'} | {r['total_gib']:.2f} GiB | "
+            f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
+            f"{r['estimate'].split(' ')[0]} | {r['images_per_s_chip']:,.0f} | "
+            f"{r['images_per_s_slice']:,.0f} | {100 * r['mfu']:.0f} % | "
+            f"{r['epoch_seconds'] / 60:.0f} min | {r['compile_s']:.0f} s |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--classes", default=",".join(CLASSES))
+    parser.add_argument("--heads", default="off,on")
+    parser.add_argument("--write", default=None, help="markdown file to write")
+    args = parser.parse_args(argv)
+    rows = []
+    for recipe in args.recipes.split(","):
+        for topology in args.topologies.split(","):
+            for classes in args.classes.split(","):
+                for head in args.heads.split(","):
+                    row = plan_row(recipe, topology, CLASSES[classes], head)
+                    print(json.dumps({k: row.get(k) for k in (
+                        "recipe", "topology", "classes", "head", "total_gib", "fits",
+                        "images_per_s_chip", "compile_s", "error")}), flush=True)
+                    rows.append(row)
+    command = "python -m benchmarks.tpu_plan " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:])
+    lines = markdown(rows, command)
+    if args.write:
+        return write_markdown(args.write, lines)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
