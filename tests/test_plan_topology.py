@@ -59,3 +59,20 @@ def test_a_command_the_plan_refuses_is_refused_in_one_line(tmp_path):
     assert unknown.returncode != 0 and "'v9x' is not one of" in unknown.stderr
     no_classes = _plan(tmp_path, "--plan_topology=v5e:2x2")
     assert no_classes.returncode == 2 and "--plan_classes" in no_classes.stderr
+
+
+def test_ms1m_classes_shard_the_head_over_four_chips_padded(tmp_path):
+    # MS1M's 85,742 identities do not divide over 4 chips: --shard_head=auto (from 50k classes)
+    # pads the head to 85,744 columns, 21,436 per chip, instead of keeping it replicated.
+    fields = {}
+    for mode in ("auto", "off"):
+        done = _plan(tmp_path, "--plan_topology=v5e:2x2", "--plan_classes=85742",
+                     f"--shard_head={mode}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        fields[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fields["auto"]["head_sharded"] is True and fields["off"]["head_sharded"] is False
+    # the state per chip: the same but the head weight and its momentum, [64, 85,742] replicated
+    # against [64, 21,436] per chip (exact: the state's bytes are summed from its shardings)
+    saved = 2 * 64 * 4 * (85_742 - 85_744 // 4) / 2**30
+    assert fields["off"]["state_gib"] - fields["auto"]["state_gib"] == pytest.approx(saved,
+                                                                                     rel=1e-9)

@@ -1,5 +1,7 @@
 """shard_margin_heads: a margin head whose class axis is split over the 4 forced CPU devices gives
-the replicated head's loss and gradients, and holds ~1/4 of the head's memory per device."""
+the replicated head's loss and gradients, and holds ~1/4 of the head's memory per device, also
+when the devices do not divide the class count (padded with zero columns: 21 -> 24, MS1M's
+85,742 -> 85,744)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from benchmarks._common import head_step_memory, peak_bytes
 from kdface.distill import build_student
 from kdface.losses import arcface_logits, cosface_logits, margin_cross_entropy
-from kdface.models import MarginHead, shard_margin_heads
+from kdface.models import MarginHead, padded_class_count, shard_margin_heads
 
 GIB = 2**30
 
@@ -27,17 +29,19 @@ def _loss_fn(graphdef, margin):
     return loss
 
 
+@pytest.mark.parametrize("classes", [20, 21])
 @pytest.mark.parametrize("margin", [cosface_logits, arcface_logits])
-def test_sharded_head_loss_and_gradients_equal_the_replicated_head(margin):
+def test_sharded_head_loss_and_gradients_equal_the_replicated_head(margin, classes):
     rng = np.random.default_rng(0)
     embeddings = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 20, 8), jnp.int32)
-    replicated_def, params = nnx.split(MarginHead(6, 20, rngs=nnx.Rngs(1)))
+    labels = jnp.asarray(rng.integers(0, classes, 8), jnp.int32)
+    labels = labels.at[0].set(classes - 1)  # the last class, in the padded shard
+    replicated_def, params = nnx.split(MarginHead(6, classes, rngs=nnx.Rngs(1)))
     want = jax.value_and_grad(_loss_fn(replicated_def, margin), (0, 1))(params, embeddings,
                                                                           labels)
 
     mesh = _mesh()
-    head = MarginHead(6, 20, rngs=nnx.Rngs(1))
+    head = MarginHead(6, classes, rngs=nnx.Rngs(1))
     shardings = shard_margin_heads(head, mesh)
     sharded_def, sharded_params = nnx.split(head)
     sharded_params = jax.device_put(sharded_params, shardings)
@@ -48,12 +52,16 @@ def test_sharded_head_loss_and_gradients_equal_the_replicated_head(margin):
     # Reductions: logits over 6 embedding dims x 20 classes per example; the weight gradient
     # over 8 examples x 6 dims; the embedding gradient over 20 classes x 6 dims (linear growth,
     # tests/_tolerance.py), against the reference's magnitude.
-    assert_close(float(got[0]), float(want[0]), terms=6 * 20)
+    assert_close(float(got[0]), float(want[0]), terms=6 * classes)
     got_w, want_w = got[1][0]["weight"][...], want[1][0]["weight"][...]
-    assert_close(np.asarray(got_w), np.asarray(want_w), terms=8 * 6)
-    assert_close(np.asarray(got[1][1]), np.asarray(want[1][1]), terms=20 * 6)
+    columns = -(-classes // 4) * 4
+    assert got_w.shape == (6, columns)
+    assert_close(np.asarray(got_w)[:, :classes], np.asarray(want_w), terms=8 * 6)
+    # the padding columns never reach the loss: exactly zero gradient, so they stay zero
+    np.testing.assert_array_equal(np.asarray(got_w)[:, classes:], 0.0)
+    assert_close(np.asarray(got[1][1]), np.asarray(want[1][1]), terms=classes * 6)
     assert got_w.sharding.spec == P(None, "data")
-    assert {s.data.shape for s in got_w.addressable_shards} == {(6, 5)}
+    assert {s.data.shape for s in got_w.addressable_shards} == {(6, columns // 4)}
 
 
 def test_head_output_and_weight_stay_split_on_the_class_axis():
@@ -88,10 +96,54 @@ def test_heads_below_min_classes_stay_replicated_and_bad_inputs_are_refused():
     small = MarginHead(4, 8, rngs=nnx.Rngs(0))
     shardings = shard_margin_heads(small, mesh, min_classes=9)
     assert small.class_sharding is None and shardings["weight"].spec == P()
-    with pytest.raises(ValueError, match="not a multiple of the 4 devices"):
-        shard_margin_heads(MarginHead(4, 10, rngs=nnx.Rngs(0)), mesh)
     with pytest.raises(ValueError, match="not 'model'"):
         shard_margin_heads(small, mesh, axis="model")
+
+
+def test_a_class_count_the_devices_do_not_divide_is_padded_with_zero_columns():
+    mesh = _mesh()
+    head = MarginHead(4, 10, rngs=nnx.Rngs(0))
+    original = np.asarray(head.weight[...])
+    shardings = shard_margin_heads(head, mesh)
+    weight = np.asarray(head.weight[...])
+    assert padded_class_count(10, 4) == 12 and weight.shape == (4, 12)
+    np.testing.assert_array_equal(weight[:, :10], original)
+    np.testing.assert_array_equal(weight[:, 10:], 0.0)
+    shard_margin_heads(head, mesh)  # again: still 12 columns, the same weights
+    np.testing.assert_array_equal(np.asarray(head.weight[...]), weight)
+    graphdef, params = nnx.split(head)
+    params = jax.device_put(params, shardings)
+    assert {s.data.shape for s in params["weight"][...].addressable_shards} == {(4, 3)}
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
+    cos = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(
+        params, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    assert cos.shape == (4, 10)
+    # against the float64 cosine of the original 10 columns (4-term dot products)
+    x64, w64 = np.asarray(x, np.float64), original.astype(np.float64)
+    want = (x64 / np.linalg.norm(x64, axis=1, keepdims=True)) @ (
+        w64 / np.linalg.norm(w64, axis=0, keepdims=True))
+    assert_close(np.asarray(cos), want, terms=4)
+    assert [padded_class_count(85_742, d) for d in (1, 4, 6, 64)] == [85_742, 85_744, 85_746,
+                                                                     85_760]
+    with pytest.raises(ValueError, match="devices must be a positive int"):
+        padded_class_count(10, 0)
+
+
+def test_ms1m_class_count_on_four_devices_holds_a_quarter_per_device():
+    """MS1M's 85,742 identities (not a multiple of 4): each device holds 21,436 of the 85,744
+    padded columns, and the compiled step's arguments (weight + momentum) are a quarter."""
+    mesh = _mesh()
+    head = MarginHead(8, 85_742, rngs=nnx.Rngs(0))
+    shardings = shard_margin_heads(head, mesh)
+    _, params = nnx.split(head)
+    weight = jax.device_put(params, shardings)["weight"][...]
+    assert {s.data.shape for s in weight.addressable_shards} == {(8, 21_436)}
+    replicated = _compiled_step_memory(64, 85_742, 32, shard=False)
+    sharded = _compiled_step_memory(64, 85_742, 32, shard=True)
+    weight_bytes = 64 * 85_742 * 4
+    assert replicated.argument_size_in_bytes >= 2 * weight_bytes
+    assert sharded.argument_size_in_bytes <= 2 * 64 * 85_744 * 4 / 4 + 64 * 1024
+    assert sharded.temp_size_in_bytes <= replicated.temp_size_in_bytes / 3
 
 
 def _compiled_step_memory(embedding_size, num_classes, batch, *, shard):

@@ -182,9 +182,10 @@ def test_data_worker_processes_train_exactly_as_in_process(tmp_path, teacher_dir
 
 
 @pytest.mark.shards
-def test_sharded_head_trains_like_the_replicated_one(tmp_path, n_devices):
+@pytest.mark.parametrize("classes", [8, 21])
+def test_sharded_head_trains_like_the_replicated_one(tmp_path, n_devices, classes):
+    # 8 divides 1, 4 and 8 devices; 21 divides none of 4 and 8 (padded to 24 columns)
     images, labels = labelled_images()
-    classes = 8                       # divisible by 1, 4 and 8 devices (labels use 0..3 of them)
     losses = {}
     for mode in ("off", "on"):
         cfg = tiny_config(tmp_path / mode, steps=3, shard_head=mode)
@@ -194,10 +195,82 @@ def test_sharded_head_trains_like_the_replicated_one(tmp_path, n_devices):
     # (case 3), 2 x 3 steps x one step's reductions; scale: the loss (a mean of CE >= 0)
     assert_close(losses["on"], losses["off"], terms=2 * 3 * _step_terms(8, classes),
                  what="loss: ")
-    if n_devices > 1:                 # on one device every class count divides the mesh
-        with pytest.raises(ValueError, match="--shard_head=on"):
-            fit(tiny_config(tmp_path / "odd", steps=1, shard_head="on"),
-                ArrayBatches(images, labels, batch_size=8), num_classes=classes + 1)
+
+
+def _head(workdir):
+    from kdface.training import restore_run
+    return np.asarray(restore_run(str(workdir)).student.network.head.weight[...])
+
+
+def test_a_padded_sharded_head_resumes_on_another_padding(tmp_path):
+    """21 classes on the 4 forced devices: the head trains as 24 columns and is saved so. A resume
+    that pads otherwise (here: replicated, 21 columns, as on one device) reads the first 21
+    columns and goes on; a run resumed the other way (replicated first, then split) pads zeros.
+    Either way the run ends where the uninterrupted one does (within the rounding of the split
+    reductions), and every reader of the checkpoint gets the [E, 21] head."""
+    assert jax.device_count() == 4  # the suite's forced CPU devices (tests/conftest.py)
+    images, labels = labelled_images()
+    classes, steps = 21, 4
+
+    def train(workdir, modes):
+        for i, mode in enumerate(modes):
+            cfg = tiny_config(workdir, steps=steps // len(modes) * (i + 1), shard_head=mode)
+            summary = fit(cfg, ArrayBatches(images, labels, batch_size=8), num_classes=classes)
+        return summary
+    whole = train(tmp_path / "whole", ["on"])
+    for modes in (["on", "off"], ["off", "on"]):
+        part = train(tmp_path / "-".join(modes), modes)
+        assert part["step"] == steps
+        assert_close(part["metrics"]["loss"], whole["metrics"]["loss"],
+                     terms=2 * steps * _step_terms(8, classes), what=f"{modes} loss: ")
+        head = _head(tmp_path / "-".join(modes))
+        assert head.shape == (TINY["embedding_size"], classes)
+        assert_close(head, _head(tmp_path / "whole"), terms=2 * steps * _step_terms(8, classes),
+                     what=f"{modes} head: ")
+    # the split run's checkpoint holds the padded 24 columns, their tail zero
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as checkpointer:
+        raw = checkpointer.restore(str(tmp_path / "whole" / "checkpoints" / str(steps) / "model"))
+    saved = np.asarray(raw["params"]["network"]["head"]["weight"]["value"])
+    assert saved.shape == (TINY["embedding_size"], 24)
+    np.testing.assert_array_equal(saved[:, classes:], 0.0)
+    np.testing.assert_array_equal(saved[:, :classes], _head(tmp_path / "whole"))
+
+
+def test_a_margin_head_teacher_is_split_like_the_student(tmp_path):
+    """A teacher with a 21-class CosFace head whose logits a term reads (PWR's kd_loss=hinton):
+    its head is split over the 4 devices, padded to 24 columns, as the student's, with the
+    teacher forward and with the teacher cache (which recomputes logits from the head)."""
+    from kdface.training._loop import data_mesh
+    from kdface.training._networks import build_networks
+    from kdface.training._placement import teacher_shardings
+    from kdface.training._plan import DataFacts, plan_fit
+    from jax.sharding import PartitionSpec as P
+    classes = 21
+    teacher = tmp_path / "teacher"
+    run(tiny_config(teacher, steps=2), data_dir="", source=_source(), num_classes=classes,
+        val_sets=[])
+    losses = {}
+    for cached in (False, True):
+        for mode in ("off", "on"):
+            cfg = tiny_config(tmp_path / f"{mode}-{cached}", recipe="pwr", kd_loss="hinton",
+                              teacher_checkpoint=str(teacher), steps=2, shard_head=mode,
+                              teacher_cache=cached)
+            summary = run(cfg, data_dir="", source=_source(), num_classes=classes, val_sets=[])
+            losses[mode, cached] = summary["metrics"]["loss"]
+        # sharded vs replicated heads of both networks: float32 vs float32, 2 steps
+        assert_close(losses["on", cached], losses["off", cached],
+                     terms=2 * 2 * 2 * _step_terms(8, classes), what=f"cached={cached}: ")
+    plan = plan_fit(cfg, data=DataFacts(classes, 32), devices=jax.device_count())
+    _, net = build_networks(plan)
+    for cached in (False, True):
+        placement = teacher_shardings(plan.head, net, data_mesh(), cached=cached)
+        specs = {jax.tree_util.keystr(k): s.spec
+                 for k, s in jax.tree_util.tree_leaves_with_path(placement)}
+        split = [k for k, spec in specs.items() if spec != P()]
+        assert split == (["['weight'].value"] if cached else ["['head']['weight'].value"])
+        assert specs[split[0]] == P(None, "data")
+    assert net.head.weight[...].shape == (TINY["embedding_size"], 24)
 
 
 def test_a_diverged_run_resumes_from_the_named_checkpoint_with_a_lower_learning_rate(tmp_path):

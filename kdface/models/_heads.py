@@ -13,7 +13,9 @@
   Identities on a Single Machine, ICCVW 2021) without hand-written collectives: each device holds
   ``C / devices`` class columns, their gradient and optimizer state, and the matching ``[B, C /
   devices]`` slice of the logits; XLA inserts the all-gather of the (small) embeddings and the
-  cross-device reductions of the softmax.
+  cross-device reductions of the softmax. A class count the devices do not divide (MS1M's
+  85,742 on 4 or 64 chips) is padded with zero columns to the next multiple
+  (:func:`padded_class_count`); the head still gives ``[B, C]``.
 """
 from __future__ import annotations
 
@@ -45,7 +47,10 @@ class MarginHead(nnx.Module):
     The margin is *not* applied here (kdface.losses margin functions do it, given labels).
 
     ``class_sharding`` (``None``: replicated; set by :func:`shard_margin_heads`) is the sharding
-    the ``[B, C]`` output is constrained to, class axis split over a mesh axis.
+    the ``[B, C]`` output is constrained to, class axis split over a mesh axis. A sharded head's
+    weight may be wider than ``num_classes`` (zero columns padding it to a multiple of the
+    devices): the extra columns' cosines are dropped, so they never reach a loss, get no
+    gradient and stay zero; the output is ``[B, num_classes]`` either way.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, rngs: nnx.Rngs):
@@ -71,24 +76,51 @@ class MarginHead(nnx.Module):
         cos = jnp.clip(cos, -1.0, 1.0)
         if self.class_sharding is not None:
             cos = jax.lax.with_sharding_constraint(cos, self.class_sharding)
+        if w.shape[1] != self.num_classes:
+            # The padding is at most devices - 1 columns at the end of the last shard: the slice
+            # keeps every shard's width (ceil(C / devices)), so it stays a local op on each device
+            # and the result keeps the class sharding (XLA pads the last tile).
+            cos = cos[:, :self.num_classes]
+            if self.class_sharding is not None:
+                cos = jax.lax.with_sharding_constraint(cos, self.class_sharding)
         return cos
 
 
+def padded_class_count(num_classes: int, devices: int) -> int:
+    """The class columns a head split over ``devices`` holds: ``num_classes`` rounded up to a
+    multiple of ``devices`` (JAX places only evenly divided arrays; 85,742 -> 85,744 on 4)."""
+    _check_size("num_classes", num_classes)
+    _check_size("devices", devices)
+    return -(-num_classes // devices) * devices
+
+
+def _padded_weight(weight, num_classes: int, columns: int):
+    """``weight [E, >= num_classes]`` as ``[E, columns]``: its first ``num_classes`` columns and
+    zeros (an abstract ``ShapeDtypeStruct`` of ``nnx.eval_shape`` stays abstract)."""
+    if weight.shape[1] == columns:
+        return weight
+    if isinstance(weight, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((weight.shape[0], columns), weight.dtype)
+    kept = weight[:, :num_classes]
+    return jnp.pad(kept, ((0, 0), (0, columns - num_classes)))
+
+
 def shard_margin_heads(module: nnx.Module, mesh: jax.sharding.Mesh, *, axis: str = "data",
-                       min_classes: int = 1):
+                       min_classes: int = 1, variables=nnx.Param):
     """Shards the class axis of every :class:`MarginHead` in ``module`` over ``mesh[axis]``.
 
     Heads with at least ``min_classes`` classes get ``class_sharding = NamedSharding(mesh,
     P(None, axis))``, so their ``cos_theta [B, C]`` output (and the margin logits and softmax
-    computed from it under ``jit``) stays split on the class axis. Returns the placement of
-    ``nnx.state(module, nnx.Param)`` (the ``params`` of ``nnx.split(module, nnx.Param, ...)``):
-    a tree of the same structure whose leaves are ``NamedSharding(mesh, P(None, axis))`` for those
-    heads' ``weight [E, C]`` and ``NamedSharding(mesh, P())`` (replicated) for every other
-    parameter. ``jax.device_put(params, shardings)`` places the parameters; an optimizer state
-    initialized from them (``optimizer.init(params)``) inherits the placement.
+    computed from it under ``jit``) stays split on the class axis, and their ``weight`` is padded
+    with zero columns to :func:`padded_class_count` (``[E, C_pad]``; unchanged when the devices
+    divide C). Returns the placement of ``nnx.state(module, variables)`` (by default the
+    ``params`` of ``nnx.split(module, nnx.Param, ...)``; ``...`` for the whole state of
+    ``nnx.split(module)``): a tree of the same structure whose leaves are ``NamedSharding(mesh,
+    P(None, axis))`` for those heads' weights and ``NamedSharding(mesh, P())`` (replicated) for
+    everything else. ``jax.device_put(params, shardings)`` places the parameters; an optimizer
+    state initialized from them (``optimizer.init(params)``) inherits the placement.
 
-    Raises ValueError if ``axis`` is not a mesh axis or a sharded head's class count is not a
-    multiple of the axis size (JAX places only evenly divisible arrays).
+    Raises ValueError if ``axis`` is not a mesh axis.
 
     Use in a data-parallel step (batch split on ``axis`` as usual)::
 
@@ -108,12 +140,8 @@ def shard_margin_heads(module: nnx.Module, mesh: jax.sharding.Mesh, *, axis: str
     for path, node in nnx.iter_graph(module):
         if not isinstance(node, MarginHead) or node.num_classes < min_classes:
             continue
-        if node.num_classes % devices:
-            raise ValueError(
-                f"MarginHead at {'/'.join(map(str, path)) or 'the root'} has "
-                f"{node.num_classes} classes, not a multiple of the {devices} devices of mesh "
-                f"axis {axis!r}; use a device count that divides it, or raise min_classes "
-                f"above {node.num_classes} to keep that head replicated")
+        columns = padded_class_count(node.num_classes, devices)
+        node.weight = nnx.Param(_padded_weight(node.weight.get_value(), node.num_classes, columns))
         node.class_sharding = class_sharding
         sharded_paths.add(tuple(path) + ("weight",))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -123,7 +151,7 @@ def shard_margin_heads(module: nnx.Module, mesh: jax.sharding.Mesh, *, axis: str
                      for k in key_path)
         return class_sharding if keys[:-1] in sharded_paths or keys in sharded_paths else replicated
 
-    return jax.tree_util.tree_map_with_path(placement, nnx.state(module, nnx.Param))
+    return jax.tree_util.tree_map_with_path(placement, nnx.state(module, variables))
 
 
 class SoftmaxHead(nnx.Module):

@@ -9,6 +9,13 @@ A checkpoint step directory holds three items:
 
 The teacher a run distils from is never written here (frozen teachers are inputs, not state).
 Saves are asynchronous; ``close()`` waits for them.
+
+A margin head split over the devices is saved as trained: ``[E, C_pad]``, its class axis padded
+to a multiple of that run's devices (``kdface.training._placement``). Restores read the head's
+class axis into whatever width the reader needs (:func:`class_axis_restore`): a resume on
+another device count pads or drops trailing columns, export and evaluate get ``[E, C]``. The
+first C columns are the classes whatever the padding, so nothing is lost either way; every other
+shape must match exactly.
 """
 from __future__ import annotations
 
@@ -65,6 +72,81 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(target, tree)
 
 
+def _is_head_weight(key: str) -> bool:
+    """A flat path (``flat_param_shapes``) of a margin head's weight, or of an optimizer slot of
+    it (``opt_state/0/trace/network/head/weight``)."""
+    return key.endswith("head/weight")
+
+
+def class_axis_restore(saved: dict[str, tuple[int, ...]],
+                       like: dict[str, tuple[int, ...]]) -> bool | str:
+    """Whether a checkpoint with flat shapes ``saved`` restores into ``like`` exactly (True),
+    only by reading a margin head's class axis into another width (False: restore with
+    ``strict=False``), or not at all (the first difference, in words)."""
+    exact = True
+    for key in sorted(set(saved) | set(like)):
+        if key not in like or key not in saved:
+            return (f"the checkpoint has {key} {saved[key]}, the network has none" if key in saved
+                    else f"the network has {key} {like[key]}, the checkpoint has none")
+        a, b = saved[key], like[key]
+        if a == b:
+            continue
+        if _is_head_weight(key) and len(a) == len(b) == 2 and a[0] == b[0]:
+            exact = False  # the class axis padded for another device count
+            continue
+        return f"{key}: checkpoint {a}, network {b}"
+    return exact
+
+
+def _item_shapes(metadata) -> dict[str, tuple[int, ...]]:
+    """Flat shapes of a checkpoint item's metadata tree."""
+    tree = getattr(metadata, "tree", metadata)
+
+    out = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, (list, tuple)):
+            items = ((str(i), v) for i, v in enumerate(node))
+        else:  # an array's metadata; empty optimizer states have none
+            if hasattr(node, "shape"):
+                out["/".join(k for k in path if k != "value")] = tuple(node.shape)
+            return
+        for k, v in items:
+            walk(v, path + [str(k)])
+    walk(tree, [])
+    return out
+
+
+def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Flat shapes of a tree of arrays (or ``ShapeDtypeStruct``s), paths spelled as
+    :func:`_item_shapes` spells a checkpoint's (keys, indices and field names)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        out["/".join(k for k in keys if k != "value")] = tuple(getattr(leaf, "shape", ()))
+    return out
+
+
+def _restore_args(directory: str, step: int, likes: dict[str, Any]) -> dict[str, Any]:
+    """``StandardRestore`` args for the items in ``likes``: strict unless only a head's class
+    axis differs. Raises ValueError naming the first other difference."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        saved = {name: _item_shapes(checkpointer.metadata(
+            os.path.join(directory, str(step), name)).item_metadata) for name in likes}
+    finally:
+        checkpointer.close()
+    args = {}
+    for name, like in likes.items():
+        verdict = class_axis_restore(saved[name], _tree_shapes(like))
+        if isinstance(verdict, str):
+            raise ValueError(verdict)
+        args[name] = ocp.args.StandardRestore(_abstract(like), strict=verdict)
+    return args
+
+
 class Checkpoints:
     """Save every K steps / at the end; keep the latest ``keep`` and the ``keep_best`` best by
     ``best_metric`` (higher is better); restore the latest to resume."""
@@ -119,10 +201,14 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         model_like = {"params": like_state["params"], "rest": like_state["rest"]}
         opt_like = {"opt_state": like_state["opt_state"], "step": like_state["step"]}
+        try:
+            args = _restore_args(self.directory, step, {"model": model_like,
+                                                      "optimizer": opt_like})
+        except ValueError as e:
+            raise ValueError(f"checkpoint {self.directory} step {step} does not fit this run's "
+                             f"train state ({e})") from None
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(model_like)),
-            optimizer=ocp.args.StandardRestore(_abstract(opt_like)),
-            meta=ocp.args.JsonRestore()))
+            **args, meta=ocp.args.JsonRestore()))
         state = {**restored["model"], **restored["optimizer"]}
         return state, restored["meta"]
 
@@ -163,7 +249,7 @@ def load_model_weights(directory: str, like_model: dict[str, Any], *, step: int 
             raise FileNotFoundError(f"no checkpoint found in {directory}")
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract(like_model)),
+                **_restore_args(directory, step, {"model": like_model}),
                 meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
             # orbax's message dumps both trees (hundreds of lines); name the first difference.

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdface._platform import compiling_for
@@ -60,6 +59,15 @@ def topology_mesh(topology: str) -> Mesh:
 def _structs(tree, sharding_of):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                        sharding=sharding_of(x)), tree)
+
+
+def _placed(tree, shardings, replicated):
+    """``tree``'s leaves as ``ShapeDtypeStruct``s placed as ``shardings`` (a tree of the same
+    structure) says, or replicated when it is None."""
+    if shardings is None:
+        return _structs(tree, lambda x: replicated)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
 
 
 def batch_spec(plan: FitPlan, mesh: Mesh, *, teacher_width: int | None) -> dict[str, Any]:
@@ -120,7 +128,7 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
     shardings, the trace under ``compiling_for(mesh)`` so the target's formulations are chosen."""
     from kdface.training._loop import device_low_resolution, run_optimizer, run_step_config
     from kdface.training._networks import abstract_networks
-    from kdface.training._placement import student_shardings
+    from kdface.training._placement import slot_shardings, student_shardings, teacher_shardings
     from kdface.training._step import init_health, make_train_step, split_student, split_teacher
     if plan.devices != mesh.size:
         raise ValueError(f"the plan is for {plan.devices} devices, the mesh has {mesh.size}")
@@ -128,24 +136,21 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
     replicated = NamedSharding(mesh, P())
     with compiling_for(mesh):
         student, teacher = abstract_networks(plan)
-        param_shardings = student_shardings(config, student, mesh, plan.num_classes)
+        param_shardings = student_shardings(plan.head, student, mesh)
         optimizer = run_optimizer(plan)
         graphdef, params, rest = split_student(student)
         opt_state = jax.eval_shape(optimizer.init, params)
-        split = {}
-        if param_shardings is not None:
-            for p_, s_ in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings)):
-                if not s_.is_fully_replicated:
-                    split[tuple(p_.shape)] = s_
-        by_shape = lambda x: split.get(tuple(x.shape), replicated)  # noqa: E731 (place_state)
-        state = {"params": _structs(params, by_shape), "rest": _structs(rest, lambda x: replicated),
-                 "opt_state": _structs(opt_state, by_shape),
+        params = _placed(params, param_shardings, replicated)
+        state = {"params": params, "rest": _structs(rest, lambda x: replicated),
+                 "opt_state": _placed(opt_state, slot_shardings(params, opt_state, replicated),
+                                      replicated),
                  "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
         cached = bool(config.teacher_cache and recipe.needs_teacher)
         teacher_def = teacher_state = None
         if teacher is not None:
+            placement = teacher_shardings(plan.head, teacher, mesh, cached=cached)
             teacher_def, teacher_state = split_teacher(teacher, cached=cached)
-            teacher_state = _structs(teacher_state, lambda x: replicated)
+            teacher_state = _placed(teacher_state, placement, replicated)
         health = _structs(jax.eval_shape(lambda: init_health(recipe)), lambda x: replicated)
         width = None if teacher is None else int(teacher.backbone.embedding_size)
         batch = batch_spec(plan, mesh, teacher_width=width)
@@ -211,7 +216,8 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
            f"{step.largest[0]} {_size(step.largest[1] / GIB)}, temporaries "
            f"{_size(step.temp_bytes / GIB)}")
     return {
-        "chip": chip, "devices": step.devices, "chips": chips or step.devices, "hosts": hosts, "batch_per_chip": per_chip_batch,
+        "chip": chip, "devices": step.devices, "chips": chips or step.devices, "hosts": hosts,
+        "batch_per_chip": per_chip_batch,
         "state_gib": step.state_bytes / GIB, "arguments_gib": step.argument_bytes / GIB,
         "temporaries_gib": step.temp_bytes / GIB, "total_gib": step.total_bytes / GIB,
         "capacity_gib": hbm_gib, "fits": fits, "why": why, "head_sharded": step.head_sharded,

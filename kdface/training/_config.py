@@ -199,9 +199,11 @@ class TrainConfig:
     runaway_factor: float = option(1000.0, "Stop the run when a finite loss exceeds this "
                                    "multiple of the first step's loss (kdface's choice: 1000; "
                                    "0 = off).")
-    shard_head: str = option("auto", "Shard the margin head's class axis over the devices: on, "
-                             "off, or auto (from --shard_head_min_classes classes, when the "
-                             "class count divides evenly).", choices=("auto", "on", "off"))
+    shard_head: str = option("auto", "Shard the margin head's class axis (and a margin-head "
+                             "teacher's) over the devices: on, off, or auto (from "
+                             "--shard_head_min_classes classes). A class count the devices do "
+                             "not divide is padded with zero columns to the next multiple.",
+                             choices=("auto", "on", "off"))
     shard_head_min_classes: int = option(50_000, "Class count from which --shard_head=auto "
                                          "shards the head (kdface's choice).")
     transfer_guard: str = option("allow", "jax.transfer_guard level for device-to-host "

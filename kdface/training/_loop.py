@@ -23,17 +23,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdface.data import device_put_batch, normalize_images
-from kdface.distill import DistillStudent
 from kdface.training._checkpoint import Checkpoints
 from kdface.training._config import TrainConfig
 from kdface.training._logging import RunLog
 from kdface.training._optim import learning_rate_schedule, make_optimizer
-from kdface.training._placement import place_state, student_shardings
+from kdface.training._placement import place_state, student_shardings, teacher_shardings
 from kdface.training._prefetch import DevicePrefetcher
 from kdface.training._networks import build_networks
 from kdface.training._plan import DataFacts, FitPlan, plan_fit
@@ -183,7 +181,7 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
              teacher_cache=None) -> dict[str, Any]:
     """Runs one planned training-loop run (see module docstring). Returns a summary: final
     step, last metrics, validation metrics, images/s, workdir."""
-    config, recipe, num_classes = plan.config, plan.recipe, plan.num_classes
+    config, recipe = plan.config, plan.recipe
     if plan.devices != jax.device_count():
         raise ValueError(f"the plan is for {plan.devices} devices, this process sees "
                          f"{jax.device_count()}")
@@ -194,10 +192,15 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
     total_steps = plan.schedule.steps
     optimizer = run_optimizer(plan)
     mesh = data_mesh()
-    # Before the split: a sharded head carries its output placement in the graphdef.
-    param_shardings = student_shardings(config, student, mesh, num_classes)
+    # Before the split: a sharded head carries its output placement in the graphdef and its
+    # padded weight in the params.
+    param_shardings = student_shardings(plan.head, student, mesh)
     graphdef, state = init_state(student, optimizer)
-    teacher_def, teacher_state = split_teacher(teacher) if teacher is not None else (None, None)
+    cached = teacher_cache is not None
+    teacher_def = teacher_state = teacher_placement = None
+    if teacher is not None:
+        teacher_placement = teacher_shardings(plan.head, teacher, mesh, cached=cached)
+        teacher_def, teacher_state = split_teacher(teacher, cached=cached)
 
     main = jax.process_index() == 0
     os.makedirs(config.workdir, exist_ok=True)
@@ -216,10 +219,8 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
     replicated = NamedSharding(mesh, P())
     state = place_state(state, param_shardings, optimizer, replicated)
     device_lr = device_low_resolution(plan)
-    if teacher_cache is not None and teacher is not None:
-        teacher_def, teacher_state = split_teacher(teacher, cached=True)
     if teacher_state is not None:
-        teacher_state = jax.device_put(teacher_state, replicated)
+        teacher_state = jax.device_put(teacher_state, teacher_placement or replicated)
     step_config = run_step_config(plan, teacher_cached=teacher_cache is not None,
                                   device_lr=device_lr)
     step_fn = jax.jit(make_train_step(recipe, graphdef, teacher_def, optimizer, step_config),

@@ -1,34 +1,83 @@
 """Where the train state lives on the mesh: the parameters replicated, except a margin head's class
 axis split over the ``data`` devices (``--shard_head``), and the optimizer slots of a split weight
-split with it."""
+split with it; the frozen teacher's margin head is split the same way.
+
+A class count the devices do not divide is padded with zero columns to the next multiple
+(``kdface.models.padded_class_count``: MS1M's 85,742 classes become 85,744 on 4 chips, 85,760 on
+64). Checkpoints hold the head as it was trained, padding included; every reader restores the
+class axis into the width it needs (``_checkpoint``: a resume on another device count, the
+unpadded student of export and evaluate), since the first C columns are the classes whatever
+the padding.
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import jax
-from absl import logging
 
 from kdface.distill import DistillStudent
-from kdface.training._config import TrainConfig
 
 
-def student_shardings(config: TrainConfig, student: DistillStudent, mesh, num_classes: int):
-    """The params' placement: replicated, except a margin head's class axis split over the
-    devices with ``--shard_head`` (on, or auto from ``--shard_head_min_classes`` classes when
-    the class count divides evenly); None when nothing is split."""
+@dataclasses.dataclass(frozen=True)
+class HeadPlacement:
+    """The plan's head placement: margin heads with at least ``min_classes`` classes are split
+    over the ``devices`` of the ``data`` axis (padded to a multiple of them)."""
+    devices: int
+    min_classes: int
+
+    def columns(self, num_classes: int) -> int:
+        """The weight's columns for a head of ``num_classes``: padded when it is split."""
+        from kdface.models import padded_class_count
+        if num_classes < self.min_classes:
+            return num_classes
+        return padded_class_count(num_classes, self.devices)
+
+
+def head_placement(shard_head: str, min_classes: int, num_classes: int | None,
+                   devices: int) -> HeadPlacement | None:
+    """``--shard_head`` as a placement: ``off`` or one device keeps every head replicated (None);
+    ``on`` splits every margin head; ``auto`` splits those from ``min_classes`` classes, on any
+    device count (padding where the count does not divide). None also when the run's
+    ``num_classes`` is below the threshold: nothing would be split."""
+    if shard_head == "off" or devices == 1:
+        return None
+    threshold = 1 if shard_head == "on" else int(min_classes)
+    if num_classes is not None and num_classes < threshold:
+        return None
+    return HeadPlacement(devices=devices, min_classes=threshold)
+
+
+def student_shardings(head: HeadPlacement | None, student: DistillStudent, mesh):
+    """The params' placement under the plan's ``head``: replicated, except a margin head's
+    (padded) class axis split over the devices; None when nothing is split. Pads the student's
+    head weight in place: call it before ``nnx.split``."""
     from kdface.models import shard_margin_heads
-    devices = mesh.shape["data"]
-    if config.shard_head == "off" or devices == 1:
+    if head is None:
         return None
-    if config.shard_head == "auto" and (num_classes < config.shard_head_min_classes
-                                        or num_classes % devices):
-        if num_classes >= config.shard_head_min_classes:
-            logging.warning("--shard_head=auto: %d classes do not divide over %d devices; the "
-                            "head stays replicated", num_classes, devices)
+    _check_mesh(head, mesh)
+    return shard_margin_heads(student, mesh, axis="data", min_classes=head.min_classes)
+
+
+def teacher_shardings(head: HeadPlacement | None, teacher, mesh, *, cached: bool):
+    """The placement of the frozen teacher's state as ``split_teacher(teacher, cached=cached)``
+    gives it: its margin head split like the student's (3.8 GiB replicated on every chip at 2 M
+    classes otherwise), everything else replicated; None when nothing is split."""
+    from kdface.models import MarginHead, shard_margin_heads
+    if head is None or not isinstance(getattr(teacher, "head", None), MarginHead):
         return None
-    try:
-        return shard_margin_heads(student, mesh, axis="data")
-    except ValueError as e:
-        raise ValueError(f"--shard_head=on: {e}") from None
+    if teacher.head.num_classes < head.min_classes:
+        return None
+    _check_mesh(head, mesh)
+    module = teacher.head if cached else teacher
+    return shard_margin_heads(module, mesh, axis="data", min_classes=head.min_classes,
+                              variables=...)
+
+
+def _check_mesh(head: HeadPlacement, mesh) -> None:
+    if mesh.shape["data"] != head.devices:
+        raise ValueError(f"the head placement is for {head.devices} devices, the mesh has "
+                         f"{mesh.shape['data']}")
 
 
 def place_state(state, param_shardings, optimizer, replicated):
@@ -37,11 +86,16 @@ def place_state(state, param_shardings, optimizer, replicated):
     if param_shardings is None:
         return jax.device_put(state, replicated)
     params = jax.device_put(state["params"], param_shardings)
-    # Optimizer slots (momentum, Adam moments) of a split weight are split the same way; the
-    # head weight [E, C] is the only parameter of its shape.
-    split = {tuple(p.shape): p.sharding for p in jax.tree.leaves(params)
-             if not p.sharding.is_fully_replicated}
-    slots = jax.tree.map(lambda a: split.get(tuple(np.shape(a)), replicated), state["opt_state"])
+    slots = slot_shardings(params, state["opt_state"], replicated)
     return {"params": params, "rest": jax.device_put(state["rest"], replicated),
             "opt_state": jax.device_put(state["opt_state"], slots),
             "step": jax.device_put(state["step"], replicated)}
+
+
+def slot_shardings(params, opt_state, replicated):
+    """Optimizer slots (momentum, Adam moments) of a split weight are split the same way; the
+    (padded) head weight [E, C_pad] is the only parameter of its shape. ``params`` hold placed
+    arrays or ``ShapeDtypeStruct``s with shardings."""
+    split = {tuple(p.shape): p.sharding for p in jax.tree.leaves(params)
+             if not p.sharding.is_fully_replicated}
+    return jax.tree.map(lambda a: split.get(tuple(np.shape(a)), replicated), opt_state)

@@ -35,6 +35,7 @@ import jax
 from kdface.distill import Recipe, build_recipe
 from kdface.training._config import TrainConfig
 from kdface.training._optim import DEFAULT_STEPS, StepSchedule, epochs_to_steps
+from kdface.training._placement import HeadPlacement, head_placement
 
 # Options a rerun of a workdir may change: they extend or re-pace the same run (more steps, a
 # lower learning rate after a divergence, other eval/save/log frequencies or verification
@@ -322,7 +323,8 @@ class FitPlan:
     or 'student'. ``schedule`` and ``num_classes`` are None until the data's facts are known
     (``make_plan(..., data=None)``: the data-free checks only). ``resume_step``: the latest
     checkpoint in the workdir (None: a new run); ``finished``: the line saying the run is done,
-    or None."""
+    or None. ``head``: which margin heads are split over the devices (``--shard_head``), or
+    None."""
     config: TrainConfig
     recipe: Recipe
     role: str
@@ -331,7 +333,7 @@ class FitPlan:
     num_classes: int | None
     num_examples: int | None
     schedule: StepSchedule | None
-    head: Any
+    head: HeadPlacement | None
     teacher_stage_shapes: tuple[tuple[int, int, int], ...] | None
     resume_step: int | None
     finished: str | None
@@ -469,7 +471,7 @@ def plan_fit(config: TrainConfig, *, data: DataFacts | None, devices: int,
     if num_classes is not None:
         check_classes(config, recipe, num_classes, teacher)
     schedule = None if data is None else resolve_schedule(config, num_examples)
-    head = None
+    head = head_placement(config.shard_head, config.shard_head_min_classes, num_classes, devices)
     return FitPlan(config=config, recipe=recipe, role=role, teacher=teacher, devices=devices,
                    num_classes=num_classes, num_examples=num_examples, schedule=schedule,
                    head=head, teacher_stage_shapes=_teacher_stage_shapes(config, recipe,
