@@ -203,9 +203,9 @@ def _head(workdir):
 
 
 def test_a_padded_sharded_head_resumes_on_another_padding(tmp_path):
-    """21 classes on the 4 forced devices: the head trains as 24 columns and is saved so. A resume
-    that pads otherwise (here: replicated, 21 columns, as on one device) reads the first 21
-    columns and goes on; a run resumed the other way (replicated first, then split) pads zeros.
+    """21 classes on the 4 forced devices: the head trains as 24 columns and is saved as its 21
+    real classes. A resume that places it otherwise (here: replicated, 21 columns, as on one
+    device) reads them as saved; a resume split over the devices pads them to 24 with zeros.
     Either way the run ends where the uninterrupted one does (within the rounding of the split
     reductions), and every reader of the checkpoint gets the [E, 21] head."""
     assert jax.device_count() == 4  # the suite's forced CPU devices (tests/conftest.py)
@@ -227,14 +227,19 @@ def test_a_padded_sharded_head_resumes_on_another_padding(tmp_path):
         assert head.shape == (TINY["embedding_size"], classes)
         assert_close(head, _head(tmp_path / "whole"), terms=2 * steps * _step_terms(8, classes),
                      what=f"{modes} head: ")
-    # the split run's checkpoint holds the padded 24 columns, their tail zero
+    # the split run trained 24 columns; its checkpoint stores the 21 real classes, for the
+    # weight and for its momentum
     import orbax.checkpoint as ocp
+    step_dir = tmp_path / "whole" / "checkpoints" / str(steps)
     with ocp.StandardCheckpointer() as checkpointer:
-        raw = checkpointer.restore(str(tmp_path / "whole" / "checkpoints" / str(steps) / "model"))
-    saved = np.asarray(raw["params"]["network"]["head"]["weight"]["value"])
-    assert saved.shape == (TINY["embedding_size"], 24)
-    np.testing.assert_array_equal(saved[:, classes:], 0.0)
-    np.testing.assert_array_equal(saved[:, :classes], _head(tmp_path / "whole"))
+        model = checkpointer.restore(str(step_dir / "model"))
+        optimizer = checkpointer.restore(str(step_dir / "optimizer"))
+    saved = np.asarray(model["params"]["network"]["head"]["weight"]["value"])
+    assert saved.shape == (TINY["embedding_size"], classes)
+    np.testing.assert_array_equal(saved, _head(tmp_path / "whole"))
+    widths = {np.shape(x) for x in jax.tree.leaves(optimizer) if np.ndim(x) == 2
+              and np.shape(x)[0] == TINY["embedding_size"] and np.shape(x)[1] >= classes}
+    assert widths == {(TINY["embedding_size"], classes)}
 
 
 def test_a_margin_head_teacher_is_split_like_the_student(tmp_path):
@@ -286,3 +291,19 @@ def test_a_diverged_run_resumes_from_the_named_checkpoint_with_a_lower_learning_
     summary = fit(cfg.replace(learning_rate=0.01), ArrayBatches(images, labels, batch_size=8),
                   num_classes=CLASSES)
     assert summary["step"] == 8 and np.isfinite(summary["metrics"]["loss"])
+
+
+def test_only_a_heads_class_axis_may_differ_between_a_checkpoint_and_its_reader():
+    from kdface.training._checkpoint import class_axis_restore
+    saved = {"params/network/head/weight": (8, 21), "params/network/backbone/fc/kernel": (16, 8),
+             "opt_state/0/trace/network/head/weight": (8, 21)}
+    assert class_axis_restore(saved, dict(saved)) is True
+    padded = {**saved, "params/network/head/weight": (8, 24),
+              "opt_state/0/trace/network/head/weight": (8, 24)}
+    assert class_axis_restore(saved, padded) is False      # read with zero columns appended
+    for key, shape in [("params/network/head/weight", (16, 24)),       # another embedding size
+                       ("params/network/backbone/fc/kernel", (16, 9))]:  # another backbone
+        verdict = class_axis_restore(saved, {**padded, key: shape})
+        assert isinstance(verdict, str) and key in verdict
+    missing = class_axis_restore(saved, {"params/network/head/weight": (8, 21)})
+    assert "the checkpoint has" in missing

@@ -10,12 +10,12 @@ A checkpoint step directory holds three items:
 The teacher a run distils from is never written here (frozen teachers are inputs, not state).
 Saves are asynchronous; ``close()`` waits for them.
 
-A margin head split over the devices is saved as trained: ``[E, C_pad]``, its class axis padded
-to a multiple of that run's devices (``kdface.training._placement``). Restores read the head's
-class axis into whatever width the reader needs (:func:`class_axis_restore`): a resume on
-another device count pads or drops trailing columns, export and evaluate get ``[E, C]``. The
-first C columns are the classes whatever the padding, so nothing is lost either way; every other
-shape must match exactly.
+A margin head split over the devices trains as ``[E, C_pad]``, its class axis padded with zero
+columns to a multiple of the run's devices (``kdface.training._placement``). Checkpoints store
+the real classes, ``[E, C]`` for the weight and its optimizer slots (``head_classes``), whatever
+the device count; restores read the head's class axis into the width the reader needs
+(:func:`class_axis_restore`: a resume on 4 devices pads the 21 saved columns to 24 with zeros,
+export and evaluate read ``[E, C]`` as saved). Every other shape must match exactly.
 """
 from __future__ import annotations
 
@@ -119,6 +119,47 @@ def _item_shapes(metadata) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _real_classes(x, classes: int):
+    """A padded head weight (or slot) ``[E, C_pad]``, split on its class axis, as its first
+    ``classes`` columns: split on the embedding axis when the devices divide E (an all-to-all;
+    each device keeps 1/devices of it), else replicated (JAX places only evenly divided arrays).
+    The sliced copy lives until orbax has read it."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    sharding = x.sharding
+    axis = sharding.spec[1] if isinstance(sharding, NamedSharding) and len(sharding.spec) > 1 \
+        else None
+    spec = PartitionSpec()
+    if axis is not None and x.shape[0] % sharding.mesh.shape[axis] == 0:
+        spec = PartitionSpec(axis, None)
+    out = NamedSharding(sharding.mesh, spec) if isinstance(sharding, NamedSharding) else None
+    return _slice_columns(classes, out)(x)
+
+
+_SLICES: dict[Any, Any] = {}
+
+
+def _slice_columns(classes: int, out_sharding):
+    key = (classes, out_sharding)
+    if key not in _SLICES:  # one compiled slice per (classes, placement), not one per save
+        _SLICES[key] = jax.jit(lambda a: a[:, :classes], out_shardings=out_sharding)
+    return _SLICES[key]
+
+
+def saved_layout(tree: Any, classes: int | None) -> Any:
+    """``tree`` (params or optimizer state) as checkpoints store it: every margin head weight
+    (and slot) wider than the run's ``classes`` cut to its real classes; None leaves it."""
+    if classes is None:
+        return tree
+
+    def cut(path, x):
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        key = "/".join(k for k in keys if k != "value")
+        if _is_head_weight(key) and getattr(x, "ndim", 0) == 2 and x.shape[1] > classes:
+            return _real_classes(x, classes)
+        return x
+    return jax.tree_util.tree_map_with_path(cut, tree)
+
+
 def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """Flat shapes of a tree of arrays (or ``ShapeDtypeStruct``s), paths spelled as
     :func:`_item_shapes` spells a checkpoint's (keys, indices and field names)."""
@@ -152,8 +193,10 @@ class Checkpoints:
     ``best_metric`` (higher is better); restore the latest to resume."""
 
     def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1,
-                 best_metric: str | None = "val_accuracy", async_save: bool = True):
+                 best_metric: str | None = "val_accuracy", async_save: bool = True,
+                 head_classes: int | None = None):
         self.directory = os.path.abspath(directory)
+        self.head_classes = head_classes  # a padded head is saved as its real classes
         policies = [_policy.LatestN(n=keep)]
         if best_metric and keep_best:
             policies.append(_policy.BestN(get_metric_fn=lambda m: m[best_metric], n=keep_best,
@@ -172,10 +215,11 @@ class Checkpoints:
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
              metrics: dict[str, float] | None = None, *, force: bool = False) -> bool:
+        params = saved_layout(state["params"], self.head_classes)
+        opt_state = saved_layout(state["opt_state"], self.head_classes)
         args = ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
-            optimizer=ocp.args.StandardSave({"opt_state": state["opt_state"],
-                                             "step": state["step"]}),
+            model=ocp.args.StandardSave({"params": params, "rest": state["rest"]}),
+            optimizer=ocp.args.StandardSave({"opt_state": opt_state, "step": state["step"]}),
             meta=ocp.args.JsonSave(meta))
         try:
             return self.manager.save(step, args=args, metrics=metrics, force=force)

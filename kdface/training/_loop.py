@@ -209,7 +209,8 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
             json.dump(plan.config_json(), f, indent=1, default=list)
     checkpoints = Checkpoints(os.path.join(config.workdir, "checkpoints"), keep=config.keep,
                               keep_best=config.keep_best if val_sets else 0,
-                              async_save=config.async_checkpoints)
+                              async_save=config.async_checkpoints,
+                              head_classes=plan.num_classes)
     start = checkpoints.latest_step()
     if start is not None:
         state, meta = checkpoints.restore(start, state)

@@ -4,10 +4,9 @@ split with it; the frozen teacher's margin head is split the same way.
 
 A class count the devices do not divide is padded with zero columns to the next multiple
 (``kdface.models.padded_class_count``: MS1M's 85,742 classes become 85,744 on 4 chips, 85,760 on
-64). Checkpoints hold the head as it was trained, padding included; every reader restores the
-class axis into the width it needs (``_checkpoint``: a resume on another device count, the
-unpadded student of export and evaluate), since the first C columns are the classes whatever
-the padding.
+64). The padding columns never reach a loss (the head drops their cosines), so they get no
+gradient and stay zero. Checkpoints store the real classes (``_checkpoint``): a resume on another
+device count pads them again, export and evaluate read ``[E, C]``.
 """
 from __future__ import annotations
 
