@@ -131,13 +131,30 @@ def test_a_class_count_the_devices_do_not_divide_is_padded_with_zero_columns():
 
 def test_ms1m_class_count_on_four_devices_holds_a_quarter_per_device():
     """MS1M's 85,742 identities (not a multiple of 4): each device holds 21,436 of the 85,744
-    padded columns, and the compiled step's arguments (weight + momentum) are a quarter."""
-    mesh = _mesh()
-    head = MarginHead(8, 85_742, rngs=nnx.Rngs(0))
+    padded columns, loss and gradients are the replicated head's, and the compiled step's
+    arguments (weight + momentum) are a quarter."""
+    mesh, classes = _mesh(), 85_742
+    rng = np.random.default_rng(0)
+    embeddings = jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)
+    labels = jnp.asarray(np.r_[classes - 1, classes - 2, rng.integers(0, classes, 6)], jnp.int32)
+    replicated_def, replicated = nnx.split(MarginHead(8, classes, rngs=nnx.Rngs(0)))
+    want = jax.value_and_grad(_loss_fn(replicated_def, cosface_logits), (0, 1))(
+        replicated, embeddings, labels)
+    head = MarginHead(8, classes, rngs=nnx.Rngs(0))
     shardings = shard_margin_heads(head, mesh)
-    _, params = nnx.split(head)
-    weight = jax.device_put(params, shardings)["weight"][...]
+    graphdef, params = nnx.split(head)
+    params = jax.device_put(params, shardings)
+    weight = params["weight"][...]
     assert {s.data.shape for s in weight.addressable_shards} == {(8, 21_436)}
+    batch = NamedSharding(mesh, P("data"))
+    got = jax.jit(jax.value_and_grad(_loss_fn(graphdef, cosface_logits), (0, 1)))(
+        params, jax.device_put(embeddings, batch), jax.device_put(labels, batch))
+    # the softmax over 85,742 classes of 8-dim cosines; the weight gradient over 8 examples
+    assert_close(float(got[0]), float(want[0]), terms=8 * classes)
+    got_w = np.asarray(got[1][0]["weight"][...])
+    assert_close(got_w[:, :classes], np.asarray(want[1][0]["weight"][...]), terms=8 * 8)
+    np.testing.assert_array_equal(got_w[:, classes:], 0.0)
+    assert_close(np.asarray(got[1][1]), np.asarray(want[1][1]), terms=classes * 8)
     replicated = _compiled_step_memory(64, 85_742, 32, shard=False)
     sharded = _compiled_step_memory(64, 85_742, 32, shard=True)
     weight_bytes = 64 * 85_742 * 4
