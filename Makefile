@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.kdface-runtime
 TESTING := $(VENV)/.kdface-testing
 TPU := $(VENV)/.kdface-tpu
+GPU := $(VENV)/.kdface-gpu-compiler
 
 .PHONY: test test-numerics demo bench install clean
 
@@ -24,14 +25,20 @@ $(TPU): $(TESTING)
 	.ci/install-libtpu $(PY)
 	touch $(TPU)
 
-install: $(TPU)
+# ... and JAX's CUDA plugin with the CUDA compiler pieces (~0.7 GB) in $(VENV)/gpu-site, for the
+# test that compiles the step for a GPU slice without a GPU (--plan_topology=h100:8).
+$(GPU): $(TESTING)
+	.ci/install-gpu-compiler $(PY)
+	touch $(GPU)
 
-test: $(TPU)
+install: $(TPU) $(GPU)
+
+test: $(TPU) $(GPU)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The suite under other numeric environments (one core, ISA caps, Eigen on one thread, 1 and 8
 # devices for the sharded tests); logs in numerics-logs/. About 50 min on 2 cores.
-test-numerics: $(TPU)
+test-numerics: $(TPU) $(GPU)
 	.ci/test-numerics $(PY)
 
 demo: $(RUNTIME)

@@ -37,8 +37,10 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
 flags.DEFINE_string("plan_topology", None, "Compile-only: compile the step this command trains "
-                    "for a TPU topology (e.g. v5e:8x8) without data or a device and print its "
-                    "plan (HBM, fits, estimated img/s); needs libtpu (jax[tpu]).")
+                    "for a TPU topology (e.g. v5e:8x8) or GPU slice (h100:8, h100:2x8, "
+                    "a100:8) without data or a device and print its plan (HBM, fits, estimated "
+                    "img/s); needs libtpu (jax[tpu]) or the CUDA plugin "
+                    "(.ci/install-gpu-compiler).")
 flags.DEFINE_integer("plan_classes", None, "Compile-only: the class count (default: the built "
                      "--train_data's).")
 flags.DEFINE_integer("plan_examples", None, "Compile-only: the training set's size, for the "
@@ -229,9 +231,10 @@ def plan(data_dir: str) -> int:
     jax.config.update("jax_platforms", "cpu")  # compile for the topology, run nothing locally
     # Compiling holds no TPU: let several plans (or tests) load libtpu at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    site = os.path.join(sys.prefix, "tpu-site")  # where `make test` installs libtpu
-    if os.path.isdir(site) and site not in sys.path:
-        sys.path.append(site)
+    # where `make test` installs libtpu and the CUDA compiler plugin (GPU targets)
+    for site in (os.path.join(sys.prefix, "tpu-site"), os.path.join(sys.prefix, "gpu-site")):
+        if os.path.isdir(site) and site not in sys.path:
+            sys.path.append(site)
     config = config_from_flags()
     classes, examples = F.plan_classes, F.plan_examples
     if classes is None or examples is None:

@@ -51,6 +51,27 @@ def test_the_demo_step_compiles_for_v5e_and_its_plan_is_read_from_the_program(tm
     assert not os.path.exists(tmp_path / "run")  # a plan writes nothing
 
 
+def test_the_demo_step_compiles_for_eight_h100s_without_a_gpu(tmp_path):
+    # XLA:GPU from the device description (kdface/training/_gpu_targets.py) with JAX's CUDA
+    # plugin (`make test` installs it in <venv>/gpu-site); its compiler reports no cost
+    # analysis, so flops and bytes are the unpartitioned program's over the 8 devices.
+    if not os.path.isdir(os.path.join(sys.prefix, "gpu-site", "jax_plugins")):
+        pytest.fail(f"the CUDA plugin is not installed in {sys.prefix}/gpu-site: `make test` "
+                    f"installs it (.ci/install-gpu-compiler {sys.executable})")
+    done = _plan(tmp_path, "--plan_topology=h100:8", "--plan_classes=100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fields["chip"] == "h100" and fields["devices"] == 8 and fields["hosts"] == 1
+    assert fields["batch_per_chip"] == 8 and fields["fits"] is True
+    assert fields["capacity_gib"] == pytest.approx(84_978_434_048 / 2**30)
+    assert 0 < fields["state_gib"] < fields["arguments_gib"] <= fields["total_gib"]
+    assert fields["cost_source"] == "unpartitioned HLO / devices"
+    assert fields["flops_per_step"] > 0 and fields["estimate"].startswith("roofline")
+    assert "(unpartitioned HLO / devices)" in done.stdout
+    two_hosts = _plan(tmp_path, "--plan_topology=h100:2x8x1", "--plan_classes=100")
+    assert two_hosts.returncode != 0 and "h100:2x8" in two_hosts.stderr
+
+
 def test_a_command_the_plan_refuses_is_refused_in_one_line(tmp_path):
     done = _plan(tmp_path, "--plan_topology=v5e:2x2", "--plan_classes=100", "--batch_size=66")
     assert done.returncode != 0

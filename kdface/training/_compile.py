@@ -1,4 +1,4 @@
-"""A compile-only plan of a training run for a TPU slice (issue 23): the exact step a flagfile
+"""A compile-only plan of a training run for a TPU or GPU slice (issue 23): the exact step a flagfile
 trains (its ``FitPlan``: recipe, networks, dtype, head placement, teacher cache or not, relation
 groups), compiled for a topology JAX knows, from any machine, without data or a device.
 
@@ -8,8 +8,11 @@ state, temporaries, total) against the chip's capacity, the largest buffer, flop
 step from ``cost_analysis()``, the compiler's own time estimate where it gives a usable one and a
 roofline otherwise, images/s per chip and for the slice, model FLOP utilization, time per epoch,
 and the input rate each host must sustain. Every figure is a compiler estimate, not a
-measurement. libtpu is needed (``jax[tpu]`` at the installed jax's version; ``make test``
-installs it in ``<venv>/tpu-site``, see ``.ci/install-libtpu``).
+measurement. libtpu is needed for TPUs (``jax[tpu]`` at the installed jax's version; ``make
+test`` installs it in ``<venv>/tpu-site``, see ``.ci/install-libtpu``), the CUDA PJRT plugin for
+GPUs (``--plan_topology=h100:8``, ``h100:2x8``; ``_gpu_targets``, ``.ci/install-gpu-compiler``).
+The GPU compiler reports no cost analysis: its flops and bytes are the unpartitioned program's
+(XLA's HLO cost analysis) divided by the devices, and the table says so.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdface._platform import compiling_for
+from kdface.training._gpu_targets import gpu_chips, gpu_count, gpu_devices
 from kdface.training._plan import FitPlan
 
 # Per-chip figures from Google Cloud's TPU documentation (system architecture pages): dense
@@ -31,6 +35,8 @@ from kdface.training._plan import FitPlan
 CHIPS = {"v4": (275.0, 32.0, 1228.0), "v5e": (197.0, 16.0, 819.0),
          "v5p": (459.0, 95.0, 2765.0), "v6e": (918.0, 32.0, 1640.0)}
 GIB = 2 ** 30
+TPUS = tuple(CHIPS)
+CHIPS.update(gpu_chips())
 
 
 def chip_of(topology: str) -> str:
@@ -38,14 +44,18 @@ def chip_of(topology: str) -> str:
     chip = topology.split(":", 1)[0].lower()
     if chip not in CHIPS:
         raise ValueError(f"--plan_topology={topology}: the chip {chip!r} is not one of "
-                         f"{sorted(CHIPS)} (names as jax.experimental.topologies spells them, "
-                         f"e.g. v5e:2x2, v4:2x2x1)")
+                         f"{sorted(CHIPS)} (TPUs as jax.experimental.topologies spells them, "
+                         f"e.g. v5e:2x2, v4:2x2x1; GPUs as h100:8 or h100:2x8)")
     return chip
 
 
 def topology_mesh(topology: str) -> Mesh:
-    """A 1-D ``data`` mesh over every chip of a TPU topology (no TPU needed: libtpu compiles)."""
-    chip_of(topology)
+    """A 1-D ``data`` mesh over every chip of a TPU topology or GPU slice (no TPU or GPU needed:
+    libtpu and the CUDA plugin compile)."""
+    if chip_of(topology) not in TPUS:
+        devices = gpu_devices(topology)
+        return Mesh(np.asarray(devices).reshape(-1), ("data",),
+                    axis_types=(jax.sharding.AxisType.Auto,))
     from jax.experimental import topologies
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
@@ -107,6 +117,7 @@ class CompiledStep:
     optimal_seconds: float | None
     head_sharded: bool
     largest: tuple[str, int]  # (what, bytes) of the largest argument per chip
+    cost_source: str = "compiled program"  # where flops and bytes come from
 
     @property
     def total_bytes(self) -> int:
@@ -156,11 +167,14 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
         batch = batch_spec(plan, mesh, teacher_width=width)
         step = make_train_step(recipe, graphdef, teacher_def, optimizer, run_step_config(
             plan, teacher_cached=cached, device_lr=device_low_resolution(plan)))
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-            state, health, teacher_state, batch).compile()
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(state, health, teacher_state, batch)
+        compiled = lowered.compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost_source = "compiled program"
+    if not cost:  # XLA:GPU compiled deviceless reports none
+        cost, cost_source = _unpartitioned_cost(lowered, mesh.size), "unpartitioned HLO / devices"
     arguments = {"state": state, "teacher": teacher_state, "batch": batch}
     sizes = [(jax.tree_util.keystr(k), _per_chip(x))
              for k, x in jax.tree_util.tree_leaves_with_path(arguments)]
@@ -177,11 +191,26 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         optimal_seconds=None if optimal is None else float(optimal),
         head_sharded=param_shardings is not None,
-        largest=max(sizes, key=lambda kv: kv[1]))
+        largest=max(sizes, key=lambda kv: kv[1]), cost_source=cost_source)
+
+
+def _unpartitioned_cost(lowered, devices: int) -> dict[str, float]:
+    """Flops and bytes per device of a lowered program whose compiler reports no cost analysis:
+    XLA's HLO cost analysis of the whole (unpartitioned) program, on the host's CPU client,
+    divided by the devices: a data-parallel step splits its work evenly (the collectives the
+    partitioner adds are not counted)."""
+    from jax._src import xla_bridge
+    from jax._src.lib import xla_client
+    cost = xla_client._xla.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"),
+                                                    lowered.compiler_ir("hlo").get_hlo_module())
+    return {"flops": float(cost.get("flops", 0.0)) / devices,
+            "bytes accessed": float(cost.get("bytes accessed", 0.0)) / devices}
 
 
 def chips_in(topology: str) -> int:
-    """The chips a topology name counts (``v5e:8x8`` 64, ``v4:2x2x1`` 4)."""
+    """The chips a topology name counts (``v5e:8x8`` 64, ``v4:2x2x1`` 4, ``h100:2x8`` 16)."""
+    if topology.split(":", 1)[0].lower() not in TPUS:
+        return gpu_count(topology)
     dims = topology.split(":", 1)[1] if ":" in topology else ""
     try:
         return math.prod(int(d) for d in dims.split("x"))
@@ -222,6 +251,7 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
         "temporaries_gib": step.temp_bytes / GIB, "total_gib": step.total_bytes / GIB,
         "capacity_gib": hbm_gib, "fits": fits, "why": why, "head_sharded": step.head_sharded,
         "flops_per_step": step.flops, "bytes_per_step": step.bytes_accessed,
+        "cost_source": step.cost_source,
         "estimate": "compiler (optimal_seconds)" if usable else (
             "roofline (optimal_seconds " + ("absent" if step.optimal_seconds is None else
                                             f"{step.optimal_seconds:.3g}, unusable") + ")"),
@@ -298,7 +328,8 @@ def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes:
         ("per-chip HBM: total", f"{gib(fields['total_gib'])} of {fields['capacity_gib']:g} GiB"),
         ("fits", ("yes" if fields["fits"] else "no") + f" ({fields['why']})"),
         ("largest per-chip batch that fits", str(fields.get("largest_batch", "not searched"))),
-        ("flops per step per chip", f"{fields['flops_per_step']:.4g}"),
+        ("flops per step per chip", f"{fields['flops_per_step']:.4g} "
+                                    f"({fields.get('cost_source', 'compiled program')})"),
         ("step time (estimate)", f"{fields['step_seconds'] * 1e3:.3g} ms, {fields['estimate']}"),
         ("img/s per chip (estimate)", f"{fields['images_per_s_chip']:,.0f}"),
         ("img/s for the slice (estimate)", f"{fields['images_per_s_slice']:,.0f}"),
