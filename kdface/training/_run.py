@@ -76,14 +76,16 @@ def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str)
     augment = None
     if student_view == "low_resolution":
         augment = LowResolutionAugment(sizes=tuple(config.lr_sizes), fraction=config.lr_fraction,
-                                       seed=config.seed)
+                                       seed=config.seed, subset=config.lr_subset)
         if config.lr_on_device:
             augment = DecideOnlyAugment(augment)
     return PipelineBatches(make_training_pipeline(
         source, global_batch_size=config.batch_size, seed=config.seed, flip=config.flip,
         teacher_view="original" if teacher_view == "original" else "augmented",
         student_view=student_view, student_augment=augment, image_size=config.input_size,
-        crop_from=config.crop_from or None, normalize=False, num_workers=config.data_workers))
+        crop_from=config.crop_from or None, normalize=False, num_workers=config.data_workers,
+        batch_sampler=config.batch_sampler, images_per_identity=config.images_per_identity,
+        uniform_images=config.uniform_images))
 
 
 def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | None = None,
