@@ -20,8 +20,13 @@ come from a uniform shuffle (EKD mixes 32 random and 32 balanced images).
    ``((j + phi_i + u_ij / 2) / g_i) mod 1`` (``phi_i``, ``u_ij`` uniform), sorted. Each group's place
    is uniform over the epoch, and one identity's groups are spread at least ``1 / (2 g_i)`` of the
    epoch apart, so two of them rarely share a batch (they may: that only adds positives);
-3. batches of ``P = balanced_rows / K`` groups in that order; ``floor(G / P)`` batches per epoch
-   (``G`` groups in all); the last ``G mod P`` groups wait for the next epoch's redraw.
+3. batches of ``P = balanced_rows / K`` groups in that order, ``ceil(G / P)`` batches per epoch
+   (``G`` groups in all); a last batch short of groups is filled with the epoch's first groups
+   again (their images' repeats, ``copy`` + K).
+
+So an epoch visits every image at least once and has about ``N + C (K - 1) / 2`` balanced rows
+(``C`` identities), a little more than a pass of the uniform order (the trainer's ``--epochs``
+still counts ``N / batch_size`` steps per epoch).
 
 The uniform part is a stream of permutations of all records, ``uniform_rows`` per batch
 (permutation ``q`` from ``default_rng([seed, tag2, q])``), running on across epochs.
@@ -147,7 +152,7 @@ class BalancedOrder:
             raise ValueError(f"balanced batches of {per_batch} identities x {self.k} images need "
                              f"at least {per_batch} identities; the source has "
                              f"{self.num_identities}")
-        self.batches_per_epoch = self.num_groups // per_batch
+        self.batches_per_epoch = -(-self.num_groups // per_batch)
         self._cache: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}
         self._lock = threading.Lock()
 
@@ -169,7 +174,8 @@ class BalancedOrder:
         return value
 
     def epoch_slots(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(record [G K], copy [G K])``: epoch ``epoch``'s groups, in batch order."""
+        """``(record, copy)``, each ``[batches_per_epoch * balanced]``: epoch ``epoch``'s groups
+        in batch order."""
         rng = np.random.default_rng([self.seed, _TAG_GROUPS, int(epoch)])
         n, k = self.num_records, self.k
         identity_of_sorted = np.repeat(np.arange(self.num_identities), self._counts)
@@ -191,8 +197,14 @@ class BalancedOrder:
         keys = np.mod((jg + phase + 0.5 * rng.random(self.num_groups))
                       / self._groups[group_identity], 1.0)
         group_order = np.argsort(keys, kind="stable")
+        short = self.batches_per_epoch * (self.balanced // k) - self.num_groups
+        # Repeats of a record inside its identity's groups have copy <= K - 1, so + K keeps the
+        # refill's copies distinct.
+        bump = np.concatenate([np.zeros(self.num_groups, np.int32), np.full(short, k, np.int32)])
+        group_order = np.concatenate([group_order, group_order[:short]])
         slots = (group_order[:, None] * k + np.arange(k)[None, :]).reshape(-1)
-        return records[slots].astype(_index_dtype(n)), copies[slots]
+        return (records[slots].astype(_index_dtype(n)),
+                copies[slots] + np.repeat(bump, k))
 
     def _uniform_permutation(self, q: int) -> tuple[np.ndarray]:
         rng = np.random.default_rng([self.seed, _TAG_UNIFORM_PART, int(q)])

@@ -374,9 +374,6 @@ def make_training_pipeline(
             images_per_identity=images_per_identity, balanced=group_rows,
             uniform=global_batch_size - group_rows, host_rows=host_batch,
             host_index=shard_options.shard_index)
-        if order.batches_per_epoch < 1:
-            raise ValueError(f"the source's {order.num_groups} groups of {images_per_identity} "
-                             f"images fill no batch of {group_rows // images_per_identity} groups")
     elif end <= start:
         raise ValueError(f"shard {shard_options.shard_index} of {shard_options.shard_count} "
                          f"is empty ({num_records} records)")
