@@ -311,3 +311,13 @@ def test_pipeline_lr_subset_across_epochs(subset):
     degraded = [{i for i, s in d.items() if s} for d in sizes]
     assert degraded[0]
     assert (degraded[0] == degraded[1]) == (subset == "fixed")
+
+
+def test_transfer_verification_flagfile_trains_on_balanced_batches():
+    from test_recipes_papers import config_from_flagfile
+    config = config_from_flagfile("transfer_verification.flags")
+    assert (config.batch_sampler, config.images_per_identity, config.uniform_images) == (
+        "balanced", 4, 0)
+    assert config.batch_size % config.images_per_identity == 0
+    for name in ("kd.flags", "pwr.flags", "transfer_classification.flags"):
+        assert config_from_flagfile(name).batch_sampler == "uniform"  # the others unchanged
