@@ -321,3 +321,34 @@ def test_transfer_verification_flagfile_trains_on_balanced_batches():
     assert config.batch_size % config.images_per_identity == 0
     for name in ("kd.flags", "pwr.flags", "transfer_classification.flags"):
         assert config_from_flagfile(name).batch_sampler == "uniform"  # the others unchanged
+
+
+def test_killed_then_resumed_balanced_run_equals_uninterrupted(tmp_path):
+    # The trainer's resume (checkpointed iterator state) on the balanced order: 32 images of 4
+    # identities, batches of 2 identities x 4, 4 batches per epoch; the restart at step 3 is
+    # mid-epoch and its continuation crosses into epoch 1.
+    import jax
+    from flax import nnx
+    from kdface.distill import build_student
+    from kdface.training._checkpoint import load_model_weights
+    from kdface.training._run import run
+    from _train_helpers import CLASSES, TINY, encoded_source, tiny_config
+
+    source = encoded_source()
+    balanced = dict(batch_sampler="balanced", images_per_identity=4, save_every=3)
+    whole = tiny_config(tmp_path / "whole", steps=6, **balanced)
+    run(whole, data_dir="", source=source, num_classes=CLASSES, val_sets=[])
+    part = tiny_config(tmp_path / "part", steps=3, **balanced)
+    run(part, data_dir="", source=source, num_classes=CLASSES, val_sets=[])
+    run(part.replace(steps=6), data_dir="", source=source, num_classes=CLASSES, val_sets=[])
+    student = build_student("sphereface_custom", num_classes=CLASSES, head="cosface",
+                            rngs=nnx.Rngs(1), backbone_options=TINY)
+    _, params, rest = nnx.split(student, nnx.Param, ...)
+    like = {"params": params, "rest": rest}
+    a, meta_a = load_model_weights(whole.workdir, like)
+    b, meta_b = load_model_weights(part.workdir, like)
+    assert meta_a["step"] == meta_b["step"] == 6
+    assert meta_a["data"] == meta_b["data"]
+    assert meta_a["data"]["pipeline"]["batch_sampler"] == "balanced"
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
