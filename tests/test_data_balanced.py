@@ -352,3 +352,24 @@ def test_killed_then_resumed_balanced_run_equals_uninterrupted(tmp_path):
     assert meta_a["data"]["pipeline"]["batch_sampler"] == "balanced"
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_uniform_default_keeps_its_order_and_flips():
+    # The uniform sampler is what it was: epoch e is permutation(default_rng([seed, 11, e])) of
+    # the records, each flipped when default_rng([seed, 12, e, record]).random() < 0.5.
+    records = _records(_labels())
+    n, seed = len(records), 3
+    p = _pipeline(records, batch_sampler="uniform", flip=True, seed=seed)
+    assert "batch_sampler" not in p.get_state()["pipeline"]  # old states still load
+    it = iter(p)
+    batches = [next(it) for _ in range(-(-2 * n // 8))]
+    # The stream runs on across epochs: positions [e n, (e + 1) n) are epoch e.
+    index = np.concatenate([b["index"] for b in batches])[:2 * n]
+    flipped = np.concatenate([b["flipped"] for b in batches])[:2 * n]
+    for epoch in range(2):
+        want = np.random.default_rng([seed, 11, epoch]).permutation(n)
+        got = index[epoch * n:(epoch + 1) * n]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(
+            flipped[epoch * n:(epoch + 1) * n],
+            [np.random.default_rng([seed, 12, epoch, int(i)]).random() < 0.5 for i in got])
