@@ -18,6 +18,12 @@ Sharding: each host (``jax.process_index()`` of ``jax.process_count()``, or expl
 every slice to the same length so hosts step in lockstep) and shuffles within it; a host yields
 its ``global_batch_size / shard_count`` rows of each global batch, which
 ``device_put_batch`` assembles into one array sharded over the device mesh.
+
+``batch_sampler='balanced'`` replaces the order (``kdface.data._balanced``): each global batch is
+groups of K images of one identity (plus an optional uniform part), one global order computed
+alike on every host, each host taking its contiguous rows of every global batch. A record's
+repeats within an epoch (identities short of K images) draw their own crop and flip from
+``(seed, epoch, record, copy)``; first visits keep the uniform order's keys.
 """
 from __future__ import annotations
 

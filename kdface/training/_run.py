@@ -128,6 +128,13 @@ def _train(fit: FitPlan, source, val_sets: list[VerificationSet]) -> dict[str, A
     config, recipe = fit.config, fit.recipe
     batches = _pipeline(config, source, recipe.student_view, recipe.teacher_view or "original")
     cache = None
+    if config.teacher_cache and recipe.needs_teacher and config.batch_sampler == "balanced":
+        import jax
+        if jax.process_count() > 1:
+            # Each process caches its own slice of the records; the balanced order has every
+            # process read from all of them.
+            raise ValueError("--teacher_cache with --batch_sampler=balanced runs on one process "
+                             f"only (this job has {jax.process_count()})")
     if config.teacher_cache and recipe.needs_teacher:
         from kdface.training._teacher_cache import TeacherCache
         cache = TeacherCache.for_run(fit, source)
