@@ -241,12 +241,24 @@ def test_synthetic_set_through_the_trainers_pipeline(tmp_path):
                                      num_folds=2, data_dir=tmp_path / "data")
     source = builders.load_training_source(tmp_path / "data", out["train"]["name"])
     config = TrainConfig(workdir=str(tmp_path / "w"), batch_size=8, batch_sampler="balanced",
-                         images_per_identity=4, input_size=(SIZE, SIZE), seed=1)
+                         images_per_identity=4, input_size=(32, 32), seed=1)
     batches = run_pipeline(config, source, "low_resolution", "original")
     labels = bal.record_labels(source)
     first = [next(batches) for _ in range(batches.pipeline.batches_per_epoch)]
     _assert_balanced_epoch(first, labels, 4, 8)
     assert batches.pipeline.batches_per_epoch == 3  # 6 identities x 1 group, 2 per batch
+    # --lr_subset reaches the student view: fixed degrades the same images in epoch 0 and 1.
+    for subset, same in (("fixed", True), ("redrawn", False)):
+        it = run_pipeline(config.replace(lr_subset=subset), source, "low_resolution",
+                          "original")
+        sizes = []
+        for _ in range(2):
+            epoch = [next(it) for _ in range(3)]
+            sizes.append({int(i): int(s) for b in epoch
+                          for i, s in zip(b["index"], b["student_size"])})
+        assert set(sizes[0]) == set(sizes[1]) == set(range(18))
+        assert any(sizes[0].values())  # 32 px faces: the 8, 12, 16, 20, 30 px views apply
+        assert (sizes[0] == sizes[1]) == same
 
 
 def test_argument_errors():
