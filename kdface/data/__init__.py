@@ -75,7 +75,8 @@ from kdface.data._pipeline import (
     normalize_images,
 )
 
-__all__ = ["BATCH_SAMPLERS", "LR_SUBSETS", "record_labels", "RecordIOExamples", "align_face", "build_recordio_index", "DecideOnlyAugment", "DeviceLowResolution", "build_training_dataset",
+__all__ = ["BATCH_SAMPLERS", "LR_SUBSETS", "record_labels", "RecordIOExamples",
+           "align_face", "build_recordio_index", "DecideOnlyAugment", "DeviceLowResolution", "build_training_dataset",
            "build_verification_dataset", "built_dataset_names", "dataset_path", "decode_image",
            "default_blur_sigma", "degrade_to_low_resolution", "device_put_batch", "encode_image",
            "face_template", "identity_params", "IdentityFolders", "IdentityParams", "IRHeader",

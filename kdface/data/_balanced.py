@@ -13,13 +13,14 @@ come from a uniform shuffle (EKD mixes 32 random and 32 balanced images).
 **Epoch.** Epoch ``e`` draws, from ``default_rng([seed, tag, e])``:
 
 1. each identity's images in a random order, cut into ``ceil(n_i / K)`` groups of K. The last
-   group of an identity with ``n_i % K != 0`` is topped up by going round that identity's images
-   again (an identity with 1 image gives ``[a, a, a, a]``, one with 5 gives ``[a b c d] [e a b c]``):
-   every image is in the epoch at least once, and an image's repeats are its ``copy`` 1, 2, ...;
+   group of an identity with ``n_i % K != 0`` is topped up by going round that identity's
+   images again (an identity with 1 image gives ``[a, a, a, a]``, one with 5 gives
+   ``[a b c d] [e a b c]``): every image is in the epoch at least once, and an image's repeats
+   are its ``copy`` 1, 2, ...;
 2. the order of the groups: identity ``i``'s ``g_i`` groups get the keys
-   ``((j + phi_i + u_ij / 2) / g_i) mod 1`` (``phi_i``, ``u_ij`` uniform), sorted. Each group's place
-   is uniform over the epoch, and one identity's groups are spread at least ``1 / (2 g_i)`` of the
-   epoch apart, so two of them rarely share a batch (they may: that only adds positives; in an
+   ``((j + phi_i + u_ij / 2) / g_i) mod 1`` (``phi_i``, ``u_ij`` uniform), sorted. Each group's
+   place is uniform over the epoch, and one identity's groups are spread at least
+   ``1 / (2 g_i)`` of the epoch apart, so two of them rarely share a batch (they may: that only adds positives; in an
    MS1M-sized epoch, 4.5 M images of 85 k identities in batches of 128 x 4, none did);
 3. batches of ``P = balanced_rows / K`` groups in that order, ``ceil(G / P)`` batches per epoch
    (``G`` groups in all); a last batch short of groups is filled with the epoch's first groups
@@ -35,7 +36,9 @@ The uniform part is a stream of permutations of all records, ``uniform_rows`` pe
 **Hosts.** The order is one global order, the same on every host (a function of the labels and the
 seed); host ``h`` of ``H`` takes rows ``[h B / H, (h + 1) B / H)`` of each global batch ``B``, so
 the hosts' shares concatenate to the batch one process would make, whatever the host count.
-Each global batch is laid out as its ``balanced_rows`` group rows, then its ``uniform_rows``.
+Each global batch is laid out as its ``balanced_rows`` group rows, then its ``uniform_rows``,
+so a contiguous slice of ``m K`` rows (a relation group of the trainer's
+``--relation_group_size``, a device's rows when K divides them) holds whole identity groups.
 
 **Labels.** The order needs every record's identity before the first batch. ``record_labels``
 reads them once: a ``RecordIO`` from its headers only (no image is read), a built tfds dataset

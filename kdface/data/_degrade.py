@@ -127,10 +127,10 @@ class LowResolutionAugment:
     ``sizes``: LR sizes drawn uniformly (default 8, 12, 16, 20, 30); ``fraction``: share of
     samples degraded (0.4); ``seed``: with ``epoch`` and ``index`` fixes every decision
     (module docstring); ``subset``: 'redrawn' (decisions drawn anew each epoch) or 'fixed' (one
-    subset and one size per sample for the whole run, ``epoch`` ignored); ``blur``: Gaussian blur before downscaling. ``aug(image, epoch=e,
-    index=i)`` returns ``(image uint8 [H, W, 3], size)`` with ``size`` 0 when the image is
-    returned untouched (the same array, not a copy; also when the drawn size is not smaller
-    than the image).
+    subset and one size per sample for the whole run, ``epoch`` ignored); ``blur``: Gaussian
+    blur before downscaling. ``aug(image, epoch=e, index=i)`` returns ``(image uint8 [H, W,
+    3], size)`` with ``size`` 0 when the image is returned untouched (the same array, not a
+    copy; also when the drawn size is not smaller than the image).
     """
 
     def __init__(self, sizes=LR_SIZES, fraction: float = 0.4, seed: int = 0, blur: bool = True,
