@@ -20,8 +20,9 @@ come from a uniform shuffle (EKD mixes 32 random and 32 balanced images).
 2. the order of the groups: identity ``i``'s ``g_i`` groups get the keys
    ``((j + phi_i + u_ij / 2) / g_i) mod 1`` (``phi_i``, ``u_ij`` uniform), sorted. Each group's
    place is uniform over the epoch, and one identity's groups are spread at least
-   ``1 / (2 g_i)`` of the epoch apart, so two of them rarely share a batch (they may: that only adds positives; in an
-   MS1M-sized epoch, 4.5 M images of 85 k identities in batches of 128 x 4, none did);
+   ``1 / (2 g_i)`` of the epoch apart, so two of them rarely share a batch (they may: that
+   only adds positives; in an MS1M-sized epoch, 4.5 M images of 85 k identities in batches of
+   128 x 4, none did);
 3. batches of ``P = balanced_rows / K`` groups in that order, ``ceil(G / P)`` batches per epoch
    (``G`` groups in all); a last batch short of groups is filled with the epoch's first groups
    again (their images' repeats, ``copy`` + K).
