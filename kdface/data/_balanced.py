@@ -50,6 +50,7 @@ memory-mapped, so later runs pay nothing.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 import numpy as np
@@ -76,12 +77,15 @@ def _tfds_labels(source) -> np.ndarray:
         cached = np.load(path, mmap_mode="r")
         if cached.shape == (n,):
             return cached
+    print(f"kdface.data: reading the labels of {n} records once (kept in {path})", flush=True)
     labels = np.empty(n, np.int64)
     for start in range(0, n, _LABEL_CHUNK):
         rows = source.__getitems__(list(range(start, min(n, start + _LABEL_CHUNK))))
         labels[start:start + len(rows)] = [int(r["label"]) for r in rows]
     try:  # a read-only dataset directory: keep the labels in memory only
-        tmp = f"{path}.{os.getpid()}.tmp"
+        # Every host of a job may write it at once (same content): a name per writer, an
+        # atomic rename.
+        tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             np.save(f, labels)
         os.replace(tmp, path)
