@@ -10,6 +10,7 @@ from kdface.data._recordio import (
     IRHeader,
     RecordIO,
     RecordIOError,
+    RecordIOExamples,
     build_recordio_index,
     write_recordio,
 )
@@ -30,6 +31,7 @@ from kdface.data._align import (
 )
 from kdface.data._degrade import (
     LR_SIZES,
+    LR_SUBSETS,
     LowResolutionAugment,
     default_blur_sigma,
     degrade_to_low_resolution,
@@ -63,6 +65,7 @@ from kdface.data._tfds_builders import (
     source_fingerprint,
     write_landmarks_csv,
 )
+from kdface.data._balanced import BATCH_SAMPLERS, record_labels
 from kdface.data._pipeline import (
     VIEWS,
     TwoViewPipeline,
@@ -72,7 +75,8 @@ from kdface.data._pipeline import (
     normalize_images,
 )
 
-__all__ = ["align_face", "build_recordio_index", "DecideOnlyAugment", "DeviceLowResolution", "build_training_dataset",
+__all__ = ["BATCH_SAMPLERS", "LR_SUBSETS", "record_labels", "RecordIOExamples",
+           "align_face", "build_recordio_index", "DecideOnlyAugment", "DeviceLowResolution", "build_training_dataset",
            "build_verification_dataset", "built_dataset_names", "dataset_path", "decode_image",
            "default_blur_sigma", "degrade_to_low_resolution", "device_put_batch", "encode_image",
            "face_template", "identity_params", "IdentityFolders", "IdentityParams", "IRHeader",

@@ -19,6 +19,11 @@ Choices the paper leaves open, made here:
   ``(stream tag, seed, epoch, index)``; a sample is degraded when ``u < fraction`` and then gets
   a size drawn uniformly from ``sizes``. So the student view is a pure function of
   ``(seed, epoch, index)``: identical across workers, hosts and resumed runs.
+* **Which 40 %**: "40 percent of the training set are randomly selected for downscaling as LR
+  samples" (§2.2) reads as one subset, chosen once: ``subset='fixed'`` draws each sample's
+  decision and size from ``(stream tag, seed, index)`` only, the same in every epoch.
+  ``subset='redrawn'`` (the default, kdface's earlier behaviour) draws them anew each epoch, so
+  over a run every image is seen at full and at low resolution.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from kdface.data._images import check_image
 
 __all__ = [
     "LR_SIZES",
+    "LR_SUBSETS",
     "LowResolutionAugment",
     "default_blur_sigma",
     "degrade_to_low_resolution",
@@ -41,6 +47,8 @@ LR_SIZES = (8, 12, 16, 20, 30)  # Wang et al. 2019 §2.2
 _INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR,
                    "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
 _STREAM_TAG = 0x4C52  # "LR": keeps this stream apart from other users of the same seed
+_STREAM_TAG_FIXED = 0x4C46  # "LF": the fixed subset's draws, apart from the per-epoch ones
+LR_SUBSETS = ("redrawn", "fixed")
 
 
 def _check_size(size, height: int, width: int) -> int:
@@ -118,14 +126,15 @@ class LowResolutionAugment:
 
     ``sizes``: LR sizes drawn uniformly (default 8, 12, 16, 20, 30); ``fraction``: share of
     samples degraded (0.4); ``seed``: with ``epoch`` and ``index`` fixes every decision
-    (module docstring); ``blur``: Gaussian blur before downscaling. ``aug(image, epoch=e,
-    index=i)`` returns ``(image uint8 [H, W, 3], size)`` with ``size`` 0 when the image is
-    returned untouched (the same array, not a copy; also when the drawn size is not smaller
-    than the image).
+    (module docstring); ``subset``: 'redrawn' (decisions drawn anew each epoch) or 'fixed' (one
+    subset and one size per sample for the whole run, ``epoch`` ignored); ``blur``: Gaussian
+    blur before downscaling. ``aug(image, epoch=e, index=i)`` returns ``(image uint8 [H, W,
+    3], size)`` with ``size`` 0 when the image is returned untouched (the same array, not a
+    copy; also when the drawn size is not smaller than the image).
     """
 
     def __init__(self, sizes=LR_SIZES, fraction: float = 0.4, seed: int = 0, blur: bool = True,
-                 interpolation: str = "bicubic"):
+                 interpolation: str = "bicubic", subset: str = "redrawn"):
         sizes = tuple(sizes)
         if not sizes or any(isinstance(s, bool) or not isinstance(s, (int, np.integer))
                             or s < 1 for s in sizes):
@@ -136,6 +145,9 @@ class LowResolutionAugment:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
+        if subset not in LR_SUBSETS:
+            raise ValueError(f"subset must be one of {LR_SUBSETS}, got {subset!r}")
+        self.subset = subset
         self.sizes = tuple(int(s) for s in sizes)
         self.fraction = float(fraction)
         self.seed = int(seed)
@@ -147,9 +159,11 @@ class LowResolutionAugment:
         for name, value in (("epoch", epoch), ("index", index)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        rng = np.random.default_rng(
-            np.random.SeedSequence([_STREAM_TAG, self.seed, int(epoch), int(index)])
-        )
+        if self.subset == "fixed":
+            entropy = [_STREAM_TAG_FIXED, self.seed, int(index)]
+        else:
+            entropy = [_STREAM_TAG, self.seed, int(epoch), int(index)]
+        rng = np.random.default_rng(np.random.SeedSequence(entropy))
         if rng.random() >= self.fraction:
             return 0
         return self.sizes[int(rng.integers(len(self.sizes)))]
@@ -167,4 +181,5 @@ class LowResolutionAugment:
 
     def __repr__(self) -> str:
         return (f"LowResolutionAugment(sizes={self.sizes}, fraction={self.fraction}, "
-                f"seed={self.seed}, blur={self.blur}, interpolation={self.interpolation!r})")
+                f"seed={self.seed}, blur={self.blur}, interpolation={self.interpolation!r}, "
+                f"subset={self.subset!r})")

@@ -18,6 +18,12 @@ Sharding: each host (``jax.process_index()`` of ``jax.process_count()``, or expl
 every slice to the same length so hosts step in lockstep) and shuffles within it; a host yields
 its ``global_batch_size / shard_count`` rows of each global batch, which
 ``device_put_batch`` assembles into one array sharded over the device mesh.
+
+``batch_sampler='balanced'`` replaces the order (``kdface.data._balanced``): each global batch is
+groups of K images of one identity (plus an optional uniform part), one global order computed
+alike on every host, each host taking its contiguous rows of every global batch. A record's
+repeats within an epoch (identities short of K images) draw their own crop and flip from
+``(seed, epoch, record, copy)``; first visits keep the uniform order's keys.
 """
 from __future__ import annotations
 
@@ -33,8 +39,10 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kdface.data._balanced import BATCH_SAMPLERS, BalancedOrder, balanced_rows, record_labels
 from kdface.data._degrade import LowResolutionAugment
 from kdface.data._images import decode_image
+from kdface.data._recordio import RecordIO, RecordIOExamples
 from kdface.data._verification_bin import read_verification_bin_encoded
 
 __all__ = [
@@ -96,11 +104,12 @@ class _EpochOrder:
         self._cache: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, stream_index: int) -> tuple[int, int]:
-        """``(epoch, record index)`` of stream position ``stream_index``."""
+    def __call__(self, stream_index: int) -> tuple[int, int, int]:
+        """``(epoch, record index, copy)`` of stream position ``stream_index`` (``copy`` is
+        always 0: each record once per epoch)."""
         epoch, position = divmod(int(stream_index), self.length)
         if not self.shuffle:
-            return epoch, self.start + position
+            return epoch, self.start + position, 0
         with self._lock:
             order = self._cache.get(epoch)
             if order is None:
@@ -110,7 +119,7 @@ class _EpochOrder:
                 if len(self._cache) >= 2:  # threads straddle at most one epoch boundary
                     self._cache.pop(min(self._cache))
                 self._cache[epoch] = order
-        return epoch, self.start + int(order[position])
+        return epoch, self.start + int(order[position]), 0
 
     def __getstate__(self) -> dict:
         # grain worker processes receive the pipeline by pickling: each starts with its own
@@ -137,7 +146,10 @@ class _TwoViews:
         self.crop_from = crop_from
 
     def __call__(self, stream_index: int, _) -> dict[str, np.ndarray]:
-        epoch, record_index = self.order(stream_index)
+        epoch, record_index, copy = self.order(stream_index)
+        # A record's repeats within one epoch (the balanced order's top-ups) draw their own crop
+        # and flip; the first visit keeps the key (seed, epoch, record) of the uniform order.
+        repeat = [copy] if copy else []
         record = self.source[record_index]
         image = decode_image(record["image"], name=f"record {record_index}")
         landmarks = record.get("landmarks")
@@ -149,7 +161,7 @@ class _TwoViews:
                 scale = np.asarray([resized[1] / width, resized[0] / height])
                 landmarks = landmarks * scale.astype(np.float32)[None, :]
         if self.crop_from is not None:
-            rng = np.random.default_rng([self.seed, _TAG_CROP, epoch, record_index])
+            rng = np.random.default_rng([self.seed, _TAG_CROP, epoch, record_index] + repeat)
             top = int(rng.integers(resized[0] - self.image_size[0] + 1))
             left = int(rng.integers(resized[1] - self.image_size[1] + 1))
             image = image[top:top + self.image_size[0], left:left + self.image_size[1]].copy()
@@ -157,7 +169,7 @@ class _TwoViews:
                 landmarks = landmarks - np.asarray([left, top], np.float32)[None, :]
         flipped = False
         if self.flip:
-            rng = np.random.default_rng([self.seed, _TAG_FLIP, epoch, record_index])
+            rng = np.random.default_rng([self.seed, _TAG_FLIP, epoch, record_index] + repeat)
             flipped = bool(rng.random() < 0.5)
         if flipped:
             image = cv2.flip(image, 1)  # a contiguous mirrored copy, faster than [:, ::-1]
@@ -264,7 +276,9 @@ def make_training_pipeline(
         crop_from: Sequence[int] | None = None, normalize: bool = True,
         shard_options: grain.sharding.ShardOptions | None = None,
         num_devices: int | None = None, num_threads: int = 2,
-        prefetch_buffer_size: int | None = None, num_workers: int = 0) -> TwoViewPipeline:
+        prefetch_buffer_size: int | None = None, num_workers: int = 0,
+        batch_sampler: str = "uniform", images_per_identity: int = 4, uniform_images: int = 0,
+        labels=None) -> TwoViewPipeline:
     """Builds the two-view training pipeline over a random-access ``source``.
 
     Args:
@@ -298,6 +312,14 @@ def make_training_pipeline(
         per-example Python work (decode, LR view) holds the GIL; the source and the
         ``student_augment`` must pickle. ``benchmarks/INPUT_PIPELINE.md`` has the measured
         images/s against workers.
+      batch_sampler: 'uniform' (the records shuffled, each once per epoch, hosts reading
+        disjoint slices) or 'balanced': each global batch is ``(global_batch_size -
+        uniform_images) / images_per_identity`` groups of ``images_per_identity`` images of one
+        identity, then ``uniform_images`` uniformly drawn rows; one global order that hosts
+        share row-wise; an epoch visits every record at least once (``kdface.data._balanced``).
+        ``shuffle`` must stay on; epochs are whole batches (``drop_remainder`` is moot).
+      labels: int ``[len(source)]`` identities for the balanced order; default read once from
+        the source (``record_labels``: RecordIO headers, or a cached pass over a tfds source).
     """
     if not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
@@ -318,6 +340,14 @@ def make_training_pipeline(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+    if batch_sampler not in BATCH_SAMPLERS:
+        raise ValueError(f"batch_sampler must be one of {BATCH_SAMPLERS}, got {batch_sampler!r}")
+    balanced = batch_sampler == "balanced"
+    if balanced:
+        group_rows = balanced_rows(global_batch_size, images_per_identity, uniform_images)
+        if not shuffle:
+            raise ValueError("batch_sampler='balanced' draws its batches at random; shuffle=False "
+                             "is for the uniform sampler")
     image_size = tuple(int(v) for v in image_size)
     if len(image_size) != 2 or min(image_size) < 1:
         raise ValueError(f"image_size must be (height, width), got {image_size!r}")
@@ -337,12 +367,23 @@ def make_training_pipeline(
         raise ValueError(f"global_batch_size {global_batch_size} must be divisible by the "
                          f"number of hosts/shards {shard_options.shard_count}")
     host_batch = global_batch_size // shard_options.shard_count
+    if isinstance(source, RecordIO):
+        source = RecordIOExamples(source)
     num_records = len(source)
     start, end = _even_split(num_records, shard_options)
-    if end <= start:
+    if balanced:
+        if labels is not None and np.shape(labels) != (num_records,):
+            raise ValueError(f"labels must have one entry per record ({num_records}), got shape "
+                             f"{np.shape(labels)}")
+        order = BalancedOrder(
+            record_labels(source) if labels is None else labels, seed=int(seed),
+            images_per_identity=images_per_identity, balanced=group_rows,
+            uniform=global_batch_size - group_rows, host_rows=host_batch,
+            host_index=shard_options.shard_index)
+    elif end <= start:
         raise ValueError(f"shard {shard_options.shard_index} of {shard_options.shard_count} "
                          f"is empty ({num_records} records)")
-    if drop_remainder and end - start < host_batch:
+    elif drop_remainder and end - start < host_batch:
         raise ValueError(f"each host has {end - start} records, fewer than one batch of "
                          f"{host_batch} (drop_remainder=True would yield nothing)")
     if student_view == "low_resolution" and student_augment is None:
@@ -350,8 +391,9 @@ def make_training_pipeline(
     if student_view == "original":
         student_augment = None
 
-    order = _EpochOrder(start, end - start, int(seed), bool(shuffle))
-    positions = grain.MapDataset.range(end - start).repeat(num_epochs)
+    if not balanced:
+        order = _EpochOrder(start, end - start, int(seed), bool(shuffle))
+    positions = grain.MapDataset.range(order.length).repeat(num_epochs)
     examples = positions.map_with_index(_TwoViews(
         source, order=order, seed=int(seed), flip=flip, teacher_view=teacher_view,
         student_augment=student_augment, image_size=image_size, crop_from=crop_from))
@@ -360,6 +402,8 @@ def make_training_pipeline(
         # Once per batch rather than per example: one float32 allocation instead of 2B.
         batches = batches.map(_normalize_views)
     per_epoch = (end - start) // host_batch if drop_remainder else -(-(end - start) // host_batch)
+    if balanced:
+        per_epoch = order.batches_per_epoch
     fingerprint = {
         "num_records": num_records, "shard": [shard_options.shard_index, shard_options.shard_count],
         "global_batch_size": global_batch_size, "seed": int(seed), "shuffle": bool(shuffle),
@@ -369,6 +413,9 @@ def make_training_pipeline(
     }
     if crop_from is not None:  # absent otherwise, so states saved before the option still load
         fingerprint["crop_from"] = list(crop_from)
+    if balanced:  # likewise absent for the uniform sampler
+        fingerprint.update(batch_sampler=batch_sampler, images_per_identity=images_per_identity,
+                           uniform_images=global_batch_size - group_rows)
     read_options = grain.ReadOptions(
         num_threads=num_threads,
         prefetch_buffer_size=prefetch_buffer_size if prefetch_buffer_size is not None

@@ -47,6 +47,7 @@ __all__ = [
     "IRHeader",
     "RecordIO",
     "RecordIOError",
+    "RecordIOExamples",
     "build_recordio_index",
     "pack_irheader",
     "unpack_irheader",
@@ -246,6 +247,26 @@ class RecordIO(collections.abc.Sequence):
 
     def __repr__(self) -> str:
         return f"RecordIO({self.rec_path!r}, layout={self.layout!r}, images={len(self)})"
+
+
+class RecordIOExamples(collections.abc.Sequence):
+    """A ``RecordIO`` as a training-pipeline source: ``examples[i]`` is ``{'image': encoded
+    bytes, 'label': int64}`` (decoded later, in the pipeline) and ``labels`` the headers' labels
+    (no image read), which the balanced batch order needs before the first batch."""
+
+    def __init__(self, records: RecordIO):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        label, data = self.records.read_encoded(index)
+        return {"image": data, "label": np.int64(label)}
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.records.labels
 
 
 def write_recordio(rec_path, samples, *, idx_path=None, layout: str = "flat",

@@ -148,6 +148,22 @@ class TrainConfig:
                                                "cropped and flipped'); unset: resize only.")
     flip: bool = option(True, "Random horizontal flip, identical for both views.")
     seed: int = option(0, "Seed of initialization, shuffling, flips and degradation.")
+    batch_sampler: str = option("uniform", "How batches are drawn: uniform (records shuffled, "
+                                "each once per epoch) | balanced (groups of "
+                                "--images_per_identity images of one identity, P x K as FaceNet "
+                                "/ Hermans et al.'s batch-hard triplets; an epoch visits every "
+                                "image at least once, identities short of K repeat images).",
+                                choices=("uniform", "balanced"))
+    images_per_identity: int = option(4, "K of balanced batches: images per identity group (4, "
+                                      "Hermans et al. 2017 and TFace's EKD sampler).")
+    uniform_images: int = option(0, "Rows of each balanced batch drawn uniformly instead (EKD: "
+                                 "32 random + 32 balanced); the rest, batch_size - "
+                                 "uniform_images, must be a multiple of --images_per_identity.")
+    lr_subset: str = option("redrawn", "Low-resolution view: which images are degraded. "
+                            "redrawn: drawn anew every epoch (kdface's earlier behaviour); fixed: "
+                            "one subset and size per image for the whole run (Wang et al. 2019 "
+                            "§2.2: '40 percent of the training set are randomly selected').",
+                            choices=("redrawn", "fixed"))
     # --- optimization -------------------------------------------------------------------------
     batch_size: int = option(128, "Global batch size (seeds: 512; divisible by devices).")
     steps: int | None = option(None, "Training steps (1000 when neither --steps nor --epochs "
@@ -232,6 +248,14 @@ class TrainConfig:
             raise ValueError(f"relation_group_size {self.relation_group_size} must be 0 (the "
                              f"whole batch) or divide batch_size {self.batch_size} "
                              f"(--relation_group_size, --batch_size)")
+        if self.batch_sampler == "balanced":
+            from kdface.data._balanced import balanced_rows
+            balanced_rows(self.batch_size, self.images_per_identity, self.uniform_images)
+            if self.relation_group_size % self.images_per_identity:
+                raise ValueError(f"relation_group_size {self.relation_group_size} must be a "
+                                 f"multiple of images_per_identity {self.images_per_identity} "
+                                 f"with balanced batches (a group would split an identity's "
+                                 f"images) (--relation_group_size, --images_per_identity)")
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be 0 (batches made in this process) or more "
                              f"worker processes, got {self.data_workers} (--data_workers)")

@@ -76,14 +76,16 @@ def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str)
     augment = None
     if student_view == "low_resolution":
         augment = LowResolutionAugment(sizes=tuple(config.lr_sizes), fraction=config.lr_fraction,
-                                       seed=config.seed)
+                                       seed=config.seed, subset=config.lr_subset)
         if config.lr_on_device:
             augment = DecideOnlyAugment(augment)
     return PipelineBatches(make_training_pipeline(
         source, global_batch_size=config.batch_size, seed=config.seed, flip=config.flip,
         teacher_view="original" if teacher_view == "original" else "augmented",
         student_view=student_view, student_augment=augment, image_size=config.input_size,
-        crop_from=config.crop_from or None, normalize=False, num_workers=config.data_workers))
+        crop_from=config.crop_from or None, normalize=False, num_workers=config.data_workers,
+        batch_sampler=config.batch_sampler, images_per_identity=config.images_per_identity,
+        uniform_images=config.uniform_images))
 
 
 def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | None = None,
@@ -126,6 +128,13 @@ def _train(fit: FitPlan, source, val_sets: list[VerificationSet]) -> dict[str, A
     config, recipe = fit.config, fit.recipe
     batches = _pipeline(config, source, recipe.student_view, recipe.teacher_view or "original")
     cache = None
+    if config.teacher_cache and recipe.needs_teacher and config.batch_sampler == "balanced":
+        import jax
+        if jax.process_count() > 1:
+            # Each process caches its own slice of the records; the balanced order has every
+            # process read from all of them.
+            raise ValueError("--teacher_cache with --batch_sampler=balanced runs on one process "
+                             f"only (this job has {jax.process_count()})")
     if config.teacher_cache and recipe.needs_teacher:
         from kdface.training._teacher_cache import TeacherCache
         cache = TeacherCache.for_run(fit, source)
