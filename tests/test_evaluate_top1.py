@@ -216,7 +216,12 @@ def test_top1_equals_numpy_argmax_over_the_checkpoints_head(env, run_name, crop)
     records = env["records"]
     opened = evaluation.open_face_records(records)
     split = evaluation.records_split(opened, fraction=FRACTION, seed=0)
-    result = evaluation.classification_report(evaluation.Embedder(env[run_name]), opened, split)
+    run = evaluation.Embedder(env[run_name])
+    shown = []
+    run.predictions = lambda images, f=run.predictions: shown.extend(images) or f(images)
+    result = evaluation.classification_report(run, opened, split)
+    # the network saw the test view written out here (argmax alone hardly tells views apart)
+    np.testing.assert_array_equal(np.stack(shown), _test_images(records, split.test, crop))
     predicted, top1 = _reference(env[run_name], records, split.test, crop)
     np.testing.assert_array_equal(result["predicted"], predicted)
     assert result["top1_accuracy"] == pytest.approx(top1, abs=1e-12)
