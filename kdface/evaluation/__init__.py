@@ -51,7 +51,8 @@ from kdface.evaluation._split import (HELDOUT_FRACTION, HeldOutSplit, TrainingVi
                                       heldout_split, record_key, split_training_source)
 
 __all__ = ["aligned_crops", "Alignment", "alignment_report", "centre_view", "check_lr_sizes",
-           "Classification", "classification_report", "compare", "embed_records", "Embedder", "EmbeddingFile", "Evaluator", "EVALUATORS",
+           "Classification", "classification_report", "compare", "embed_records", "Embedder",
+           "EmbeddingFile", "Evaluator", "EVALUATORS",
            "export_embeddings", "FaceRecords", "HELDOUT_FRACTION", "heldout_split",
            "HeldOutSplit", "Identification", "identification_arrays",
            "identification_report", "ijb_embeddings", "IJB_NAMES", "ijb_report", "IjbMeta",
