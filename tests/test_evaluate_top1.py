@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pickle
 import shutil
 
@@ -129,17 +130,21 @@ def test_split_size_coverage_duplicates_and_seed(env):
     assert split.num_classes == CLASSES and split.test_identities == CLASSES
 
 
-def test_split_is_the_same_content_in_a_rec_and_its_built_tfds_set(env):
+def test_split_is_the_same_content_in_a_rec_its_built_tfds_set_and_folders(env):
     tmp = env["tmp"]
+    for i, r in enumerate(env["records"]):
+        os.makedirs(tmp / "folders" / f"id{r['label']}", exist_ok=True)
+        (tmp / "folders" / f"id{r['label']}" / f"{i:03d}.png").write_bytes(r["image"])
     rec = evaluation.open_face_records(str(tmp / "train.rec"))
     built = evaluation.open_face_records("top1_train", data_dir=str(tmp / "tfds"))
+    folders = evaluation.open_face_records(str(tmp / "folders"))
     contents = []
-    for records in (rec, built):
+    for records in (rec, built, folders):
         split = evaluation.records_split(records, fraction=FRACTION, seed=3)
         contents.append(sorted((records.read_encoded(int(i))[0],
                                 bytes(records.read_encoded(int(i))[1])) for i in split.test))
-    assert contents[0] == contents[1]
-    assert len(contents[0]) == 10
+    assert contents[0] == contents[1] == contents[2]
+    assert len(contents[0]) == 10  # 1 + 2 + 3 + 4: at seed 3 the duplicate pair trains
 
 
 def test_training_view_is_the_complement_and_the_trainer_read_only_it(env):
