@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from kdface import evaluate, evaluation, metrics
+from kdface import evaluate, evaluation
 from kdface.data import build_training_dataset, decode_image, encode_image, write_recordio
 
 from _train_helpers import CLASSES, tiny_config
@@ -289,20 +289,6 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path):
         evaluation.Classification([])
 
 
-def test_metric_counts_and_checks():
-    out = metrics.classification_top1([0, 2, 1, 1, 3], [0, 1, 1, 1, 3])
-    assert out["top1_accuracy"] == 0.8 and out["num_correct"] == 4
-    np.testing.assert_allclose(out["per_identity_accuracy"], [1.0, 2 / 3, 1.0])
-    with pytest.raises(ValueError, match="3 predictions but 2 labels"):
-        metrics.classification_top1([0, 1, 2], [0, 1])
-    with pytest.raises(ValueError, match="empty set"):
-        metrics.classification_top1(np.array([], int), np.array([], int))
-    with pytest.raises(TypeError, match="must be int"):
-        metrics.classification_top1([0.0], [0])
-    with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
-        metrics.classification_top1([3], [0], num_classes=3)
-
-
 # --- the command ---------------------------------------------------------------------------
 
 def test_cli_prints_the_figure_and_writes_it(env, capsys):
@@ -322,7 +308,7 @@ def test_cli_prints_the_figure_and_writes_it(env, capsys):
         assert got["top1_accuracy"] == pytest.approx(want["top1_accuracy"], abs=1e-12)
         assert got["num_images"] == 11 and got["held_out"] is False
         assert f"| {name} | 11 | 4 | {want['top1_accuracy']:.4f} | **no** |" in text
-    assert "## Classification top-1" in text
+    assert "## Classification top-1" in text and "held out of training" in text
     assert report["classification"]["num_test_images"] == 11
     assert "training-set figure" in " ".join(report["runs"]["cos"]["notes"])
 
@@ -341,6 +327,14 @@ def test_cli_errors_are_one_line(env, args, code, needle, capsys):
     # the message is one line; a usage error adds the command's pointer to --help
     assert lines[1:] == ([] if code == 1 else
                          ["Run python -m kdface.evaluate --help for the flags."])
+
+
+def test_cli_help_lists_the_top1_flags(capsys):
+    assert evaluate.main(["prog", "--help"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("--top1_data", "--top1_fraction", "--top1_seed", "Classification top-1",
+                   "we randomly split them into training and testing samples"):
+        assert needle in text
 
 
 def test_cli_refuses_a_run_of_other_classes(env, tmp_path, capsys):
