@@ -3,7 +3,7 @@ r"""`python -m kdface.evaluate`: compare a teacher and its students under the pa
   python -m kdface.evaluate --runs=teacher=runs/teacher,student=runs/kd_im \
       --val_data=lfw.bin,cfp_fp.bin,lfw/pairs.txt=lfw/images --lr_sizes=8,12,16,20 --flip \
       --identification_data=scface_like.rec --distractors=megaface_emb.npy \
-      --alignment_data=celeba_landmarks --out=report
+      --top1_data=casia_webface.rec --alignment_data=celeba_landmarks --out=report
 
 Runs (``--runs=name=PATH,...``): a kdface training workdir (``config.json`` + ``checkpoints/``;
 the latest checkpoint's student network is rebuilt as trained; a ``generations`` parent uses its
