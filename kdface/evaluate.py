@@ -3,7 +3,7 @@ r"""`python -m kdface.evaluate`: compare a teacher and its students under the pa
   python -m kdface.evaluate --runs=teacher=runs/teacher,student=runs/kd_im \
       --val_data=lfw.bin,cfp_fp.bin,lfw/pairs.txt=lfw/images --lr_sizes=8,12,16,20 --flip \
       --identification_data=scface_like.rec --distractors=megaface_emb.npy \
-      --alignment_data=celeba_landmarks --out=report
+      --top1_data=casia_webface.rec --alignment_data=celeba_landmarks --out=report
 
 Runs (``--runs=name=PATH,...``): a kdface training workdir (``config.json`` + ``checkpoints/``;
 the latest checkpoint's student network is rebuilt as trained; a ``generations`` parent uses its
@@ -42,6 +42,16 @@ Protocols, each optional:
   (benchmarks/IDENTIFICATION_SCALE.md), and Wang et al. 2017's
   nearest-neighbour top-1 verification (Euclidean, leave-one-out over gallery + probes:
   give a dataset of identities held out from training).
+* Classification top-1 (``--top1_data``: the runs' training data; Wang et al. 2017 Tables 1-2
+  "Top1 acc"): a held-out split of the training identities' images, per identity the
+  ``floor(--top1_fraction x d)`` images (of ``d`` distinct ones, at most ``d - 1``) whose seeded
+  content hash (``--top1_seed``; label + stored image bytes, so a ``.rec`` and the tfds set built
+  from it split alike) is smallest; the argmax over each run's own trained head (its class count
+  must be the data's) is compared with the label; top-1 = the fraction equal. The paper's
+  proportion is not given ("we randomly split them into training and testing samples"): 0.1 is
+  kdface's choice. A run whose ``config.json`` records no ``holdout_fraction`` trained on the
+  test images too: its row says "held out: no" (a training-set figure). Test view: a
+  ``--crop_from`` run's centre crop, else the resized image; no flip.
 * Alignment (``--alignment_data``: a labelled dataset with 5-point landmarks): NRMSE of runs
   trained with ``--recipe=transfer --transfer_task=alignment`` (Wang et al. 2017). Predictions
   and ground truth are compared in pixels of the network input, the frame the training targets
@@ -74,8 +84,8 @@ import sys
 from collections.abc import Sequence
 
 from kdface._cli import UsageError, parse_command_line, report_usage_error
-from kdface.evaluation import (Alignment, IjbVerification, Identification, ModelFacts,
-                               Verification, compare, export_embeddings, load_sets,
+from kdface.evaluation import (Alignment, Classification, IjbVerification, Identification,
+                               ModelFacts, Verification, compare, export_embeddings, load_sets,
                                markdown_table, open_face_records, open_run, parse_ijb_spec)
 
 PROG = "kdface.evaluate"
@@ -124,6 +134,16 @@ def define_flags(fv):
                       "expects), e.g. IJBC:/data/IJB_release/IJBC.", **d)
     flags.DEFINE_list("ijb_far_targets", ["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
                       "FARs of the IJB TAR@FAR table.", **d)
+    flags.DEFINE_string("top1_data", None, "The runs' training data (built set name or "
+                        "directory, .rec, folder per identity) for Wang et al. 2017's "
+                        "classification top-1: argmax of each run's own head on a held-out "
+                        "split of its training identities' images.", **d)
+    flags.DEFINE_float("top1_fraction", 0.1, "Held-out fraction of each identity's images "
+                       "for --top1_data (Wang et al. 2017: \"we randomly split them into "
+                       "training and testing samples\", proportion not given: kdface's "
+                       "choice 0.1).", **d)
+    flags.DEFINE_integer("top1_seed", 0, "Seed of the --top1_data split (a seeded hash of "
+                         "each image's label and bytes).", **d)
     flags.DEFINE_string("alignment_data", None, "Labelled dataset with 5-point landmarks for "
                         "the NRMSE of landmark-head runs (Wang et al. 2017).", **d)
     flags.DEFINE_string("landmarks", None, "Landmarks CSV for a .rec/folder alignment "
@@ -193,6 +213,10 @@ def parse_settings(fv) -> dict:
     for name in ("batch_size", "latency_repeats", "probe_chunk", "item_chunk"):
         if getattr(fv, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(fv, name)}")
+    if not 0.0 < fv.top1_fraction < 1.0:
+        raise UsageError(f"--top1_fraction must lie in (0, 1), got {fv.top1_fraction:g}")
+    if fv.top1_seed < 0:
+        raise UsageError(f"--top1_seed must be >= 0, got {fv.top1_seed}")
     try:
         ijb = [parse_ijb_spec(entry) for entry in fv.ijb]
     except ValueError as err:
@@ -209,7 +233,7 @@ def _records(fv, spec, **kwargs):
 
 def build_evaluators(fv, settings: dict, sets: dict, opened: dict) -> list:
     """The protocol objects the flags ask for, in the report's order: verification (with the
-    LR probes), identification, IJB, alignment, model facts."""
+    LR probes), identification, classification top-1, IJB, alignment, model facts."""
     verification = Verification(sets, lr_sizes=settings["lr_sizes"], protocol=fv.protocol,
                                 flip=fv.flip, folds=fv.folds,
                                 far_targets=settings["far_targets"])
@@ -218,6 +242,9 @@ def build_evaluators(fv, settings: dict, sets: dict, opened: dict) -> list:
         ident, distractors=fv.distractors, distractor_records=_records(fv, fv.distractor_data),
         flip=verification.flip, ranks=settings["ranks"], fpr_targets=settings["fpr_targets"],
         probe_chunk=fv.probe_chunk, item_chunk=fv.item_chunk)]
+    if fv.top1_data is not None:
+        evaluators.append(Classification(_records(fv, fv.top1_data), fraction=fv.top1_fraction,
+                                         seed=fv.top1_seed))
     if settings["ijb"]:
         evaluators.append(IjbVerification(settings["ijb"],
                                           far_targets=settings["ijb_far_targets"]))
@@ -226,9 +253,10 @@ def build_evaluators(fv, settings: dict, sets: dict, opened: dict) -> list:
     if fv.model_facts:
         evaluators.append(ModelFacts(latency_repeats=fv.latency_repeats))
     files = not all(run.embeds_images for run in opened.values())
-    if not (sets or settings["ijb"] or files or ident is not None or fv.alignment_data):
+    if not (sets or settings["ijb"] or files or ident is not None or fv.alignment_data
+            or fv.top1_data):
         raise ValueError("nothing to evaluate: give verification sets, IJB sets, "
-                         "identification data or alignment data")
+                         "identification data, top-1 data or alignment data")
     return evaluators
 
 

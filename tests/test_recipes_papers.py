@@ -194,6 +194,16 @@ TRANSFER_CLASSIFICATION = TRANSFER_COMMON + [
         "continue' (value lost)"),
     Pin("batch_size", 256, f"{CHOICE}: the classification batch is lost in the text"),
 ]
+TRANSFER_CLASSIFICATION_SCRATCH = TRANSFER_COMMON + [
+    Pin("terms", ("softmax", "soft_prediction"), "kd_transfer eq. 2 (Table 1 'Targets', Table 2 "
+        "'Scratch [9]': '(1): student networks are not initialized')"),
+    Pin("term:soft_prediction", (1.0, {"temperature": 4.0}), T_SOFT),
+    Pin("learning_rate", 0.1, f"{CHOICE}: the rate 'if the network is trained from scratch' is "
+        "lost; transfer_pretrain.flags' from-scratch schedule"),
+    Pin("epochs", 30, f"{CHOICE}: '[...] epochs are used in each rate' (value lost), 3 rates"),
+    Pin("decay_epochs", (10, 20), f"{CHOICE}: 10 epochs per rate, as transfer_pretrain.flags"),
+    Pin("init_checkpoint", None, "kd_transfer: 'student networks are not initialized'"),
+]
 TRANSFER_ALIGNMENT = TRANSFER_COMMON + [
     Pin("terms", ("landmark", "hidden"), "kd_transfer §4.2.1: 'in face alignment, the hidden "
         "layer is preferred for distillation, which gives Eqn.(7) by setting [α = 0]'"),
@@ -270,6 +280,7 @@ PAPER_TABLES = {
     "scratch_student.flags": SCRATCH_STUDENT, "pwr.flags": PWR,
     "pwr_baseline.flags": PWR_BASELINE, "transfer_pretrain.flags": TRANSFER_PRETRAIN,
     "transfer_classification.flags": TRANSFER_CLASSIFICATION,
+    "transfer_classification_scratch.flags": TRANSFER_CLASSIFICATION_SCRATCH,
     "transfer_alignment.flags": TRANSFER_ALIGNMENT,
     "transfer_verification.flags": TRANSFER_VERIFICATION, "vargface.flags": VARGFACE,
     "vargface_scratch.flags": VARGFACE_SCRATCH, "vargface_y2.flags": VARGFACE_Y2,
@@ -291,6 +302,21 @@ def test_flagfile_builds_what_its_paper_states(flagfile):
         got = _resolved(config, pin.what)
         assert got == pin.value, f"{flagfile}: {pin.what} = {got!r}, expected {pin.value!r} " \
                                  f"({pin.source})"
+
+
+def test_transfer_scratch_rows_are_the_distillation_on_the_from_scratch_schedule():
+    """transfer_classification_scratch.flags = transfer_classification.flags but the schedule,
+    which is transfer_pretrain.flags' (kd_transfer: 'if the network is trained from scratch,
+    [...] is used; while if the network is initialized, [...] is used to continue')."""
+    schedule = ("learning_rate", "schedule", "epochs", "decay_epochs", "steps", "decay_steps",
+                "warmup_steps")
+    scratch = config_from_flagfile("transfer_classification_scratch.flags")
+    distill = config_from_flagfile("transfer_classification.flags")
+    pretrain = config_from_flagfile("transfer_pretrain.flags")
+    for f in dataclasses.fields(TrainConfig):
+        want = pretrain if f.name in schedule else distill
+        assert getattr(scratch, f.name) == getattr(want, f.name), f.name
+    assert scratch.learning_rate != distill.learning_rate and scratch.epochs != distill.epochs
 
 
 # --- the ablation map (docs/RECIPES.md): every table row -> flags on top of a flagfile --------
@@ -364,10 +390,12 @@ ABLATION_ROWS = [
          "--student_options=", ("softmax", 1.0)),
     _row("kd_transfer", "softmax-pretrained student (eq. 3)", "transfer_pretrain.flags", "",
          ("softmax", 1.0)),
-    _row("kd_transfer", "Table 1 Targets: Hidden", "transfer_classification.flags",
-         "--lambda_soft=0 --lambda_hidden=1 --learning_rate=0.1", ("softmax", 1.0), HID),
+    _row("kd_transfer", "Table 1 Targets: Hidden", "transfer_classification_scratch.flags",
+         "--lambda_soft=0 --lambda_hidden=1", ("softmax", 1.0), HID),
     _row("kd_transfer", "Table 1 Targets: Soft = Initialization: Scratch = Table 2 Scratch",
-         "transfer_classification.flags", "--learning_rate=0.1", ("softmax", 1.0), SOFT),
+         "transfer_classification_scratch.flags", "", ("softmax", 1.0), SOFT),
+    _row("kd_transfer", "Table 2 ResNet-50/2, Scratch", "transfer_classification_scratch.flags",
+         "--student_options=width_divisor=2", ("softmax", 1.0), SOFT),
     _row("kd_transfer", "Table 1 Initialization: Ours = Table 2 Ours",
          "transfer_classification.flags", "", ("softmax", 1.0), SOFT),
     _row("kd_transfer", "Table 2 ResNet-50/2, Ours", "transfer_classification.flags",

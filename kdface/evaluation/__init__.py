@@ -1,7 +1,9 @@
 """The evaluator behind ``python -m kdface.evaluate`` and ``kdface.compare``.
 
 ``_evaluators``: one protocol object per evaluation protocol (:class:`Verification` with the LR
-probes, :class:`Identification`, :class:`IjbVerification`, :class:`Alignment`, :class:`ModelFacts`),
+probes, :class:`Identification`, :class:`IjbVerification`, :class:`Alignment`, :class:`ModelFacts`;
+``_classification``: :class:`Classification`, Wang et al. 2017's top-1 on ``_split``'s held-out
+images, with :class:`TrainingView`, the training set without them),
 each built once from its settings, evaluating one run at a time and rendering its own report
 sections (their interface, :class:`Evaluator`, in ``_evaluator``); ``_embedder``: runs (a training
 workdir's network, or an exported-embedding file); ``_imported``: a third-party teacher file
@@ -16,6 +18,8 @@ a second.
 """
 from __future__ import annotations
 
+from kdface.evaluation._classification import (Classification, centre_view,
+                                               classification_report, records_split)
 from kdface.evaluation._embedder import Embedder, EmbeddingFile, resolve_workdir
 from kdface.evaluation._evaluator import Evaluator
 from kdface.evaluation._evaluators import (EVALUATORS, Alignment, Identification, IjbVerification,
@@ -43,13 +47,18 @@ from kdface.evaluation._sources import (
     set_name,
     split_gallery_probe,
 )
+from kdface.evaluation._split import (HELDOUT_FRACTION, HeldOutSplit, TrainingView,
+                                      heldout_split, record_key, split_training_source)
 
-__all__ = ["aligned_crops", "Alignment", "alignment_report", "check_lr_sizes", "compare",
-           "embed_records", "Embedder", "EmbeddingFile", "Evaluator", "EVALUATORS",
-           "export_embeddings", "FaceRecords", "Identification", "identification_arrays",
+__all__ = ["aligned_crops", "Alignment", "alignment_report", "centre_view", "check_lr_sizes",
+           "Classification", "classification_report", "compare", "embed_records", "Embedder",
+           "EmbeddingFile", "Evaluator", "EVALUATORS",
+           "export_embeddings", "FaceRecords", "HELDOUT_FRACTION", "heldout_split",
+           "HeldOutSplit", "Identification", "identification_arrays",
            "identification_report", "ijb_embeddings", "IJB_NAMES", "ijb_report", "IjbMeta",
            "IjbVerification", "load_sets", "lr_report", "markdown_table", "ModelFacts",
-           "open_face_records", "open_run", "parse_ijb_spec", "resolve_workdir", "set_name",
-           "split_gallery_probe", "TeacherEmbedder", "to_jsonable", "Verification",
+           "open_face_records", "open_run", "parse_ijb_spec", "record_key", "records_split",
+           "resolve_workdir", "set_name", "split_gallery_probe", "split_training_source",
+           "TeacherEmbedder", "to_jsonable", "TrainingView", "Verification",
            "verification_from_embeddings", "verification_report", "write_json_and_markdown",
            "write_report"]

@@ -45,8 +45,9 @@ class Embedder:
 
     Attributes: ``config`` (the run's config dict), ``workdir``, ``step``, ``input_size``
     (H, W), ``embedding_size``, ``has_landmarks`` (the run's network carries Wang et al. 2017's
-    landmark head), ``network`` (the eval-mode ``FaceNetwork``), ``embeds_images`` (True: the
-    evaluators hand it images).
+    landmark head), ``has_head`` and ``num_classes`` (its trained classifier head, which
+    :meth:`predictions` reads), ``network`` (the eval-mode ``FaceNetwork``), ``embeds_images``
+    (True: the evaluators hand it images).
     """
 
     embeds_images = True
@@ -65,11 +66,20 @@ class Embedder:
         self.network = restored.network
         self.network.eval()
         self.has_landmarks = self.network.landmark_head is not None
+        self.has_head = True
+        self.num_classes = int(restored.num_classes)
         self.embedding_size = int(self.network.backbone.embedding_size)
         self.batch_size = batch_size
         self._graphdef, self._state = nnx.split(self.network)
 
         graph = self._graphdef
+
+        @jax.jit
+        def predict(state, images):
+            # argmax on the device: [N] ints leave it, not [N, C] logits (85,742 on MS1M)
+            logits = nnx.merge(graph, state, copy=True)(images)["logits"]
+            return jax.numpy.argmax(logits, axis=1)
+        self._predict = predict
 
         @jax.jit
         def forward(state, images):
@@ -124,6 +134,24 @@ class Embedder:
             for key, value in self._forward(self._state, x).items():
                 parts.setdefault(key, []).append(np.asarray(value, np.float32)[:m])
         return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def predictions(self, images) -> np.ndarray:
+        """int64 ``[N]``: the identity of each image's maximum prediction, ``argmax`` over the
+        run's own trained classifier head (the softmax head's logits, or a margin head's
+        ``logit_scale * cos θ``: the same argmax as cos θ; no margin at test time). Ties go to
+        the lowest class index (``argmax``'s rule)."""
+        n = len(images)
+        if n == 0:
+            raise ValueError("no images to classify")
+        chunk = min(self.batch_size, _next_pow2(n))
+        parts = []
+        for i in range(0, n, chunk):
+            x = self.prepare(images[i:i + chunk])
+            m = x.shape[0]
+            if m < chunk:
+                x = np.concatenate([x, np.zeros((chunk - m, *x.shape[1:]), x.dtype)])
+            parts.append(np.asarray(self._predict(self._state, x), np.int64)[:m])
+        return np.concatenate(parts)
 
     def __call__(self, images) -> np.ndarray:
         """Embeddings ``[N, E]`` float32 (not normalized) of uint8 images."""
@@ -198,6 +226,7 @@ class EmbeddingFile:
 
     embeds_images = False
     has_landmarks = False
+    has_head = False
 
     def __init__(self, path: str):
         self.path = os.fspath(path)

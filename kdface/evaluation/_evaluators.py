@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from kdface import metrics
+from kdface.evaluation._classification import Classification
 from kdface.evaluation._embedder import Embedder, EmbeddingFile
 from kdface.evaluation._evaluator import (Evaluator, Run, cell, far_label, file_part, keyed,
                                           pick, roc_plots, table)
@@ -469,5 +470,6 @@ class ModelFacts(Evaluator):
         return lines + [""]
 
 
-EVALUATORS = (Verification, Identification, IjbVerification, Alignment, ModelFacts)
+EVALUATORS = (Verification, Identification, Classification, IjbVerification, Alignment,
+              ModelFacts)
 """Every protocol, in the report's order: :func:`markdown_table`'s default renderers."""

@@ -47,6 +47,7 @@ class TeacherEmbedder(Embedder):
         self.config = {"teacher": spec, "arch": self.arch, "input_size": list(self.input_size)}
         self.embedding_size = int(backbone.embedding_size)
         self.has_landmarks = False
+        self.has_head = False  # a backbone file: no classifier over the training identities
         self.network = types.SimpleNamespace(backbone=backbone, landmark_head=None)
         self.batch_size = batch_size
         graph, self._teacher_state = nnx.split(backbone)

@@ -88,10 +88,12 @@ class FaceRecords:
     pixels of that image, or None. ``name`` describes the source for messages and reports.
     """
 
-    def __init__(self, name: str, count: int, read: Callable[[int], tuple[int, np.ndarray, Any]]):
+    def __init__(self, name: str, count: int, read: Callable[[int], tuple[int, np.ndarray, Any]],
+                 read_encoded: Callable[[int], tuple[int, Any]] | None = None):
         self.name = name
         self._count = int(count)
         self._read = read
+        self._read_encoded = read_encoded
 
     def __len__(self) -> int:
         return self._count
@@ -101,6 +103,16 @@ class FaceRecords:
         if landmarks is not None:
             landmarks = np.asarray(landmarks, np.float32).reshape(-1, 2)
         return int(label), image, landmarks
+
+    def read_encoded(self, i: int) -> tuple[int, Any]:
+        """``(label, image as stored)``: the encoded bytes of a ``.rec``, a built set or a
+        file, or the array of an in-memory record; nothing is decoded (the held-out split's
+        content keys, ``kdface.evaluation.heldout_split``)."""
+        if self._read_encoded is None:
+            label, image, _ = self._read(i)
+            return int(label), image
+        label, image = self._read_encoded(i)
+        return int(label), image
 
 
 def _record_reader(records, name: str, landmarks_csv: dict | None = None):
@@ -117,6 +129,13 @@ def _record_reader(records, name: str, landmarks_csv: dict | None = None):
         if points is None and landmarks_csv is not None:
             points = _csv_points(landmarks_csv, str(i), name)
         return rec["label"], image, points
+    return read
+
+
+def _encoded_reader(records):
+    def read(i):
+        rec = records[i]
+        return rec["label"], rec["image"]
     return read
 
 
@@ -142,7 +161,8 @@ def open_face_records(spec: Any, *, data_dir: str = "data",
         return spec
     table = read_landmarks_csv(landmarks) if landmarks else None
     if isinstance(spec, (list, tuple)):
-        return FaceRecords("records", len(spec), _record_reader(spec, "records", table))
+        return FaceRecords("records", len(spec), _record_reader(spec, "records", table),
+                           _encoded_reader(spec))
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"dataset must be a path, a built set name or a list of records, got "
                         f"{type(spec).__name__}")
@@ -153,11 +173,12 @@ def open_face_records(spec: Any, *, data_dir: str = "data",
         def read_rec(i):
             label, image = rec[i]
             return label, image, None if table is None else _csv_points(table, str(i), path)
-        return FaceRecords(path, len(rec), read_rec)
+        return FaceRecords(path, len(rec), read_rec, rec.read_encoded)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_info.json")):
         import tensorflow_datasets as tfds
         source = tfds.builder_from_directory(path).as_data_source(split="train")
-        return FaceRecords(path, len(source), _record_reader(source, path, table))
+        return FaceRecords(path, len(source), _record_reader(source, path, table),
+                           _encoded_reader(source))
     if os.path.isdir(path):
         folders = read_identity_folders(path, on_undecodable="unchecked")
 
@@ -167,7 +188,12 @@ def open_face_records(spec: Any, *, data_dir: str = "data",
             if table is not None:
                 points = _csv_points(table, os.path.relpath(file, path), path)
             return label, read_image_file(file), points
-        return FaceRecords(path, len(folders.samples), read_folder)
+
+        def read_folder_file(i):
+            label, file = folders.samples[i]
+            with open(file, "rb") as f:
+                return label, f.read()
+        return FaceRecords(path, len(folders.samples), read_folder, read_folder_file)
     if os.path.exists(path):
         raise ValueError(f"{path}: expected a .rec file, a folder per identity or a built "
                          f"training set directory")
@@ -176,7 +202,8 @@ def open_face_records(spec: Any, *, data_dir: str = "data",
     except FileNotFoundError as err:
         raise FileNotFoundError(f"dataset {path!r} is neither a path nor a training set built "
                                 f"in {data_dir}: {err}") from err
-    return FaceRecords(f"{data_dir}:{path}", len(source), _record_reader(source, path, table))
+    return FaceRecords(f"{data_dir}:{path}", len(source), _record_reader(source, path, table),
+                       _encoded_reader(source))
 
 
 def embed_records(embedder, records: FaceRecords, *, flip: bool = False,

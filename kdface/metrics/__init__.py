@@ -1,5 +1,5 @@
 """Evaluation metrics: pair verification, IJB-B/C template verification, identification with
-distractors, alignment.
+distractors, alignment, closed-set classification top-1.
 
 Pure NumPy (no JAX needed at evaluation time); see each module for the paper and protocol.
 """
@@ -42,14 +42,15 @@ from kdface.metrics._identification import (
 )
 from kdface.metrics._topk import TailOfScores, top_k
 from kdface.metrics._alignment import nearest_neighbour_verification, nrmse_dataset
+from kdface.metrics._classification import classification_top1
 from kdface.metrics._plots import (PALETTE, accuracy_vs_probe_size_figure, bar_figure,
                                    ced_figure, line_figure,
                                    line_plot, plot_accuracy_vs_probe_size, plot_ced, plot_roc,
                                    roc_figure, save_figure)
 
 __all__ = ["accuracy_vs_probe_size_figure", "auc", "best_threshold", "binary_roc_curve",
-           "bar_figure", "ced_figure", "DEFAULT_FAR_TARGETS", "DEFAULT_FPR_TARGETS",
-           "DEFAULT_RANKS",
+           "bar_figure", "ced_figure", "classification_top1", "DEFAULT_FAR_TARGETS",
+           "DEFAULT_FPR_TARGETS", "DEFAULT_RANKS",
            "embeddings_with_flip", "far_threshold", "fold_bounds", "identify", "IJB_FAR_TARGETS",
            "ijb_image_features", "ijb_verification", "INSIGHTFACE_ACCURACY_GRID",
            "INSIGHTFACE_VAL_GRID", "insightface_verification", "l2_normalize", "line_figure",
