@@ -1,6 +1,6 @@
 """A compile-only plan of a training run for a TPU or GPU slice (issue 23): the exact step a
-flagfile trains (its ``FitPlan``: recipe, networks, dtype, head placement, teacher cache or not, relation
-groups), compiled for a topology JAX knows, from any machine, without data or a device.
+flagfile trains (its ``FitPlan``: recipe, networks, dtype, head placement, teacher cache or not,
+relation groups), compiled for a topology JAX knows, from any machine, without data or a device.
 
 ``python -m kdface.train --flagfile=F --plan_topology=v5e:8x8`` prints ``plan_table``: per-chip HBM
 from the compiled program's ``memory_analysis()`` (arguments, of which parameters + optimizer
