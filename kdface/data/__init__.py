@@ -66,6 +66,8 @@ from kdface.data._tfds_builders import (
     write_landmarks_csv,
 )
 from kdface.data._balanced import BATCH_SAMPLERS, record_labels
+from kdface.data._heldout import (HELDOUT_FRACTION, HeldOutSplit, TrainingView, heldout_split,
+                                  record_key, split_training_source)
 from kdface.data._pipeline import (
     VIEWS,
     TwoViewPipeline,
@@ -76,7 +78,10 @@ from kdface.data._pipeline import (
 )
 
 __all__ = ["BATCH_SAMPLERS", "LR_SUBSETS", "record_labels", "RecordIOExamples",
-           "align_face", "build_recordio_index", "DecideOnlyAugment", "DeviceLowResolution", "build_training_dataset",
+           "HELDOUT_FRACTION", "HeldOutSplit", "TrainingView", "heldout_split", "record_key",
+           "split_training_source",
+           "align_face", "build_recordio_index", "DecideOnlyAugment", "DeviceLowResolution",
+           "build_training_dataset",
            "build_verification_dataset", "built_dataset_names", "dataset_path", "decode_image",
            "default_blur_sigma", "degrade_to_low_resolution", "device_put_batch", "encode_image",
            "face_template", "identity_params", "IdentityFolders", "IdentityParams", "IRHeader",

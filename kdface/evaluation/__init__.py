@@ -2,8 +2,8 @@
 
 ``_evaluators``: one protocol object per evaluation protocol (:class:`Verification` with the LR
 probes, :class:`Identification`, :class:`IjbVerification`, :class:`Alignment`, :class:`ModelFacts`;
-``_classification``: :class:`Classification`, Wang et al. 2017's top-1 on ``_split``'s held-out
-images, with :class:`TrainingView`, the training set without them),
+``_classification``: :class:`Classification`, Wang et al. 2017's top-1 on the held-out
+images (``kdface.data._heldout``), with :class:`TrainingView`, the training set without them),
 each built once from its settings, evaluating one run at a time and rendering its own report
 sections (their interface, :class:`Evaluator`, in ``_evaluator``); ``_embedder``: runs (a training
 workdir's network, or an exported-embedding file); ``_imported``: a third-party teacher file
@@ -47,8 +47,8 @@ from kdface.evaluation._sources import (
     set_name,
     split_gallery_probe,
 )
-from kdface.evaluation._split import (HELDOUT_FRACTION, HeldOutSplit, TrainingView,
-                                      heldout_split, record_key, split_training_source)
+from kdface.data import (HELDOUT_FRACTION, HeldOutSplit, TrainingView, heldout_split,
+                         record_key, split_training_source)
 
 __all__ = ["aligned_crops", "Alignment", "alignment_report", "centre_view", "check_lr_sizes",
            "Classification", "classification_report", "compare", "embed_records", "Embedder",

@@ -4,7 +4,7 @@ classifier head on a held-out split of its training identities' images.
 Wang, Lan, Zhang 2017, arXiv:1709.02929, §5.1: "In all datasets, we randomly split them into
 training and testing samples. In classification, we evaluate the top1 accuracy based on if the
 identity of the maximum prediction matches the correct identity label". The split is
-:mod:`kdface.evaluation._split`'s (10 % of each identity's images, **kdface's choice** of the
+:mod:`kdface.data._heldout`'s (10 % of each identity's images, **kdface's choice** of the
 proportion the text does not give); the prediction is the ``argmax`` over the trained head's C
 logits (:meth:`Embedder.predictions`); the accuracy is ``kdface.metrics.classification_top1``.
 
@@ -24,7 +24,7 @@ import numpy as np
 from kdface import metrics
 from kdface.evaluation._evaluator import Evaluator, Run, cell, pick, table
 from kdface.evaluation._sources import FaceRecords, open_face_records
-from kdface.evaluation._split import (HELDOUT_FRACTION, HeldOutSplit, check_fraction,
+from kdface.data._heldout import (HELDOUT_FRACTION, HeldOutSplit, check_fraction,
                                       check_seed, fraction_needed, heldout_split,
                                       source_labels_and_keys, split_description)
 

@@ -164,6 +164,13 @@ class TrainConfig:
                             "one subset and size per image for the whole run (Wang et al. 2019 "
                             "§2.2: '40 percent of the training set are randomly selected').",
                             choices=("redrawn", "fixed"))
+    holdout_fraction: float = option(0.0, "Leave this fraction of each identity's images out "
+                                     "of training: Wang et al. 2017's classification test split "
+                                     "('we randomly split them into training and testing "
+                                     "samples'; kdface.evaluate --top1_data --top1_fraction "
+                                     "tests on them); 0 = train on every image.")
+    holdout_seed: int = option(0, "Seed of the --holdout_fraction split (kdface.evaluate "
+                               "--top1_seed).")
     # --- optimization -------------------------------------------------------------------------
     batch_size: int = option(128, "Global batch size (seeds: 512; divisible by devices).")
     steps: int | None = option(None, "Training steps (1000 when neither --steps nor --epochs "

@@ -103,6 +103,12 @@ def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | N
         return {"finished": True, "workdir": config.workdir, "recipe": plan.final.recipe.name}
     if source is None:
         source, num_classes = resolve_training_data(config.train_data, data_dir)
+    if config.holdout_fraction:
+        # the top-1 test images (kdface.evaluate --top1_data computes the same split from the
+        # same data): epochs count the training images only
+        from kdface.data import TrainingView
+        source = TrainingView(source, fraction=config.holdout_fraction, seed=config.holdout_seed)
+        facts = None
     if facts is None or facts.num_examples is None:
         plan = make_plan(config, data=DataFacts(num_classes, len(source)))
     if val_sets is None:
