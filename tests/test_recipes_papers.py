@@ -417,7 +417,12 @@ ABLATION_ROWS = [
          f"--student={s} --shrinktea_distance=l2 --shrinktea_lambda=0.001",
          ("arcface", 1.0), ("angular_stages", 1.0)),
     _row("duong2019", f"ShrinkTeaNet-{s}", "shrinktea.flags", f"--student={s}",
-         ("arcface", 1.0), ("angular_stages", 1.0)))]
+         ("arcface", 1.0), ("angular_stages", 1.0)))] + [
+    # not a table row: kdface's alternative reading of the last level (docs/RECIPES.md)
+    _row("duong2019", "option: last level through the teacher's embedding layer",
+         "shrinktea.flags", "--recipe=shrinktea_through_teacher",
+         ("arcface", 1.0), ("angular_stages_through_teacher", 1.0)),
+]
 
 NOT_REPRODUCIBLE = {
     ("wang2019", "Table 8 DCR, DMDS, MDS"): "other papers' methods, not distillation recipes",
@@ -578,17 +583,21 @@ def test_paper_terms_match_numpy():
 
 
 def test_shrinkteanet_levels_weights_and_l2_baseline():
-    """duong2019 eq. 7: four levels, λ_4 = λ, λ_i = λ_{i+1}/2, every level through its adapter
-    G_i^s and the teacher's remaining blocks; against a NumPy sum."""
+    """duong2019 eq. 7: four levels, λ_4 = λ, λ_i = λ_{i+1}/2; levels 1-3 through the adapter
+    G_i^s and the teacher's remaining blocks (eq. 6), level 4 on the student's own embedding F_n^s
+    (eqs. 4-5); the shrinktea_through_teacher reading routes level 4 like the others. Against a
+    NumPy sum."""
     import jax.numpy as jnp
     from kdface.distill._terms import TERMS, TermInputs
     rng = np.random.default_rng(1)
     stages = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(4)]
+    embedding = rng.normal(size=(5, 3)).astype(np.float32)
     target = rng.normal(size=(5, 3)).astype(np.float32)
     gain = np.float32([1.5, -2.0, 0.5, 3.0])          # a distinct "adapter" per level
     tail = lambda i, f: f * (i + 1.0) + 0.25          # a distinct "teacher tail" per level
     inputs = TermInputs(labels=jnp.zeros(5, jnp.int32),
-                        student={"stages": [jnp.asarray(s) for s in stages]},
+                        student={"stages": [jnp.asarray(s) for s in stages],
+                                 "embedding": jnp.asarray(embedding)},
                         teacher={"embedding": jnp.asarray(target)},
                         teacher_tail=tail, adapters=lambda i, f: f * gain[i])
 
@@ -600,19 +609,94 @@ def test_shrinkteanet_levels_weights_and_l2_baseline():
         return np.mean(((a - b) ** 2).sum(-1)), np.mean(((np.abs(a) + np.abs(b)) ** 2).sum(-1))
 
     # float64 references of the float32 inputs (case 2)
-    stages64, target64, gain64 = ([s.astype(np.float64) for s in stages],
-                                  target.astype(np.float64), gain.astype(np.float64))
-    for distance, d, lam in (("angular", angular, 1.0), ("l2", l2, 0.001)):
-        levels = [d(stages64[i] * gain64[i] * (i + 1.0) + 0.25, target64) for i in range(4)]
-        weights = (1 / 8, 1 / 4, 1 / 2, 1)
-        expected = lam * sum(w * v for w, (v, _) in zip(weights, levels))
-        scale = lam * sum(w * m for w, (_, m) in zip(weights, levels))
-        got = TERMS["angular_stages"].fn(inputs, final_weight=lam, distance=distance)
-        # per level: the adapter and tail (2 roundings), 3-term dot and norms (+ the divides),
-        # the mean over 5 rows; then the 4-level weighted sum: 2 + 3 + 2 + 5 + 4 terms
-        assert_close(got, expected, terms=2 + 3 + 2 + 5 + 4, scale=scale, what=distance)
-    with pytest.raises(ValueError, match="distance"):
-        TERMS["angular_stages"].fn(inputs, distance="cosine")
+    stages64, emb64, target64, gain64 = ([s.astype(np.float64) for s in stages],
+                                         embedding.astype(np.float64), target.astype(np.float64),
+                                         gain.astype(np.float64))
+    through = lambda i: stages64[i] * gain64[i] * (i + 1.0) + 0.25
+    readings = {"angular_stages": [through(0), through(1), through(2), emb64],
+                "angular_stages_through_teacher": [through(i) for i in range(4)]}
+    for name, students in readings.items():
+        for distance, d, lam in (("angular", angular, 1.0), ("l2", l2, 0.001)):
+            levels = [d(students[i], target64) for i in range(4)]
+            weights = (1 / 8, 1 / 4, 1 / 2, 1)
+            expected = lam * sum(w * v for w, (v, _) in zip(weights, levels))
+            scale = lam * sum(w * m for w, (_, m) in zip(weights, levels))
+            got = TERMS[name].fn(inputs, final_weight=lam, distance=distance)
+            # per level: the adapter and tail (2 roundings), 3-term dot and norms (+ the
+            # divides), the mean over 5 rows; then the 4-level weighted sum: 2 + 3 + 2 + 5 + 4
+            assert_close(got, expected, terms=2 + 3 + 2 + 5 + 4, scale=scale,
+                         what=f"{name} {distance}")
+        with pytest.raises(ValueError, match="distance"):
+            TERMS[name].fn(inputs, distance="cosine")
+    # the paper's reading compares the embeddings themselves: their sizes must agree
+    assert TERMS["angular_stages"].same_embedding
+    assert not TERMS["angular_stages_through_teacher"].same_embedding
+    wide = dataclasses.replace(inputs, student={**inputs.student,
+                                                "embedding": jnp.zeros((5, 4), jnp.float32)})
+    with pytest.raises(ValueError, match="shrinktea_through_teacher"):
+        TERMS["angular_stages"].fn(wide)
+
+
+def test_shrinkteanet_last_level_reaches_the_evaluated_embedding():
+    """duong2019 eq. 5 / Fig. 2: L_n acts on F_n^s, the embedding the head reads and evaluation
+    uses. On real (tiny) networks, the shrinktea term alone gives the student's embedding layer a
+    gradient, and its level 4 equals eq. 4 on the two networks' embeddings (NumPy); the
+    shrinktea_through_teacher reading leaves that layer without one (only L_SM reaches it)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from _train_helpers import HW, TINY
+    from kdface.distill import build_student
+    from kdface.distill._networks import FaceNetwork
+    from kdface.distill._terms import TERMS, TermInputs
+    from kdface import models
+    teacher = FaceNetwork(models.create("sphereface_custom", rngs=nnx.Rngs(1), **TINY),
+                          num_classes=4, head="cosface", rngs=nnx.Rngs(1))
+    teacher.eval()
+    student = build_student("sphereface_custom", num_classes=4, head="cosface",
+                            rngs=nnx.Rngs(0), backbone_options=dict(TINY),
+                            adapt_to=teacher.backbone, input_hw=HW)
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(6, *HW, 3)), jnp.float32)
+    t_out = teacher(images)
+    graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+
+    def term_value(params, name, final_weight=1.0):
+        net = nnx.merge(graphdef, params, rest, copy=True)
+        s_out = net.network(images, with_stages=True)
+        inputs = TermInputs(labels=jnp.zeros(6, jnp.int32), student=s_out, teacher=t_out,
+                            teacher_tail=teacher.backbone.forward_from, adapters=net.adapt)
+        return TERMS[name].fn(inputs, final_weight=final_weight)
+
+    def fc_grad(name):
+        grads = jax.grad(term_value)(params, name)
+        fc = grads["network"]["backbone"]["fc"]
+        return max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(fc))
+
+    assert fc_grad("angular_stages") > 1e-6
+    assert fc_grad("angular_stages_through_teacher") == 0.0
+    # the value against NumPy on the networks' own features: levels 1-3 are eq. 4 on
+    # T_{i+1..n}(G_i^s(F_i^s)), level 4 eq. 4 on the student's embedding, both against T(x)
+    net = nnx.merge(graphdef, params, rest, copy=True)
+    s_out = net.network(images, with_stages=True)
+    t = np.asarray(t_out["embedding"], np.float64)
+
+    def angular(a):
+        a = np.asarray(a, np.float64)
+        cos = (a * t).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(t, axis=-1)
+        return np.mean((1 - cos) ** 2)
+
+    through = [teacher.backbone.forward_from(i, net.adapt(i, s_out["stages"][i]))
+               for i in range(4)]
+    weights = (1 / 8, 1 / 4, 1 / 2, 1)
+    paper = sum(w * angular(f) for w, f in zip(weights[:3], through[:3])) + angular(
+        s_out["embedding"])
+    other = sum(w * angular(f) for w, f in zip(weights, through))
+    # float32 term vs float64 reference of the same float32 features: per level an 8-d dot and
+    # two norms (+ the divides) and the mean over 6 rows, then the 4-level sum; each level <= 4
+    for name, expected in (("angular_stages", paper), ("angular_stages_through_teacher", other)):
+        assert_close(term_value(params, name), expected, terms=8 + 3 + 6 + 4,
+                     scale=4 * sum(weights), what=name)
+    assert abs(paper - other) > 1e-4  # the two readings differ on these networks
 
 
 def test_sphereface_term_anneals_lambda_with_the_step():

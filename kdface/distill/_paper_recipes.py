@@ -198,23 +198,47 @@ register_recipe(RecipeSpec(
 
 # --- duong2019 -----------------------------------------------------------------------------
 
-register_recipe(RecipeSpec(
-    name="shrinktea",
-    summary="duong2019: angular distillation at all four blocks through the teacher (eq. 7)",
-    terms=(TermDecl(HEAD, 1.0, options_for=HEAD_OPTIONS,
-                    cite="duong2019 eq. 7, L_SM: 'this objective function is not limited to "
-                         "specific classification loss'; ArcFace is kdface's choice"),
-           TermDecl("angular_stages", 1.0,
-                    options={"final_weight": Option("shrinktea_lambda"),
-                             "distance": Option("shrinktea_distance")},
-                    cite="duong2019 eq. 7: 'distilling the knowledge to all four blocks'; 'The "
-                         "λ_n is experimentally set to 1 in case of Angular Distillation Loss "
-                         "while this parameter is set to 0.001 as the case of ℓ2 loss ... For "
-                         "the intermediate layers, λ_i = λ_{i+1}/2'; '1×1 convolution followed "
-                         "by batch normalization layer is adopted for G_i^s'")),
-    cite={"schedule": "duong2019 §4.2: 'the batch size is set to 512. The learning rate starts "
-                      "from 0.1 and the momentum is 0.9'; epochs and decays are kdface's "
-                      "choice",
-          "teacher": "duong2019 §4.2: 'we use the Resnet-90 structure [4] as the teacher "
-                     "network' (Table 2: 63.67M parameters)"},
-))
+_D_LAST = ("duong2019 eq. 5, 'L = L_SM + λ_n L_n(S, T)', both on F_n^s (eq. 3's L_SM reads "
+           "F_n^s); Fig. 2: 'the feature directions provided by the student is optimized using "
+           "both directions of the class' representative and the teacher embedding'")
+
+
+def _shrinktea(name: str, term: str, summary: str, last_level: str) -> RecipeSpec:
+    return RecipeSpec(
+        name=name, summary=summary,
+        terms=(TermDecl(HEAD, 1.0, options_for=HEAD_OPTIONS,
+                        cite="duong2019 eq. 7, L_SM: 'this objective function is not limited to "
+                             "specific classification loss'; ArcFace is kdface's choice"),
+               TermDecl(term, 1.0,
+                        options={"final_weight": Option("shrinktea_lambda"),
+                                 "distance": Option("shrinktea_distance")},
+                        cite="duong2019 eq. 7: 'distilling the knowledge to all four blocks'; "
+                             "'The λ_n is experimentally set to 1 in case of Angular "
+                             "Distillation Loss while this parameter is set to 0.001 as the "
+                             "case of ℓ2 loss ... For the intermediate layers, λ_i = "
+                             "λ_{i+1}/2'; '1×1 convolution followed by batch normalization "
+                             f"layer is adopted for G_i^s'; last level: {last_level}")),
+        cite={"schedule": "duong2019 §4.2: 'the batch size is set to 512. The learning rate "
+                          "starts from 0.1 and the momentum is 0.9'; epochs and decays are "
+                          "kdface's choice",
+              "teacher": "duong2019 §4.2: 'we use the Resnet-90 structure [4] as the teacher "
+                         "network' (Table 2: 63.67M parameters)",
+              "last_level": last_level,
+              "augmentation": "duong2019 §4.2 describes detection, alignment and the 112×112 "
+                              "crop and no augmentation: the random horizontal flip is "
+                              "kdface's choice"})
+
+
+register_recipe(_shrinktea(
+    "shrinktea", "angular_stages",
+    "duong2019: angular distillation at all four blocks through the teacher (eq. 7)",
+    f"the student's own embedding F_n^s against the teacher's ({_D_LAST}); G_n^s = identity "
+    "at equal embedding sizes is kdface's reading"))
+# The other reading of the last level, kept as an option: block 4's map through its adapter and
+# the teacher's embedding layer, so that the student's embedding gets no distillation term.
+register_recipe(_shrinktea(
+    "shrinktea_through_teacher", "angular_stages_through_teacher",
+    "duong2019 eq. 7, last level read as block 4 -> adapter -> the teacher's embedding layer",
+    "kdface's alternative reading (the shrinktea recipe follows the paper's): block 4's map "
+    "through G_4^s and the teacher's embedding layer (eq. 6 at i = 4); the student's own "
+    f"embedding gets no distillation term, while {_D_LAST}"))
