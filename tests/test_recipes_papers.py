@@ -75,6 +75,8 @@ def _resolved(config: TrainConfig, what: str):
 W_LR = ("wang2019 §2.2: '40 percent of the training set are randomly selected for downscaling as "
         "LR samples. The size of the LR samples includes 8 × 8, 12 × 12, 16 × 16, 20 × 20 and "
         "30 × 30'")
+W_FLIP = (f"{CHOICE}: wang2019's only augmentation is the LR one (§2.2: '40 percent of the "
+          "training set are randomly selected for downscaling as LR samples'); it names no flip")
 W_SOFT = ("wang2019 eq. 3: 'The soft loss is the cross entropy between X_T^τ and X_S^τ' — no τ²; "
           "λ2 = 1 and τ = 4 are kdface's choice")
 WANG = [
@@ -97,6 +99,9 @@ WANG = [
     Pin("term:soft_prediction", (1.0, {"temperature": 4.0}), W_SOFT),
     Pin("term:mk_mmd", (1.0, {}), "wang2019 eq. 9 with λ3 = 1 (kdface's choice)"),
     Pin("nesterov", False, f"{CHOICE}: plain SGD momentum (the paper names no optimizer)"),
+    Pin("margin_scale", 64.0, f"{CHOICE}: soft-loss logits s·cos θ, s = 64, where 'the final "
+        "score output' Z of an A-Softmax network is ||x||·cos θ"),
+    Pin("flip", True, W_FLIP),
     Pin("learning_rate", 0.1, f"{CHOICE}: SphereFace's base rate"),
     Pin("decay_epochs", (11.0, 17.0), f"{CHOICE}: SphereFace's 16 k / 24 k of 28 k iterations "
         "scaled to 20 epochs"),
@@ -117,6 +122,8 @@ SCRATCH_TEACHER = [
     Pin("input_size", (112, 96), "wang2019 §2.2: '112 × 96 image'"),
     Pin("steps", 28000, f"{CHOICE}: SphereFace's published 28 k iterations"),
     Pin("decay_steps", (16000, 24000), f"{CHOICE}: SphereFace's published solver"),
+    Pin("margin_scale", 64.0, f"{CHOICE}: the scale of the logits its KD students read"),
+    Pin("flip", True, W_FLIP),
 ]
 SCRATCH_STUDENT = [
     Pin("student", "sphereface36_thin", f"{CHOICE}: the kd_im student without a teacher"),
@@ -124,6 +131,7 @@ SCRATCH_STUDENT = [
     Pin("student_view", "low_resolution", W_LR),
     Pin("input_size", (112, 96), "wang2019 §2.2: '112 × 96 image'"),
     Pin("epochs", 20, "wang2019 §3.3.1: '20 epochs' (as kd_im)"),
+    Pin("flip", True, W_FLIP),
 ]
 
 # --- Nikitin et al. 2020 -------------------------------------------------------------------
@@ -141,6 +149,9 @@ NIKITIN_COMMON = [
     Pin("input_size", (112, 112), "nikitin2020 §4.1: 'cropped to the size of 112×112'"),
     Pin("margin", 0.35, N_COSFACE),
     Pin("margin_scale", 64.0, N_COSFACE),
+    Pin("flip", True, f"{CHOICE}: nikitin2020 §4.1 'All faces are aligned by five facial "
+        "landmarks detected using MTCNN [37] and then cropped to the size of 112×112' names no "
+        "flip"),
 ]
 PWR = NIKITIN_COMMON + [
     Pin("student", "iresnet18", "nikitin2020 §4.2: 'we use ResNet18 [26] as a student model'"),
@@ -177,7 +188,8 @@ TRANSFER_COMMON = [
     Pin("nesterov", True, T_NAG),
     Pin("crop_from", (128, 128), T_CROP),
     Pin("input_size", (112, 112), T_CROP),
-    Pin("flip", True, T_CROP),
+    Pin("flip", True, "kd_transfer §5.1: 'a sub-image with [...] is randomly cropped and "
+        "flipped'"),
 ]
 T_SOFT = ("kd_transfer eq. 2: 'the cross-entropy between the soft predictions of the teacher and "
           "student network' — no τ²; τ = 4 (value lost) is kdface's choice")
@@ -216,6 +228,8 @@ TRANSFER_VERIFICATION = TRANSFER_COMMON + [
 
 # --- Yan et al. 2019 -----------------------------------------------------------------------
 
+Y_FLIP = (f"{CHOICE}: yan2019 §3.1 'aligned by five facial landmarks predicted from "
+          "RetinaFace[5] then resized to 112 × 112' names no flip")
 Y_ARC = ("yan2019 eq. 6: 'we employ arcface [3] as our classification loss' (s and m printed "
          "without values: 64 and 0.5 are kdface's choice)")
 VARGFACE = [
@@ -229,16 +243,19 @@ VARGFACE = [
         "the second generation of student' (Table 5: recursive=2)"),
     Pin("input_size", (112, 112), "yan2019 §3.1: 'resized to 112 × 112'"),
     Pin("epochs", 20, f"{CHOICE}: the paper states no schedule"),
+    Pin("flip", True, Y_FLIP),
 ]
 VARGFACE_SCRATCH = [
     Pin("student", "vargfacenet", "yan2019 §3.2: 'we first train our network from scratch'"),
     Pin("terms", ("arcface",), "yan2019 §3.2: 'We employ arcface loss as the objective function'"),
     Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.5}), Y_ARC),
+    Pin("flip", True, Y_FLIP),
 ]
 VARGFACE_Y2 = [
     Pin("student", "mobilefacenet_y2", "yan2019 §3: 'y2 network(a deeper mobilefacenet[2, 3])'"),
     Pin("terms", ("arcface",), "yan2019 §3.2: trained from scratch with ArcFace, as VarGFaceNet"),
     Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.5}), Y_ARC),
+    Pin("flip", True, Y_FLIP),
 ]
 
 # --- Duong et al. 2019 ---------------------------------------------------------------------
@@ -263,6 +280,8 @@ SHRINKTEA = [
     Pin("learning_rate", 0.1, D_CONF),
     Pin("momentum", 0.9, D_CONF),
     Pin("input_size", (112, 112), "duong2019 §4.2: 'cropped to the size of 112×112'"),
+    Pin("flip", True, f"{CHOICE}: duong2019 §4.2 'aligned to a predefined template using "
+        "similarity transformation. They are then cropped to the size of 112×112' names no flip"),
 ]
 
 PAPER_TABLES = {
@@ -282,6 +301,25 @@ def test_every_flagfile_has_a_paper_table():
     assert shipped == sorted(PAPER_TABLES)
     for pins in PAPER_TABLES.values():
         assert all(p.source for p in pins)
+        assert "flip" in {p.what for p in pins}
+
+
+@pytest.mark.parametrize("flagfile", sorted(PAPER_TABLES))
+def test_flip_is_explicit_and_labelled(flagfile):
+    """The random horizontal flip (TrainConfig's default) is written in every flagfile, under a
+    comment that quotes the paper or says kdface's choice."""
+    with open(os.path.join(CONFIGS, flagfile), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith("--flip") or
+          line.startswith("--noflip")]
+    assert len(at) == 1 and lines[at[0]] == "--flip=true", flagfile
+    comment = []
+    for line in reversed(lines[:at[0]]):
+        if not line.startswith("#"):
+            break
+        comment.append(line)
+    text = " ".join(reversed(comment))
+    assert "flip" in text and (CHOICE in text or "flipped" in text), (flagfile, text)
 
 
 @pytest.mark.parametrize("flagfile", sorted(PAPER_TABLES))
