@@ -755,3 +755,19 @@ def test_sphereface_term_anneals_lambda_with_the_step():
         # log-sum-exp + the 4-row mean); scale: the loss (a mean of CE >= 0, no cancellation)
         annealed = TERMS["sphereface"].fn(inputs, anneal=True)
         assert_close(annealed, TERMS["sphereface"].fn(inputs, lambda_=lam), terms=2 * (5 + 4))
+
+
+def test_vargface_teacher_size_against_the_paper():
+    """yan2019 §3.3: 'We employ ResNet 100 [9] with SE as our teacher model. The teacher model
+    has 24G FLOPs and 108M parameters'. se_iresnet100's FLOPs agree; its parameters (65.5 M) do
+    not, and the 108M is the backbone plus the classifier of the 93K training identities ('5.1M
+    images collected from 93K identities', §3.1) in units of 2^20, the paper's units for its
+    '12.25M' fc layer (§2.3.2: 7×7×512×512 = 12,845,056 = 12.25 × 2^20). docs/RECIPES.md."""
+    from flax import nnx
+    from kdface import models
+    teacher = nnx.eval_shape(lambda: models.create("se_iresnet100", rngs=nnx.Rngs(0)))
+    params = models.count_params(teacher)
+    assert round(2 * models.count_macs(teacher) / 1e9) == 24          # "24G FLOPs"
+    assert 65.0e6 < params < 66.0e6                                    # not 108M
+    assert 7 * 7 * 512 * 512 / 2**20 == 12.25                          # the paper's units
+    assert round((params + 93_000 * teacher.embedding_size) / 2**20) == 108
