@@ -258,7 +258,8 @@ def _shrinktea(name: str, term: str, summary: str, last_level: str) -> RecipeSpe
 
 register_recipe(_shrinktea(
     "shrinktea", "angular_stages",
-    "duong2019: angular distillation at all four blocks through the teacher (eq. 7)",
+    "duong2019 eq. 7: angular distillation at all four blocks, blocks 1-3 through the "
+    "teacher's remaining blocks, the last on the student's own embedding",
     f"the student's own embedding F_n^s against the teacher's ({_D_LAST}); G_n^s = identity "
     "at equal embedding sizes is kdface's reading"))
 # The other reading of the last level, kept as an option: block 4's map through its adapter and
