@@ -75,6 +75,8 @@ def _resolved(config: TrainConfig, what: str):
 W_LR = ("wang2019 §2.2: '40 percent of the training set are randomly selected for downscaling as "
         "LR samples. The size of the LR samples includes 8 × 8, 12 × 12, 16 × 16, 20 × 20 and "
         "30 × 30'")
+W_FLIP = (f"{CHOICE}: wang2019's only augmentation is the LR one (§2.2: '40 percent of the "
+          "training set are randomly selected for downscaling as LR samples'); it names no flip")
 W_SOFT = ("wang2019 eq. 3: 'The soft loss is the cross entropy between X_T^τ and X_S^τ' — no τ²; "
           "λ2 = 1 and τ = 4 are kdface's choice")
 WANG = [
@@ -97,6 +99,9 @@ WANG = [
     Pin("term:soft_prediction", (1.0, {"temperature": 4.0}), W_SOFT),
     Pin("term:mk_mmd", (1.0, {}), "wang2019 eq. 9 with λ3 = 1 (kdface's choice)"),
     Pin("nesterov", False, f"{CHOICE}: plain SGD momentum (the paper names no optimizer)"),
+    Pin("margin_scale", 64.0, f"{CHOICE}: soft-loss logits s·cos θ, s = 64, where 'the final "
+        "score output' Z of an A-Softmax network is ||x||·cos θ"),
+    Pin("flip", True, W_FLIP),
     Pin("learning_rate", 0.1, f"{CHOICE}: SphereFace's base rate"),
     Pin("decay_epochs", (11.0, 17.0), f"{CHOICE}: SphereFace's 16 k / 24 k of 28 k iterations "
         "scaled to 20 epochs"),
@@ -117,6 +122,8 @@ SCRATCH_TEACHER = [
     Pin("input_size", (112, 96), "wang2019 §2.2: '112 × 96 image'"),
     Pin("steps", 28000, f"{CHOICE}: SphereFace's published 28 k iterations"),
     Pin("decay_steps", (16000, 24000), f"{CHOICE}: SphereFace's published solver"),
+    Pin("margin_scale", 64.0, f"{CHOICE}: the scale of the logits its KD students read"),
+    Pin("flip", True, W_FLIP),
 ]
 SCRATCH_STUDENT = [
     Pin("student", "sphereface36_thin", f"{CHOICE}: the kd_im student without a teacher"),
@@ -124,6 +131,7 @@ SCRATCH_STUDENT = [
     Pin("student_view", "low_resolution", W_LR),
     Pin("input_size", (112, 96), "wang2019 §2.2: '112 × 96 image'"),
     Pin("epochs", 20, "wang2019 §3.3.1: '20 epochs' (as kd_im)"),
+    Pin("flip", True, W_FLIP),
 ]
 
 # --- Nikitin et al. 2020 -------------------------------------------------------------------
@@ -141,6 +149,9 @@ NIKITIN_COMMON = [
     Pin("input_size", (112, 112), "nikitin2020 §4.1: 'cropped to the size of 112×112'"),
     Pin("margin", 0.35, N_COSFACE),
     Pin("margin_scale", 64.0, N_COSFACE),
+    Pin("flip", True, f"{CHOICE}: nikitin2020 §4.1 'All faces are aligned by five facial "
+        "landmarks detected using MTCNN [37] and then cropped to the size of 112×112' names no "
+        "flip"),
 ]
 PWR = NIKITIN_COMMON + [
     Pin("student", "iresnet18", "nikitin2020 §4.2: 'we use ResNet18 [26] as a student model'"),
@@ -177,7 +188,8 @@ TRANSFER_COMMON = [
     Pin("nesterov", True, T_NAG),
     Pin("crop_from", (128, 128), T_CROP),
     Pin("input_size", (112, 112), T_CROP),
-    Pin("flip", True, T_CROP),
+    Pin("flip", True, "kd_transfer §5.1: 'a sub-image with [...] is randomly cropped and "
+        "flipped'"),
 ]
 T_SOFT = ("kd_transfer eq. 2: 'the cross-entropy between the soft predictions of the teacher and "
           "student network' — no τ²; τ = 4 (value lost) is kdface's choice")
@@ -226,6 +238,8 @@ TRANSFER_VERIFICATION = TRANSFER_COMMON + [
 
 # --- Yan et al. 2019 -----------------------------------------------------------------------
 
+Y_FLIP = (f"{CHOICE}: yan2019 §3.1 'aligned by five facial landmarks predicted from "
+          "RetinaFace[5] then resized to 112 × 112' names no flip")
 Y_ARC = ("yan2019 eq. 6: 'we employ arcface [3] as our classification loss' (s and m printed "
          "without values: 64 and 0.5 are kdface's choice)")
 VARGFACE = [
@@ -239,16 +253,19 @@ VARGFACE = [
         "the second generation of student' (Table 5: recursive=2)"),
     Pin("input_size", (112, 112), "yan2019 §3.1: 'resized to 112 × 112'"),
     Pin("epochs", 20, f"{CHOICE}: the paper states no schedule"),
+    Pin("flip", True, Y_FLIP),
 ]
 VARGFACE_SCRATCH = [
     Pin("student", "vargfacenet", "yan2019 §3.2: 'we first train our network from scratch'"),
     Pin("terms", ("arcface",), "yan2019 §3.2: 'We employ arcface loss as the objective function'"),
     Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.5}), Y_ARC),
+    Pin("flip", True, Y_FLIP),
 ]
 VARGFACE_Y2 = [
     Pin("student", "mobilefacenet_y2", "yan2019 §3: 'y2 network(a deeper mobilefacenet[2, 3])'"),
     Pin("terms", ("arcface",), "yan2019 §3.2: trained from scratch with ArcFace, as VarGFaceNet"),
     Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.5}), Y_ARC),
+    Pin("flip", True, Y_FLIP),
 ]
 
 # --- Duong et al. 2019 ---------------------------------------------------------------------
@@ -273,6 +290,8 @@ SHRINKTEA = [
     Pin("learning_rate", 0.1, D_CONF),
     Pin("momentum", 0.9, D_CONF),
     Pin("input_size", (112, 112), "duong2019 §4.2: 'cropped to the size of 112×112'"),
+    Pin("flip", True, f"{CHOICE}: duong2019 §4.2 'aligned to a predefined template using "
+        "similarity transformation. They are then cropped to the size of 112×112' names no flip"),
 ]
 
 PAPER_TABLES = {
@@ -293,6 +312,25 @@ def test_every_flagfile_has_a_paper_table():
     assert shipped == sorted(PAPER_TABLES)
     for pins in PAPER_TABLES.values():
         assert all(p.source for p in pins)
+        assert "flip" in {p.what for p in pins}
+
+
+@pytest.mark.parametrize("flagfile", sorted(PAPER_TABLES))
+def test_flip_is_explicit_and_labelled(flagfile):
+    """The random horizontal flip (TrainConfig's default) is written in every flagfile, under a
+    comment that quotes the paper or says kdface's choice."""
+    with open(os.path.join(CONFIGS, flagfile), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith("--flip") or
+          line.startswith("--noflip")]
+    assert len(at) == 1 and lines[at[0]] == "--flip=true", flagfile
+    comment = []
+    for line in reversed(lines[:at[0]]):
+        if not line.startswith("#"):
+            break
+        comment.append(line)
+    text = " ".join(reversed(comment))
+    assert "flip" in text and (CHOICE in text or "flipped" in text), (flagfile, text)
 
 
 @pytest.mark.parametrize("flagfile", sorted(PAPER_TABLES))
@@ -445,7 +483,12 @@ ABLATION_ROWS = [
          f"--student={s} --shrinktea_distance=l2 --shrinktea_lambda=0.001",
          ("arcface", 1.0), ("angular_stages", 1.0)),
     _row("duong2019", f"ShrinkTeaNet-{s}", "shrinktea.flags", f"--student={s}",
-         ("arcface", 1.0), ("angular_stages", 1.0)))]
+         ("arcface", 1.0), ("angular_stages", 1.0)))] + [
+    # not a table row: kdface's alternative reading of the last level (docs/RECIPES.md)
+    _row("duong2019", "option: last level through the teacher's embedding layer",
+         "shrinktea.flags", "--recipe=shrinktea_through_teacher",
+         ("arcface", 1.0), ("angular_stages_through_teacher", 1.0)),
+]
 
 NOT_REPRODUCIBLE = {
     ("wang2019", "Table 8 DCR, DMDS, MDS"): "other papers' methods, not distillation recipes",
@@ -606,17 +649,21 @@ def test_paper_terms_match_numpy():
 
 
 def test_shrinkteanet_levels_weights_and_l2_baseline():
-    """duong2019 eq. 7: four levels, λ_4 = λ, λ_i = λ_{i+1}/2, every level through its adapter
-    G_i^s and the teacher's remaining blocks; against a NumPy sum."""
+    """duong2019 eq. 7: four levels, λ_4 = λ, λ_i = λ_{i+1}/2; levels 1-3 through the adapter
+    G_i^s and the teacher's remaining blocks (eq. 6), level 4 on the student's own embedding F_n^s
+    (eqs. 4-5); the shrinktea_through_teacher reading routes level 4 like the others. Against a
+    NumPy sum."""
     import jax.numpy as jnp
     from kdface.distill._terms import TERMS, TermInputs
     rng = np.random.default_rng(1)
     stages = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(4)]
+    embedding = rng.normal(size=(5, 3)).astype(np.float32)
     target = rng.normal(size=(5, 3)).astype(np.float32)
     gain = np.float32([1.5, -2.0, 0.5, 3.0])          # a distinct "adapter" per level
     tail = lambda i, f: f * (i + 1.0) + 0.25          # a distinct "teacher tail" per level
     inputs = TermInputs(labels=jnp.zeros(5, jnp.int32),
-                        student={"stages": [jnp.asarray(s) for s in stages]},
+                        student={"stages": [jnp.asarray(s) for s in stages],
+                                 "embedding": jnp.asarray(embedding)},
                         teacher={"embedding": jnp.asarray(target)},
                         teacher_tail=tail, adapters=lambda i, f: f * gain[i])
 
@@ -628,19 +675,94 @@ def test_shrinkteanet_levels_weights_and_l2_baseline():
         return np.mean(((a - b) ** 2).sum(-1)), np.mean(((np.abs(a) + np.abs(b)) ** 2).sum(-1))
 
     # float64 references of the float32 inputs (case 2)
-    stages64, target64, gain64 = ([s.astype(np.float64) for s in stages],
-                                  target.astype(np.float64), gain.astype(np.float64))
-    for distance, d, lam in (("angular", angular, 1.0), ("l2", l2, 0.001)):
-        levels = [d(stages64[i] * gain64[i] * (i + 1.0) + 0.25, target64) for i in range(4)]
-        weights = (1 / 8, 1 / 4, 1 / 2, 1)
-        expected = lam * sum(w * v for w, (v, _) in zip(weights, levels))
-        scale = lam * sum(w * m for w, (_, m) in zip(weights, levels))
-        got = TERMS["angular_stages"].fn(inputs, final_weight=lam, distance=distance)
-        # per level: the adapter and tail (2 roundings), 3-term dot and norms (+ the divides),
-        # the mean over 5 rows; then the 4-level weighted sum: 2 + 3 + 2 + 5 + 4 terms
-        assert_close(got, expected, terms=2 + 3 + 2 + 5 + 4, scale=scale, what=distance)
-    with pytest.raises(ValueError, match="distance"):
-        TERMS["angular_stages"].fn(inputs, distance="cosine")
+    stages64, emb64, target64, gain64 = ([s.astype(np.float64) for s in stages],
+                                         embedding.astype(np.float64), target.astype(np.float64),
+                                         gain.astype(np.float64))
+    through = lambda i: stages64[i] * gain64[i] * (i + 1.0) + 0.25
+    readings = {"angular_stages": [through(0), through(1), through(2), emb64],
+                "angular_stages_through_teacher": [through(i) for i in range(4)]}
+    for name, students in readings.items():
+        for distance, d, lam in (("angular", angular, 1.0), ("l2", l2, 0.001)):
+            levels = [d(students[i], target64) for i in range(4)]
+            weights = (1 / 8, 1 / 4, 1 / 2, 1)
+            expected = lam * sum(w * v for w, (v, _) in zip(weights, levels))
+            scale = lam * sum(w * m for w, (_, m) in zip(weights, levels))
+            got = TERMS[name].fn(inputs, final_weight=lam, distance=distance)
+            # per level: the adapter and tail (2 roundings), 3-term dot and norms (+ the
+            # divides), the mean over 5 rows; then the 4-level weighted sum: 2 + 3 + 2 + 5 + 4
+            assert_close(got, expected, terms=2 + 3 + 2 + 5 + 4, scale=scale,
+                         what=f"{name} {distance}")
+        with pytest.raises(ValueError, match="distance"):
+            TERMS[name].fn(inputs, distance="cosine")
+    # the paper's reading compares the embeddings themselves: their sizes must agree
+    assert TERMS["angular_stages"].same_embedding
+    assert not TERMS["angular_stages_through_teacher"].same_embedding
+    wide = dataclasses.replace(inputs, student={**inputs.student,
+                                                "embedding": jnp.zeros((5, 4), jnp.float32)})
+    with pytest.raises(ValueError, match="shrinktea_through_teacher"):
+        TERMS["angular_stages"].fn(wide)
+
+
+def test_shrinkteanet_last_level_reaches_the_evaluated_embedding():
+    """duong2019 eq. 5 / Fig. 2: L_n acts on F_n^s, the embedding the head reads and evaluation
+    uses. On real (tiny) networks, the shrinktea term alone gives the student's embedding layer a
+    gradient, and its level 4 equals eq. 4 on the two networks' embeddings (NumPy); the
+    shrinktea_through_teacher reading leaves that layer without one (only L_SM reaches it)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from _train_helpers import HW, TINY
+    from kdface.distill import build_student
+    from kdface.distill._networks import FaceNetwork
+    from kdface.distill._terms import TERMS, TermInputs
+    from kdface import models
+    teacher = FaceNetwork(models.create("sphereface_custom", rngs=nnx.Rngs(1), **TINY),
+                          num_classes=4, head="cosface", rngs=nnx.Rngs(1))
+    teacher.eval()
+    student = build_student("sphereface_custom", num_classes=4, head="cosface",
+                            rngs=nnx.Rngs(0), backbone_options=dict(TINY),
+                            adapt_to=teacher.backbone, input_hw=HW)
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(6, *HW, 3)), jnp.float32)
+    t_out = teacher(images)
+    graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+
+    def term_value(params, name, final_weight=1.0):
+        net = nnx.merge(graphdef, params, rest, copy=True)
+        s_out = net.network(images, with_stages=True)
+        inputs = TermInputs(labels=jnp.zeros(6, jnp.int32), student=s_out, teacher=t_out,
+                            teacher_tail=teacher.backbone.forward_from, adapters=net.adapt)
+        return TERMS[name].fn(inputs, final_weight=final_weight)
+
+    def fc_grad(name):
+        grads = jax.grad(term_value)(params, name)
+        fc = grads["network"]["backbone"]["fc"]
+        return max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(fc))
+
+    assert fc_grad("angular_stages") > 1e-6
+    assert fc_grad("angular_stages_through_teacher") == 0.0
+    # the value against NumPy on the networks' own features: levels 1-3 are eq. 4 on
+    # T_{i+1..n}(G_i^s(F_i^s)), level 4 eq. 4 on the student's embedding, both against T(x)
+    net = nnx.merge(graphdef, params, rest, copy=True)
+    s_out = net.network(images, with_stages=True)
+    t = np.asarray(t_out["embedding"], np.float64)
+
+    def angular(a):
+        a = np.asarray(a, np.float64)
+        cos = (a * t).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(t, axis=-1)
+        return np.mean((1 - cos) ** 2)
+
+    through = [teacher.backbone.forward_from(i, net.adapt(i, s_out["stages"][i]))
+               for i in range(4)]
+    weights = (1 / 8, 1 / 4, 1 / 2, 1)
+    paper = sum(w * angular(f) for w, f in zip(weights[:3], through[:3])) + angular(
+        s_out["embedding"])
+    other = sum(w * angular(f) for w, f in zip(weights, through))
+    # float32 term vs float64 reference of the same float32 features: per level an 8-d dot and
+    # two norms (+ the divides) and the mean over 6 rows, then the 4-level sum; each level <= 4
+    for name, expected in (("angular_stages", paper), ("angular_stages_through_teacher", other)):
+        assert_close(term_value(params, name), expected, terms=8 + 3 + 6 + 4,
+                     scale=4 * sum(weights), what=name)
+    assert abs(paper - other) > 1e-4  # the two readings differ on these networks
 
 
 def test_sphereface_term_anneals_lambda_with_the_step():
@@ -661,3 +783,19 @@ def test_sphereface_term_anneals_lambda_with_the_step():
         # log-sum-exp + the 4-row mean); scale: the loss (a mean of CE >= 0, no cancellation)
         annealed = TERMS["sphereface"].fn(inputs, anneal=True)
         assert_close(annealed, TERMS["sphereface"].fn(inputs, lambda_=lam), terms=2 * (5 + 4))
+
+
+def test_vargface_teacher_size_against_the_paper():
+    """yan2019 §3.3: 'We employ ResNet 100 [9] with SE as our teacher model. The teacher model
+    has 24G FLOPs and 108M parameters'. se_iresnet100's FLOPs agree; its parameters (65.5 M) do
+    not, and the 108M is the backbone plus the classifier of the 93K training identities ('5.1M
+    images collected from 93K identities', §3.1) in units of 2^20, the paper's units for its
+    '12.25M' fc layer (§2.3.2: 7×7×512×512 = 12,845,056 = 12.25 × 2^20). docs/RECIPES.md."""
+    from flax import nnx
+    from kdface import models
+    teacher = nnx.eval_shape(lambda: models.create("se_iresnet100", rngs=nnx.Rngs(0)))
+    params = models.count_params(teacher)
+    assert round(2 * models.count_macs(teacher) / 1e9) == 24          # "24G FLOPs"
+    assert 65.0e6 < params < 66.0e6                                    # not 108M
+    assert 7 * 7 * 512 * 512 / 2**20 == 12.25                          # the paper's units
+    assert round((params + 93_000 * teacher.embedding_size) / 2**20) == 108

@@ -264,38 +264,86 @@ def angular_term(inputs: TermInputs) -> jax.Array:
     return losses.angular_distillation_loss(inputs.student["embedding"], teacher["embedding"])
 
 
-@term("angular_stages", student_outputs={"stages"}, teacher_outputs={"embedding"},
-      teacher_tail=True, adapters=True)
+# ShrinkTeaNet's last level, the two readings (see ``angular_stages_term``).
+LAST_LEVELS = ("embedding", "through_teacher")
+
+
+def _shrinktea_levels(inputs: TermInputs, term_name: str, *, final_weight: float,
+                      distance: str, last_level: str) -> jax.Array:
+    """Σ_{i=1..4} λ_i L_i of Duong et al. 2019 eq. 7, levels 1-3 through the adapters and the
+    teacher's remaining blocks (eq. 6), level 4 as ``last_level`` says."""
+    if distance not in ("angular", "l2"):
+        raise ValueError(f"distance must be 'angular' or 'l2', got {distance!r}")
+    if last_level not in LAST_LEVELS:
+        raise ValueError(f"last_level must be one of {LAST_LEVELS}, got {last_level!r}")
+    teacher = _teacher(inputs, term_name)
+    if inputs.teacher_tail is None or inputs.adapters is None:
+        raise ValueError(f"{term_name} needs the teacher's tail and stage adapters")
+    d = losses.angular_distillation_loss if distance == "angular" else losses.l2_hint_loss
+    stages = inputs.student["stages"]
+    target = teacher["embedding"]
+    last = len(stages) - 1
+    total = jnp.zeros((), jnp.float32)
+    weight = final_weight
+    for i in reversed(range(len(stages))):
+        if i == last and last_level == "embedding":
+            student = inputs.student["embedding"]
+            if student.shape != target.shape:
+                raise ValueError(
+                    f"{term_name}: the last level compares the student's embedding "
+                    f"{tuple(student.shape)} with the teacher's {tuple(target.shape)}; give "
+                    f"both networks the same embedding size, or route block 4 through the "
+                    f"teacher's embedding layer (recipe shrinktea_through_teacher)")
+        else:
+            student = inputs.teacher_tail(i, inputs.adapters(i, stages[i]))
+        total = total + weight * d(student, target)
+        weight = weight / 2
+    return total
+
+
+@term("angular_stages", student_outputs={"stages", "embedding"}, teacher_outputs={"embedding"},
+      teacher_tail=True, adapters=True, same_embedding=True)
 def angular_stages_term(inputs: TermInputs, *, final_weight: float = 1.0,
                         distance: str = "angular") -> jax.Array:
-    """ShrinkTeaNet's distillation sum Σ_{i=1..4} λ_i L_i (Duong et al. 2019, eqs. 4, 6, 7).
+    """ShrinkTeaNet's distillation sum Σ_{i=1..4} λ_i L_i (Duong et al. 2019, eqs. 4-7).
 
-    Level i (1..4, one per residual block) takes student block i's output F_i^s through its
-    1x1 conv + BN adapter G_i^s (the paper's "1×1 convolution followed by batch normalization
-    layer is adopted for G_i^s", at every level including the last) and then through the frozen
-    teacher's remaining blocks and embedding layer, T_{i+1..n} (eq. 6); for i = 4 that is only
-    the teacher's embedding layer. The target is the teacher's own embedding, T_{i+1..n}(F_i^t)
-    = T(x) (G_i^t is the identity). λ_4 = ``final_weight`` ("λ_n is experimentally set to 1"),
+    Level 4 (i = n) is eq. 4 on the student's own embedding F_n^s, the one its classifier head
+    reads and the one evaluated, against the teacher's, T(x): L_SM and L_n both act on F_n^s
+    (eqs. 3, 5; Fig. 2: "the feature directions provided by the student is optimized using both
+    directions of the class' representative and the teacher embedding"; §3.1: "as long as F_n^s
+    and F_n^t have similar direction, these features can freely distributed on different
+    hyperspheres"). G_n^t is the identity ("we choose identity transformation for T"); G_n^s is
+    the identity too — kdface's reading: the paper's H_n^s exists "such that the dimension of
+    F_n^s is increased to match the dimension of F_n^t", and the embedding sizes agree (the
+    term requires it), so an adapter would only let the matched direction differ from F_n^s's.
+
+    Levels i = 1..3 take student block i's output F_i^s through its 1x1 conv + BN adapter G_i^s
+    ("1×1 convolution followed by batch normalization layer is adopted for G_i^s") and then
+    through the frozen teacher's remaining blocks and embedding layer, T_{i+1..n} (eq. 6); the
+    target is T_{i+1..n}(F_i^t) = T(x) (G_i^t is the identity). The student's fourth stage
+    adapter is built but unused here. λ_4 = ``final_weight`` ("λ_n is experimentally set to 1"),
     λ_i = λ_{i+1}/2 ("For the intermediate layers, λ_i = λ_{i+1}/2"): λ, λ/2, λ/4, λ/8.
 
     distance: ``'angular'`` (eq. 4, ``(1 - cos)²``) or ``'l2'``, the paper's "Student-1"
     baseline: the same sum with the squared ℓ2 distance ``||a - b||²`` summed over features
     (batch mean; the paper weights it by λ_n = 0.001 "due to the large value of the loss").
     """
-    if distance not in ("angular", "l2"):
-        raise ValueError(f"distance must be 'angular' or 'l2', got {distance!r}")
-    teacher = _teacher(inputs, "angular_stages")
-    if inputs.teacher_tail is None or inputs.adapters is None:
-        raise ValueError("angular_stages needs the teacher's tail and stage adapters")
-    d = losses.angular_distillation_loss if distance == "angular" else losses.l2_hint_loss
-    stages = inputs.student["stages"]
-    total = jnp.zeros((), jnp.float32)
-    weight = final_weight
-    for i in reversed(range(len(stages))):
-        emb = inputs.teacher_tail(i, inputs.adapters(i, stages[i]))
-        total = total + weight * d(emb, teacher["embedding"])
-        weight = weight / 2
-    return total
+    return _shrinktea_levels(inputs, "angular_stages", final_weight=final_weight,
+                             distance=distance, last_level="embedding")
+
+
+@term("angular_stages_through_teacher", student_outputs={"stages"},
+      teacher_outputs={"embedding"}, teacher_tail=True, adapters=True)
+def angular_stages_through_teacher_term(inputs: TermInputs, *, final_weight: float = 1.0,
+                                        distance: str = "angular") -> jax.Array:
+    """``angular_stages`` with the other reading of the last level (kdface's earlier one): level
+    4 takes student block 4's output map through its adapter G_4^s and the teacher's embedding
+    layer, i.e. eq. 6 at i = 4 with F_4^s the block's map rather than the embedding. The
+    student's own embedding then gets no distillation term (only L_SM reaches it); embedding
+    sizes may differ. Recipe ``shrinktea_through_teacher``."""
+    return _shrinktea_levels(inputs, "angular_stages_through_teacher",
+                             final_weight=final_weight, distance=distance,
+                             last_level="through_teacher")
 
 
 @term("hint_stages", student_outputs={"stages"}, teacher_outputs={"stages"}, adapters=True)

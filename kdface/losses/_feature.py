@@ -79,7 +79,9 @@ def normalized_l2_loss(student: jax.Array, teacher: jax.Array, *,
 
     Yan et al. 2019 eq. (5) (``1/N Σ ||F_t/||F_t|| - F_s/||F_s|| ||²₂``, no 1/2) and the normalized
     feature L2 loss of Wang et al. 2019 eq. (6). Zero for ``s = a t`` with a > 0; equal to
-    ``2 (1 - cos(s, t))``, so it ranges over [0, 4].
+    ``2 (1 - cos(s, t))``, so it ranges over [0, 4]. Wang et al. 2019's hint, eq. (5), prints
+    ``L_Feature = ||F_S - F_T||`` without the square; the square there is kdface's choice (Caffe's
+    Euclidean loss, and Yan et al.'s form).
 
     Args:
       student: ``[N, D]`` or ``[N, H, W, C]`` float.
