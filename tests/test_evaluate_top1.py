@@ -270,6 +270,31 @@ def test_a_run_recording_the_split_is_held_out_and_another_split_is_refused(env,
                 evaluation.classification_report(run, opened, split)
 
 
+def test_the_trainers_holdout_flags_leave_the_test_images_out(env, tmp_path):
+    """--holdout_fraction / --holdout_seed: the trainer reads kdface.data.TrainingView of its
+    data (every record is read once to hash it, then only the training side), its epochs count
+    the training images, config.json records the split, and evaluate calls it held out."""
+    from kdface.training._run import run
+    records = env["records"]
+    split = evaluation.records_split(evaluation.open_face_records(records), fraction=FRACTION,
+                                     seed=0)
+    source = LoggedSource(records)
+    source.read = []
+    cfg = tiny_config(tmp_path / "held", steps=None, epochs=1, holdout_fraction=FRACTION,
+                      holdout_seed=0)
+    run(cfg, data_dir=str(tmp_path), source=source, num_classes=CLASSES)
+    saved = json.loads((tmp_path / "held" / "config.json").read_text())
+    assert saved["holdout_fraction"] == FRACTION and saved["holdout_seed"] == 0
+    # one epoch of the training side only: ceil(len(train) / batch) steps
+    assert saved["resolved_steps"] == math.ceil(split.train.size / cfg.batch_size)
+    hashed, trained = source.read[:len(records)], source.read[len(records):]
+    assert sorted(hashed) == list(range(len(records)))
+    assert trained and not set(trained) & set(split.test.tolist())
+    report = evaluation.classification_report(evaluation.Embedder(str(tmp_path / "held")),
+                                              evaluation.open_face_records(records), split)
+    assert report["held_out"] is True
+
+
 def test_bad_inputs_are_one_line_errors(env, tmp_path):
     records = env["records"]
     run = evaluation.Embedder(env["cos"])
