@@ -202,8 +202,8 @@ def line_figure(series: Mapping[str, tuple[Any, Any]], *, title: str = "", xlabe
     scale = 1.0 if len(groups) == 1 else 0.6  # a panel of small multiples: 0.6 of ``size``
     panel_h = max(height * scale, max(e.height for e in extents) + 70)
     suptitle_h = 40 if len(groups) > 1 and title else 0
-    fig.set_size_inches(ncols * (width * scale + legend_w) / 100,
-                        (nrows * panel_h + suptitle_h) / 100)
+    fig.set_size_inches(math.ceil(ncols * (width * scale + legend_w)) / 100,
+                        math.ceil(nrows * panel_h + suptitle_h) / 100)
     return fig
 
 
