@@ -53,12 +53,12 @@ def _svg_text(path) -> str:
 
 
 def _written(paths, size):
-    """PNG, PDF and SVG written; the PNG at least ``size`` (the plot), wider by the legend."""
+    """PNG, PDF and SVG written; the PNG at least ``size`` (larger where the legend needs)."""
     png, pdf, svg = paths
     assert png.endswith(".png") and pdf == png[:-4] + ".pdf" and svg == png[:-4] + ".svg"
     image = cv2.imread(png)
     assert image is not None and image.shape[2] == 3
-    assert image.shape[0] >= size[1] and image.shape[1] > size[0]
+    assert image.shape[0] >= size[1] and image.shape[1] >= size[0]
     data = open(pdf, "rb").read()
     assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
     assert b"/FontFile2" in data and b"/Type3" not in data  # TrueType embedded, no Type 3
@@ -226,10 +226,12 @@ def test_many_series_are_told_apart_and_the_legend_stays_off_the_data(n, tmp_pat
 
 def test_figure_grows_with_the_legend():
     small, _ = _comparison_like(2)
-    many = metrics.line_figure({f"series {i}": ([0, 1], [i, i + 1]) for i in range(20)},
-                               size=(800, 300))
-    # 20 legend entries (one panel: no families given) need more than 300 px: the figure is
-    # taller than asked, and wider than the 800 px plot by the legend column
+    few = metrics.line_figure({"a": ([0, 1], [0, 1]), "b": ([0, 1], [1, 0])}, size=(640, 480))
+    assert tuple(few.get_size_inches() * few.dpi) == (640, 480)  # a small legend fits
+    many = metrics.line_figure({f"method with a long name {i}": ([0, 1], [i, i + 1])
+                                for i in range(20)}, size=(800, 300))
+    # 20 legend entries (one panel: no families given) need more than 300 px, and their
+    # labels more than a quarter of 800: the figure is taller and wider than asked
     w, h = many.get_size_inches() * many.dpi
     assert h > 300 and w > 800
     assert_legends_outside_the_axes(many)

@@ -123,9 +123,10 @@ def line_figure(series: Mapping[str, tuple[Any, Any]], *, title: str = "", xlabe
                 shared: Sequence[str] = (), max_per_panel: int = 8) -> Figure:
     """``series`` {label: (x [n], y [n])} as lines, in legend order, legend outside the axes.
 
-    size: (width, height) in pixels (at 100 dpi) of the plot, legend excluded: the figure is
-    wider by the legend and taller where the legend needs it (each of several panels is 0.6
-    of ``size``). Non-finite points are dropped, and with
+    size: (width, height) in pixels (at 100 dpi) of the figure (of each panel: 0.6 of it, when
+    there are several) while the legend beside the plot fits in a quarter of that width and in
+    its height; a larger legend makes the figure wider (the plot keeps 3/4 of the width) or
+    taller, never the plot smaller. Non-finite points are dropped, and with
     ``log_x`` non-positive x too. Limits default to the data range; ``xticks`` puts the x
     ticks (labelled with their values) at those positions only. markers: a marker at every
     point; otherwise about ten per line, so a line is still told by its marker.
@@ -198,11 +199,14 @@ def line_figure(series: Mapping[str, tuple[Any, Any]], *, title: str = "", xlabe
     # only, not on where the layout puts them.
     renderer = fig.canvas.get_renderer()
     extents = [legend.get_window_extent(renderer) for legend in legends]
+    # A panel keeps its share of ``size`` while its legend takes at most a quarter of the
+    # width; a wider legend widens the figure (the plot keeps 3/4), a taller one heightens it.
     legend_w = max(e.width for e in extents) + 30
     scale = 1.0 if len(groups) == 1 else 0.6  # a panel of small multiples: 0.6 of ``size``
+    panel_w = max(width * scale, 0.75 * width * scale + legend_w)
     panel_h = max(height * scale, max(e.height for e in extents) + 70)
     suptitle_h = 40 if len(groups) > 1 and title else 0
-    fig.set_size_inches(math.ceil(ncols * (width * scale + legend_w)) / 100,
+    fig.set_size_inches(math.ceil(ncols * panel_w) / 100,
                         math.ceil(nrows * panel_h + suptitle_h) / 100)
     return fig
 
