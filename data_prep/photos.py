@@ -31,6 +31,9 @@ __all__ = ["align_photo_folders", "photo_pairs"]
 
 _log = logging.getLogger(__name__)
 _SOURCES = "sources.csv"
+# Written first into every aligned-faces folder, so a run that failed half-way (a photo
+# without a face) can be rerun over its own output while other folders are never emptied.
+_MARKER = ".data_prep_photos"
 
 
 def _identity_name(folder: str) -> str:
@@ -38,13 +41,15 @@ def _identity_name(folder: str) -> str:
 
 
 def _prepare_out_dir(out_dir: str) -> None:
-    """Empties a folder this module wrote before (it holds ``sources.csv``); refuses others."""
+    """Empties a folder this module wrote before (it holds the marker); refuses others."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        if not os.path.isfile(os.path.join(out_dir, _SOURCES)):
+        if not os.path.isfile(os.path.join(out_dir, _MARKER)):
             raise ValueError(f"aligned-faces folder {out_dir} is not empty and was not written "
                              "by `data_prep.build photos`; choose another --aligned-dir")
         shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, _MARKER), "w") as f:
+        f.write("aligned faces written by `python -m data_prep.build photos`\n")
 
 
 def align_photo_folders(root, out_dir, *, detector, skip_no_face: bool = False,

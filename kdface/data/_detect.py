@@ -16,6 +16,7 @@ eye, image-right eye, nose, image-left mouth corner, image-right mouth corner; s
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import NamedTuple
@@ -75,6 +76,19 @@ def default_yunet_model() -> str:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_opencv():
+    """OpenCV 5's DNN logs a WARN line per network ("Targets are not supported by the new
+    graph engine") on stderr, which would break the one-line errors of the command line."""
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    logging.setLogLevel(min(level, logging.LOG_LEVEL_ERROR))
+    try:
+        yield
+    finally:
+        logging.setLogLevel(level)
+
+
 class FaceDetector:
     """YuNet on uint8 RGB images: ``FaceDetector()(image) -> DetectedFaces``.
 
@@ -104,11 +118,12 @@ class FaceDetector:
         self.score_threshold = float(score_threshold)
         self.max_side = max_side
         try:
-            self._net = cv2.FaceDetectorYN.create(model_path, "", (320, 320),
-                                                  self.score_threshold, float(nms_threshold),
-                                                  5000)
+            with _quiet_opencv():
+                self._net = cv2.FaceDetectorYN.create(model_path, "", (320, 320),
+                                                      self.score_threshold,
+                                                      float(nms_threshold), 5000)
         except cv2.error as err:
-            message = str(err).strip().splitlines()[-1] if str(err).strip() else "cv2.error"
+            message = " ".join(str(err).split()).split("error: ", 1)[-1] or "cv2.error"
             raise ValueError(f"{model_path}: not a YuNet model OpenCV can load ({message})"
                              ) from None
 
@@ -122,8 +137,9 @@ class FaceDetector:
             image = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
                                interpolation=cv2.INTER_AREA)
         bgr = np.ascontiguousarray(image[..., ::-1])  # YuNet was trained on OpenCV's BGR
-        self._net.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, rows = self._net.detect(bgr)
+        with _quiet_opencv():
+            self._net.setInputSize((bgr.shape[1], bgr.shape[0]))
+            _, rows = self._net.detect(bgr)
         if rows is None or len(rows) == 0:
             empty = np.zeros((0,), np.float32)
             return DetectedFaces(empty.reshape(0, 4), empty.reshape(0, 5, 2), empty)
