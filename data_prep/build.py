@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=0.6,
                    help="lowest YuNet face score kept (default 0.6)")
     p.add_argument("--max-side", type=int, default=1920,
-                   help="detect on a copy shrunk to this longer side (default 1920)")
+                   help="detect on a copy shrunk to this longer side (default 1920; 0: never "
+                        "shrink)")
     p.add_argument("--skip-no-face", action="store_true",
                    help="skip and count photos in which no face is found")
     p.add_argument("--skip-undecodable", action="store_true",
@@ -246,7 +247,7 @@ def _build_photos(args, progress: bool, summaries: list) -> None:
         raise FileNotFoundError(f"photo folder not found: {args.source}")
     name = _check_name(args.name or _default_name(args.source))
     detector = data.FaceDetector(args.detector_model, score_threshold=args.score_threshold,
-                                 max_side=args.max_side)
+                                 max_side=args.max_side or None)
     aligned_dir = args.aligned_dir or os.path.join(args.data_dir, "aligned", name)
     aligned = align_photo_folders(args.source, aligned_dir, detector=detector,
                                   skip_no_face=args.skip_no_face,

@@ -368,3 +368,28 @@ def test_missing_material_fails_in_one_line_naming_the_make_target(tmp_path, mon
     message = str(failure.value)
     assert len(message.splitlines()) == 1 and material.MAKE_TARGET in message
     assert str(tmp_path / "t1.jpg") in message
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """``jpeg`` with an APP1 Exif segment holding only the Orientation tag (0x0112)."""
+    import struct
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack(
+        "<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def test_phone_photos_are_turned_upright_by_their_exif_orientation(detector, tmp_path):
+    # Phones store the sensor's pixels and an Exif Orientation tag; 6 means "turn 90 degrees
+    # clockwise to view". Such a file of obama.jpg turned 90 degrees counter-clockwise is
+    # decoded upright (OpenCV's IMREAD_COLOR applies the tag) and gives the same face.
+    upright = _photo("obama.jpg")
+    stored = np.ascontiguousarray(np.rot90(upright))  # counter-clockwise
+    jpeg = cv2.imencode(".jpg", stored[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(_with_exif_orientation(jpeg, 6))
+    image = read_image_file(path)
+    assert image.shape == upright.shape
+    faces, reference = detector(image), detector(upright)
+    assert len(faces.scores) == 1 and faces.scores[0] > 0.9
+    assert np.abs(faces.boxes[0] - reference.boxes[0]).max() < 0.1 * reference.boxes[0, 2]
