@@ -171,8 +171,8 @@ def test_largest_face_is_the_subject(detector):
 
 def test_large_photos_are_detected_on_a_shrunk_copy(detector):
     # obama3.jpg is 2333 x 1434 (shrunk to 1920 by default). A copy shrunk to 800 finds the
-    # same face, mapped back to the original's pixels: box within 10% of its width and height, landmarks
-    # within YuNet's scale noise in crop pixels (measured 7.0 at 800, 3.9 at 1280).
+    # same face, mapped back to the original's pixels: box within 10% of its width and height,
+    # landmarks within YuNet's scale noise in crop pixels (measured 7.0 at 800, 3.9 at 1280).
     image = _photo("obama3.jpg")
     full = FaceDetector(max_side=None)(image)
     for faces in (FaceDetector(max_side=800)(image), detector(image)):
