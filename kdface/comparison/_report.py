@@ -312,7 +312,7 @@ def probe_size_figure(report: Mapping[str, Any], set_name: str):
     on ``set_name`` against the probe size (full resolution at the set's image size), the
     self-studied student and the teacher drawn as references in their own styles; one panel
     per paper family, the references in each, when more than 8 series would share one."""
-    from kdface.metrics import _plots
+    from kdface import metrics
     sizes = [str(s) for s in report["settings"]["lr_sizes"]]
     x = [int(s) for s in sizes] + [max(report["sets"][set_name]["image_size"])]
     series: dict[str, list[float | None]] = {}
@@ -332,9 +332,9 @@ def probe_size_figure(report: Mapping[str, Any], set_name: str):
     shared = [n for n in (BASELINE, TEACHER_SERIES) if n in series]
     # Styles by position in the comparison's method list, so a method keeps its colour,
     # marker and line style on every set's figure, whichever rows each set has.
-    styles = _plots.series_styles(list(report["methods"]), reference_student=BASELINE,
+    styles = metrics.series_styles(list(report["methods"]), reference_student=BASELINE,
                                   teacher=TEACHER_SERIES)
-    return _plots.accuracy_vs_probe_size_figure(
+    return metrics.accuracy_vs_probe_size_figure(
         x, series, title=f"{set_name}: accuracy vs probe size (mean over seeds; rightmost: "
                          f"full resolution)", size=(1000, 700), log_x=True, styles=styles,
         panels=families, shared=shared)
