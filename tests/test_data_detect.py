@@ -15,6 +15,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+from _tolerance import assert_close
 
 import _real_material as material
 from data_prep import build as data_prep_build
@@ -122,7 +123,8 @@ def test_crop_is_align_face_of_the_detected_landmarks(detector):
     assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
     np.testing.assert_array_equal(crop, align_face(image, faces.landmarks[index]))
     matrix = similarity_transform(faces.landmarks[index], TEMPLATE_112)
-    np.testing.assert_allclose(landmarks, _apply(matrix, faces.landmarks[index]), atol=1e-4)
+    # a 2x3 affine map: two products and two sums per coordinate, against pixel coordinates
+    assert_close(landmarks, _apply(matrix, faces.landmarks[index]), terms=4)
     crop96, _, _, _ = detect_and_align(image, detector, output_size=(112, 96))
     np.testing.assert_array_equal(
         crop96, align_face(image, faces.landmarks[index], output_size=(112, 96)))
