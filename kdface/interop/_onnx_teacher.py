@@ -235,10 +235,8 @@ def onnx_graph_backbone(path, *, input_size: tuple[int, int] | None = None,
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX file {path} not found")
-    with open(path, "rb") as f:
-        raw = f.read()
     try:
-        model = onnx.load_from_string(raw)
+        model = onnx.load(path)  # with any external data files beside it
     except Exception as err:  # noqa: BLE001 - protobuf raises several kinds
         raise ValueError(f"{path} is not a readable ONNX model: {err}") from err
     options = dict(options or {})
@@ -311,7 +309,7 @@ def onnx_graph_backbone(path, *, input_size: tuple[int, int] | None = None,
     contract = _contract(path, image, live, consts, input_size, options)
     dims = _dims(image)
     batch = dims[0] if dims and dims[0] else None
-    digest = hashlib.sha256(raw + repr(contract).encode()).hexdigest()
+    digest = hashlib.sha256(model.SerializeToString() + repr(contract).encode()).hexdigest()
     program = _Program(tuple(live), statics, tuple(weight_names), image.name, output, batch,
                        digest, path)
     name = os.path.basename(path)
