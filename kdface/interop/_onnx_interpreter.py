@@ -194,9 +194,9 @@ def op_squeeze(ins, attrs):
 
 def op_flatten(ins, attrs):
     x = ins[0]
-    axis = attrs.get("axis", 1) % max(np.ndim(x), 1) if attrs.get("axis", 1) < 0 else \
-        attrs.get("axis", 1)
     shape = np.shape(x)
+    axis = attrs.get("axis", 1)
+    axis = axis + len(shape) if axis < 0 else axis
     return [x.reshape(int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))]
 
 
@@ -295,10 +295,10 @@ def op_pad(ins, attrs):
 
 def op_expand(ins, attrs):
     x, shape = ins
-    target = [int(d) for d in np.asarray(shape).reshape(-1)]
-    x, _ = _ranked(x, np.zeros(target, np.int8)) if len(target) > np.ndim(x) else (x, None)
-    out = np.broadcast_shapes(np.shape(x), tuple(target))
-    return [_xp(x).broadcast_to(x, out)]
+    target = tuple(int(d) for d in np.asarray(shape).reshape(-1))
+    if len(target) > np.ndim(x):
+        x = x.reshape((1,) * (len(target) - np.ndim(x)) + tuple(np.shape(x)))
+    return [_xp(x).broadcast_to(x, np.broadcast_shapes(np.shape(x), target))]
 
 
 def op_constant_of_shape(ins, attrs):
