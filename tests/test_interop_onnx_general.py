@@ -304,3 +304,18 @@ def test_sface_is_a_teacher_for_the_trainer_and_the_evaluator():
     with pytest.raises(ValueError, match="stage features"):
         build_teacher(plan_fit(config.replace(recipe="shrinktea"), data=DataFacts(5),
                                devices=1))
+
+
+def test_graph_teacher_distils_a_student(tmp_path):
+    """``--teacher=onnx:PATH`` with a general graph (the NHWC one, 16x16) in the trainer's
+    data-parallel step: two PWR steps (Nikitin et al. 2020, ranking of the teacher's pair
+    scores) train."""
+    from kdface.training import ArrayBatches, fit
+    from _train_helpers import CLASSES, labelled_images, tiny_config
+    path = str(tmp_path / "teacher.onnx")
+    onnx.save(_nhwc_batch1_graph(np.random.default_rng(6)), path)
+    images, labels = labelled_images(16)
+    config = tiny_config(tmp_path / "run", recipe="pwr", teacher=f"onnx:{path}", steps=2)
+    summary = fit(config, ArrayBatches(images, labels, batch_size=8), num_classes=CLASSES)
+    assert summary["step"] == 2
+    assert np.isfinite(summary["metrics"]["pwr"]) and summary["metrics"]["loss"] > 0
