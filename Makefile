@@ -6,7 +6,6 @@ RUNTIME := $(VENV)/.kdface-runtime
 TESTING := $(VENV)/.kdface-testing
 TPU := $(VENV)/.kdface-tpu
 GPU := $(VENV)/.kdface-gpu-compiler
-MATERIAL := $(VENV)/test-material
 
 .PHONY: test test-numerics demo bench install clean
 
@@ -21,13 +20,6 @@ $(TESTING): $(RUNTIME)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(TESTING)
 
-# ... and real face photographs for tests/test_real_faces.py (2.2 MB kept, out of ~17 MB of
-# downloaded distributions: face_recognition 1.3.0's and insightface 0.7.3's sdists,
-# scikit-image's wheel), read offline by the tests; never committed.
-$(MATERIAL)/.fetched: $(TESTING) tests/_real_faces.py
-	$(PY) tests/_real_faces.py fetch $(MATERIAL)
-	touch $@
-
 # ... and libtpu (~0.7 GB) in $(VENV)/tpu-site, for the tests that compile for a TPU topology.
 $(TPU): $(TESTING)
 	.ci/install-libtpu $(PY)
@@ -39,14 +31,14 @@ $(GPU): $(TESTING)
 	.ci/install-gpu-compiler $(PY)
 	touch $(GPU)
 
-install: $(TPU) $(GPU) $(MATERIAL)/.fetched
+install: $(TPU) $(GPU)
 
-test: $(TPU) $(GPU) $(MATERIAL)/.fetched
+test: $(TPU) $(GPU)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The suite under other numeric environments (one core, ISA caps, Eigen on one thread, 1 and 8
 # devices for the sharded tests); logs in numerics-logs/. About 50 min on 2 cores.
-test-numerics: $(TPU) $(GPU) $(MATERIAL)/.fetched
+test-numerics: $(TPU) $(GPU)
 	.ci/test-numerics $(PY)
 
 demo: $(RUNTIME)
