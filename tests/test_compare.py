@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 from kdface import comparison, evaluation
+from kdface.comparison import _report as comparison_report
 from kdface.comparison import _runner
 from kdface.data import make_synthetic_dataset
 from kdface.training import TrainConfig
 from kdface.training._run import resolve_training_data, run
 
+from _figure_checks import (assert_distinct_colour_and_marker, assert_legends_outside_the_axes,
+                            assert_reference_styles, line_styles)
 from _tolerance import assert_close
 from _train_helpers import HW, TINY
 
@@ -164,6 +167,18 @@ def test_report_files_and_markdown(resumed):
         assert (out / name).is_file()
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 2 and pngs[0].startswith("accuracy_") and "vs_probe" in pngs[1]
+    for png in pngs:  # each figure also as PDF and SVG
+        assert (out / png.replace(".png", ".pdf")).is_file()
+        assert (out / png.replace(".png", ".svg")).is_file()
+    # 3 series (the two rows and the teacher): one panel, told apart, legend off the data
+    report = resumed["report"]
+    fig = comparison_report.probe_size_figure(report, next(iter(report["sets"])))
+    (ax,) = fig.axes
+    assert [line.get_label() for line in ax.get_lines()] == \
+        ["self_studied", "teacher (reference)", "kd_im"]
+    assert_distinct_colour_and_marker(fig)
+    assert_legends_outside_the_axes(fig)
+    assert_reference_styles(fig, "self_studied", "teacher (reference)")
     text = (out / "comparison.md").read_text()
     parsed = json.loads((out / "comparison.json").read_text())
     hr = parsed["methods"]["kd_im"]["verification"]
@@ -371,8 +386,70 @@ def test_bar_chart_writes_png_and_pdf(tmp_path):
     # One bar per (method, label) with a value; the missing one is left out.
     assert len(figure.axes[0].patches) == 3
     assert sorted(round(p.get_width(), 2) for p in figure.axes[0].patches) == [0.7, 0.88, 0.91]
+    assert_legends_outside_the_axes(figure)
     written = metrics.save_figure(figure, str(tmp_path / "accuracy_lfw.png"))
-    assert [os.path.basename(p) for p in written] == ["accuracy_lfw.png", "accuracy_lfw.pdf"]
+    assert [os.path.basename(p) for p in written] == ["accuracy_lfw.png", "accuracy_lfw.pdf",
+                                                      "accuracy_lfw.svg"]
     image = cv2.imread(written[0])
     assert image is not None and image.shape[0] > 100
     assert open(written[1], "rb").read(5) == b"%PDF-"
+
+
+def _twenty_method_report(tmp_path, extra=3):
+    """build_report on hand-made results of every catalogue method plus ``extra`` rows (as a
+    comparison with ~20 methods has), 2 seeds each, and the teacher."""
+    import dataclasses
+    spec = comparison.Comparison(out=str(tmp_path), train_data="t", data_dir="d",
+                                 val_data=("v.bin",), teacher="pth:r18:x.pth", student="s",
+                                 seeds=(0, 1), lr_sizes=(8, 12, 16, 20), far_targets=(0.1,))
+    sets = {"v": {"num_pairs": 200, "num_positive": 100, "num_negative": 100,
+                  "min_train_negatives": 90, "image_size": [112, 112]}}
+    methods = list(comparison.METHODS) + [
+        dataclasses.replace(comparison.METHODS[-1], name=f"extra_{i}") for i in range(extra)]
+    rng = np.random.default_rng(0)
+
+    def ver():
+        return {"v": {"hr": {"accuracy": float(rng.uniform(0.9, 1.0)), "tar_at_far": {}},
+                      "lr": {str(s): {"accuracy": float(rng.uniform(0.5, 0.9))}
+                             for s in spec.lr_sizes}}}
+    rows = []
+    for m in methods:
+        for seed in spec.seeds:
+            evaluation_ = ({"verification": {}, "alignment": {"nrmse": 0.05}}
+                           if m.needs else {"verification": ver()})
+            rows.append({"method": m.name, "seed": seed, "status": "done", "command": "c",
+                         "sets": sets, "train": {"images_per_s": 1.0, "seconds": 1.0},
+                         "evaluation": evaluation_})
+    teacher = {"sets": sets, "evaluation": {"verification": ver(), "model": None}}
+    return comparison.build_report(spec, methods, rows, teacher, seconds=1.0), methods
+
+
+def test_comparison_plot_with_twenty_methods_is_one_panel_per_paper(tmp_path):
+    report, methods = _twenty_method_report(tmp_path)
+    drawn = [m for m in methods if not m.needs]  # the alignment row has no verification
+    assert len(drawn) == 20
+    written = comparison.write_comparison(report, str(tmp_path / "out"))
+    for ext in ("png", "pdf", "svg"):
+        assert str(tmp_path / "out" / f"accuracy_vs_probe_v.{ext}") in written
+        assert os.path.getsize(tmp_path / "out" / f"accuracy_vs_probe_v.{ext}") > 0
+    fig = comparison_report.probe_size_figure(report, "v")
+    # one panel per paper family, in the method list's order, the references in each
+    families = {}
+    for m in drawn[1:]:
+        families.setdefault(report["methods"][m.name]["paper_label"], []).append(m.name)
+    assert [ax.get_title() for ax in fig.axes] == list(families)
+    for ax, members in zip(fig.axes, families.values()):
+        assert [line.get_label() for line in ax.get_lines()] == \
+            ["self_studied", "teacher (reference)", *members]
+    assert_distinct_colour_and_marker(fig)
+    assert_legends_outside_the_axes(fig)
+    assert_reference_styles(fig, "self_studied", "teacher (reference)")
+    # the darkrank/shrinktea_l2/self_studied blue of the one-cycle plot: three styles now
+    styles = line_styles(fig)
+    assert len({styles[n][:2] for n in ("self_studied", "darkrank", "shrinktea_l2")}) == 3
+    # a set missing some rows draws the others as every other figure does (styles follow the
+    # comparison's method list, not the rows drawn)
+    for name in ("kd_im", "hkd", "vargface", "extra_0"):
+        del report["methods"][name]["verification"]
+    fewer = line_styles(comparison_report.probe_size_figure(report, "v"))
+    assert "kd_im" not in fewer and all(fewer[n] == styles[n] for n in fewer)

@@ -274,10 +274,13 @@ def _macs(model: Mapping[str, Any]) -> str:
     return f"{model['macs'] / 1e6:.1f} M" if model.get("macs") is not None else "—"
 
 
+TEACHER_SERIES = "teacher (reference)"  # the teacher's row label in the tables
+
+
 def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
     """``comparison.json``, ``comparison.md``, ``accuracy_<set>.png`` (per method, mean ± std
-    at full resolution and at the smallest probe size) and ``accuracy_vs_probe_<set>.png`` (each
-    with a PDF beside it)."""
+    at full resolution and at the smallest probe size) and ``accuracy_vs_probe_<set>.png``
+    (each with a PDF and an SVG beside it)."""
     from kdface import metrics
     from kdface.evaluation import write_json_and_markdown
     written = write_json_and_markdown(out_dir, "comparison", report, markdown_report(report))
@@ -298,17 +301,51 @@ def write_comparison(report: Mapping[str, Any], out_dir: str) -> list[str]:
                                           f"seeds)")
         written.extend(metrics.save_figure(figure, path))
         if sizes and info.get("image_size"):
-            x = [int(s) for s in sizes] + [max(info["image_size"])]
-            series = {}
-            for name, m in report["methods"].items():
-                ver = m.get("verification", {}).get(set_name)
-                if ver is not None:
-                    series[name] = [_mean(ver["lr"].get(s)) for s in sizes] + [_mean(ver["hr"])]
-            path = os.path.join(out_dir, f"accuracy_vs_probe_{safe}.png")
-            written.extend(metrics.plot_accuracy_vs_probe_size(
-                path, x, series, title=f"{set_name}: accuracy vs probe size (mean over seeds)",
-                size=(1000, 700)))
+            figure = probe_size_figure(report, set_name)
+            written.extend(metrics.save_figure(
+                figure, os.path.join(out_dir, f"accuracy_vs_probe_{safe}.png")))
     return written
+
+
+def probe_size_figure(report: Mapping[str, Any], set_name: str):
+    """The figure of ``accuracy_vs_probe_<set>.png``: mean accuracy over seeds of every method
+    on ``set_name`` against the probe size (full resolution at the set's image size), the
+    self-studied student and the teacher drawn as references in their own styles; one panel
+    per paper family, the references in each, when more than 8 series would share one."""
+    from kdface import metrics
+    sizes = [str(s) for s in report["settings"]["lr_sizes"]]
+    x = [int(s) for s in sizes] + [max(report["sets"][set_name]["image_size"])]
+    series: dict[str, list[float | None]] = {}
+    families: dict[str, list[str]] = {}
+    for name, m in report["methods"].items():
+        ver = m.get("verification", {}).get(set_name)
+        if ver is None:
+            continue
+        series[name] = [_mean(ver["lr"].get(s)) for s in sizes] + [_mean(ver["hr"])]
+        if name != BASELINE:
+            label = m.get("paper_label", m["paper"])
+            families.setdefault("no teacher" if label == "—" else label, []).append(name)
+        if name == BASELINE:  # the teacher right after the reference student in the legend
+            series.update(_teacher_series(report, set_name, sizes))
+    if BASELINE not in series:
+        series.update(_teacher_series(report, set_name, sizes))
+    shared = [n for n in (BASELINE, TEACHER_SERIES) if n in series]
+    # Styles by position in the comparison's method list, so a method keeps its colour,
+    # marker and line style on every set's figure, whichever rows each set has.
+    styles = metrics.series_styles(list(report["methods"]), reference_student=BASELINE,
+                                  teacher=TEACHER_SERIES)
+    return metrics.accuracy_vs_probe_size_figure(
+        x, series, title=f"{set_name}: accuracy vs probe size (mean over seeds; rightmost: "
+                         f"full resolution)", size=(1000, 700), log_x=True, styles=styles,
+        panels=families, shared=shared)
+
+
+def _teacher_series(report: Mapping[str, Any], set_name: str,
+                    sizes: Sequence[str]) -> dict[str, list[float | None]]:
+    teacher = (report.get("teacher") or {}).get("verification", {}).get(set_name)
+    if teacher is None:
+        return {}
+    return {TEACHER_SERIES: [teacher["lr"].get(s) for s in sizes] + [teacher["hr"]]}
 
 
 def _mean(stats: dict[str, Any] | None) -> float | None:

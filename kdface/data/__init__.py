@@ -76,6 +76,16 @@ from kdface.data._pipeline import (
     make_verification_arrays,
     normalize_images,
 )
+# face detection for real photos
+from kdface.data._detect import (
+    YUNET_MODEL_FILE,
+    DetectedFaces,
+    FaceDetector,
+    NoFaceError,
+    default_yunet_model,
+    detect_and_align,
+    largest_face,
+)
 
 __all__ = ["BATCH_SAMPLERS", "LR_SUBSETS", "record_labels", "RecordIOExamples",
            "HELDOUT_FRACTION", "HeldOutSplit", "TrainingView", "heldout_split", "record_key",
@@ -95,4 +105,6 @@ __all__ = ["BATCH_SAMPLERS", "LR_SUBSETS", "record_labels", "RecordIOExamples",
            "sample_identity_params", "sample_rng", "similarity_transform", "source_fingerprint",
            "TEMPLATE_112", "TRAINING_BUILDER", "TwoViewPipeline", "UndecodableImageError",
            "UnsafePickleError", "VERIFICATION_BUILDER", "VIEWS", "write_landmarks_csv",
-           "write_lfw_pairs", "write_recordio", "write_verification_bin"]
+           "write_lfw_pairs", "write_recordio", "write_verification_bin",
+           "YUNET_MODEL_FILE", "DetectedFaces", "FaceDetector", "NoFaceError",
+           "default_yunet_model", "detect_and_align", "largest_face"]

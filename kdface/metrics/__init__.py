@@ -43,10 +43,11 @@ from kdface.metrics._identification import (
 from kdface.metrics._topk import TailOfScores, top_k
 from kdface.metrics._alignment import nearest_neighbour_verification, nrmse_dataset
 from kdface.metrics._classification import classification_top1
-from kdface.metrics._plots import (PALETTE, accuracy_vs_probe_size_figure, bar_figure,
-                                   ced_figure, line_figure,
-                                   line_plot, plot_accuracy_vs_probe_size, plot_ced, plot_roc,
-                                   roc_figure, save_figure)
+from kdface.metrics._plots import (MAX_SERIES, PALETTE, REFERENCE_STUDENT_STYLE, SERIES_COLORS,
+                                   TEACHER_STYLE, SeriesStyle, accuracy_vs_probe_size_figure,
+                                   bar_figure, ced_figure, line_figure, line_plot,
+                                   plot_accuracy_vs_probe_size, plot_ced, plot_roc, roc_figure,
+                                   save_figure, series_styles)
 
 __all__ = ["accuracy_vs_probe_size_figure", "auc", "best_threshold", "binary_roc_curve",
            "bar_figure", "ced_figure", "classification_top1", "DEFAULT_FAR_TARGETS",
@@ -59,4 +60,6 @@ __all__ = ["accuracy_vs_probe_size_figure", "auc", "best_threshold", "binary_roc
            "plot_roc", "PROTOCOLS", "roc_curve", "roc_figure", "save_figure",
            "slinear_interpolate", "split_interleaved", "squared_distances", "TailOfScores",
            "tar_at_far_nearest", "template_features", "template_pair_scores",
-           "threshold_candidates", "top_k", "verification"]
+           "threshold_candidates", "top_k", "verification", "MAX_SERIES",
+           "REFERENCE_STUDENT_STYLE", "SERIES_COLORS", "TEACHER_STYLE", "SeriesStyle",
+           "series_styles"]
