@@ -1,6 +1,6 @@
 """A real pretrained face model on real photographs: OpenCV Zoo's int8 SFace run by kdface.
 
-Material (tests/_real_faces.py, installed by ``make test``): three photos of Barack Obama, one of
+Material (tests/_real_material.py and tests/_real_faces.py, installed by ``make test``): three photos of Barack Obama, one of
 Joe Biden (face_recognition 1.3.0's test images), Tom Hanks (insightface 0.7.3's aligned sample)
 and the astronaut Eileen Collins (scikit-image), aligned to 112x112 with YuNet's five landmarks
 and kdface's similarity alignment.
@@ -10,6 +10,8 @@ and kdface's similarity alignment.
   Runtime refuses the file as published (its graph declares weights as inputs, without values),
   so the reference removes those inputs first, with ``onnx``.
 * Every genuine pair (Obama-Obama) scores above every impostor pair (Obama vs the others).
+* dlib's ResNet descriptor, an independent embedder with its own alignment, agrees: every
+  genuine distance is below every impostor distance.
 * SFace's input contract, measured: RGB 0..255 pixels (BGR separates less, [-1, 1] input not at
   all), which kdface reads from the graph and the default order.
 """
@@ -22,7 +24,7 @@ import pytest
 
 from kdface import interop
 
-from _real_faces import SFACE, aligned_face, model_path
+from _real_faces import SFACE, aligned_face, dlib_descriptor, model_path
 
 NAMES = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "Tom_Hanks_54745.png",
          "astronaut.png")
@@ -86,6 +88,16 @@ def test_genuine_pairs_score_above_every_impostor_with_kdface_sface(faces):
     assert min(genuine.values()) > max(impostor.values()), (genuine, impostor)
     # measured: genuine 0.73-0.80, impostors at most 0.29 (SFace's published threshold 0.363)
     assert min(genuine.values()) > 0.6 and max(impostor.values()) < 0.363
+
+
+def test_genuine_pairs_closer_than_every_impostor_with_dlib():
+    d = {n: dlib_descriptor(n) for n in NAMES}
+    dist = lambda a, b: float(np.linalg.norm(d[a] - d[b]))  # noqa: E731
+    genuine = {(a, b): dist(a, b) for i, a in enumerate(GENUINE) for b in GENUINE[i + 1:]}
+    impostor = {(a, b): dist(a, b) for a in GENUINE for b in IMPOSTORS}
+    assert max(genuine.values()) < min(impostor.values()), (genuine, impostor)
+    # dlib's own threshold: distances below 0.6 are the same person
+    assert max(genuine.values()) < 0.6 < min(impostor.values()), (genuine, impostor)
 
 
 def test_sface_input_contract_rgb_pixels_by_experiment(faces, reference):
