@@ -16,6 +16,7 @@ Loading:
   Reshape``, is static under ``jit``);
 * graph inputs that also have an initializer are weights (ONNX: the initializer is their value);
   inputs no node reads are ignored; exactly one input must be left: the image;
+* the first graph output is the embedding (flattened after the batch axis);
 * a graph written for batch 1 (a ``Reshape`` to ``[1, ...]``) runs at any batch: such a target's
   leading 1 becomes the batch when the input has more rows;
 * an op outside the table (or outside the default ONNX domain) is refused at load with a
