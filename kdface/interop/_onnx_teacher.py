@@ -26,10 +26,10 @@ The input contract (:class:`InputContract`): ``size`` and ``layout`` (NCHW / NHW
 graph's input shape where it is static; the channel order and pixel normalization cannot be read
 from a graph, so: a graph that normalizes its input itself (its image first goes through
 ``Sub`` / ``Add`` / ``Mul`` / ``Div`` by constants, as OpenCV Zoo's SFace does) is fed raw pixels
-(0..255, or 0..1 when its constants say so: ``_builtin_normalization``), other graphs insightface's ``(x - 127.5) /
-127.5``; the order is RGB (insightface's, kdface's). Spec options override each (``onnx:order=bgr,
-mean=127.5,std=128:PATH``, see ``_teacher``). The contract is applied inside the module, so the
-teacher eats the same images as the student.
+(0..255, or 0..1 when its constants say so: ``_builtin_normalization``), other graphs
+insightface's ``(x - 127.5) / 127.5``; the order is RGB (insightface's, kdface's). Spec options
+override each (``onnx:order=bgr,mean=127.5,std=128:PATH``, see ``_teacher``). The contract is
+applied inside the module, so the teacher eats the same images as the student.
 
 Measured for OpenCV Zoo's SFace (``face_recognition_sface_2021dec_int8bq.onnx``, ONNX Runtime on
 the aligned photographs of tests/test_real_faces.py): the graph computes ``(p - 127.5) *
@@ -38,6 +38,12 @@ photos of one person) exceeds the highest impostor cosine (three other people) b
 by 0.408 (genuine scores drop from 0.73-0.80 to 0.62-0.71); fed kdface's [-1, 1] values every
 score is near 1 and the gap is -0.071. kdface's default contract for it (raw pixels read from
 the graph, RGB by default) is the measured one.
+
+Why an interpreter of kdface's own rather than ``jaxonnxruntime`` (Google, Apache-2.0, pure
+Python on PyPI): its last release, 0.3.0 (August 2023), has no ``DequantizeLinear`` /
+``QuantizeLinear`` (it refuses SFace with "DequantizeLinear is not implemented"), pins ``onnx
+1.12`` in its ``all`` extra, and would still need the initializer-shadowing inputs, the folding
+of quantized weights into state and the input contract done here.
 """
 from __future__ import annotations
 
