@@ -319,3 +319,22 @@ def test_graph_teacher_distils_a_student(tmp_path):
     summary = fit(config, ArrayBatches(images, labels, batch_size=8), num_classes=CLASSES)
     assert summary["step"] == 2
     assert np.isfinite(summary["metrics"]["pwr"]) and summary["metrics"]["loss"] > 0
+
+
+def test_depthwise_by_shifts_equals_the_grouped_convolution():
+    """The CPU form of a depthwise Conv (strided slices times per-channel weights) against
+    XLA's grouped convolution, which the other backends run: strides, dilations, asymmetric
+    pads. Both sum the same k*k products per output in another order (case 3 of the rule)."""
+    from kdface.interop._onnx_layer_ops import _depthwise_by_shifts
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(2, 6, 11, 9)).astype(np.float32))
+    for k, strides, dilations, padding in ((3, (1, 1), (1, 1), ((1, 1), (1, 1))),
+                                          (3, (2, 2), (2, 1), ((2, 1), (0, 2))),
+                                          (7, (1, 1), (1, 1), ((0, 0), (0, 0)))):
+        w = jnp.asarray(rng.normal(size=(6, 1, k, k)).astype(np.float32))
+        want = jax.lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilations,
+                                            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                            feature_group_count=6)
+        got = _depthwise_by_shifts(x, w, strides, padding, dilations)
+        assert_close(got, want, terms=2 * k * k,
+                     scale=float(np.max(np.abs(x)) * np.max(np.abs(w))) * k * k)

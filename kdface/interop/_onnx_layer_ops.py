@@ -89,14 +89,41 @@ def op_conv(ins, attrs):
     dilations = _spatial(attrs, "dilations", n, 1)
     padding = _padding(attrs, np.shape(x)[2:], np.shape(w)[2:], strides, dilations)
     x = jnp.asarray(x)
-    spec = "NC" + "HWD"[:n]
-    y = jax.lax.conv_general_dilated(
-        x, jnp.asarray(w, x.dtype), strides, padding, rhs_dilation=dilations,
-        dimension_numbers=(spec, "OI" + "HWD"[:n], spec),
-        feature_group_count=int(attrs.get("group", 1)))
+    group = int(attrs.get("group", 1))
+    w = jnp.asarray(w, x.dtype)
+    if (n == 2 and group > 1 and group == x.shape[1] == w.shape[0] and w.shape[1] == 1
+            and jax.default_backend() == "cpu"):
+        y = _depthwise_by_shifts(x, w, strides, padding, dilations)
+    else:
+        spec = "NC" + "HWD"[:n]
+        y = jax.lax.conv_general_dilated(
+            x, w, strides, padding, rhs_dilation=dilations,
+            dimension_numbers=(spec, "OI" + "HWD"[:n], spec), feature_group_count=group)
     if b is not None:
         y = y + jnp.asarray(b, y.dtype).reshape((1, -1) + (1,) * n)
     return [y]
+
+
+def _depthwise_by_shifts(x, w, strides, padding, dilations):
+    """A depthwise convolution (one filter per channel, ``w: [C, 1, kh, kw]``) as ``kh * kw``
+    strided slices of the padded input times per-channel weights, summed. The same numbers as
+    ``conv_general_dilated`` up to the summation order; on XLA:CPU, whose grouped convolutions
+    are slow, measured here ~18x faster (32 x 128 x 28 x 28, 3x3: 8 ms against 143 ms), which
+    makes mobile face networks (MobileFaceNet, SFace) usable as teachers on a CPU."""
+    c, kh, kw = w.shape[0], w.shape[2], w.shape[3]
+    (sh, sw), (dh, dw) = strides, dilations
+    xp = jnp.pad(x, [(0, 0), (0, 0), tuple(padding[0]), tuple(padding[1])])
+    oh = (xp.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    ow = (xp.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            part = jax.lax.slice(xp, (0, 0, i * dh, j * dw),
+                                 (xp.shape[0], c, i * dh + (oh - 1) * sh + 1,
+                                  j * dw + (ow - 1) * sw + 1), (1, 1, sh, sw))
+            term = part * w[:, 0, i, j].reshape(1, c, 1, 1)
+            out = term if out is None else out + term
+    return out
 
 
 def _pool(kind: str):
