@@ -209,7 +209,20 @@ def test_folded_head_refuses_what_is_not_an_iresnet(tmp_path):
     onnx.save(model, path)
     with pytest.raises(ValueError, match=r"not an insightface IResNet graph.*embedding "
                                          r"BatchNorm.*Relu"):
-        interop.load_teacher_backbone(f"onnx:{path}", input_size=hw)
+        interop.load_teacher_backbone(f"onnx:iresnet18:{path}", input_size=hw)
+    # Without the arch it is any ONNX graph: read as it is, the ReLU kept.
+    arch, general = interop.load_teacher_backbone(f"onnx:{path}", input_size=hw)
+    assert arch == "onnx_graph" and isinstance(general, interop.OnnxGraphBackbone)
+    images = np.random.default_rng(1).uniform(-1, 1, (3, *hw, 3)).astype(np.float32)
+    got = _kdface_embed(general, images)
+    ort = pytest.importorskip("onnxruntime", reason="the graph's reference is ONNX Runtime")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    want = session.run(None, {"data": images.transpose(0, 3, 1, 2).copy()})[0]
+    assert np.any(want == 0) and np.all(got >= 0)
+    weights = [w[...] for w in general.weights]  # conv [O, I, k, k], FC [E, C] or [C, E]
+    path = sum(int(np.prod(w.shape[1:])) for w in weights if w.ndim == 4)
+    path += max(max(w.shape) for w in weights if w.ndim == 2)
+    _assert_match(got, want, terms=2 * path)
 
 
 def test_arcface_torch_resume_checkpoint_loads_its_backbone(tmp_path):

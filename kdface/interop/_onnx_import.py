@@ -30,10 +30,15 @@ import os
 
 import numpy as np
 
-__all__ = ["iresnet_state_from_onnx"]
+__all__ = ["NotIResNetGraphError", "iresnet_state_from_onnx"]
 
 _EPS = 1e-5  # kdface's BatchNorm epsilon (kdface.models._layers.BN_EPSILON)
 _SKIP = ("Identity", "Dropout")
+
+
+class NotIResNetGraphError(ValueError):
+    """A readable ONNX graph that is not an insightface IResNet (the general ONNX teacher,
+    ``_onnx_teacher``, may still read it)."""
 
 
 def _onnx():
@@ -71,7 +76,7 @@ class _Graph:
         self.outputs = [o.name for o in graph.output]
 
     def fail(self, message: str):
-        raise ValueError(f"{self.path}: not an insightface IResNet graph: {message}")
+        raise NotIResNetGraphError(f"{self.path}: not an insightface IResNet graph: {message}")
 
     def next_nodes(self, tensor: str) -> list:
         """Consumers of ``tensor``, looking through Identity / Dropout, ignoring Shape."""
