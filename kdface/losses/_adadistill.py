@@ -71,6 +71,7 @@ def _unit_pair(student: Array, teacher: Array, dtype: Any) -> tuple[Array, Array
 def _alpha(centres: Array, s_unit: Array, t_unit: Array, labels: Array) -> Array:
     """``[N]`` alpha from unit student/teacher rows and the pre-step centres (no gradient)."""
     s_unit, t_unit = jax.lax.stop_gradient(s_unit), jax.lax.stop_gradient(t_unit)
+    labels = jnp.asarray(labels)
     c_y = jnp.take(jax.lax.stop_gradient(centres), labels, axis=1).T          # [N, E]
     cos_st = jnp.clip(jnp.sum(s_unit * t_unit, axis=1), -1.0, 1.0)
     lam = jnp.clip(jnp.sum(l2_normalize(c_y) * t_unit, axis=1), ALPHA_FLOOR, 1.0)
@@ -105,6 +106,7 @@ def _last_occurrence(labels: Array) -> Array:
 
 
 def _updated(centres: Array, s_unit: Array, t_unit: Array, labels: Array) -> Array:
+    centres, labels = jnp.asarray(centres), jnp.asarray(labels)
     alpha = _alpha(centres, s_unit, t_unit, labels)
     c_y = jnp.take(centres, labels, axis=1)                                   # [E, N]
     moved = alpha[None, :] * c_y + (1.0 - alpha[None, :]) * jax.lax.stop_gradient(t_unit).T

@@ -163,6 +163,7 @@ def _negatives_top(s_sim: Array, t_sim: Array, labels: Array, k: int
                    ) -> tuple[Array, Array, Array, Array]:
     """The student's and teacher's top ``k`` negative similarities (descending), the flat
     ``[N*N]`` indices of the student's, and the number of negatives L (int32 scalar)."""
+    labels = jnp.asarray(labels)
     n = labels.shape[0]
     rows, cols = _upper_pairs(n)
     negative = labels[rows] != labels[cols]
@@ -290,6 +291,7 @@ def ekd_loss(student: Array, teacher: Array, labels: Array, state: EkdState, *,
     anchors_s, anchors_t = jax.lax.stop_gradient(new.student), jax.lax.stop_gradient(new.teacher)
 
     # positives: one masked pass over [N, N] (upper triangle, equal labels)
+    labels = jnp.asarray(labels)
     upper = jnp.arange(n)[:, None] < jnp.arange(n)[None, :]
     positive = upper & (labels[:, None] == labels[None, :])
     diff = _soft_count(s_sim, anchors_s, temperature) - _soft_count(t_sim, anchors_t, temperature)
