@@ -305,3 +305,39 @@ def test_argument_checks():
         ekd_loss(s, t, labels, state, top_negatives=0)
     with pytest.raises(ValueError, match="num_anchors"):
         ekd_init_state(0)
+
+
+# ----------------------------------------------------------------------------- deep ranks
+
+def test_batch_thresholds_at_deep_ranks():
+    # N = 600: P = 179,700 pairs, so FPR 1e-1 (rank ~17,000) and 1e-2 are past the direct
+    # top_k and come from the sampled bracket (_select_rank)
+    s, t, labels = _data(16, 600)
+    assert 179_700 // 10 >= _ekd.DIRECT_RANKS
+    got_s, got_t, count = jax.jit(ekd_batch_thresholds)(s, t, labels)
+    rows, cols = np.triu_indices(600, 1)
+    neg = labels[rows] != labels[cols]
+    big = int(neg.sum())
+    assert int(count) == big
+    for got, e in ((got_s, s), (got_t, t)):
+        u = _unit(e)
+        sims = np.sort(np.sum(u[rows[neg]] * u[cols[neg]], axis=1))[::-1]
+        want = np.array([sims[big // a] for a in INVERSE_FPR])
+        assert_close(got, want, terms=2 * D, scale=1.0)
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "few"])
+def test_select_rank_is_exact(case):
+    rng = np.random.default_rng(17)
+    pairs = 200_000
+    keys = rng.normal(size=pairs).astype(np.float32)
+    if case == "ties":          # one value everywhere: the bracket overflows, the full top_k
+        keys[:] = 0.5           # answers
+    keys[rng.random(pairs) < (0.99 if case == "few" else 0.2)] = -np.inf
+    count = int(np.isfinite(keys).sum())
+    max_rank = pairs // 10
+    want = np.sort(keys[np.isfinite(keys)])[::-1]
+    select = jax.jit(_ekd._select_rank, static_argnums=3)
+    for rank in (0, count // 10, count // 100, count // 3 if case == "few" else count // 11):
+        got = select(jnp.asarray(keys), jnp.int32(count), jnp.int32(rank), max_rank)
+        assert float(got) == float(want[rank]), (case, rank)     # a selection: exact
