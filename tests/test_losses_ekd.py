@@ -341,3 +341,27 @@ def test_select_rank_is_exact(case):
     for rank in (0, count // 10, count // 100, count // 3 if case == "few" else count // 11):
         got = select(jnp.asarray(keys), jnp.int32(count), jnp.int32(rank), max_rank)
         assert float(got) == float(want[rank]), (case, rank)     # a selection: exact
+
+
+def test_soft_count_derivatives_match_autodiff():
+    # the custom_jvp's slope (in the similarity and in the anchors) against autodiff of the
+    # plain clamped-sigmoid sum, in float64, including both clamp regions
+    def plain(x, a):
+        total = 0.0
+        for k in range(a.shape[0]):
+            z = jnp.clip(-(x - a[k]) / 0.01, -50.0, 50.0)
+            total = total + 1.0 / (1.0 + jnp.exp(z))
+        return total
+
+    with jax.enable_x64(True):
+        x = jnp.linspace(-1.0, 1.0, 401)
+        a = jnp.asarray([0.1, 0.2, 0.3])
+        ours = jax.jit(lambda x, a: jnp.sum(_ekd._soft_count(x, a, 0.01)))
+        theirs = jax.jit(lambda x, a: jnp.sum(plain(x, a)))
+        g = jax.grad(ours, argnums=(0, 1))(x, a)
+        h = jax.grad(theirs, argnums=(0, 1))(x, a)
+        # float64 vs float64 of another formula: the K = 3 sigmoids' slopes (<= 1 / (4T) = 25
+        # each), the anchor gradient sums 401 of them
+        assert_close(g[0], h[0], terms=3 * 4, scale=3 * 25.0, dtype=np.float64)
+        assert_close(g[1], h[1], terms=401 * 4, scale=401 * 25.0, dtype=np.float64)
+        assert_close(ours(x, a), theirs(x, a), terms=401 * 3, scale=401 * 3, dtype=np.float64)
