@@ -268,6 +268,22 @@ def test_jit_equals_eager_and_bf16():
     assert low[1].student.dtype == jnp.float32
 
 
+def test_pair_positions_at_large_n():
+    # the ends of rows (where a float root is most fragile) for N up to the int32 limit,
+    # against exact int64 arithmetic
+    for n in (5_000, 20_000, _ekd.MAX_ROWS):
+        rows = np.array([0, 1, n // 3, n // 2, n - 100, n - 3, n - 2], np.int64)
+        start = rows * (2 * n - rows - 1) // 2
+        length = n - 1 - rows
+        p = np.concatenate([start, start + np.minimum(1, length - 1), start + length - 1,
+                            start + length // 2])
+        want_i = np.concatenate([rows] * 4)
+        want_j = p - np.concatenate([start] * 4) + want_i + 1
+        i, j = jax.jit(_ekd._pair_position, static_argnums=1)(jnp.asarray(p, jnp.int32), n)
+        np.testing.assert_array_equal(i, want_i)
+        np.testing.assert_array_equal(j, want_j)
+
+
 def test_upper_pairs_are_numpys_triu_indices():
     for n in (2, 3, 5, 64, 1000, 4097):
         rows, cols = jax.jit(_ekd._upper_pairs, static_argnums=0)(n)

@@ -64,6 +64,8 @@ TOP_NEGATIVES = 2000
 POSITIVE_WEIGHT = 0.02
 NEGATIVE_WEIGHT = 0.01
 HIGHEST = jax.lax.Precision.HIGHEST
+# The largest batch: pair indices and (r + 1)(r + 2) stay within int32.
+MAX_ROWS = 46_340
 # How the thresholds are found (speed only; the values are exact either way): anchors of rank
 # below DIRECT_RANKS come from one top_k shared with the hard negatives; deeper ones (FPR 1e-1 at
 # N >= ~400) from a sample of every SAMPLE_STRIDE-th pair and a bracket of SAMPLE_SIGMAS binomial
@@ -113,6 +115,9 @@ def _check_inverse_fpr(inverse_fpr: Sequence[int]) -> tuple[int, ...]:
 
 def _check_inputs(student: Any, teacher: Any, labels: Any) -> None:
     check_embeddings("student", student, min_n=2)
+    if student.shape[0] > MAX_ROWS:
+        raise ValueError(f"EKD takes at most N={MAX_ROWS} rows (int32 pair indices), "
+                         f"got N={student.shape[0]}")
     check_embeddings("teacher", teacher, min_n=2)
     check_same_rows("student", student, "teacher", teacher)
     check_labels("labels", labels, student.shape[0])
@@ -138,26 +143,31 @@ def _similarities(e: Array) -> Array:
     return jnp.matmul(u, u.T, precision=HIGHEST)
 
 
+def _pair_position(p: Array, n: int) -> tuple[Array, Array]:
+    """Row ``i`` and column ``j`` of pair index ``p`` (int32, any shape) among the pairs
+    ``i < j`` of ``n`` rows in row-major order.
+
+    Counted from the last pair, ``q = P - 1 - p`` lies in the ``r``-th row from the end with
+    ``r (r + 1) / 2 <= q < (r + 1)(r + 2) / 2``: ``r = floor((sqrt(8q + 1) - 1) / 2)``. That
+    root has no cancellation, so float32 gives r to within one for every ``n <= MAX_ROWS``,
+    and one integer step each way makes it exact.
+    """
+    q = (n * (n - 1) // 2 - 1) - p
+    r = jnp.floor((jnp.sqrt(8.0 * q.astype(jnp.float32) + 1.0) - 1.0) / 2.0).astype(jnp.int32)
+    r = jnp.clip(r, 0, n - 2)
+
+    def tri(x):
+        return x * (x + 1) // 2
+
+    r = jnp.where(tri(r + 1) <= q, r + 1, r)
+    r = jnp.where(tri(r) > q, r - 1, r)
+    return n - 2 - r, n - 1 - (q - tri(r))
+
+
 def _upper_pairs(n: int) -> tuple[Array, Array]:
     """Row and column ``[P]`` of the ``P = n(n-1)/2`` pairs ``i < j`` in row-major order,
-    computed in the graph (no ``[P]`` constant is embedded in the program).
-
-    Pair p lies in row ``i`` with ``start(i) <= p < start(i + 1)``, ``start(i) = i (2n - i - 1)
-    / 2``; the float32 root gives i to within one, and integer steps correct it exactly.
-    """
-    p = jnp.arange(n * (n - 1) // 2, dtype=jnp.int32)
-    b = 2 * n - 1
-    disc = jnp.maximum(jnp.float32(b * b) - 8.0 * p.astype(jnp.float32), 0.0)
-    i = jnp.floor((b - jnp.sqrt(disc)) / 2.0).astype(jnp.int32)
-    i = jnp.clip(i, 0, n - 2)
-
-    def start(r):
-        return r * (2 * n - r - 1) // 2
-
-    for _ in range(2):
-        i = jnp.where(start(i + 1) <= p, i + 1, i)
-        i = jnp.where(start(i) > p, i - 1, i)
-    return i, p - start(i) + i + 1
+    computed in the graph (no ``[P]`` constant is embedded in the program)."""
+    return _pair_position(jnp.arange(n * (n - 1) // 2, dtype=jnp.int32), n)
 
 
 def _clamped_exponent(sim: Array, anchor: Array, temperature: float) -> tuple[Array, Array]:
