@@ -51,7 +51,7 @@ def ref_thresholds(s, t, labels, inverse_fpr=INVERSE_FPR):
 
 def ref_ekd(s, t, labels, state, *, inverse_fpr=INVERSE_FPR, momentum=0.01, temperature=0.01,
             top=2000, w_pos=0.02, w_neg=0.01):
-    """Huang et al. 2022 eqs. (2)-(6) with TFace's constants, one pair at a time."""
+    """Huang et al. 2022's rank loss with TFace's constants, one pair at a time."""
     su, tu = _unit(s), _unit(t)
     n = len(labels)
     old_s, old_t = (np.asarray(a, np.float64) for a in state)

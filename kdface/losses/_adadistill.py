@@ -2,7 +2,7 @@
 class centres of the batch's labels move towards the teacher's normalized embeddings, by an
 adaptive weight, and the student then trains with ArcFace / CosFace against those centres.
 
-For sample i with label y (Boutros et al. 2024, §3, eqs. (3)-(6); the official code's
+For sample i with label y (Boutros et al. 2024, the adaptive centre update; the official code's
 ``AdaptiveAArcFace`` / ``AdaptiveACosFace``, fdbtrs/AdaDistill ``utils/losses.py``)::
 
     lam_i   = clamp(cos(c_y, t_i), 1e-6, 1)                  # centre vs teacher
@@ -80,7 +80,7 @@ def _alpha(centres: Array, s_unit: Array, t_unit: Array, labels: Array) -> Array
 
 def adadistill_alpha(centres: Array, student: Array, teacher: Array, labels: Array) -> Array:
     """The adaptive weight of each sample, ``alpha = clamp(cos(s, t) * clamp(cos(c_y, t), 1e-6,
-    1), 1e-6, 1)`` (Boutros et al. 2024, eq. (5); the official code's ``target_logit_mean``),
+    1), 1e-6, 1)`` (Boutros et al. 2024; the official code's ``target_logit_mean``),
     computed from the centres *before* this step's update.
 
     Args:
@@ -120,7 +120,7 @@ def _updated(centres: Array, s_unit: Array, t_unit: Array, labels: Array) -> Arr
 
 
 def adadistill_centres(centres: Array, student: Array, teacher: Array, labels: Array) -> Array:
-    """The class centres after AdaDistill's update of one batch (Boutros et al. 2024, eq. (6)).
+    """The class centres after AdaDistill's update of one batch (Boutros et al. 2024).
 
     For each sample, ``c_y <- alpha * c_y + (1 - alpha) * t / |t|`` with ``alpha`` of
     ``adadistill_alpha``; columns of classes not in the batch are unchanged, and no column is
@@ -166,7 +166,7 @@ def adadistill_logits(student: Array, teacher: Array, labels: Array, centres: Ar
                       ) -> tuple[Array, Array]:
     """AdaDistill's margin logits: update the centres (``adadistill_centres``), then the
     ArcFace or CosFace logits of the student against the updated, normalized centres (Boutros et
-    al. 2024, eqs. (1)-(2) with the centres of eq. (6)).
+    al. 2024: the margin loss against the updated centres).
 
     The margins are kdface's ``arcface_logits`` / ``cosface_logits``. For ArcFace that includes
     the insightface fallback ``cos θ - m sin m`` past ``θ > π - m``, where the official
@@ -205,7 +205,7 @@ def adadistill_loss(student: Array, teacher: Array, labels: Array, centres: Arra
                     head: str = "arcface", scale: float = SCALE, margin: float | None = None,
                     reduction: str | None = "mean") -> tuple[Array, Array]:
     """AdaDistill's training loss: the cross-entropy of ``adadistill_logits`` (Boutros et al.
-    2024, eq. (1); the official training script's ``CrossEntropyLoss`` on the header's output).
+    2024; the official training script's ``CrossEntropyLoss`` on the header's output).
 
     Args: as ``adadistill_logits`` (``student``/``teacher`` ``[N, E]``, ``labels`` ``[N]``,
       ``centres`` ``[E, C]``), and ``reduction`` ``'mean'`` (default), ``'sum'`` or

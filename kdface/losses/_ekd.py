@@ -1,7 +1,9 @@
 """EKD, evaluation-oriented knowledge distillation: the student learns the teacher's *rank* of each
 pair against the verification thresholds that decide TPR@FPR.
 
-Per batch (Huang et al. 2022, §3.2-3.3, eqs. (2)-(6)):
+Per batch (Huang et al. 2022, the evaluation-oriented rank loss, as the official code computes
+it; equation numbers are not cited here because this module was written from the official code
+and its description, not checked against the paper's numbering):
 
 1. cosine similarities of all unordered pairs ``i < j`` of the L2-normalized student and teacher
    embeddings, split into positive (same label) and negative pairs;
@@ -308,7 +310,7 @@ def ekd_batch_thresholds(student: Array, teacher: Array, labels: Array, *,
                          inverse_fpr: Sequence[int] = INVERSE_FPR
                          ) -> tuple[Array, Array, Array]:
     """This batch's thresholds at the FPR anchors, before any running average (Huang et al.
-    2022, §3.2: the threshold at FPR 1/a is the similarity of the negative pair ranked ``L // a``
+    2022: the threshold at FPR 1/a is the similarity of the negative pair ranked ``L // a``
     among the batch's L negative pairs, descending).
 
     A batch with fewer than a negatives for anchor a (``L // a == 0``) takes its hardest
@@ -341,7 +343,7 @@ def ekd_loss(student: Array, teacher: Array, labels: Array, state: EkdState, *,
              temperature: float = TEMPERATURE, top_negatives: int = TOP_NEGATIVES,
              positive_weight: float = POSITIVE_WEIGHT,
              negative_weight: float = NEGATIVE_WEIGHT) -> tuple[Array, EkdState]:
-    """EKD loss of one batch and the updated running thresholds (Huang et al. 2022, eqs. (2)-(6)).
+    """EKD loss of one batch and the updated running thresholds (Huang et al. 2022, its rank loss).
 
     ``s_ij = cos(student_i, student_j)``, ``t_ij`` likewise, over pairs ``i < j``. The running
     thresholds are updated first, ``A <- m * batch + (1 - m) * A`` for student and teacher
