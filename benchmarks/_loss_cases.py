@@ -52,7 +52,7 @@ class Impl:
 class Loss:
     key: str
     title: str
-    kind: str                            # 'embed' | 'logits' | 'head'
+    kind: str                            # 'embed' | 'logits' | 'head' | 'ekd' | 'adadistill'
     impls: tuple[Impl, ...]
     work: Callable[[int, Config], float]
     work_unit: str
@@ -76,6 +76,9 @@ DEFAULT_SIZES = {
     "rkd_d": (64, 256, 1024, 4096),
     "rkd_a": (64, 256, 512),
     "darkrank": (64, 256, 512, 4096),
+    "ekd": (64, 256, 1024, 2048, 4096),
+    "adadistill_arc": (64, 256, 1024, 4096),
+    "adadistill_cos": (64, 256, 1024, 4096),
 }
 # ... and runs these implementations only up to this N (slow references whose scaling the
 # first sizes already show).
@@ -109,10 +112,42 @@ def make_inputs(kind: str, n: int, cfg: Config) -> tuple[tuple[np.ndarray, ...],
         teacher = 3.0 * rng.standard_normal((n, cfg.classes), dtype=np.float32)
         noise = rng.standard_normal((n, cfg.classes), dtype=np.float32)
         return (teacher + noise, teacher), (0,)
+    if kind in ("ekd", "adadistill"):
+        return _stateful_inputs(kind, n, cfg, rng)
     emb = rng.standard_normal((n, cfg.dim), dtype=np.float32)
     weight = rng.standard_normal((cfg.classes, cfg.dim), dtype=np.float32)
     labels = rng.integers(0, cfg.classes, size=n).astype(np.int32)
     return (emb, weight, labels), (0, 1)
+
+
+# EKD's running thresholds at the start of every timed call, student and teacher: about the
+# negatives' similarities at FPR 1e-1 .. 1e-6 of these inputs (cosines of independent 512-d
+# directions, std 1/sqrt(512)); both frameworks start from them.
+EKD_BENCH_STATE = (0.06, 0.10, 0.14, 0.17, 0.19, 0.21)
+
+
+def _stateful_inputs(kind: str, n: int, cfg: Config, rng: np.random.Generator
+                     ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
+    """EKD: ``(student, teacher, labels)``, the batch of TFace's recipe: half random identities,
+    half identity-balanced (4 images per identity). AdaDistill: ``(student, teacher, labels,
+    centres [D, C])``, labels uniform over C (duplicates included), centres N(0, 0.01) as the
+    official head's initialization. Gradient to the student only."""
+    if kind == "ekd":
+        half = n // 2
+        balanced = np.repeat(np.arange(-(-half // 4)), 4)[:half]
+        randoms = rng.integers(10 ** 6, 2 * 10 ** 6, size=n - half)
+        labels = rng.permutation(np.concatenate([balanced, randoms])).astype(np.int32)
+        # an identity direction shared by the images of an identity: positives' cosines ~0.25
+        ids = np.unique(labels, return_inverse=True)[1]
+        identity = rng.standard_normal((ids.max() + 1, cfg.dim), dtype=np.float32)
+        teacher = 0.6 * identity[ids] + rng.standard_normal((n, cfg.dim), dtype=np.float32)
+        student = 0.8 * teacher + 0.6 * rng.standard_normal((n, cfg.dim), dtype=np.float32)
+        return (student, teacher, labels), (0,)
+    teacher = rng.standard_normal((n, cfg.dim), dtype=np.float32)
+    student = 0.8 * teacher + 0.6 * rng.standard_normal((n, cfg.dim), dtype=np.float32)
+    labels = rng.integers(0, cfg.classes, size=n).astype(np.int32)
+    centres = 0.01 * rng.standard_normal((cfg.dim, cfg.classes), dtype=np.float32)
+    return (student, teacher, labels, centres), (0,)
 
 
 # --------------------------------------------------------------------------- JAX builders
@@ -154,7 +189,39 @@ def _kdface_margin(head: str) -> Callable[[int, Config], Callable]:
     return build
 
 
+def _kdface_ekd(n: int, cfg: Config) -> Callable:
+    import jax.numpy as jnp
+
+    from kdface.losses import EkdState, ekd_loss
+    state = EkdState(jnp.asarray(EKD_BENCH_STATE, jnp.float32),
+                     jnp.asarray(EKD_BENCH_STATE, jnp.float32))
+    return lambda s, t, y: ekd_loss(s, t, y, state)[0]
+
+
+def _kdface_adadistill(head: str) -> Callable[[int, Config], Callable]:
+    def build(n: int, cfg: Config) -> Callable:
+        from kdface.losses import adadistill_loss
+        return lambda s, t, y, c: adadistill_loss(s, t, y, c, head=head)[0]
+    return build
+
+
 # ------------------------------------------------------------------------- torch builders
+
+def _torch_ekd(n: int, cfg: Config) -> Callable:
+    import torch
+
+    from benchmarks._torch_stateful import ekd_official
+    anchors = torch.tensor(EKD_BENCH_STATE, dtype=torch.float32)
+    return lambda s, t, y: ekd_official(s, t, y, anchors, anchors)
+
+
+def _torch_adadistill(head: str) -> Callable[[int, Config], Callable]:
+    def build(n: int, cfg: Config) -> Callable:
+        from benchmarks._torch_stateful import adadistill_official
+        m = {"arcface": 0.45, "cosface": 0.35}[head]
+        return lambda s, t, y, c: adadistill_official(s, t, y, c, head=head, m=m)
+    return build
+
 
 def _torch(name: str, scale: Callable[[int], float] | None = None, **options: Any
            ) -> Callable[[int, Config], Callable]:
@@ -319,6 +386,22 @@ def _registry() -> dict[str, Loss]:
                 Impl("torch", "torch", "both", _torch(ref), 1, 1),
             ), lambda n, cfg: float(n) * cfg.classes, "logits", SIZES,
             notes="embeddings [N, D] through a normalized [C, D] head; grads to both")
+    losses["ekd"] = Loss(
+        "ekd", "EKD (TFace constants: 6 FPR anchors, T 0.01, top 2000)", "ekd", (
+            Impl("kdface", "jax", "kdface", _kdface_ekd, 2.2, 2, matches="torch (TFace)"),
+            Impl("torch (TFace)", "torch", "both", _torch_ekd, 2.2, 2),
+        ), lambda n, cfg: float(num_pairs(n)), "pairs", SIZES,
+        notes="half random, half 4-per-identity labels; thresholds start from a fixed state")
+    for key, head, title in (("adadistill_arc", "arcface", "AdaDistill ArcFace (s 64, m 0.45)"),
+                             ("adadistill_cos", "cosface", "AdaDistill CosFace (s 64, m 0.35)")):
+        losses[key] = Loss(
+            key, title, "adadistill", (
+                Impl("kdface", "jax", "kdface", _kdface_adadistill(head), 1, 1,
+                     matches="torch (official)"),
+                Impl("torch (official)", "torch", "both", _torch_adadistill(head), 1, 1),
+            ), lambda n, cfg: float(n) * cfg.classes, "logits", SIZES,
+            notes="centre update of the batch's labels, then the margin head [D, C] + CE; "
+                  "grads to the student")
     return losses
 
 
@@ -330,4 +413,5 @@ def _with_default_sizes(loss: Loss) -> Loss:
 
 LOSSES = {key: _with_default_sizes(loss) for key, loss in _registry().items()}
 DEFAULT_ORDER = ("pwr_exp_tdiff", "mmd", "rkd_da", "pwr_diff_none", "pwr_ranknet_const",
-                 "rkd_d", "rkd_a", "darkrank", "hinton", "angular", "cosface", "arcface")
+                 "rkd_d", "rkd_a", "darkrank", "hinton", "angular", "cosface", "arcface",
+                 "ekd", "adadistill_arc", "adadistill_cos")

@@ -173,6 +173,13 @@ NOT_PLAIN_LOSSES = {
     "rkd_angle_loss_sharded": "needs a device axis: test_losses_sharded",
     "darkrank_hard_loss_sharded": "needs a device axis: test_losses_sharded",
     "sharded_relational_loss": "needs a mesh: test_losses_sharded",
+    "ekd_loss": "returns (loss, state): jit, bf16 and its state in test_losses_ekd",
+    "ekd_batch_thresholds": "EKD's per-batch thresholds, not a loss (test_losses_ekd)",
+    "ekd_init_state": "EKD's initial state, not a loss (test_losses_ekd)",
+    "adadistill_alpha": "AdaDistill's per-sample weights, not a loss (test_losses_adadistill)",
+    "adadistill_centres": "AdaDistill's centre update, not a loss (test_losses_adadistill)",
+    "adadistill_logits": "returns (logits, centres): test_losses_adadistill",
+    "adadistill_loss": "returns (loss, centres): jit, bf16 in test_losses_adadistill",
 }
 
 

@@ -33,3 +33,15 @@ __all__ = ["angular_distillation_loss", "arcface_logits", "cosface_logits", "dar
            "rkd_angle_loss", "rkd_angle_loss_sharded", "rkd_distance_loss",
            "rkd_distance_loss_sharded", "sharded_relational_loss", "soft_prediction_loss",
            "softmax_cross_entropy", "sphereface_lambda", "sphereface_logits", "triplet_loss"]
+
+# EKD, evaluation-oriented KD (Huang et al. 2022): a loss with running thresholds as state.
+from kdface.losses._ekd import EkdState, ekd_batch_thresholds, ekd_init_state, ekd_loss
+
+__all__ += ["EkdState", "ekd_batch_thresholds", "ekd_init_state", "ekd_loss"]
+
+# AdaDistill (Boutros et al. 2024): KD in the margin loss, class centres moved towards the
+# teacher before each step (the centres are state: an input and an output).
+from kdface.losses._adadistill import (adadistill_alpha, adadistill_centres, adadistill_logits,
+                                       adadistill_loss)
+
+__all__ += ["adadistill_alpha", "adadistill_centres", "adadistill_logits", "adadistill_loss"]
