@@ -9,7 +9,8 @@ Runs (``--runs=name=PATH,...``): a kdface training workdir (``config.json`` + ``
 the latest checkpoint's student network is rebuilt as trained; a ``generations`` parent uses its
 last ``gen_k``); a third-party teacher ``pth:[ARCH:]FILE`` / ``onnx:[ARCH:]FILE`` (an insightface
 IResNet: ``backbone.pth``, arcface_torch's ``checkpoint_gpu_0.pt``, or a ``torch2onnx.py``
-export; read as the trainer's ``--teacher`` reads it, at the input size its FC fixes); or an
+export; or any face-recognition ONNX graph, run as the graph: OpenCV Zoo's SFace, insightface's
+``w600k_mbf.onnx``; read as the trainer's ``--teacher`` reads it); or an
 ``.npz`` of exported embeddings, so a model without a checkpoint (another framework's, or a run
 exported earlier) is compared side by side.
 
@@ -97,7 +98,8 @@ def define_flags(fv):
     from absl import flags
     d = dict(flag_values=fv)
     flags.DEFINE_list("runs", [], "name=PATH,...: kdface training workdirs, third-party "
-                      "teachers pth:[ARCH:]FILE / onnx:[ARCH:]FILE (insightface IResNets), or "
+                      "teachers pth:[ARCH:]FILE (insightface IResNets) / onnx:[ARCH:]FILE (any "
+                      "face-recognition ONNX graph), or "
                       "exported embedding .npz files. Required.", **d)
     flags.DEFINE_list("val_data", [], "Verification sets: .bin paths, pairs.txt[=IMAGE_ROOT] "
                       "paths, or names of sets built in --data_dir.", **d)

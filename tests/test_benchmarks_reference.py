@@ -186,6 +186,13 @@ def _sleep():
 pytestmark_fork = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called")
 
 
+def _cap_above_this_process(extra: int = 2**31) -> int:
+    """An RSS cap ``extra`` bytes above this process's RSS: a forked child may count the parent's
+    resident pages as its own (a pytest worker that ran other tests first holds gigabytes), so a
+    fixed 2 GiB cap killed children that should finish (seen: 2.38 GiB at start)."""
+    return _measure.rss_bytes() + extra
+
+
 @pytestmark_fork
 def test_run_isolated_kills_past_memory_cap():
     out = _measure.run_isolated(_allocate, (400,), timeout_s=60, rss_cap_bytes=200 * 2**20)
@@ -195,9 +202,10 @@ def test_run_isolated_kills_past_memory_cap():
 
 @pytestmark_fork
 def test_run_isolated_timeout_and_result():
-    out = _measure.run_isolated(_sleep, timeout_s=0.5, rss_cap_bytes=2**31)
+    out = _measure.run_isolated(_sleep, timeout_s=0.5, rss_cap_bytes=_cap_above_this_process())
     assert out["status"] == "timeout"
-    out = _measure.run_isolated(_allocate, (8,), timeout_s=60, rss_cap_bytes=2**31)
+    out = _measure.run_isolated(_allocate, (8,), timeout_s=60,
+                                rss_cap_bytes=_cap_above_this_process())
     assert out["status"] == "ok" and out["sum"] == 8 * 2**20 // 8
 
 
@@ -210,7 +218,7 @@ def test_case_memory_counts_a_large_allocation():
         del block
         return mem.report()
 
-    out = _measure.run_isolated(case, timeout_s=60, rss_cap_bytes=2**31)
+    out = _measure.run_isolated(case, timeout_s=60, rss_cap_bytes=_cap_above_this_process())
     assert out["status"] == "ok", out
     if out["peak_reset"]:
         assert 290 < out["peak_mib"] < 400, out

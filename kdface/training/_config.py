@@ -40,8 +40,11 @@ class TrainConfig:
                                              "e.g. embedding_size=512,width_divisor=4.")
     teacher: str | None = option(None, "Teacher backbone name; with --teacher_checkpoint it may "
                                  "be left out (the teacher run's config.json names it) and must "
-                                 "not contradict it. Or a third-party insightface IResNet: "
-                                 "pth:[ARCH:]PATH (PyTorch state dict) or onnx:[ARCH:]PATH.")
+                                 "not contradict it. Or a third-party teacher: an insightface "
+                                 "IResNet pth:[ARCH:]PATH (PyTorch state dict), or any "
+                                 "face-recognition ONNX graph onnx:[ARCH|graph|OPTIONS:]PATH "
+                                 "(an IResNet graph becomes a kdface IResNet, any other runs as "
+                                 "the graph, embeddings only).")
     teacher_options: dict[str, Any] = option({}, "Teacher backbone kwargs as k=v,k=v; taken "
                                              "from the teacher run when left empty.")
     teacher_checkpoint: str | None = option(None, "Workdir of a finished kdface run of the "
