@@ -153,10 +153,11 @@ METHODS: tuple[Method, ...] = (
     Method("vargface_gen2", "yan2019", "§2.5 recursive KD, generation 2: eq. 7 again, "
            "initialized from generation 1 (row vargface)",
            {"recipe": "vargface", "vargface_alpha": 7.0}, init_from="vargface"),
-    # duong2019 eq. 7: L_SM + λ_n·angular(final) + Σ λ_i·angular(stage i through the teacher's
-    # remaining blocks), λ_n = 1 (angular) or 0.001 (ℓ2), λ_i = λ_{i+1}/2.
-    Method("shrinktea", "duong2019", "eq. 7: softmax-family loss + angular distillation at the "
-           "embedding and at every stage through the teacher's blocks, λ_n = 1",
+    # duong2019 eq. 7: L_SM + λ_n·angular(F_n^s, the student's own embedding) + Σ λ_i·angular(
+    # stage i through the teacher's remaining blocks), λ_n = 1 (angular) or 0.001 (ℓ2),
+    # λ_i = λ_{i+1}/2.
+    Method("shrinktea", "duong2019", "eq. 7: softmax-family loss + angular distillation on the "
+           "student's own embedding and at blocks 1-3 through the teacher's blocks, λ_n = 1",
            {"recipe": "shrinktea", "shrinktea_lambda": 1.0},
            adds="stage adapters (1x1 conv + BN) to the teacher's stages"),
     Method("shrinktea_l2", "duong2019", "eq. 7 with the ℓ2 distance ('Student-1 (ℓ2 loss)' of "
