@@ -7,9 +7,13 @@ from kdface.distill._recipes import (HEAD, RECIPES, Option, Recipe, RecipeSpec, 
                                      recipe_spec, register_option_defaults, register_recipe)
 # The five papers' declarations register themselves into _recipes on import.
 from kdface.distill import _paper_recipes  # noqa: E402,F401
-from kdface.distill._terms import TERMS, TermInputs, TermSpec, register_term, term, term_spec
+# Methods beyond the five papers, each one module (its term and its declaration).
+from kdface.distill import _adadistill, _ekd  # noqa: E402,F401
+from kdface.distill._terms import (TERMS, StateShapes, TermInputs, TermSpec, TermState,
+                                   register_term, term, term_spec)
 
-__all__ = ["build_recipe", "build_student", "cast_floating", "class_logits", "DistillStudent", "FaceNetwork", "HEAD", "objective",
-           "Option", "Recipe", "recipe_names", "recipe_spec", "RECIPES", "RecipeSpec",
-           "register_option_defaults", "register_recipe", "register_term", "TeacherPhase", "Term", "term", "term_spec",
-           "TermDecl", "TermInputs", "TERMS", "TermSpec"]
+__all__ = ["build_recipe", "build_student", "cast_floating", "class_logits", "DistillStudent",
+           "FaceNetwork", "HEAD", "objective", "Option", "Recipe", "recipe_names", "recipe_spec",
+           "RECIPES", "RecipeSpec", "register_option_defaults", "register_recipe",
+           "register_term", "StateShapes", "TeacherPhase", "Term", "term", "term_spec",
+           "TermDecl", "TermInputs", "TERMS", "TermSpec", "TermState"]

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kdface.distill._terms import TermInputs, term_spec
+from kdface.distill._terms import StateShapes, TermInputs, term_spec
 
 HEADS = ("softmax", "cosface", "arcface", "sphereface")
 # The views of kdface.data.VIEWS (the pipeline's vocabulary), spelled out so that declaring
@@ -169,6 +169,23 @@ class Recipe:
     def teacher_tail(self) -> bool:
         """Some term runs features through the teacher's remaining blocks."""
         return any(t.spec.teacher_tail for t in self.terms)
+
+    @property
+    def stateful_terms(self) -> tuple[Term, ...]:
+        """The terms that carry non-gradient state (``TermSpec.state``)."""
+        return tuple(t for t in self.terms if t.spec.state is not None)
+
+    def init_term_states(self, shapes: StateShapes, key: jax.Array
+                         ) -> dict[str, dict[str, jax.Array]]:
+        """``{term name: its initial state}`` of the stateful terms (empty when none); each
+        term's init gets its own key, folded from ``key`` by the term's position."""
+        return {t.name: t.spec.state.build(shapes, jax.random.fold_in(key, i))
+                for i, t in enumerate(self.terms) if t.spec.state is not None}
+
+    def class_axis_states(self) -> tuple[tuple[str, str], ...]:
+        """``(term name, state name)`` of every state array with a class axis."""
+        return tuple((t.name, name) for t in self.stateful_terms
+                     for name in sorted(t.spec.state.class_axis))
 
     @property
     def batch_fields(self) -> frozenset[str]:
@@ -330,13 +347,25 @@ def build_recipe(name: str, config: Any) -> Recipe:
     return recipe
 
 
-def objective(recipe: Recipe, inputs: TermInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted sum of the recipe's terms; returns (total, {term name: unweighted value})."""
-    values = {}
+def objective(recipe: Recipe, inputs: TermInputs,
+              states: Mapping[str, Mapping[str, jax.Array]] | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, dict[str, jax.Array]]]:
+    """Weighted sum of the recipe's terms; returns (total, {term name: unweighted value},
+    {stateful term name: its new state}). ``states``: each stateful term's state (its
+    ``TermInputs.state``), as ``Recipe.init_term_states`` builds them."""
+    states = {} if states is None else states
+    values, new_states = {}, {}
     total = jnp.zeros((), jnp.float32)
     for term in recipe.terms:
-        value = term.spec.fn(inputs, **term.options).astype(jnp.float32)
+        if term.spec.state is None:
+            value = term.spec.fn(inputs, **term.options)
+        else:
+            if term.name not in states:
+                raise ValueError(f"loss term {term.name!r} carries state, but none was given "
+                                 f"(Recipe.init_term_states builds it)")
+            value, new_states[term.name] = term.spec.fn(
+                dataclasses.replace(inputs, state=states[term.name]), **term.options)
+        value = value.astype(jnp.float32)
         values[term.name] = value
         total = total + term.weight * value
-    return total, values
-
+    return total, values, new_states

@@ -8,6 +8,13 @@ weighted sum, and everything the trainer must prepare (a teacher, stage features
 landmark head, a cacheable teacher) is computed from the contracts of the recipe's terms, so the
 trainer never names a term. A new term is a function here (or anywhere) plus ``register_term``.
 
+A term may carry state the step updates without gradients (EKD's running thresholds, AdaDistill's
+class centres): its contract's ``state`` (a ``TermState``) says how to build it from the run's
+shapes (``StateShapes``) and which of its arrays have a class axis. The trainer keeps it in the
+train state under the term's name, gives it to the term as ``TermInputs.state``, and the term
+returns ``(value, new_state)``; the step keeps or drops the new state by the same health rule as
+the parameters, and checkpoints it with them (class axes unpadded, as a margin head's).
+
 ``TermInputs`` holds what a term may read. Network outputs are dicts with ``embedding`` [B, E],
 ``logits`` [B, C] (class logits without any margin: the softmax head's logits, or scale * cos for a
 margin head), ``cos`` [B, C] (margin heads only), ``stages`` (four stage features) and
@@ -40,6 +47,10 @@ class TermInputs:
     global batch; the device count = per-device relations, as the papers' multi-GPU code did).
     step: the optimizer step of this batch (int32 scalar), for terms with a schedule (A-Softmax's
     λ annealing); None outside training.
+    state: the term's own state (``TermSpec.state``), a dict of arrays; None for stateless terms.
+    classes: the data's class count (a class axis of the state may be padded beyond it).
+    class_sharding: where a state's class axis lives when it is split over the devices (the
+    ``NamedSharding`` of the margin head's weight, ``P(None, 'data')``), None when replicated.
     """
     labels: jax.Array
     student: dict[str, Any]
@@ -49,6 +60,52 @@ class TermInputs:
     landmarks: jax.Array | None = None
     relation_groups: int = 1
     step: jax.Array | None = None
+    state: Mapping[str, jax.Array] | None = None
+    classes: int | None = None
+    class_sharding: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StateShapes:
+    """What a term's state is sized from: the student's ``embedding_size``, the data's
+    ``classes``, ``columns`` (the width of a class axis: ``classes``, or more when the axis is
+    split over devices that do not divide it; the extra columns are padding), the ``dtype``."""
+    embedding_size: int
+    classes: int
+    columns: int
+    dtype: Any = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TermState:
+    """A term's non-gradient state: ``init(shapes: StateShapes, key) -> {name: array}`` builds it
+    (``key``: a PRNG key of the run's seed, for a random init); ``class_axis`` names the arrays
+    of shape ``[X, columns]`` whose last axis is the class axis: placed like the margin head's
+    weight (split over the devices with it), their padding columns zero at init and never
+    written, saved in checkpoints as their ``classes`` real columns. Every other array is
+    replicated and saved as is."""
+    init: Callable[[StateShapes, jax.Array], Mapping[str, jax.Array]]
+    class_axis: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if not callable(self.init):
+            raise TypeError(f"TermState.init must be callable, got {self.init!r}")
+        object.__setattr__(self, "class_axis", frozenset(self.class_axis))
+
+    def build(self, shapes: StateShapes, key: jax.Array) -> dict[str, jax.Array]:
+        """The initial state, checked against the declaration."""
+        # own buffers: the step donates the state, and one array twice in it cannot be donated
+        state = {k: jnp.array(v, copy=True) for k, v in self.init(shapes, key).items()}
+        missing = self.class_axis - set(state)
+        if missing:
+            raise ValueError(f"TermState.class_axis names {sorted(missing)}, which init does not "
+                             f"return (it returns {sorted(state)})")
+        for name in self.class_axis:
+            shape = tuple(state[name].shape)
+            if len(shape) != 2 or shape[1] != shapes.columns:
+                raise ValueError(f"state {name!r} has a class axis, so it must be [X, "
+                                 f"{shapes.columns}] (columns last), got {shape}")
+        return state
 
 
 # Outputs a network may return (``FaceNetwork.__call__``) and the batch fields a term may read.
@@ -72,6 +129,8 @@ class TermSpec:
     same_embedding / same_classes: compares student and teacher embeddings / class logits
     element-wise, so their sizes must agree.
     relational: computed over relation groups of the batch (``TermInputs.relation_groups``).
+    state: the term's non-gradient state (``TermState``); such a term returns ``(value,
+    new_state)`` and reads its state from ``TermInputs.state``.
     """
     fn: Callable[..., jax.Array]
     student_outputs: frozenset[str] = frozenset({"embedding"})
@@ -82,8 +141,11 @@ class TermSpec:
     same_embedding: bool = False
     same_classes: bool = False
     relational: bool = False
+    state: TermState | None = None
 
     def __post_init__(self):
+        if self.state is not None and not isinstance(self.state, TermState):
+            raise TypeError(f"TermSpec.state must be a TermState, got {type(self.state).__name__}")
         if not callable(self.fn):
             raise TypeError(f"TermSpec.fn must be callable, got {self.fn!r}")
         for field, allowed in (("student_outputs", NETWORK_OUTPUTS),

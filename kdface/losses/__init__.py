@@ -41,7 +41,9 @@ __all__ += ["EkdState", "ekd_batch_thresholds", "ekd_init_state", "ekd_loss"]
 
 # AdaDistill (Boutros et al. 2024): KD in the margin loss, class centres moved towards the
 # teacher before each step (the centres are state: an input and an output).
-from kdface.losses._adadistill import (adadistill_alpha, adadistill_centres, adadistill_logits,
-                                       adadistill_loss)
+from kdface.losses._adadistill import (adadistill_alpha, adadistill_centres,
+                                       adadistill_centres_sharded, adadistill_logits,
+                                       adadistill_loss, normalized_cosines)
 
-__all__ += ["adadistill_alpha", "adadistill_centres", "adadistill_logits", "adadistill_loss"]
+__all__ += ["adadistill_alpha", "adadistill_centres", "adadistill_centres_sharded",
+            "adadistill_logits", "adadistill_loss", "normalized_cosines"]

@@ -15,9 +15,9 @@ official code runs it under ``torch.no_grad`` and never trains the head); the ce
 unnormalized and normalized only when the logits are formed, ``cos_ij = <s_i/|s_i|, c_j/|c_j|>``.
 
 Layout: ``centres: [E, C]``, one column per class, the layout of ``kdface.models.MarginHead``'s
-weight and of the official ``kernel``. A trainer passes the head's weight in and stores the
-result back; the sharded-head version of the update (each shard scattering the columns it owns)
-is the trainer's business, built on the same per-sample weights (``adadistill_alpha``).
+weight and of the official ``kernel``. A trainer carries them from step to step (kdface's
+``adadistill`` term keeps them as its state, placed like the margin head); the sharded version of the update (each shard scattering the columns it owns)
+runs ``adadistill_centres_sharded`` inside ``jax.shard_map``, and gives the bit-identical result.
 
 References:
   Boutros, F., Štruc, V., Damer, N. AdaDistill: Adaptive Knowledge Distillation for Deep Face
@@ -68,14 +68,18 @@ def _unit_pair(student: Array, teacher: Array, dtype: Any) -> tuple[Array, Array
             l2_normalize(jax.lax.stop_gradient(teacher).astype(dtype)))
 
 
+def _alpha_of(c_y: Array, s_unit: Array, t_unit: Array) -> Array:
+    """``[N]`` alpha from each sample's pre-step centre ``c_y: [E, N]`` (no gradient)."""
+    s_unit, t_unit = jax.lax.stop_gradient(s_unit), jax.lax.stop_gradient(t_unit)
+    cos_st = jnp.clip(jnp.sum(s_unit * t_unit, axis=1), -1.0, 1.0)
+    lam = jnp.clip(jnp.sum(l2_normalize(jax.lax.stop_gradient(c_y).T) * t_unit, axis=1),
+                   ALPHA_FLOOR, 1.0)
+    return jnp.clip(cos_st * lam, ALPHA_FLOOR, 1.0)
+
+
 def _alpha(centres: Array, s_unit: Array, t_unit: Array, labels: Array) -> Array:
     """``[N]`` alpha from unit student/teacher rows and the pre-step centres (no gradient)."""
-    s_unit, t_unit = jax.lax.stop_gradient(s_unit), jax.lax.stop_gradient(t_unit)
-    labels = jnp.asarray(labels)
-    c_y = jnp.take(jax.lax.stop_gradient(centres), labels, axis=1).T          # [N, E]
-    cos_st = jnp.clip(jnp.sum(s_unit * t_unit, axis=1), -1.0, 1.0)
-    lam = jnp.clip(jnp.sum(l2_normalize(c_y) * t_unit, axis=1), ALPHA_FLOOR, 1.0)
-    return jnp.clip(cos_st * lam, ALPHA_FLOOR, 1.0)
+    return _alpha_of(jnp.take(centres, jnp.asarray(labels), axis=1), s_unit, t_unit)
 
 
 def adadistill_alpha(centres: Array, student: Array, teacher: Array, labels: Array) -> Array:
@@ -105,18 +109,29 @@ def _last_occurrence(labels: Array) -> Array:
     return ~jnp.any(later & (labels[:, None] == labels[None, :]), axis=1)
 
 
-def _updated(centres: Array, s_unit: Array, t_unit: Array, labels: Array) -> Array:
-    centres, labels = jnp.asarray(centres), jnp.asarray(labels)
-    alpha = _alpha(centres, s_unit, t_unit, labels)
-    c_y = jnp.take(centres, labels, axis=1)                                   # [E, N]
-    moved = alpha[None, :] * c_y + (1.0 - alpha[None, :]) * jax.lax.stop_gradient(t_unit).T
-    # Each sample's candidate is computed from the pre-step centre (the official code reads
-    # kernel[:, label] once, then writes every column); of a label's duplicates the last one in
-    # batch order is written, as torch's CPU index assignment does. Other duplicates are sent
-    # past the end and dropped, so the scatter sees unique indices and is deterministic.
-    target = jnp.where(_last_occurrence(labels), labels, centres.shape[1])
+def _moved(c_y: Array, s_unit: Array, t_unit: Array) -> Array:
+    """``[E, N]`` each sample's new centre from its pre-step one ``c_y: [E, N]``."""
+    alpha = _alpha_of(c_y, s_unit, t_unit)
+    return alpha[None, :] * c_y + (1.0 - alpha[None, :]) * jax.lax.stop_gradient(t_unit).T
+
+
+def _written(centres: Array, columns: Array, moved: Array, keep: Array) -> Array:
+    """``centres`` with ``moved[:, i]`` written at column ``columns[i]`` where ``keep[i]``.
+
+    Each sample's candidate is computed from the pre-step centre (the official code reads
+    kernel[:, label] once, then writes every column); of a label's duplicates the last one in
+    batch order is written, as torch's CPU index assignment does. Other duplicates (and columns
+    ``keep`` leaves out) are sent past the end and dropped, so the scatter sees unique indices
+    and is deterministic."""
+    target = jnp.where(keep, columns, centres.shape[1])
     return jax.lax.stop_gradient(centres.at[:, target].set(moved.astype(centres.dtype),
                                                            mode="drop"))
+
+
+def _updated(centres: Array, s_unit: Array, t_unit: Array, labels: Array) -> Array:
+    centres, labels = jnp.asarray(centres), jnp.asarray(labels)
+    c_y = jax.lax.stop_gradient(jnp.take(centres, labels, axis=1))           # [E, N]
+    return _written(centres, labels, _moved(c_y, s_unit, t_unit), _last_occurrence(labels))
 
 
 def adadistill_centres(centres: Array, student: Array, teacher: Array, labels: Array) -> Array:
@@ -145,6 +160,52 @@ def adadistill_centres(centres: Array, student: Array, teacher: Array, labels: A
     dtype = compute_dtype(centres, student, teacher)
     s_unit, t_unit = _unit_pair(student, teacher, dtype)
     return _updated(centres, s_unit, t_unit, labels)
+
+
+def adadistill_centres_sharded(centres: Array, student: Array, teacher: Array, labels: Array,
+                               *, axis_name: str = "data") -> Array:
+    """``adadistill_centres`` inside ``jax.shard_map`` with the class axis split over
+    ``axis_name``: each device holds the contiguous columns ``d * C_d .. (d + 1) * C_d`` and
+    writes only those it owns (the batch's other labels are dropped on it).
+
+    Each sample's pre-step centre comes from the device that owns its class (one ``psum`` of
+    ``[E, N]`` where every other device adds zeros, so the sum is that column exactly); alpha
+    and the new columns are then computed on every device from the same values, and the
+    result equals the replicated update bit for bit. Duplicate labels: the last in batch order
+    is kept, as ``adadistill_centres``.
+
+    Args:
+      centres: ``[E, C_d]`` this device's columns of the ``[E, C]`` centres.
+      student: ``[N, E]`` float student embeddings of the whole batch (replicated).
+      teacher: ``[N, E]`` float teacher embeddings of the whole batch (replicated).
+      labels: ``[N]`` int class ids in ``[0, C)`` (``C = C_d`` x the devices).
+
+    Returns:
+      ``[E, C_d]`` this device's new columns, without gradient.
+    """
+    check_float("centres", centres)
+    check_rank("centres", centres, 2, "[E, C_d]")
+    check_embeddings("student", student)
+    check_embeddings("teacher", teacher)
+    check_same_shape("student", student, "teacher", teacher)
+    check_labels("labels", labels, student.shape[0])
+    dtype = compute_dtype(centres, student, teacher)
+    s_unit, t_unit = _unit_pair(student, teacher, dtype)
+    width = centres.shape[1]
+    local = jnp.asarray(labels) - jax.lax.axis_index(axis_name) * width
+    own = (local >= 0) & (local < width)
+    picked = jnp.take(jax.lax.stop_gradient(centres), jnp.clip(local, 0, width - 1), axis=1)
+    c_y = jax.lax.psum(jnp.where(own[None, :], picked, jnp.zeros_like(picked)), axis_name)
+    return _written(centres, local, _moved(c_y, s_unit, t_unit),
+                    own & _last_occurrence(jnp.asarray(labels)))
+
+
+def normalized_cosines(student: Array, centres: Array) -> Array:
+    """``[N, C]`` cos θ of the L2-normalized ``student: [N, E]`` rows against the normalized
+    columns of ``centres: [E, C]``, clipped to [-1, 1] (what ``adadistill_logits`` puts the
+    margin on); zero columns (a split axis' padding) give cos 0."""
+    return _normalized_cosines(l2_normalize(student.astype(compute_dtype(student, centres))),
+                               centres)
 
 
 def _normalized_cosines(s_unit: Array, centres: Array) -> Array:

@@ -4,7 +4,8 @@ A checkpoint step directory holds three items:
 
 * ``model``: ``{'params', 'rest'}`` — the student's weights and BatchNorm statistics. This is all a
   later run needs to use the network as a frozen teacher (loaded "params-only").
-* ``optimizer``: ``{'opt_state', 'step'}``.
+* ``optimizer``: ``{'opt_state', 'step'}``, and ``'terms'`` (``{term: {name: array}}``) when the
+  recipe's loss terms carry non-gradient state (EKD's thresholds, AdaDistill's centres).
 * ``meta``: JSON — the data iterator's state, the metrics of the step, the run's config.
 
 The teacher a run distils from is never written here (frozen teachers are inputs, not state).
@@ -15,7 +16,8 @@ columns to a multiple of the run's devices (``kdface.training._placement``). Che
 the real classes, ``[E, C]`` for the weight and its optimizer slots (``head_classes``), whatever
 the device count; restores read the head's class axis into the width the reader needs
 (:func:`class_axis_restore`: a resume on 4 devices pads the 21 saved columns to 24 with zeros,
-export and evaluate read ``[E, C]`` as saved). Every other shape must match exactly.
+export and evaluate read ``[E, C]`` as saved). A term state's class axis (``class_axes``) is
+stored and read the same way. Every other shape must match exactly.
 """
 from __future__ import annotations
 
@@ -79,10 +81,11 @@ def _is_head_weight(key: str) -> bool:
 
 
 def class_axis_restore(saved: dict[str, tuple[int, ...]],
-                       like: dict[str, tuple[int, ...]]) -> bool | str:
+                       like: dict[str, tuple[int, ...]],
+                       class_axes: frozenset[str] = frozenset()) -> bool | str:
     """Whether a checkpoint with flat shapes ``saved`` restores into ``like`` exactly (True),
-    only by reading a margin head's class axis into another width (False: restore with
-    ``strict=False``), or not at all (the first difference, in words)."""
+    only by reading a margin head's (or a ``class_axes`` path's) class axis into another width
+    (False: restore with ``strict=False``), or not at all (the first difference, in words)."""
     exact = True
     for key in sorted(set(saved) | set(like)):
         if key not in like or key not in saved:
@@ -91,7 +94,8 @@ def class_axis_restore(saved: dict[str, tuple[int, ...]],
         a, b = saved[key], like[key]
         if a == b:
             continue
-        if _is_head_weight(key) and len(a) == len(b) == 2 and a[0] == b[0]:
+        if (_is_head_weight(key) or key in class_axes) and len(a) == len(b) == 2 \
+                and a[0] == b[0]:
             exact = False  # the class axis padded for another device count
             continue
         return f"{key}: checkpoint {a}, network {b}"
@@ -145,16 +149,18 @@ def _slice_columns(classes: int, out_sharding):
     return _SLICES[key]
 
 
-def saved_layout(tree: Any, classes: int | None) -> Any:
-    """``tree`` (params or optimizer state) as checkpoints store it: every margin head weight
-    (and slot) wider than the run's ``classes`` cut to its real classes; None leaves it."""
+def saved_layout(tree: Any, classes: int | None, class_axes: frozenset[str] = frozenset()) -> Any:
+    """``tree`` (params, optimizer state or term states) as checkpoints store it: every margin
+    head weight (and slot), and every array at a ``class_axes`` path of ``tree``, wider than the
+    run's ``classes`` cut to its real classes; None leaves it."""
     if classes is None:
         return tree
 
     def cut(path, x):
         keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         key = "/".join(k for k in keys if k != "value")
-        if _is_head_weight(key) and getattr(x, "ndim", 0) == 2 and x.shape[1] > classes:
+        if (_is_head_weight(key) or key in class_axes) and getattr(x, "ndim", 0) == 2 \
+                and x.shape[1] > classes:
             return _real_classes(x, classes)
         return x
     return jax.tree_util.tree_map_with_path(cut, tree)
@@ -170,9 +176,11 @@ def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _restore_args(directory: str, step: int, likes: dict[str, Any]) -> dict[str, Any]:
-    """``StandardRestore`` args for the items in ``likes``: strict unless only a head's class
-    axis differs. Raises ValueError naming the first other difference."""
+def _restore_args(directory: str, step: int, likes: dict[str, Any],
+                  class_axes: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``StandardRestore`` args for the items in ``likes``: strict unless only a head's (or a
+    ``class_axes`` path's) class axis differs. Raises ValueError naming the first other
+    difference."""
     checkpointer = ocp.StandardCheckpointer()
     try:
         saved = {name: _item_shapes(checkpointer.metadata(
@@ -181,7 +189,7 @@ def _restore_args(directory: str, step: int, likes: dict[str, Any]) -> dict[str,
         checkpointer.close()
     args = {}
     for name, like in likes.items():
-        verdict = class_axis_restore(saved[name], _tree_shapes(like))
+        verdict = class_axis_restore(saved[name], _tree_shapes(like), class_axes)
         if isinstance(verdict, str):
             raise ValueError(verdict)
         args[name] = ocp.args.StandardRestore(_abstract(like), strict=verdict)
@@ -194,9 +202,11 @@ class Checkpoints:
 
     def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1,
                  best_metric: str | None = "val_accuracy", async_save: bool = True,
-                 head_classes: int | None = None):
+                 head_classes: int | None = None, class_axes: tuple[tuple[str, str], ...] = ()):
         self.directory = os.path.abspath(directory)
         self.head_classes = head_classes  # a padded head is saved as its real classes
+        # (term, state name) of the term states with a class axis, saved like the head
+        self.class_axes = frozenset(f"{term}/{name}" for term, name in class_axes)
         policies = [_policy.LatestN(n=keep)]
         if best_metric and keep_best:
             policies.append(_policy.BestN(get_metric_fn=lambda m: m[best_metric], n=keep_best,
@@ -217,10 +227,12 @@ class Checkpoints:
              metrics: dict[str, float] | None = None, *, force: bool = False) -> bool:
         params = saved_layout(state["params"], self.head_classes)
         opt_state = saved_layout(state["opt_state"], self.head_classes)
+        optimizer = {"opt_state": opt_state, "step": state["step"]}
+        if "terms" in state:
+            optimizer["terms"] = saved_layout(state["terms"], self.head_classes, self.class_axes)
         args = ocp.args.Composite(
             model=ocp.args.StandardSave({"params": params, "rest": state["rest"]}),
-            optimizer=ocp.args.StandardSave({"opt_state": opt_state, "step": state["step"]}),
-            meta=ocp.args.JsonSave(meta))
+            optimizer=ocp.args.StandardSave(optimizer), meta=ocp.args.JsonSave(meta))
         try:
             return self.manager.save(step, args=args, metrics=metrics, force=force)
         except Exception as e:  # noqa: BLE001 (only a full disk is translated)
@@ -245,9 +257,12 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         model_like = {"params": like_state["params"], "rest": like_state["rest"]}
         opt_like = {"opt_state": like_state["opt_state"], "step": like_state["step"]}
+        if "terms" in like_state:
+            opt_like["terms"] = like_state["terms"]
         try:
             args = _restore_args(self.directory, step, {"model": model_like,
-                                                      "optimizer": opt_like})
+                                                      "optimizer": opt_like},
+                                 frozenset(f"terms/{p}" for p in self.class_axes))
         except ValueError as e:
             raise ValueError(f"checkpoint {self.directory} step {step} does not fit this run's "
                              f"train state ({e})") from None

@@ -137,9 +137,11 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
     """Compiles the plan's train step for ``mesh`` (a TPU topology's, or any) abstractly: the
     networks by ``nnx.eval_shape``, the state and batch as ``ShapeDtypeStruct``s with their
     shardings, the trace under ``compiling_for(mesh)`` so the target's formulations are chosen."""
-    from kdface.training._loop import device_low_resolution, run_optimizer, run_step_config
+    from kdface.training._loop import (device_low_resolution, initial_term_states, run_optimizer,
+                                       run_step_config)
     from kdface.training._networks import abstract_networks
-    from kdface.training._placement import slot_shardings, student_shardings, teacher_shardings
+    from kdface.training._placement import (slot_shardings, student_shardings, teacher_shardings,
+                                            term_shardings)
     from kdface.training._step import init_health, make_train_step, split_student, split_teacher
     if plan.devices != mesh.size:
         raise ValueError(f"the plan is for {plan.devices} devices, the mesh has {mesh.size}")
@@ -156,6 +158,13 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
                  "opt_state": _placed(opt_state, slot_shardings(params, opt_state, replicated),
                                       replicated),
                  "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+        step_config = run_step_config(plan, teacher_cached=bool(
+            config.teacher_cache and recipe.needs_teacher), device_lr=device_low_resolution(plan),
+            mesh=mesh)
+        terms = jax.eval_shape(lambda: initial_term_states(plan, student))
+        if terms:
+            state["terms"] = _placed(terms, term_shardings(
+                recipe, terms, step_config.class_sharding, replicated), replicated)
         cached = bool(config.teacher_cache and recipe.needs_teacher)
         teacher_def = teacher_state = None
         if teacher is not None:
@@ -165,8 +174,7 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
         health = _structs(jax.eval_shape(lambda: init_health(recipe)), lambda x: replicated)
         width = None if teacher is None else int(teacher.backbone.embedding_size)
         batch = batch_spec(plan, mesh, teacher_width=width)
-        step = make_train_step(recipe, graphdef, teacher_def, optimizer, run_step_config(
-            plan, teacher_cached=cached, device_lr=device_low_resolution(plan)))
+        step = make_train_step(recipe, graphdef, teacher_def, optimizer, step_config)
         lowered = jax.jit(step, donate_argnums=(0, 1)).lower(state, health, teacher_state, batch)
         compiled = lowered.compile()
     memory = compiled.memory_analysis()

@@ -31,7 +31,8 @@ from kdface.training._checkpoint import Checkpoints
 from kdface.training._config import TrainConfig
 from kdface.training._logging import RunLog
 from kdface.training._optim import learning_rate_schedule, make_optimizer
-from kdface.training._placement import place_state, student_shardings, teacher_shardings
+from kdface.training._placement import (class_sharding, place_state, student_shardings,
+                                        teacher_shardings, term_shardings, term_state_shapes)
 from kdface.training._prefetch import DevicePrefetcher
 from kdface.training._networks import build_networks
 from kdface.training._plan import DataFacts, FitPlan, plan_fit
@@ -154,14 +155,36 @@ def device_low_resolution(plan: FitPlan):
     return DeviceLowResolution(tuple(config.input_size), tuple(config.lr_sizes))
 
 
-def run_step_config(plan: FitPlan, *, teacher_cached: bool, device_lr) -> StepConfig:
+def run_step_config(plan: FitPlan, *, teacher_cached: bool, device_lr,
+                    mesh=None) -> StepConfig:
     """What the jitted step is specialized on: relation groups, compute dtype, teacher cache,
-    on-device LR, the runaway guard."""
+    on-device LR, the runaway guard, and (given the ``mesh``) where a term state's class axis
+    lives."""
     config = plan.config
+    split = None
+    if mesh is not None and plan.recipe.class_axis_states() and plan.num_classes:
+        split = class_sharding(plan.head, mesh, plan.num_classes)
     return StepConfig(relation_groups=config.relation_groups,
                       compute_dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
                       teacher_cached=teacher_cached, device_lr=device_lr,
-                      runaway_factor=float(config.runaway_factor))
+                      runaway_factor=float(config.runaway_factor), classes=plan.num_classes,
+                      class_sharding=split)
+
+
+def initial_term_states(plan: FitPlan, student) -> dict[str, Any]:
+    """The recipe's term states before the first step (empty when no term carries any), sized
+    from the student's embedding and the plan's classes and head placement, drawn from the
+    run's seed."""
+    if not plan.recipe.stateful_terms:
+        return {}
+    if not plan.num_classes:
+        raise ValueError(f"recipe {plan.recipe.name!r} has terms with state; the plan needs the "
+                         f"data's class count")
+    shapes = term_state_shapes(plan.head, plan.num_classes,
+                               student.network.backbone.embedding_size)
+    # fold_in: the state's draws differ from the networks' (which start from the same seed)
+    key = jax.random.fold_in(jax.random.key(plan.config.seed), 0x7e57a7e)
+    return plan.recipe.init_term_states(shapes, key)
 
 
 def fit(config: TrainConfig, batches, *, num_classes: int,
@@ -195,7 +218,7 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
     # Before the split: a sharded head carries its output placement in the graphdef and its
     # padded weight in the params.
     param_shardings = student_shardings(plan.head, student, mesh)
-    graphdef, state = init_state(student, optimizer)
+    graphdef, state = init_state(student, optimizer, initial_term_states(plan, student))
     cached = teacher_cache is not None
     teacher_def = teacher_state = teacher_placement = None
     if teacher is not None:
@@ -210,7 +233,8 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
     checkpoints = Checkpoints(os.path.join(config.workdir, "checkpoints"), keep=config.keep,
                               keep_best=config.keep_best if val_sets else 0,
                               async_save=config.async_checkpoints,
-                              head_classes=plan.num_classes)
+                              head_classes=plan.num_classes,
+                              class_axes=recipe.class_axis_states())
     start = checkpoints.latest_step()
     if start is not None:
         state, meta = checkpoints.restore(start, state)
@@ -218,12 +242,13 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
     start = start or 0
 
     replicated = NamedSharding(mesh, P())
-    state = place_state(state, param_shardings, optimizer, replicated)
-    device_lr = device_low_resolution(plan)
+    step_config = run_step_config(plan, teacher_cached=teacher_cache is not None,
+                                  device_lr=device_low_resolution(plan), mesh=mesh)
+    state = place_state(state, param_shardings, optimizer, replicated, term_shardings(
+        recipe, state.get("terms", {}), step_config.class_sharding, replicated))
+    device_lr = step_config.device_lr
     if teacher_state is not None:
         teacher_state = jax.device_put(teacher_state, teacher_placement or replicated)
-    step_config = run_step_config(plan, teacher_cached=teacher_cache is not None,
-                                  device_lr=device_lr)
     step_fn = jax.jit(make_train_step(recipe, graphdef, teacher_def, optimizer, step_config),
                       donate_argnums=(0, 1))
     embed = _embed_fn(graphdef)

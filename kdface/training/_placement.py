@@ -7,6 +7,9 @@ A class count the devices do not divide is padded with zero columns to the next 
 64). The padding columns never reach a loss (the head drops their cosines), so they get no
 gradient and stay zero. Checkpoints store the real classes (``_checkpoint``): a resume on another
 device count pads them again, export and evaluate read ``[E, C]``.
+
+A loss term's state with a class axis (``TermState.class_axis``, e.g. AdaDistill's centres) is
+placed the same way: split with the head, padded to the same columns, saved unpadded.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import dataclasses
 
 import numpy as np
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from kdface.distill import DistillStudent
+from kdface.distill import DistillStudent, Recipe, StateShapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +83,48 @@ def _check_mesh(head: HeadPlacement, mesh) -> None:
                          f"{mesh.shape['data']}")
 
 
-def place_state(state, param_shardings, optimizer, replicated):
+def class_sharding(head: HeadPlacement | None, mesh, classes: int):
+    """Where a class axis of ``classes`` lives: split over ``data`` as the margin head's weight
+    (``P(None, 'data')``), or None (replicated) when the placement splits no head that size."""
+    if head is None or classes < head.min_classes:
+        return None
+    _check_mesh(head, mesh)
+    return NamedSharding(mesh, PartitionSpec(None, "data"))
+
+
+def term_state_shapes(head: HeadPlacement | None, classes: int,
+                      embedding_size: int) -> StateShapes:
+    """The shapes the recipe's term states are built from: a class axis as wide as the head's
+    weight under this placement (padded when split)."""
+    columns = head.columns(classes) if head is not None else classes
+    return StateShapes(embedding_size=int(embedding_size), classes=int(classes),
+                       columns=int(columns))
+
+
+def term_shardings(recipe: Recipe, terms, split, replicated):
+    """The placement of ``terms`` (``{term: {name: array}}``): the class axes as ``split`` (a
+    sharding, or None for replicated), everything else replicated."""
+    class_axes = set(recipe.class_axis_states())
+    return {name: {leaf: split if split is not None and (name, leaf) in class_axes
+                   else replicated for leaf in state}
+            for name, state in terms.items()}
+
+
+def place_state(state, param_shardings, optimizer, replicated, terms_placement=None):
     """The train state on the mesh: replicated, or with the head (and its optimizer slots)
-    split as ``param_shardings`` says."""
+    split as ``param_shardings`` says; term states as ``terms_placement`` says (replicated when
+    None)."""
+    placed = {}
+    if "terms" in state:
+        placed["terms"] = jax.device_put(state["terms"], terms_placement or replicated)
     if param_shardings is None:
-        return jax.device_put(state, replicated)
+        rest = {k: v for k, v in state.items() if k != "terms"}
+        return {**jax.device_put(rest, replicated), **placed}
     params = jax.device_put(state["params"], param_shardings)
     slots = slot_shardings(params, state["opt_state"], replicated)
     return {"params": params, "rest": jax.device_put(state["rest"], replicated),
             "opt_state": jax.device_put(state["opt_state"], slots),
-            "step": jax.device_put(state["step"], replicated)}
+            "step": jax.device_put(state["step"], replicated), **placed}
 
 
 def slot_shardings(params, opt_state, replicated):

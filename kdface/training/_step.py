@@ -2,7 +2,9 @@
 
 State is a plain pytree ``{'params', 'rest', 'opt_state', 'step'}`` obtained from
 ``nnx.split(student, nnx.Param, ...)`` so the step composes with ``jax.jit`` over a device mesh
-and with orbax. The frozen teacher enters as an argument (its eval-mode state), never as part of
+and with orbax; a recipe whose terms carry non-gradient state (``TermSpec.state``) adds
+``'terms'``, ``{term name: its state}``, which each step passes to the terms and replaces by
+what they return, under the same health rule as the parameters. The step never looks inside. The frozen teacher enters as an argument (its eval-mode state), never as part of
 the state, so it is never differentiated, updated or checkpointed.
 
 Images may arrive as uint8 (a quarter of float32's bytes on the host-to-device link) and are
@@ -41,12 +43,17 @@ class StepConfig:
     per-sample ``student_size`` (the host only drew the sizes), or None.
     runaway_factor: a finite loss above this multiple of the first step's loss counts as a
     runaway (0 = off).
+    classes: the data's class count, for terms whose state has a (possibly padded) class axis.
+    class_sharding: the placement of such a class axis when it is split over the devices (the
+    margin head's, ``P(None, 'data')``), None when replicated.
     """
     relation_groups: int = 1
     compute_dtype: Any = jnp.float32
     teacher_cached: bool = False
     device_lr: Any = None
     runaway_factor: float = 0.0
+    classes: int | None = None
+    class_sharding: Any = None
 
 
 def normalize_on_device(images: jax.Array) -> jax.Array:
@@ -96,11 +103,15 @@ def split_teacher(teacher: FaceNetwork, *, cached: bool = False):
     return nnx.split(teacher)
 
 
-def init_state(student: DistillStudent, optimizer: optax.GradientTransformation):
-    """Initial train state and the student's train-mode graphdef."""
+def init_state(student: DistillStudent, optimizer: optax.GradientTransformation,
+               terms: dict[str, Any] | None = None):
+    """Initial train state and the student's train-mode graphdef; ``terms``: the stateful terms'
+    initial states (``Recipe.init_term_states``), kept under ``'terms'`` when there are any."""
     graphdef, params, rest = split_student(student)
     state = {"params": params, "rest": rest, "opt_state": optimizer.init(params),
              "step": jnp.zeros((), jnp.int32)}
+    if terms:
+        state["terms"] = terms
     return graphdef, state
 
 
@@ -123,6 +134,17 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
     cdt = config.compute_dtype
     needs_logits = "logits" in recipe.teacher_outputs
     teacher_sees_student_view = recipe.teacher_view not in (None, "original")
+    class_axes = recipe.class_axis_states()
+
+    def placed(new_terms):
+        """A class axis stays where it was split (the step's output is its next input)."""
+        if config.class_sharding is None:
+            return new_terms
+        out = {name: dict(state) for name, state in new_terms.items()}
+        for name, leaf in class_axes:
+            out[name][leaf] = jax.lax.with_sharding_constraint(out[name][leaf],
+                                                               config.class_sharding)
+        return out
 
     def views(batch):
         student_image = batch["student_image"]
@@ -135,7 +157,7 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
         teacher_image = normalize_on_device(batch.get("teacher_image", batch["student_image"]))
         return student_image, teacher_image
 
-    def loss_fn(params, rest, teacher_state, batch, step):
+    def loss_fn(params, rest, terms, teacher_state, batch, step):
         student = nnx.merge(student_def, cast_floating(params, cdt), rest, copy=True)
         student_image, teacher_image = views(batch)
         s_out = student.network(student_image.astype(cdt), with_stages=student_stages)
@@ -160,16 +182,19 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
             adapters=(lambda i, f: student.adapt(i, f.astype(cdt)).astype(jnp.float32))
             if student.adapters is not None else None,
             landmarks=batch.get("landmarks"), relation_groups=config.relation_groups,
-            step=step)
-        total, values = objective(recipe, inputs)
+            step=step, classes=config.classes, class_sharding=config.class_sharding)
+        total, values, new_terms = objective(recipe, inputs, terms)
         new_rest = nnx.state(student, nnx.Not(nnx.Param))
         new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
-        return total, (values, new_rest)
+        new_terms = jax.tree.map(lambda new, old: jax.lax.stop_gradient(new).astype(old.dtype),
+                                 new_terms, terms)
+        return total, (values, new_rest, placed(new_terms))
 
     def step(state, health, teacher_state, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (total, (values, new_rest)), grads = grad_fn(state["params"], state["rest"],
-                                                    teacher_state, batch, state["step"])
+        terms = state.get("terms", {})
+        (total, (values, new_rest, new_terms)), grads = grad_fn(
+            state["params"], state["rest"], terms, teacher_state, batch, state["step"])
         updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         grads_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
@@ -191,6 +216,8 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
                      "rest": keep(new_rest, state["rest"]),
                      "opt_state": keep(new_opt, state["opt_state"]),
                      "step": state["step"] + apply.astype(jnp.int32)}
+        if "terms" in state:
+            new_state["terms"] = keep(new_terms, terms)
         steps = health["steps"] + 1
         metrics = {"loss": total, "finite": finite, **values}
         record = (healthy & ~finite) | (runaway_ok & runaway)
