@@ -20,6 +20,13 @@ The papers (cited once here, by short key in the table):
   Lightweight Face Recognition, ICCV Workshops 2019.
 * duong2019: Duong et al., ShrinkTeaNet: Million-scale Lightweight Face Recognition via Shrinking
   Teacher-Student Networks, 2019.
+
+Beyond the five papers:
+
+* huang2022: Huang, Wu, Xu, Ding, Evaluation-oriented Knowledge Distillation for Deep Face
+  Recognition, CVPR 2022 (EKD).
+* boutros2024: Boutros, Štruc, Damer, AdaDistill: Adaptive Knowledge Distillation for Deep Face
+  Recognition, ECCV 2024.
 """
 from __future__ import annotations
 
@@ -36,11 +43,16 @@ PAPERS = {
                    "Classification to Alignment and Verification, 2017 (arXiv:1709.02929)",
     "yan2019": "Yan et al., VarGFaceNet, ICCVW 2019",
     "duong2019": "Duong et al., ShrinkTeaNet, 2019",
+    "huang2022": "Huang et al., Evaluation-oriented Knowledge Distillation for Deep Face "
+                 "Recognition, CVPR 2022",
+    "boutros2024": "Boutros et al., AdaDistill: Adaptive Knowledge Distillation for Deep Face "
+                   "Recognition, ECCV 2024",
 }
 # The paper column of the tables: authors and year (the full reference is in PAPERS).
 PAPER_LABELS = {"self": "—", "wang2019": "Wang et al. 2019", "nikitin2020": "Nikitin et al. 2020",
                 "kd_transfer": "Wang et al. 2017", "yan2019": "Yan et al. 2019",
-                "duong2019": "Duong et al. 2019"}
+                "duong2019": "Duong et al. 2019", "huang2022": "Huang et al. 2022",
+                "boutros2024": "Boutros et al. 2024"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +176,24 @@ METHODS: tuple[Method, ...] = (
            "Table 2), λ_n = 0.001", {"recipe": "shrinktea", "shrinktea_distance": "l2",
                                      "shrinktea_lambda": 0.001},
            adds="stage adapters (1x1 conv + BN) to the teacher's stages"),
+    # huang2022 (EKD): the shared head + the rank loss on the global batch, half of it drawn
+    # uniformly and half identity-balanced, 4 images per identity (TFace's 32 + 32 at the
+    # demo's batch 64); the loss's constants are TFace's.
+    Method("ekd", "huang2022", "the head's loss + EKD's evaluation-oriented rank loss "
+           "(positive pairs and 2,000 hardest negatives, thresholds at FPR 1e-1..1e-6 as "
+           "running averages); half-balanced batches", {
+               "recipe": "ekd", "batch_sampler": "balanced", "uniform_images": 32,
+               "images_per_identity": 4},
+           note="the comparison's shared head (the paper: ArcFace); uniform_images is 32 of the "
+                "demo's batch of 64"),
+    # boutros2024 (AdaDistill): the margin loss against class centres moved towards the
+    # teacher's embeddings; its own centres (term state), the student's head unused.
+    Method("adadistill_arc", "boutros2024", "ArcFace against the adaptively updated centres "
+           "(AdaptiveAArcFace): the only loss", {"recipe": "adadistill_arc"},
+           note="the comparison's scale and ArcFace margin (the paper: s = 64, m = 0.45)"),
+    Method("adadistill_cos", "boutros2024", "CosFace against the adaptively updated centres "
+           "(AdaptiveACosFace): the only loss", {"recipe": "adadistill_cos"},
+           note="the comparison's CosFace scale and margin (the paper: s = 64)"),
 )
 
 

@@ -16,8 +16,9 @@ unnormalized and normalized only when the logits are formed, ``cos_ij = <s_i/|s_
 
 Layout: ``centres: [E, C]``, one column per class, the layout of ``kdface.models.MarginHead``'s
 weight and of the official ``kernel``. A trainer carries them from step to step (kdface's
-``adadistill`` term keeps them as its state, placed like the margin head); the sharded version of the update (each shard scattering the columns it owns)
-runs ``adadistill_centres_sharded`` inside ``jax.shard_map``, and gives the bit-identical result.
+``adadistill`` term keeps them as its state, placed like the margin head); the sharded version
+of the update (each shard scattering the columns it owns) is ``adadistill_centres_sharded``,
+run inside ``jax.shard_map``; it gives the replicated result bit for bit.
 
 References:
   Boutros, F., Štruc, V., Damer, N. AdaDistill: Adaptive Knowledge Distillation for Deep Face

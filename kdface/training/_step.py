@@ -4,7 +4,8 @@ State is a plain pytree ``{'params', 'rest', 'opt_state', 'step'}`` obtained fro
 ``nnx.split(student, nnx.Param, ...)`` so the step composes with ``jax.jit`` over a device mesh
 and with orbax; a recipe whose terms carry non-gradient state (``TermSpec.state``) adds
 ``'terms'``, ``{term name: its state}``, which each step passes to the terms and replaces by
-what they return, under the same health rule as the parameters. The step never looks inside. The frozen teacher enters as an argument (its eval-mode state), never as part of
+what they return, under the same health rule as the parameters. The step never looks inside.
+The frozen teacher enters as an argument (its eval-mode state), never as part of
 the state, so it is never differentiated, updated or checkpointed.
 
 Images may arrive as uint8 (a quarter of float32's bytes on the host-to-device link) and are
