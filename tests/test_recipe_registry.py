@@ -126,8 +126,10 @@ def test_what_the_trainer_prepares_follows_the_term_contracts():
 
 def test_the_trainer_never_names_a_term():
     # The trainer's modules mention no registered term's name as a string.
-    from kdface.training import _loop, _restore, _run, _step, _teacher_cache
-    for module in (_loop, _restore, _run, _step, _teacher_cache):
+    from kdface.training import (_checkpoint, _compile, _loop, _placement, _plan, _restore, _run,
+                                 _step, _teacher_cache)
+    for module in (_checkpoint, _compile, _loop, _placement, _plan, _restore, _run, _step,
+                   _teacher_cache):
         source = inspect.getsource(module)
         named = [n for n in TERMS if f'"{n}"' in source or f"'{n}'" in source]
         assert not named, (module.__name__, named)

@@ -294,6 +294,55 @@ SHRINKTEA = [
         "similarity transformation. They are then cropped to the size of 112×112' names no flip"),
 ]
 
+# --- beyond the five papers: Huang et al. 2022 (EKD), Boutros et al. 2024 (AdaDistill) -----------
+# (their values quote the official code: Tencent/TFace recognition/tasks/ekd, fdbtrs/AdaDistill)
+
+E_YAML = "TFace ekd train.yaml"
+EKD = [
+    Pin("student", "mobilefacenet", f"{E_YAML}: \"BACKBONE_NAME: 'MobileFaceNet'\""),
+    Pin("teacher", "iresnet50", f"{E_YAML}: \"T_BACKBONE_NAME: 'IR_50'\""),
+    Pin("terms", ("arcface", "ekd"), "TFace ekd train.py: 'loss = softmax_loss + kd_loss'"),
+    Pin("term:arcface", (1.0, {"scale": 64.0, "margin": 0.4}),
+        f"{E_YAML}: 'HEAD_NAME: \"ArcFace\"', 'scale: 64', 'margin: 0.4'"),
+    Pin("term:ekd", (1.0, {}), "TFace ekd.py's constants are the term's defaults"),
+    Pin("batch_size", 64, f"{E_YAML}: 'GENERAL_BATCH_SIZE: 32', 'BALANCED_BATCH_SIZE: 32'"),
+    Pin("batch_sampler", "balanced", "TFace ekd dataset.py: BalancedBatchSampler"),
+    Pin("uniform_images", 32, f"{E_YAML}: 'GENERAL_BATCH_SIZE: 32'"),
+    Pin("images_per_identity", 4, "TFace ekd dataset.py: 4 images per identity"),
+    Pin("relation_groups", 1, "TFace ekd train.py: AllGather before the loss (global batch)"),
+    Pin("learning_rate", 0.1, f"{E_YAML}: 'LRS: [0.1, 0.01, 0.001, 0.0001]'"),
+    Pin("decay_epochs", (10.0, 18.0, 22.0), f"{E_YAML}: 'STAGES: [10, 18, 22]'"),
+    Pin("epochs", 26, f"{E_YAML}: 'NUM_EPOCH: 26'"),
+    Pin("weight_decay", 5e-4, f"{E_YAML}: 'WEIGHT_DECAY: 0.0005'"),
+    Pin("momentum", 0.9, f"{E_YAML}: 'MOMENTUM: 0.9'"),
+    Pin("flip", True, "TFace ekd train.py: 'transforms.RandomHorizontalFlip()'"),
+]
+A_CONFIG = "AdaDistill config.py"
+A_COMMON = [
+    Pin("student", "mobilefacenet", f"{A_CONFIG}: 'config.network = \"mobilefacenet\"'"),
+    Pin("teacher", "iresnet50", f"{A_CONFIG}: 'config.teacher = \"iresnet50\"'"),
+    Pin("batch_size", 512, f"{CHOICE}: 4 GPUs of {A_CONFIG}'s 'config.batch_size = 128'"),
+    Pin("learning_rate", 0.1, "AdaDistill train_AdaDistill.py: 'lr=cfg.lr / 512 * "
+        "cfg.batch_size * world_size' at a global batch of 512"),
+    Pin("clip_norm", 5.0, "AdaDistill train_AdaDistill.py: 'clip_grad_norm_(..., max_norm=5'"),
+    Pin("epochs", 26, f"{A_CONFIG}: 'config.num_epoch =  26'"),
+    Pin("decay_epochs", (7.0, 13.0, 19.0, 24.0), f"{A_CONFIG}: lr_step_func, '[8, 14,20,25] "
+        "if m - 1 <= epoch'"),
+    Pin("weight_decay", 5e-4, f"{A_CONFIG}: 'config.weight_decay = 5e-4'"),
+    Pin("flip", True, f"{CHOICE}: random horizontal flip"),
+]
+ADADISTILL_ARC = A_COMMON + [
+    Pin("terms", ("adadistill",), "AdaDistill train_AdaDistill.py: 'loss_v= criterion(thetas, "
+        "label)', the only loss"),
+    Pin("term:adadistill", (1.0, {"head": "arcface", "scale": 64.0, "margin": 0.45}),
+        f"{A_CONFIG}: 'config.s=64.0', 'config.m=0.45', 'config.loss=\"ArcFace\"'"),
+]
+ADADISTILL_COS = A_COMMON + [
+    Pin("terms", ("adadistill",), "AdaDistill train_AdaDistill.py: the only loss"),
+    Pin("term:adadistill", (1.0, {"head": "cosface", "scale": 64.0, "margin": 0.35}),
+        f"{CHOICE}: m = 0.35, AdaptiveACosFace's default; s = 64 from {A_CONFIG}"),
+]
+
 PAPER_TABLES = {
     "kd_im.flags": KD_IM, "kd.flags": KD, "scratch_teacher.flags": SCRATCH_TEACHER,
     "scratch_student.flags": SCRATCH_STUDENT, "pwr.flags": PWR,
@@ -303,7 +352,8 @@ PAPER_TABLES = {
     "transfer_alignment.flags": TRANSFER_ALIGNMENT,
     "transfer_verification.flags": TRANSFER_VERIFICATION, "vargface.flags": VARGFACE,
     "vargface_scratch.flags": VARGFACE_SCRATCH, "vargface_y2.flags": VARGFACE_Y2,
-    "shrinktea.flags": SHRINKTEA,
+    "shrinktea.flags": SHRINKTEA, "ekd.flags": EKD, "adadistill_arc.flags": ADADISTILL_ARC,
+    "adadistill_cos.flags": ADADISTILL_COS,
 }
 
 
