@@ -45,3 +45,13 @@ def encoded_source(n: int = 32, hw: tuple[int, int] = HW, seed: int = 1) -> list
         out.append({"image": encode_image(image), "label": int(label),
                     "landmarks": rng.random((5, 2)).astype(np.float32) * min(hw)})
     return out
+
+
+def tiny_teacher(workdir) -> str:
+    """Trains the tiny CosFace network for 2 steps in ``workdir`` (a teacher for KD tests);
+    returns the workdir."""
+    from kdface.training import ArrayBatches, fit
+    images, labels = labelled_images()
+    fit(tiny_config(workdir, steps=2), ArrayBatches(images, labels, batch_size=8),
+        num_classes=CLASSES)
+    return str(workdir)

@@ -18,7 +18,7 @@ from kdface.distill import (HEAD, RECIPES, TERMS, Option, RecipeSpec, TermDecl, 
                             TermSpec, build_recipe, register_recipe, register_term, term)
 from kdface.training import ArrayBatches, fit
 
-from _train_helpers import CLASSES, labelled_images, tiny_config
+from _train_helpers import CLASSES, labelled_images, tiny_config, tiny_teacher
 
 SIXTH = "test_sixth_method"
 COSINE = "test_embedding_cosine"
@@ -47,11 +47,7 @@ if SIXTH not in RECIPES:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("teacher")
-    images, labels = labelled_images()
-    fit(tiny_config(tmp / "teacher", steps=2), ArrayBatches(images, labels, batch_size=8),
-        num_classes=CLASSES)
-    return str(tmp / "teacher")
+    return tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher")
 
 
 def test_a_recipe_declared_in_a_test_trains_for_two_steps(tmp_path, teacher_dir):

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from _tolerance import assert_close
-from _train_helpers import CLASSES, HW, TINY, labelled_images, tiny_config
+from _train_helpers import CLASSES, TINY, labelled_images, tiny_config, tiny_teacher
 from kdface import losses
 from kdface.distill import (RECIPES, RecipeSpec, StateShapes, TermDecl, TermInputs, TermState,
                             build_recipe, build_student, objective, register_recipe)
@@ -140,11 +140,7 @@ def test_the_step_updates_the_state_as_the_loss_functions_do_and_keeps_it_on_a_b
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("teacher")
-    images, labels = labelled_images()
-    fit(tiny_config(tmp / "teacher", steps=2), ArrayBatches(images, labels, batch_size=8),
-        num_classes=CLASSES)
-    return str(tmp / "teacher")
+    return tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher")
 
 
 def _saved(workdir, step):
