@@ -14,9 +14,9 @@ from jax.test_util import check_grads
 
 from _tolerance import assert_close
 
-from kdface.losses import (adadistill_alpha, adadistill_centres, adadistill_logits,
-                           adadistill_loss, arcface_logits, cosface_logits,
-                           softmax_cross_entropy)
+from kdface.losses import (adadistill_alpha, adadistill_centres, adadistill_centres_sharded,
+                           adadistill_logits, adadistill_loss, arcface_logits, cosface_logits,
+                           normalized_cosines, softmax_cross_entropy)
 
 N, E, C = 10, 8, 7
 MARGINS = {"arcface": 0.45, "cosface": 0.35}
@@ -117,6 +117,39 @@ def test_alpha_and_centres_match_reference(seed):
     # classes outside the batch keep their centres bit for bit
     untouched = np.setdiff1d(np.arange(C), labels)
     np.testing.assert_array_equal(np.asarray(got)[:, untouched], centres[:, untouched])
+
+
+def test_normalized_cosines_match_reference():
+    centres, s, _, _ = _data(4)
+    centres[:, -1] = 0.0  # a padding column: cos 0, not NaN
+    got = np.asarray(_jitted(normalized_cosines)(s, centres))
+    norms = np.linalg.norm(np.asarray(centres, np.float64), axis=0)
+    want = (s / np.linalg.norm(s, axis=1, keepdims=True)) @ (
+        centres / np.where(norms > 0, norms, 1.0))
+    assert_close(got, np.clip(want, -1, 1), terms=3 * E, scale=1.0)
+    np.testing.assert_array_equal(got[:, -1], 0.0)
+
+
+@pytest.mark.shards
+def test_the_shard_local_update_equals_the_replicated_one():
+    """Columns split over every device, each writing only its own: bit for bit the replicated
+    update, duplicate labels (last in batch order) and classes outside the batch included."""
+    from jax.sharding import PartitionSpec as P
+    devices = jax.device_count()
+    classes = 2 * devices
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(E, classes)).astype(np.float32)
+    s = rng.normal(size=(N, E)).astype(np.float32)
+    t = (s + rng.normal(size=(N, E))).astype(np.float32)
+    labels = rng.integers(0, classes, N).astype(np.int32)
+    labels[3] = labels[7] = labels[0]
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    update = jax.jit(jax.shard_map(functools.partial(adadistill_centres_sharded,
+                                                     axis_name="data"),
+                                   mesh=mesh, in_specs=(P(None, "data"), P(), P(), P()),
+                                   out_specs=P(None, "data")))
+    np.testing.assert_array_equal(np.asarray(update(centres, s, t, labels)),
+                                  np.asarray(_jitted(adadistill_centres)(centres, s, t, labels)))
 
 
 def test_duplicate_labels_last_in_batch_order_wins():

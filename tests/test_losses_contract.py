@@ -178,6 +178,8 @@ NOT_PLAIN_LOSSES = {
     "ekd_init_state": "EKD's initial state, not a loss (test_losses_ekd)",
     "adadistill_alpha": "AdaDistill's per-sample weights, not a loss (test_losses_adadistill)",
     "adadistill_centres": "AdaDistill's centre update, not a loss (test_losses_adadistill)",
+    "adadistill_centres_sharded": "needs a device axis: shard_map in test_losses_adadistill",
+    "normalized_cosines": "AdaDistill's cosines, not a loss (test_losses_adadistill)",
     "adadistill_logits": "returns (logits, centres): test_losses_adadistill",
     "adadistill_loss": "returns (loss, centres): jit, bf16 in test_losses_adadistill",
 }
