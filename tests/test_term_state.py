@@ -176,6 +176,13 @@ def test_a_killed_run_resumes_its_term_states_bit_for_bit(tmp_path, teacher_dir)
     assert np.shape(terms["ekd"]["student"]) == (6,)
     # the thresholds moved off TFace's zero start
     assert np.all(np.asarray(terms["ekd"]["student"]) != 0.0)
+    # the same checkpoint resumed replicated (21 columns, as on one device): it reads the saved
+    # real classes as they are and trains on
+    moved = fit(config("part", 9).replace(shard_head="off", save_every=9),
+                ArrayBatches(images, labels, batch_size=8), num_classes=classes)
+    assert moved["step"] == 9 and np.isfinite(moved["metrics"]["loss"])
+    assert np.shape(_saved(str(tmp_path / "part"), 9)["optimizer"]["terms"]["adadistill"][
+        "centres"]) == (E, classes)
 
 
 def _mesh(devices):
