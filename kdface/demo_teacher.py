@@ -29,26 +29,35 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from kdface._cli import UsageError, parse_command_line, run_main, silence_logs
 
-flags.DEFINE_string("teacher", None, "The teacher: onnx:PATH (or any --teacher a run takes).")
-flags.DEFINE_string("photos", None, "Folder of photographs, one sub-folder per person.")
-flags.DEFINE_string("out", "demo_out/real_teacher", "Output directory (data, student run).")
-flags.DEFINE_integer("identities", 100, "Synthetic training identities.")
-flags.DEFINE_integer("images_per_identity", 10, "Images per synthetic training identity.")
-flags.DEFINE_integer("steps", 150, "Student training steps.")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
-flags.DEFINE_float("learning_rate", 0.1, "Base learning rate (cosine schedule, SGD).")
-flags.DEFINE_string("recipe", "vargface", "Distillation recipe (vargface, pwr, ...).")
-flags.DEFINE_integer("seed", 0, "Seed of the data and the student.")
-flags.mark_flags_as_required(["teacher", "photos"])
-
-F = flags.FLAGS
+PROG = "kdface.demo_teacher"
 INPUT = (112, 112)
 
 
+def define_flags(fv):
+    """The command's flags on their own ``FlagValues`` (kdface.train's share names)."""
+    from absl import flags
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("teacher", None, "The teacher: onnx:PATH (or any --teacher a run "
+                        "takes). Required.", **d)
+    flags.DEFINE_string("photos", None, "Folder of photographs, one sub-folder per person. "
+                        "Required.", **d)
+    flags.DEFINE_string("out", "demo_out/real_teacher", "Output directory (data, student run).",
+                        **d)
+    flags.DEFINE_integer("identities", 100, "Synthetic training identities.", **d)
+    flags.DEFINE_integer("images_per_identity", 10, "Images per synthetic training identity.",
+                         **d)
+    flags.DEFINE_integer("steps", 150, "Student training steps.", **d)
+    flags.DEFINE_integer("batch_size", 32, "Batch size.", **d)
+    flags.DEFINE_float("learning_rate", 0.1, "Base learning rate (cosine schedule, SGD).", **d)
+    flags.DEFINE_string("recipe", "vargface", "Distillation recipe (vargface, pwr, ...).", **d)
+    flags.DEFINE_integer("seed", 0, "Seed of the data and the student.", **d)
+    return fv
+
+
 def build_data(out: str, photos: str, *, identities: int, images_per_identity: int,
-               seed: int = 0) -> tuple[str, int]:
+               verification_pairs: int = 200, seed: int = 0) -> tuple[str, int]:
     """Renders (or reuses) the synthetic set ``synth_train`` / ``synth_val`` and builds the
     photos' ``photos`` training and verification sets in ``out/tfds``; returns (data_dir, the
     photos pair list's fold count)."""
@@ -58,12 +67,13 @@ def build_data(out: str, photos: str, *, identities: int, images_per_identity: i
     from kdface.data import make_synthetic_dataset
     data_dir = os.path.join(out, "tfds")
     params = {"identities": identities, "images_per_identity": images_per_identity,
-              "seed": seed, "version": 1}
+              "verification_pairs": verification_pairs, "seed": seed, "version": 1}
     marker = os.path.join(out, "data", "params.json")
     if not (os.path.exists(marker) and json.load(open(marker)) == params):
         make_synthetic_dataset(os.path.join(out, "data"), num_identities=identities,
                                images_per_identity=images_per_identity,
-                               num_verification_identities=20, num_verification_pairs=200,
+                               num_verification_identities=20,
+                               num_verification_pairs=verification_pairs,
                                seed=seed, data_dir=data_dir)
         with open(marker, "w") as f:
             json.dump(params, f)
@@ -145,30 +155,30 @@ def table(results: dict, agreement: tuple[float, float] | None, folds: int) -> s
     return "\n".join(lines)
 
 
-def main(argv) -> int:
-    del argv
-    from kdface._cli import silence_logs
-    silence_logs(False)
+def job(fv) -> int:
+    """The four steps (module docstring) for the parsed flags ``fv``."""
     from kdface.training import run
+    if not fv.teacher or not fv.photos:
+        raise UsageError("--teacher and --photos are required")
     t_start = time.time()
-    out = os.path.abspath(F.out)
+    out = os.path.abspath(fv.out)
     print(f"[1/3] synthetic faces (112x112) and the photos' pairs -> {out}/tfds", flush=True)
-    data_dir, folds = build_data(out, F.photos, identities=F.identities,
-                                 images_per_identity=F.images_per_identity, seed=F.seed)
+    data_dir, folds = build_data(out, fv.photos, identities=fv.identities,
+                                 images_per_identity=fv.images_per_identity, seed=fv.seed)
     print(f"    the photos' pair list has {folds} folds; {time.time() - t_start:.0f} s",
           flush=True)
     workdir = os.path.join(out, "runs", "student")
-    print(f"[2/3] MobileFaceNet student from {F.teacher} ({F.recipe}, {F.steps} steps of "
-          f"{F.batch_size}) -> {workdir}", flush=True)
+    print(f"[2/3] MobileFaceNet student from {fv.teacher} ({fv.recipe}, {fv.steps} steps of "
+          f"{fv.batch_size}) -> {workdir}", flush=True)
     t0 = time.time()
-    summary = run(train_config(workdir, F.teacher, folds=folds, steps=F.steps,
-                               batch_size=F.batch_size, learning_rate=F.learning_rate,
-                               recipe=F.recipe, seed=F.seed), data_dir=data_dir)
+    summary = run(train_config(workdir, fv.teacher, folds=folds, steps=fv.steps,
+                               batch_size=fv.batch_size, learning_rate=fv.learning_rate,
+                               recipe=fv.recipe, seed=fv.seed), data_dir=data_dir)
     print(f"    {json.dumps(summary.get('metrics', summary), default=str)}; "
           f"{time.time() - t0:.0f} s", flush=True)
     print("[3/3] teacher and student on the photos' pairs and the synthetic pairs", flush=True)
     t0 = time.time()
-    results = evaluate(F.teacher, workdir, data_dir, folds)
+    results = evaluate(fv.teacher, workdir, data_dir, folds)
     print(f"    {time.time() - t0:.0f} s\n")
     print(table(results, term_agreement(workdir), folds))
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -177,5 +187,18 @@ def main(argv) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """Command-line entry (``argv[0]`` is the program): 0 when done; errors are one line."""
+    argv = list(sys.argv if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    silence_logs(verbose)
+
+    def body():
+        fv = parse_command_line(define_flags, argv, __doc__)
+        return 0 if fv is None else job(fv)
+    return run_main(body, prog=PROG, verbose=verbose)
+
+
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(main())

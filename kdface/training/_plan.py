@@ -39,7 +39,8 @@ from kdface.training._placement import HeadPlacement, head_placement
 
 # Options a rerun of a workdir may change: they extend or re-pace the same run (more steps, a
 # lower learning rate after a divergence, other eval/save/log frequencies, verification
-# sets or their folds) and leave the networks, the recipe, the optimizer state and the data order as they are.
+# sets or their folds) and leave the networks, the recipe, the optimizer state and the data
+# order as they are.
 # train_data may be spelled differently (a .rec path, then its built name); a different class
 # count is refused when the run resumes, before config.json is rewritten. The teacher cache,
 # prefetching, the divergence guard, where the LR view is made (same draws), how the head is
@@ -47,8 +48,8 @@ from kdface.training._placement import HeadPlacement, head_placement
 # stream) are ways of running the same computation.
 RESUMABLE = frozenset({
     "workdir", "steps", "epochs", "learning_rate", "clip_norm", "decay_steps", "decay_epochs",
-    "decay_factor", "save_every", "keep", "keep_best", "eval_every", "log_every", "val_data", "folds",
-    "progress", "async_checkpoints", "train_data", "teacher_cache", "teacher_cache_dir",
+    "decay_factor", "save_every", "keep", "keep_best", "eval_every", "log_every", "val_data",
+    "folds", "progress", "async_checkpoints", "train_data", "teacher_cache", "teacher_cache_dir",
     "teacher_cache_dtype", "prefetch", "runaway_factor", "transfer_guard", "lr_on_device",
     "shard_head", "shard_head_min_classes", "data_workers"})
 _PATHS = ("teacher_checkpoint", "init_checkpoint")
