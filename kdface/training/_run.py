@@ -66,7 +66,9 @@ def resolve_verification_sets(val_data, data_dir: str,
         images1, images2, issame, folds = make_verification_arrays(source,
                                                                    image_size=input_size)
         interleaved = np.stack([images1, images2], axis=1).reshape(-1, *images1.shape[1:])
-        sets.append(VerificationSet(name, interleaved, issame, folds=len(np.unique(folds))))
+        # a built set stores its pair list's folds; a .bin has none of its own
+        own = None if os.path.isfile(entry) else len(np.unique(folds))
+        sets.append(VerificationSet(name, interleaved, issame, folds=own))
     return sets
 
 
