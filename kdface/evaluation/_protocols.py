@@ -17,6 +17,26 @@ from kdface import metrics
 from kdface.metrics import DEFAULT_FAR_TARGETS, DEFAULT_FPR_TARGETS, DEFAULT_RANKS
 
 
+def check_fold_count(pairs: dict[str, int], folds: int, *,
+                     own_folds: dict[str, int | None] | None = None) -> None:
+    """Refuses, in one line naming the set and ``--folds``, a verification set with fewer pairs
+    than ``folds`` (every fold tests at least one pair, its threshold chosen on the others).
+    pairs: ``{set name: pair count}``; own_folds: the folds each set's pair list declares
+    (``data_prep.build photos`` writes ``min(10, pairs / 2)``), suggested when they fit."""
+    for name, count in pairs.items():
+        if count >= folds:
+            continue
+        own = (own_folds or {}).get(name)
+        if count < 2:
+            fix = "a verification set needs at least 2 pairs (--folds >= 2)"
+        elif own is not None and 2 <= own <= count:
+            fix = f"pass --folds={own} (the folds of its pair list)"
+        else:
+            fix = f"pass --folds=K with 2 <= K <= {count}"
+        raise ValueError(f"verification set {name!r} has {count} pairs, fewer than "
+                         f"--folds={folds} verification folds: {fix}")
+
+
 def _check_pairs(images: np.ndarray, issame: Any) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:

@@ -137,6 +137,10 @@ class TrainConfig:
                              "on the command line.")
     val_data: tuple[str, ...] = option((), "Verification sets: .bin paths or built dataset "
                                        "names, comma-separated.")
+    folds: int = option(10, "Verification folds of --val_data (10, the LFW protocol, as "
+                        "kdface.evaluate --folds); a set with fewer pairs is refused before "
+                        "training: a few photos' pair list needs fewer (data_prep.build photos "
+                        "says how many).")
     student_view: str = option("original", "What the student sees in recipes that do not fix it "
                                "(kd/kd_im always use low_resolution).",
                                choices=("original", "low_resolution"))
@@ -266,6 +270,9 @@ class TrainConfig:
                                  f"multiple of images_per_identity {self.images_per_identity} "
                                  f"with balanced batches (a group would split an identity's "
                                  f"images) (--relation_group_size, --images_per_identity)")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
+            raise ValueError(f"folds must be an int >= 2 (threshold chosen on all folds but "
+                             f"one, tested on the other), got {self.folds!r} (--folds)")
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be 0 (batches made in this process) or more "
                              f"worker processes, got {self.data_workers} (--data_workers)")

@@ -46,10 +46,22 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class VerificationSet:
-    """A verification set for periodic evaluation: images [2P, H, W, 3] uint8, issame [P]."""
+    """A verification set for periodic evaluation: images [2P, H, W, 3] uint8, issame [P];
+    folds: the fold count its pair list declares (None: unknown), named when --folds is too
+    large for it."""
     name: str
     images: np.ndarray
     issame: np.ndarray
+    folds: int | None = None
+
+
+def check_verification_folds(sets: Sequence[VerificationSet], folds: int) -> None:
+    """Refuses ``--folds`` larger than a set's pair count, in one line naming the set and the
+    fix, before any step is trained (``kdface.metrics.verification`` would fail at the first
+    evaluation, after the steps)."""
+    from kdface.evaluation._protocols import check_fold_count
+    check_fold_count({vs.name: int(np.asarray(vs.issame).size) for vs in sets}, folds,
+                     own_folds={vs.name: vs.folds for vs in sets})
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -107,9 +119,10 @@ def steady_state_guard(level: str):
 
 
 def evaluate_verification(embed: Callable, params, rest, sets: Sequence[VerificationSet], *,
-                          batch_size: int = 64, step: int | None = None) -> dict[str, float]:
-    """10-fold verification accuracy of the current student on each set; embeddings that are
-    not finite end in ``NonFiniteLossError`` naming the set and the step."""
+                          batch_size: int = 64, step: int | None = None,
+                          folds: int = 10) -> dict[str, float]:
+    """``folds``-fold verification accuracy of the current student on each set (``--folds``);
+    embeddings that are not finite end in ``NonFiniteLossError`` naming the set and the step."""
     from kdface import metrics
     from kdface._progress import progress
     out = {}
@@ -128,7 +141,7 @@ def evaluate_verification(embed: Callable, params, rest, sets: Sequence[Verifica
             raise NonFiniteLossError(
                 f"the student's embeddings of {vs.name} are not finite at step {step}: the "
                 f"weights diverged; rerun with a lower --learning_rate or --clip_norm")
-        result = metrics.verification(emb[0::2], emb[1::2], vs.issame)
+        result = metrics.verification(emb[0::2], emb[1::2], vs.issame, folds=folds)
         out[f"{vs.name}_accuracy"] = float(result["accuracy"])
     return out
 
@@ -205,6 +218,7 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
     """Runs one planned training-loop run (see module docstring). Returns a summary: final
     step, last metrics, validation metrics, images/s, workdir."""
     config, recipe = plan.config, plan.recipe
+    check_verification_folds(val_sets, config.folds)
     if plan.devices != jax.device_count():
         raise ValueError(f"the plan is for {plan.devices} devices, this process sees "
                          f"{jax.device_count()}")
@@ -304,7 +318,7 @@ def fit_plan(plan: FitPlan, batches, *, val_sets: Sequence[VerificationSet] = ()
             paused = time.perf_counter()
             if is_eval:
                 val = evaluate_verification(embed, state["params"], state["rest"], val_sets,
-                                            step=step)
+                                            step=step, folds=config.folds)
                 val["val_accuracy"] = float(np.mean(list(val.values())))
                 log.log(step, val, kind="val")
             if is_save:

@@ -38,8 +38,9 @@ from kdface.training._optim import DEFAULT_STEPS, StepSchedule, epochs_to_steps
 from kdface.training._placement import HeadPlacement, head_placement
 
 # Options a rerun of a workdir may change: they extend or re-pace the same run (more steps, a
-# lower learning rate after a divergence, other eval/save/log frequencies or verification
-# sets) and leave the networks, the recipe, the optimizer state and the data order as they are.
+# lower learning rate after a divergence, other eval/save/log frequencies, verification
+# sets or their folds) and leave the networks, the recipe, the optimizer state and the data
+# order as they are.
 # train_data may be spelled differently (a .rec path, then its built name); a different class
 # count is refused when the run resumes, before config.json is rewritten. The teacher cache,
 # prefetching, the divergence guard, where the LR view is made (same draws), how the head is
@@ -48,7 +49,7 @@ from kdface.training._placement import HeadPlacement, head_placement
 RESUMABLE = frozenset({
     "workdir", "steps", "epochs", "learning_rate", "clip_norm", "decay_steps", "decay_epochs",
     "decay_factor", "save_every", "keep", "keep_best", "eval_every", "log_every", "val_data",
-    "progress", "async_checkpoints", "train_data", "teacher_cache", "teacher_cache_dir",
+    "folds", "progress", "async_checkpoints", "train_data", "teacher_cache", "teacher_cache_dir",
     "teacher_cache_dtype", "prefetch", "runaway_factor", "transfer_guard", "lr_on_device",
     "shard_head", "shard_head_min_classes", "data_workers"})
 _PATHS = ("teacher_checkpoint", "init_checkpoint")

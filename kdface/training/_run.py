@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from kdface.training._config import TrainConfig
-from kdface.training._loop import VerificationSet, fit_plan
+from kdface.training._loop import VerificationSet, check_verification_folds, fit_plan
 from kdface.training._plan import DataFacts, FitPlan, RunPlan, make_plan
 
 
@@ -63,9 +63,12 @@ def resolve_verification_sets(val_data, data_dir: str,
             source, name = entry, os.path.splitext(os.path.basename(entry))[0]
         else:
             source, name = load_verification_source(data_dir, entry), entry
-        images1, images2, issame, _ = make_verification_arrays(source, image_size=input_size)
+        images1, images2, issame, folds = make_verification_arrays(source,
+                                                                   image_size=input_size)
         interleaved = np.stack([images1, images2], axis=1).reshape(-1, *images1.shape[1:])
-        sets.append(VerificationSet(name, interleaved, issame))
+        # a built set stores its pair list's folds; a .bin has none of its own
+        own = None if os.path.isfile(entry) else len(np.unique(folds))
+        sets.append(VerificationSet(name, interleaved, issame, folds=own))
     return sets
 
 
@@ -113,6 +116,7 @@ def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | N
         plan = make_plan(config, data=DataFacts(num_classes, len(source)))
     if val_sets is None:
         val_sets = resolve_verification_sets(config.val_data, data_dir, config.input_size)
+    check_verification_folds(val_sets, config.folds)
     return execute(plan, source, val_sets)
 
 
