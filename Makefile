@@ -48,7 +48,7 @@ test: $(TPU) $(GPU) $(MATERIAL)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The suite under other numeric environments (one core, ISA caps, Eigen on one thread, 1 and 8
-# devices for the sharded tests); logs in numerics-logs/. About 50 min on 2 cores.
+# devices for the sharded tests); logs in numerics-logs/. About 1.5 h on 2 cores.
 test-numerics: $(TPU) $(GPU) $(MATERIAL)
 	.ci/test-numerics $(PY)
 
