@@ -194,8 +194,10 @@ def _mesh(devices):
 @pytest.mark.parametrize("classes", [8, 21])
 def test_the_sharded_centre_update_equals_the_replicated_one(n_devices, classes):
     """The centres split over every device (each writing the columns it owns) against one
-    replicated update: bit for bit, duplicates included; the padding columns of a split that
-    does not divide the classes stay zero and never reach the loss."""
+    replicated update, duplicates included, to the rounding of the E-term cosines behind each
+    alpha (the two are different fused programs: bit-equal on AVX-512, not under XLA's SSE4.2
+    code generation); the padding columns of a split that does not divide the classes stay
+    exactly zero and never reach the loss."""
     from kdface.distill._adadistill import adadistill_term
     from kdface.models import padded_class_count
     mesh = _mesh(jax.devices())
@@ -218,7 +220,7 @@ def test_the_sharded_centre_update_equals_the_replicated_one(n_devices, classes)
     loss_split, new_split = run(jax.device_put(padded, split), split)
     loss_one, new_one = run(jnp.asarray(real), None)
     got = np.asarray(new_split["centres"])
-    np.testing.assert_array_equal(got[:, :classes], np.asarray(new_one["centres"]))
+    assert_close(got[:, :classes], new_one["centres"], terms=E, what="split centres: ")
     np.testing.assert_array_equal(got[:, classes:], 0.0)
     assert new_split["centres"].sharding.spec == P(None, "data") or n_devices == 1
     # the replicated term is the loss module's update (eager vs one fused program: an E-term

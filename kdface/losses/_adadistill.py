@@ -18,7 +18,7 @@ Layout: ``centres: [E, C]``, one column per class, the layout of ``kdface.models
 weight and of the official ``kernel``. A trainer carries them from step to step (kdface's
 ``adadistill`` term keeps them as its state, placed like the margin head); the sharded version
 of the update (each shard scattering the columns it owns) is ``adadistill_centres_sharded``,
-run inside ``jax.shard_map``; it gives the replicated result bit for bit.
+run inside ``jax.shard_map``; it gives the replicated result (bit for bit on one shard).
 
 References:
   Boutros, F., Štruc, V., Damer, N. AdaDistill: Adaptive Knowledge Distillation for Deep Face
@@ -172,7 +172,8 @@ def adadistill_centres_sharded(centres: Array, student: Array, teacher: Array, l
     Each sample's pre-step centre comes from the device that owns its class (one ``psum`` of
     ``[E, N]`` where every other device adds zeros, so the sum is that column exactly); alpha
     and the new columns are then computed on every device from the same values, and the
-    result equals the replicated update bit for bit. Duplicate labels: the last in batch order
+    result is the replicated update's (to float rounding where the two programs fuse the
+    cosines differently: tests/test_term_state.py). Duplicate labels: the last in batch order
     is kept, as ``adadistill_centres``.
 
     Args:
