@@ -62,6 +62,19 @@ def plan_row(recipe: str, topology: str, classes: int, head: str) -> dict:
     return row
 
 
+def _read_rows(path: str | None) -> dict:
+    """The rows a ``--rows`` file holds, by (recipe, slice, classes, head)."""
+    if not path or not os.path.exists(path):
+        return {}
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[(row["recipe"], row["topology"], row["classes"], row["head"])] = row
+    return rows
+
+
 def markdown(rows: list[dict], command: str) -> list[str]:
     lines = ["# TPU plan: the papers' flagfiles compiled for Cloud TPU slices", "",
              f"Command: `{command}` (at commit {commit()})", "",
@@ -77,20 +90,25 @@ def markdown(rows: list[dict], command: str) -> list[str]:
              f"MS1MV2 ({MS1M_IMAGES:,} images). v4: JAX shows each chip's two TensorCores as "
              f"devices; its per-device figures are half a chip's.", "",
              "| recipe | slice | classes | head | per-chip HBM | fits | flops/step/chip | "
-             "estimate | img/s/chip | img/s slice | MFU | epoch | compile |",
-             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+             "estimate | img/s/chip | img/s slice | MFU | roofline img/s/chip | epoch | "
+             "compile |",
+             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         head = f"{r['classes']:,}"
         if "error" in r:
             lines.append(f"| {r['recipe']} | {r['topology']} | {head} | {r['head']} | "
-                         f"| refused: {r['error']} | | | | | | | {r['compile_s']:.0f} s |")
+                         f"| refused: {r['error']} | | | | | | | | {r['compile_s']:.0f} s |")
             continue
+        kind = r["estimate"].split(" ")[0]
+        kind = "cycles" if r["estimate"].startswith("compiler cycles") else (
+            "optimal_seconds" if kind == "compiler" else kind)
+        roofline = r["batch_per_chip"] / r["roofline_seconds"]
         lines.append(
             f"| {r['recipe']} | {r['topology']} | {head} | "
             f"{'sharded' if r['head_sharded'] else 'replicated'} | {r['total_gib']:.2f} GiB | "
             f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
-            f"{r['estimate'].split(' ')[0]} | {r['images_per_s_chip']:,.0f} | "
-            f"{r['images_per_s_slice']:,.0f} | {100 * r['mfu']:.0f} % | "
+            f"{kind} | {r['images_per_s_chip']:,.0f} | "
+            f"{r['images_per_s_slice']:,.0f} | {100 * r['mfu']:.0f} % | {roofline:,.0f} | "
             f"{r['epoch_seconds'] / 60:.0f} min | {r['compile_s']:.0f} s |")
     return lines
 
@@ -102,17 +120,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", default=",".join(CLASSES))
     parser.add_argument("--heads", default="off,on")
     parser.add_argument("--write", default=None, help="markdown file to write")
+    parser.add_argument("--rows", default=None,
+                        help="JSON-lines file of planned rows: each row is appended as it is "
+                             "compiled, rows already there (same commit) are not compiled "
+                             "again, and the markdown is written from all of them")
     args = parser.parse_args(argv)
+    done = _read_rows(args.rows)
+    here = commit()
     rows = []
     for recipe in args.recipes.split(","):
         for topology in args.topologies.split(","):
             for classes in args.classes.split(","):
                 for head in args.heads.split(","):
+                    key = (RECIPES[recipe][0], topology, CLASSES[classes], head)
+                    if key in done and done[key].get("commit") == here:
+                        rows.append(done[key])
+                        continue
                     row = plan_row(recipe, topology, CLASSES[classes], head)
+                    row["commit"] = here
                     print(json.dumps({k: row.get(k) for k in (
                         "recipe", "topology", "classes", "head", "total_gib", "fits",
                         "images_per_s_chip", "compile_s", "error")}), flush=True)
                     rows.append(row)
+                    if args.rows:
+                        with open(args.rows, "a") as f:
+                            f.write(json.dumps(row, default=str) + "\n")
     command = "python -m benchmarks.tpu_plan " + " ".join(argv if argv is not None
                                                           else sys.argv[1:])
     lines = markdown(rows, command)

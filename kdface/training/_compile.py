@@ -5,9 +5,10 @@ relation groups), compiled for a topology JAX knows, from any machine, without d
 ``python -m kdface.train --flagfile=F --plan_topology=v5e:8x8`` prints ``plan_table``: per-chip HBM
 from the compiled program's ``memory_analysis()`` (arguments, of which parameters + optimizer
 state, temporaries, total) against the chip's capacity, the largest buffer, flops and bytes per
-step from ``cost_analysis()``, the compiler's own time estimate where it gives a usable one and a
-roofline otherwise, images/s per chip and for the slice, model FLOP utilization, time per epoch,
-and the input rate each host must sustain. Every figure is a compiler estimate, not a
+step from ``cost_analysis()``, the step time (the compiler's ``optimal_seconds`` where usable;
+else, on TPUs, the compiler's per-op ``estimated_cycles`` summed at the chip's clock, with the
+three costliest ops named (``_hlo_costs``); else a roofline), images/s per chip and for the
+slice, model FLOP utilization, time per epoch, and the input rate each host must sustain. Every figure is a compiler estimate, not a
 measurement. libtpu is needed for TPUs (``jax[tpu]`` at the installed jax's version; ``make
 test`` installs it in ``<venv>/tpu-site``, see ``.ci/install-libtpu``), the CUDA PJRT plugin for
 GPUs (``--plan_topology=h100:8``, ``h100:2x8``; ``_gpu_targets``, ``.ci/install-gpu-compiler``).
@@ -34,8 +35,23 @@ from kdface.training._plan import FitPlan
 # roofline and the capacity check; not measured here.
 CHIPS = {"v4": (275.0, 32.0, 1228.0), "v5e": (197.0, 16.0, 819.0),
          "v5p": (459.0, 95.0, 2765.0), "v6e": (918.0, 32.0, 1640.0)}
+# The matrix units of a chip, from the same pages: (TensorCores, MXUs per TensorCore, MXU side).
+# v4 and v5p: two TensorCores of four 128x128 MXUs; v5e: one of four; v6e: one of two 256x256.
+# The clock is derived, not published: peak = TensorCores x MXUs x side^2 x 2 flops x clock
+# (v4 1.05 GHz, v5e 1.50, v5p 1.75, v6e 3.50). It turns the compiler's per-op cycle estimates
+# into seconds; on v5p, the one generation whose compiler also reports a usable
+# optimal_seconds, the two agree within 1 % for the full kd_im step (benchmarks/TPU_PLAN.md).
+MXUS = {"v4": (2, 4, 128), "v5e": (1, 4, 128), "v5p": (2, 4, 128), "v6e": (1, 2, 256)}
 GIB = 2 ** 30
 TPUS = tuple(CHIPS)
+
+
+def clock_hz(chip: str) -> float | None:
+    """The TensorCore clock implied by the chip's published bf16 peak and matrix units."""
+    if chip not in MXUS:
+        return None
+    cores, mxus, side = MXUS[chip]
+    return CHIPS[chip][0] * 1e12 / (cores * mxus * side * side * 2)
 CHIPS.update(gpu_chips())
 
 
@@ -118,6 +134,10 @@ class CompiledStep:
     head_sharded: bool
     largest: tuple[str, int]  # (what, bytes) of the largest argument per chip
     cost_source: str = "compiled program"  # where flops and bytes come from
+    # XLA:TPU's own cost model: the "estimated_cycles" of the entry's ops summed, and the three
+    # most expensive ops as (kdface source line, HLO op name, cycles, flops, HBM bytes)
+    cycles: int | None = None
+    top_ops: tuple = ()
 
     @property
     def total_bytes(self) -> int:
@@ -133,8 +153,17 @@ def _per_chip(struct) -> int:
     return int(math.prod(shape)) * jnp.dtype(struct.dtype).itemsize
 
 
-def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
-    """Compiles the plan's train step for ``mesh`` (a TPU topology's, or any) abstractly: the
+@dataclasses.dataclass(frozen=True)
+class LoweredStep:
+    """A plan's train step lowered for a mesh, with the abstract arguments it was lowered at."""
+    lowered: Any
+    arguments: dict[str, Any]   # state, teacher, batch as placed ShapeDtypeStructs
+    batch_size: int
+    head_sharded: bool
+
+
+def lower_step(plan: FitPlan, mesh: Mesh) -> LoweredStep:
+    """Lowers the plan's train step for ``mesh`` (a TPU topology's, or any) abstractly: the
     networks by ``nnx.eval_shape``, the state and batch as ``ShapeDtypeStruct``s with their
     shardings, the trace under ``compiling_for(mesh)`` so the target's formulations are chosen."""
     from kdface.training._loop import (device_low_resolution, initial_term_states, run_optimizer,
@@ -176,21 +205,39 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
         batch = batch_spec(plan, mesh, teacher_width=width)
         step = make_train_step(recipe, graphdef, teacher_def, optimizer, step_config)
         lowered = jax.jit(step, donate_argnums=(0, 1)).lower(state, health, teacher_state, batch)
-        compiled = lowered.compile()
+    return LoweredStep(lowered, {"state": state, "teacher": teacher_state, "batch": batch},
+                       config.batch_size, param_shardings is not None)
+
+
+def compile_step(plan: FitPlan, mesh: Mesh, *, keep: list | None = None) -> CompiledStep:
+    """Compiles the plan's train step for ``mesh`` (``lower_step``) and reads the compiled
+    program's memory and cost analyses; ``keep``, a list, receives the compiled program."""
+    low = lower_step(plan, mesh)
+    with compiling_for(mesh):
+        compiled = low.lowered.compile()
+    if keep is not None:
+        keep.append(compiled)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     cost_source = "compiled program"
     if not cost:  # XLA:GPU compiled deviceless reports none
-        cost, cost_source = _unpartitioned_cost(lowered, mesh.size), "unpartitioned HLO / devices"
-    arguments = {"state": state, "teacher": teacher_state, "batch": batch}
+        cost, cost_source = (_unpartitioned_cost(low.lowered, mesh.size),
+                             "unpartitioned HLO / devices")
     sizes = [(jax.tree_util.keystr(k), _per_chip(x))
-             for k, x in jax.tree_util.tree_leaves_with_path(arguments)]
+             for k, x in jax.tree_util.tree_leaves_with_path(low.arguments)]
     optimal = cost.get("optimal_seconds")
+    cycles, top = None, ()
+    if mesh.devices.flat[0].platform == "tpu":
+        from kdface.training._hlo_costs import entry_costs, top_ops, total_cycles
+        ops = entry_costs(compiled.as_text())
+        cycles = total_cycles(ops) or None
+        top = tuple((op.source or op.opcode, op.op_name.split("/")[-1] or op.opcode, op.cycles,
+                     op.flops, op.hbm_bytes) for op in top_ops(ops, 3))
     return CompiledStep(
-        batch_size=config.batch_size, devices=mesh.size,
+        batch_size=low.batch_size, devices=mesh.size,
         argument_bytes=int(memory.argument_size_in_bytes),
-        state_bytes=sum(_per_chip(x) for x in jax.tree.leaves(state)),
+        state_bytes=sum(_per_chip(x) for x in jax.tree.leaves(low.arguments["state"])),
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
@@ -198,8 +245,9 @@ def compile_step(plan: FitPlan, mesh: Mesh) -> CompiledStep:
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         optimal_seconds=None if optimal is None else float(optimal),
-        head_sharded=param_shardings is not None,
-        largest=max(sizes, key=lambda kv: kv[1]), cost_source=cost_source)
+        head_sharded=low.head_sharded,
+        largest=max(sizes, key=lambda kv: kv[1]), cost_source=cost_source,
+        cycles=cycles, top_ops=top)
 
 
 def _unpartitioned_cost(lowered, devices: int) -> dict[str, float]:
@@ -239,11 +287,29 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
     peak_tflops, hbm_gib, bandwidth_gbs = (peak_tflops * share, hbm_gib * share,
                                            bandwidth_gbs * share)
     capacity = int(hbm_gib * GIB)
-    roofline = max(step.flops / (peak_tflops * 1e12), step.bytes_accessed / (bandwidth_gbs * 1e9))
+    compute_floor = step.flops / (peak_tflops * 1e12)
+    roofline = max(compute_floor, step.bytes_accessed / (bandwidth_gbs * 1e9))
     # The compiler's own estimate is used only when it is positive and not below half the
     # roofline (no program beats its roofline; off v5p it has come out negative).
     usable = step.optimal_seconds is not None and step.optimal_seconds >= 0.5 * roofline > 0
-    seconds = step.optimal_seconds if usable else roofline
+    # Else the compiler's per-op cycles at the chip's clock, where it wrote them and they are
+    # not below the step's flops at peak (no program beats its MXUs).
+    clock = clock_hz(chip)
+    cycle_seconds = step.cycles / clock if step.cycles and clock else None
+    cycles_usable = (not usable and cycle_seconds is not None
+                     and cycle_seconds >= compute_floor > 0)
+    seconds = step.optimal_seconds if usable else cycle_seconds if cycles_usable else roofline
+    label = ("compiler (optimal_seconds)" if usable else
+             "compiler cycles (per-op estimated_cycles at the chip's clock; optimal_seconds "
+             + ("absent" if step.optimal_seconds is None else
+                f"{step.optimal_seconds:.3g}, unusable") + ")" if cycles_usable else
+             "roofline (optimal_seconds " + ("absent" if step.optimal_seconds is None else
+                                             f"{step.optimal_seconds:.3g}, unusable") + ")")
+    from kdface.training._hlo_costs import bound
+    top = [{"source": src, "op": name, "ms": 1e3 * cyc / clock, "flops": fl, "hbm_bytes": by,
+            "bound": bound(fl, by, cyc / clock, peak_tflops * 1e12, bandwidth_gbs * 1e9),
+            "mxu_share": fl / (peak_tflops * 1e12) / (cyc / clock)}
+           for src, name, cyc, fl, by in step.top_ops] if clock else []
     per_chip_batch = step.batch_size // step.devices
     images_chip = per_chip_batch / seconds if seconds > 0 else float("inf")
     slice_rate = images_chip * step.devices
@@ -260,10 +326,8 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
         "capacity_gib": hbm_gib, "fits": fits, "why": why, "head_sharded": step.head_sharded,
         "flops_per_step": step.flops, "bytes_per_step": step.bytes_accessed,
         "cost_source": step.cost_source,
-        "estimate": "compiler (optimal_seconds)" if usable else (
-            "roofline (optimal_seconds " + ("absent" if step.optimal_seconds is None else
-                                            f"{step.optimal_seconds:.3g}, unusable") + ")"),
-        "step_seconds": seconds, "roofline_seconds": roofline,
+        "estimate": label, "step_seconds": seconds, "roofline_seconds": roofline,
+        "cycles_seconds": cycle_seconds, "top_ops": top,
         "images_per_s_chip": images_chip, "images_per_s_slice": slice_rate,
         "mfu": step.flops / (seconds * peak_tflops * 1e12) if seconds > 0 else 0.0,
         "epoch_seconds": (num_examples / slice_rate) if num_examples and slice_rate else None,
@@ -339,6 +403,7 @@ def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes:
         ("flops per step per chip", f"{fields['flops_per_step']:.4g} "
                                     f"({fields.get('cost_source', 'compiled program')})"),
         ("step time (estimate)", f"{fields['step_seconds'] * 1e3:.3g} ms, {fields['estimate']}"),
+        ("roofline", f"{fields['roofline_seconds'] * 1e3:.3g} ms"),
         ("img/s per chip (estimate)", f"{fields['images_per_s_chip']:,.0f}"),
         ("img/s for the slice (estimate)", f"{fields['images_per_s_slice']:,.0f}"),
         ("model FLOP utilization (estimate)", f"{100 * fields['mfu']:.0f} %"),
@@ -346,6 +411,11 @@ def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes:
          is None else f"{fields['epoch_seconds']:.3g} s ({fields['epoch_seconds'] / 3600:.2g} h)"),
         ("input each host must sustain", f"{fields['images_per_s_host']:,.0f} img/s"),
     ]
+    for i, op in enumerate(fields.get("top_ops") or [], 1):
+        rows.append((f"costliest op {i} (compiler cycles)",
+                     f"{op['ms']:.3g} ms, {op['op']} at {op['source']}: {op['bound']}-bound "
+                     f"({op['flops']:.3g} flops, {100 * op['mxu_share']:.0f} % of MXU peak; "
+                     f"{op['hbm_bytes']:.3g} HBM bytes)"))
     if fields.get("pipeline_per_core"):
         rows.append(("input pipeline measured here", fields["pipeline_per_core"]))
     out = ["| plan | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]

@@ -1,0 +1,218 @@
+"""The per-op cost breakdown of a compiled TPU program (issue 23, item 5): which ops of a step the
+TPU compiler expects to cost most, and whether each is bound by the MXUs or by HBM.
+
+XLA:TPU writes its own cost model's verdict into the optimized HLO: every top-level fusion,
+convolution and copy carries ``"estimated_cycles"`` in its ``backend_config``. JAX exposes only
+the program's totals (``cost_analysis()``), so this module reads ``compiled.as_text()``: for each
+instruction of the entry computation, the compiler's cycles, its flops (the convolutions and dots
+inside it, counted from their shapes as XLA's HloCostAnalysis does: 2 x output elements x the
+contraction), its HBM bytes (operands and result outside VMEM, memory space ``S(1)``), and the
+source line of kdface that produced it (the module's StackFrames table). Hand-written because
+no library parses XLA's HLO text for Python (jaxlib exposes the module's totals only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5, "token": 0}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_HEAD = re.compile(r"^\s*(?:ROOT )?%([^ ]+) = ")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([^ ]+) \(")
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+    dtype: str
+    dims: tuple[int, ...]
+    vmem: bool  # memory space S(1): the TensorCore's on-chip memory, not HBM
+
+    @property
+    def bytes(self) -> float:
+        return math.prod(self.dims) * _DTYPE_BYTES.get(self.dtype, 4)
+
+
+@dataclasses.dataclass
+class Op:
+    name: str
+    opcode: str
+    result: list[Array]
+    operands: list[str]
+    text: str
+    cycles: int | None = None
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+    source: str = ""
+    op_name: str = ""
+
+
+def bound(flops: float, hbm_bytes: float, seconds: float, peak_flops: float,
+          hbm_bytes_per_s: float) -> str:
+    """What bounds an op the compiler expects to take ``seconds``: ``MXU`` or ``HBM`` when that
+    side's own time (flops / peak, HBM bytes / bandwidth) is the larger and at least a quarter of
+    the op's time, else ``vector unit`` (elementwise and reduction work on operands held in
+    VMEM: neither the matrix units nor HBM explain its cycles)."""
+    mxu, hbm = flops / peak_flops, hbm_bytes / hbm_bytes_per_s
+    if max(mxu, hbm) < 0.25 * seconds:
+        return "vector unit"
+    return "MXU" if mxu >= hbm else "HBM"
+
+
+def _arrays(shape_text: str) -> list[Array]:
+    return [Array(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d),
+                  bool(m.group(3) and "S(1)" in m.group(3)))
+            for m in _ARRAY.finditer(shape_text) if m.group(1) in _DTYPE_BYTES]
+
+
+def _split_instruction(line: str):
+    """``(name, result_shape_text, opcode, operand_names, rest)`` of one HLO instruction line."""
+    head = _HEAD.match(line)
+    if not head:
+        return None
+    rest = line[head.end():]
+    if rest.startswith("("):  # a tuple result: up to its matching parenthesis
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                break
+        shape, rest = rest[:i + 1], rest[i + 2:]
+    else:
+        shape, _, rest = rest.partition(" ")
+    opcode, _, rest = rest.partition("(")
+    depth, i = 1, 0
+    while i < len(rest) and depth:
+        depth += rest[i] == "("
+        depth -= rest[i] == ")"
+        i += 1
+    operands = re.findall(r"%([^ ,()]+)", rest[:i - 1])
+    return head.group(1), shape, opcode, operands, rest[i:]
+
+
+def parse_computations(text: str) -> tuple[dict[str, list[Op]], str]:
+    """Every computation of an HLO module text as its ops, and the entry's name."""
+    computations: dict[str, list[Op]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m and line.rstrip().endswith("{"):
+                current = computations.setdefault(m.group(1), [])
+                if line.startswith("ENTRY"):
+                    entry = m.group(1)
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        parts = _split_instruction(line)
+        if parts:
+            name, shape, opcode, operands, rest = parts
+            current.append(Op(name, opcode, _arrays(shape), operands, rest))
+    return computations, entry
+
+
+def _stack_frames(text: str) -> dict[int, str]:
+    """``stack_frame_id -> "file.py:line"`` from the module's FileNames / FileLocations /
+    StackFrames tables (the innermost frame inside kdface)."""
+    tables: dict[str, dict[int, str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+            continue
+        if current is None:
+            continue
+        m = re.match(r"^(\d+) (.*)$", line)
+        if not m:
+            current = None
+            continue
+        current[int(m.group(1))] = m.group(2)
+    files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
+    locations = {}
+    for k, v in tables.get("FileLocations", {}).items():
+        f = re.search(r"file_name_id=(\d+)", v)
+        ln = re.search(r"\bline=(\d+)", v)
+        if f and ln:
+            locations[k] = (files.get(int(f.group(1)), "?"), int(ln.group(1)))
+    frames = {}
+    for k, v in tables.get("StackFrames", {}).items():
+        loc = re.search(r"file_location_id=(\d+)", v)
+        parent = re.search(r"parent_frame_id=(\d+)", v)
+        frames[k] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) if parent else 0)
+    out = {}
+    for k, (loc, _) in frames.items():
+        path, line = locations.get(loc, ("?", 0))
+        short = path.split("/kdface/", 1)[-1] if "/kdface/" in path else path.rsplit("/", 1)[-1]
+        out[k] = f"{short}:{line}"
+    return out
+
+
+def _window_product(attrs: str) -> int:
+    m = re.search(r"window=\{size=([0-9x]+)", attrs)
+    return math.prod(int(d) for d in m.group(1).split("x")) if m else 1
+
+
+def _op_flops(op: Op, shapes: dict[str, list[Array]], computations) -> float:
+    """Flops of one instruction: convolutions and dots by their shapes (2 x output elements x
+    the contraction: the kernel window x the kernel's input features), nested fusions summed."""
+    if op.opcode == "convolution":
+        labels = re.search(r"dim_labels=[^_]+_([^-]+)->", op.text)
+        kernel = shapes.get(op.operands[1], [None])[0] if len(op.operands) > 1 else None
+        if not labels or kernel is None or not op.result:
+            return 0.0
+        spec = labels.group(1)
+        features_in = kernel.dims[spec.index("i")]
+        return 2.0 * math.prod(op.result[0].dims) * _window_product(op.text) * features_in
+    if op.opcode == "dot":
+        lhs = shapes.get(op.operands[0], [None])[0]
+        m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", op.text)
+        if lhs is None or not m or not op.result:
+            return 0.0
+        contraction = math.prod(lhs.dims[int(d)] for d in m.group(1).split(",") if d)
+        return 2.0 * math.prod(op.result[0].dims) * contraction
+    called = re.findall(r"(?:calls|to_apply)=%([^ ,}]+)", op.text)
+    if op.opcode == "fusion" and called:
+        return sum(_computation_flops(c, computations) for c in called)
+    return 0.0
+
+
+def _computation_flops(name: str, computations) -> float:
+    ops = computations.get(name, [])
+    shapes = {op.name: op.result for op in ops}
+    return sum(_op_flops(op, shapes, computations) for op in ops)
+
+
+def entry_costs(text: str) -> list[Op]:
+    """The entry computation's instructions with the compiler's cycles, flops, HBM bytes and
+    kdface source line of each (``compiled.as_text()`` of a TPU program)."""
+    computations, entry = parse_computations(text)
+    frames = _stack_frames(text)
+    ops = computations.get(entry, [])
+    shapes = {op.name: op.result for op in ops}
+    for op in ops:
+        m = re.search(r'"estimated_cycles":"(\d+)"', op.text)
+        op.cycles = int(m.group(1)) if m else None
+        op.flops = _op_flops(op, shapes, computations)
+        if op.opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant"):
+            arrays = list(op.result) + [a for o in op.operands for a in shapes.get(o, [])]
+            op.hbm_bytes = sum(a.bytes for a in arrays if not a.vmem)
+        frame = re.search(r"stack_frame_id=(\d+)", op.text)
+        op.source = frames.get(int(frame.group(1)), "") if frame else ""
+        name = re.search(r'op_name="([^"]*)"', op.text)
+        op.op_name = name.group(1) if name else ""
+    return ops
+
+
+def total_cycles(ops: list[Op]) -> int:
+    """The compiler's cycles summed over the entry's ops (a serial sum: overlap of asynchronous
+    copies and collectives with compute is not credited)."""
+    return sum(op.cycles or 0 for op in ops)
+
+
+def top_ops(ops: list[Op], n: int = 3) -> list[Op]:
+    """The ``n`` ops the compiler expects to take the most cycles."""
+    return sorted((op for op in ops if op.cycles), key=lambda op: -op.cycles)[:n]
