@@ -91,13 +91,14 @@ def markdown(rows: list[dict], command: str) -> list[str]:
              f"devices; its per-device figures are half a chip's.", "",
              "| recipe | slice | classes | head | per-chip HBM | fits | flops/step/chip | "
              "estimate | img/s/chip | img/s slice | MFU | roofline img/s/chip | epoch | "
-             "compile |",
-             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "compile | commit |",
+             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         head = f"{r['classes']:,}"
         if "error" in r:
             lines.append(f"| {r['recipe']} | {r['topology']} | {head} | {r['head']} | "
-                         f"| refused: {r['error']} | | | | | | | | {r['compile_s']:.0f} s |")
+                         f"| refused: {r['error']} | | | | | | | | {r['compile_s']:.0f} s | "
+                         f"{r.get('commit', '')} |")
             continue
         kind = r["estimate"].split(" ")[0]
         kind = "cycles" if r["estimate"].startswith("compiler cycles") else (
@@ -109,7 +110,8 @@ def markdown(rows: list[dict], command: str) -> list[str]:
             f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
             f"{kind} | {r['images_per_s_chip']:,.0f} | "
             f"{r['images_per_s_slice']:,.0f} | {100 * r['mfu']:.0f} % | {roofline:,.0f} | "
-            f"{r['epoch_seconds'] / 60:.0f} min | {r['compile_s']:.0f} s |")
+            f"{r['epoch_seconds'] / 60:.0f} min | {r['compile_s']:.0f} s | "
+            f"{r.get('commit', '')} |")
     return lines
 
 
@@ -122,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", default=None, help="markdown file to write")
     parser.add_argument("--rows", default=None,
                         help="JSON-lines file of planned rows: each row is appended as it is "
-                             "compiled, rows already there (same commit) are not compiled "
-                             "again, and the markdown is written from all of them")
+                             "compiled (with its commit), rows already there are not compiled "
+                             "again (with --fresh: unless from another commit), and the "
+                             "markdown is written from all of them")
+    parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args(argv)
     done = _read_rows(args.rows)
     here = commit()
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             for classes in args.classes.split(","):
                 for head in args.heads.split(","):
                     key = (RECIPES[recipe][0], topology, CLASSES[classes], head)
-                    if key in done and done[key].get("commit") == here:
+                    if key in done and (not args.fresh or done[key].get("commit") == here):
                         rows.append(done[key])
                         continue
                     row = plan_row(recipe, topology, CLASSES[classes], head)
