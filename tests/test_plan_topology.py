@@ -45,6 +45,10 @@ def test_the_demo_step_compiles_for_v5e_and_its_plan_is_read_from_the_program(tm
     assert 0 < fields["state_gib"] < fields["arguments_gib"] <= fields["total_gib"] < 16.0
     assert fields["flops_per_step"] > 0 and fields["bytes_per_step"] > 0
     assert fields["step_seconds"] >= 0.5 * fields["roofline_seconds"] > 0
+    # the compiler's per-op cycles: a step time of their own and the three costliest ops
+    assert fields["cycles_seconds"] > 0 and len(fields["top_ops"]) == 3
+    assert all(op["ms"] > 0 and op["source"] for op in fields["top_ops"])
+    assert "| costliest op 1 (compiler cycles) |" in done.stdout
     assert fields["images_per_s_slice"] == pytest.approx(4 * fields["images_per_s_chip"])
     assert fields["epoch_seconds"] == pytest.approx(2000 / fields["images_per_s_slice"])
     assert "| per-chip HBM: total |" in done.stdout and "img/s per chip (estimate)" in done.stdout

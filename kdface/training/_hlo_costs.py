@@ -6,7 +6,7 @@ convolution and copy carries ``"estimated_cycles"`` in its ``backend_config``. J
 the program's totals (``cost_analysis()``), so this module reads ``compiled.as_text()``: for each
 instruction of the entry computation, the compiler's cycles, its flops (the convolutions and dots
 inside it, counted from their shapes as XLA's HloCostAnalysis does: 2 x output elements x the
-contraction), its HBM bytes (operands and result outside VMEM, memory space ``S(1)``), and the
+contraction, kernel taps over the padding not counted), its HBM bytes (operands and result outside VMEM, memory space ``S(1)``), and the
 source line of kdface that produced it (the module's StackFrames table). Hand-written because
 no library parses XLA's HLO text for Python (jaxlib exposes the module's totals only).
 """
@@ -151,22 +151,48 @@ def _stack_frames(text: str) -> dict[int, str]:
     return out
 
 
-def _window_product(attrs: str) -> int:
-    m = re.search(r"window=\{size=([0-9x]+)", attrs)
-    return math.prod(int(d) for d in m.group(1).split("x")) if m else 1
+def _valid_taps(n_in: int, n_out: int, size: int, stride: int, low: int) -> int:
+    """Kernel taps that land inside the input, summed over the output positions of one spatial
+    axis (taps over the padding multiply zeros; XLA's HloCostAnalysis does not count them)."""
+    return sum(1 for o in range(n_out) for t in range(size) if 0 <= o * stride + t - low < n_in)
+
+
+def _window_taps(op: Op, lhs: Array | None, labels: str) -> float:
+    """The kernel window's taps per output element, averaged over the output (padding taps
+    excluded), from ``window={size=.. stride=.. pad=..}`` and the dimension labels."""
+    window = re.search(r"window=\{([^}]*)\}", op.text)
+    if not window:
+        return 1.0
+    fields = dict(f.split("=", 1) for f in window.group(1).split() if "=" in f)
+    sizes = [int(d) for d in fields.get("size", "1").split("x")]
+    strides = [int(d) for d in fields["stride"].split("x")] if "stride" in fields else [1] * len(
+        sizes)
+    pads = [tuple(int(v) for v in p.split("_")) for p in fields["pad"].split("x")] if (
+        "pad" in fields) else [(0, 0)] * len(sizes)
+    lhs_spec, _, out_spec = re.split(r"_|->", labels)
+    if lhs is None or "lhs_dilate" in fields or "rhs_dilate" in fields:
+        return float(math.prod(sizes))
+    taps = 1.0
+    for axis, (size, stride, (low, _)) in enumerate(zip(sizes, strides, pads)):
+        n_in = lhs.dims[lhs_spec.index(str(axis))]
+        n_out = op.result[0].dims[out_spec.index(str(axis))]
+        taps *= _valid_taps(n_in, n_out, size, stride, low) / n_out
+    return taps
 
 
 def _op_flops(op: Op, shapes: dict[str, list[Array]], computations) -> float:
     """Flops of one instruction: convolutions and dots by their shapes (2 x output elements x
     the contraction: the kernel window x the kernel's input features), nested fusions summed."""
     if op.opcode == "convolution":
-        labels = re.search(r"dim_labels=[^_]+_([^-]+)->", op.text)
+        labels = re.search(r"dim_labels=([^ ,]+)", op.text)
         kernel = shapes.get(op.operands[1], [None])[0] if len(op.operands) > 1 else None
         if not labels or kernel is None or not op.result:
             return 0.0
-        spec = labels.group(1)
-        features_in = kernel.dims[spec.index("i")]
-        return 2.0 * math.prod(op.result[0].dims) * _window_product(op.text) * features_in
+        kernel_spec = re.split(r"_|->", labels.group(1))[1]
+        features_in = kernel.dims[kernel_spec.index("i")]
+        lhs = shapes.get(op.operands[0], [None])[0]
+        return (2.0 * math.prod(op.result[0].dims) * features_in
+                * _window_taps(op, lhs, labels.group(1)))
     if op.opcode == "dot":
         lhs = shapes.get(op.operands[0], [None])[0]
         m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", op.text)
