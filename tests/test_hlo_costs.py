@@ -45,24 +45,61 @@ SCRIPT = textwrap.dedent("""
                  "hbm_bytes": o.hbm_bytes, "source": o.source} for o in ops],
         "total_cycles": total_cycles(ops), "top": [o.name for o in top_ops(ops, 2)]}))
 """)
+# counted loops (scan) of 8, 16 and 24 steps, and a loop whose length the data decides
+LOOPS = textwrap.dedent("""
+    import json, os, sys
+    sys.path.append(os.path.join(sys.prefix, "tpu-site"))
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_platforms", "cpu")
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from kdface.training._hlo_costs import entry_costs, total_cycles
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    one = NamedSharding(Mesh(np.asarray(devices[:1]), ("d",)), P())
+    s = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=one)
+    out = {}
+    for n in (8, 16, 24):
+        def f(x, w):
+            return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=n)[0]
+        out[n] = total_cycles(entry_costs(jax.jit(f).lower(s((256, 512)),
+                                                           s((512, 512))).compile().as_text()))
+    def g(x, w):
+        return jax.lax.while_loop(lambda c: jnp.sum(c) < 1e6, lambda c: jnp.tanh(c @ w) + 1, x)
+    out["open"] = total_cycles(entry_costs(jax.jit(g).lower(s((256, 512)),
+                                                            s((512, 512))).compile().as_text()))
+    print(json.dumps(out))
+""")
 # the lines of SCRIPT's three calls, for the source attribution
 LINE_Y, LINE_Z, LINE_AB = (SCRIPT.splitlines().index(line) + 1 for line in SCRIPT.splitlines()
                            if line.strip().startswith(("y = ", "z = ", "return y")))
 
 
-@pytest.fixture(scope="module")
-def costs(tmp_path_factory):
+def _run(tmp_path_factory, script):
     if not os.path.isdir(os.path.join(TPU_SITE, "libtpu")):
         pytest.fail(f"libtpu is not installed in {TPU_SITE}: `make test` installs it "
                     f"(.ci/install-libtpu {sys.executable})")
     path = tmp_path_factory.mktemp("hlo") / "program.py"
-    path.write_text(SCRIPT)
+    path.write_text(script)
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("XLA_FLAGS", None)
     done = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def costs(tmp_path_factory):
+    return _run(tmp_path_factory, SCRIPT)
+
+
+def test_a_counted_loop_counts_its_body_once_per_step(tmp_path_factory):
+    loops = _run(tmp_path_factory, LOOPS)
+    # the body's cycles times the trip count: linear in the steps, 8 more steps cost the same
+    per_8 = loops["16"] - loops["8"]
+    assert per_8 > 0 and loops["24"] - loops["16"] == per_8 and loops["8"] > per_8 * 0.5
+    assert loops["open"] is None  # a loop of unknown length: no cycle total, the roofline
 
 
 def _valid_taps_by_hand(n, size, stride, low):

@@ -251,6 +251,27 @@ def test_checkpoints_keep_latest_and_never_hold_the_teacher(tmp_path, teacher_di
     assert len(jax.tree.leaves(restored)) == len(jax.tree.leaves((params, rest)))
 
 
+def test_the_soft_loss_of_margin_heads_is_told_their_logit_bound(tmp_path, teacher_dir,
+                                                                  monkeypatch):
+    # kd_im's soft loss reads both networks' s·cos θ logits: the step passes s, so the softmaxes
+    # skip the row maximum (tests/test_bounded_softmax.py); a softmax head would pass None
+    from kdface import losses
+    from kdface.distill import _terms
+    seen = []
+    original = losses.soft_prediction_loss
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("logit_bound"))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(_terms.losses, "soft_prediction_loss", recording)
+    images, labels = _data()
+    cfg = _config(tmp_path, "bound", recipe="kd_im", teacher="sphereface_custom",
+                  teacher_options=TINY, teacher_checkpoint=teacher_dir, steps=1,
+                  feature_loss="normalized_l2")
+    fit(cfg, ArrayBatches(images, labels, batch_size=8), num_classes=CLASSES)
+    assert seen and set(seen) == {float(cfg.margin_scale)}
+
+
 def test_non_finite_loss_names_the_term_and_keeps_the_checkpoint(tmp_path):
     images, labels = _data()
     cfg = _config(tmp_path, "nan", steps=2, save_every=1)

@@ -48,6 +48,9 @@ class TermInputs:
     step: the optimizer step of this batch (int32 scalar), for terms with a schedule (A-Softmax's
     λ annealing); None outside training.
     state: the term's own state (``TermSpec.state``), a dict of arrays; None for stateless terms.
+    logit_bound: a bound on both networks' ``logits`` when both are margin heads (``s·cos θ``,
+    ``|logits| <= s``: the larger scale), None otherwise; lets a softmax over them skip the
+    row maximum (``losses.soft_prediction_loss(logit_bound=...)``).
     classes: the data's class count (a class axis of the state may be padded beyond it).
     class_sharding: where a state's class axis lives when it is split over the devices (the
     ``NamedSharding`` of the margin head's weight, ``P(None, 'data')``), None when replicated.
@@ -61,6 +64,7 @@ class TermInputs:
     relation_groups: int = 1
     step: jax.Array | None = None
     state: Mapping[str, jax.Array] | None = None
+    logit_bound: float | None = None
     classes: int | None = None
     class_sharding: Any = None
 
@@ -234,7 +238,8 @@ def cosface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.3
     """CosFace (Nikitin et al. 2020 §4.2: s=64, m=0.35) on the student's cos θ."""
     logits = losses.cosface_logits(inputs.student["cos"], inputs.labels, scale=scale,
                                    margin=margin)
-    return losses.softmax_cross_entropy(logits, inputs.labels)
+    # s (cos θ_j - m [j = y]) <= s, and each row's non-target logits are >= -s
+    return losses.softmax_cross_entropy(logits, inputs.labels, logit_bound=scale)
 
 
 @term("arcface", student_outputs={"cos"})
@@ -242,7 +247,8 @@ def arcface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.5
     """ArcFace (Yan et al. 2019: s=64, m=0.5) on the student's cos θ."""
     logits = losses.arcface_logits(inputs.student["cos"], inputs.labels, scale=scale,
                                    margin=margin)
-    return losses.softmax_cross_entropy(logits, inputs.labels)
+    # s cos(θ + m [j = y]) lies in [-s, s]
+    return losses.softmax_cross_entropy(logits, inputs.labels, logit_bound=scale)
 
 
 @term("sphereface", student_outputs={"cos", "embedding"})
@@ -290,7 +296,7 @@ def soft_prediction_term(inputs: TermInputs, *, temperature: float = 4.0) -> jax
     eqs. (2), (5), (9)."""
     teacher = _teacher(inputs, "soft_prediction")
     return losses.soft_prediction_loss(inputs.student["logits"], teacher["logits"],
-                                       temperature=temperature)
+                                       temperature=temperature, logit_bound=inputs.logit_bound)
 
 
 @term("hidden", teacher_outputs={"embedding"}, same_embedding=True)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdface._math import logsumexp
 from kdface.losses._checks import (check_float, check_labels, check_option, check_positive,
                                    check_rank, compute_dtype)
 
@@ -61,7 +62,8 @@ def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
-                          reduction: str | None = "mean") -> jax.Array:
+                          reduction: str | None = "mean",
+                          logit_bound: float | None = None) -> jax.Array:
     """Softmax cross-entropy ``-log softmax(logits)[label]``.
 
     The "softmax loss" / hard loss of the seeds (Wang et al. 2019 eq. (4) H(X_S, y); the first term
@@ -74,6 +76,9 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
       logits: ``[N, C]`` float.
       labels: ``[N]`` int class ids in ``[0, C)`` (checked when concrete).
       reduction: ``'mean'`` (default), ``'sum'``, or ``None``/``'none'`` for the ``[N]`` losses.
+      logit_bound: where known, a bound ``B`` with no logit above ``B`` and each row's largest
+        at least ``-B`` (margin logits of scale ``s``: ``B = s``); the log-sum-exp then needs no
+        pass for the row maximum (``kdface._math.logsumexp``). The same loss.
 
     Returns:
       scalar, or ``[N]`` when not reduced.
@@ -86,7 +91,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
     check_option("reduction", reduction, REDUCTIONS)
     x = logits.astype(compute_dtype(logits))
     target = jnp.take_along_axis(x, labels[:, None], axis=-1)[:, 0]
-    per_example = jax.nn.logsumexp(x, axis=-1) - target
+    per_example = logsumexp(x, axis=-1, bound=logit_bound) - target
     return apply_reduction(per_example, reduction)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kdface._math import logsumexp
 from kdface._platform import target_platform
 from kdface.losses._checks import (check_float, check_option, check_positive, check_rank,
                                    check_same_shape, compute_dtype)
@@ -142,7 +143,8 @@ def hinton_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temp
 
 
 def soft_prediction_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
-                         temperature: float, reduction: str | None = "mean") -> jax.Array:
+                         temperature: float, reduction: str | None = "mean",
+                         logit_bound: float | None = None) -> jax.Array:
     """Cross-entropy between soft predictions ``H(p_t, p_s) = -Σ_c p_t,c log p_s,c``.
 
     ``p = softmax(logits / τ)``. Wang et al. 2019 eq. (3) ("the soft loss is the cross entropy
@@ -157,12 +159,18 @@ def soft_prediction_loss(student_logits: jax.Array, teacher_logits: jax.Array, *
       teacher_logits: ``[N, C]`` float.
       temperature: τ > 0 (the papers tune it by cross-validation; no value survives in them).
       reduction: ``'mean'`` over the batch (default), ``'sum'``, or ``None``/``'none'``.
+      logit_bound: where known, a bound ``B`` on both logits (none above ``B``, each row's
+        largest at least ``-B``: ``s·cos θ`` logits of margin heads of scale ``s``); the
+        softmaxes then need no pass for the row maxima (``kdface._math.logsumexp``). The same
+        loss.
 
     Returns:
       scalar, or ``[N]`` per-example values.
     """
     student, teacher = _checked_logits(student_logits, teacher_logits, temperature, reduction)
-    log_p_s = jax.nn.log_softmax(student / temperature, axis=-1)
-    log_p_t = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    bound = None if logit_bound is None else logit_bound / temperature
+    z_s, z_t = student / temperature, teacher / temperature
+    log_p_s = z_s - logsumexp(z_s, axis=-1, keepdims=True, bound=bound)
+    log_p_t = z_t - logsumexp(z_t, axis=-1, keepdims=True, bound=bound)
     per_example = -jnp.sum(jnp.exp(log_p_t) * log_p_s, axis=-1)
     return apply_reduction(per_example, reduction)

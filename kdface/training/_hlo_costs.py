@@ -43,6 +43,7 @@ class Op:
     operands: list[str]
     text: str
     cycles: int | None = None
+    args: str = ""  # the text between the opcode's parentheses (a constant's value)
     flops: float = 0.0
     hbm_bytes: float = 0.0
     source: str = ""
@@ -68,7 +69,8 @@ def _arrays(shape_text: str) -> list[Array]:
 
 
 def _split_instruction(line: str):
-    """``(name, result_shape_text, opcode, operand_names, rest)`` of one HLO instruction line."""
+    """``(name, result_shape_text, opcode, operand_names, rest, arguments_text)`` of one HLO
+    instruction line."""
     head = _HEAD.match(line)
     if not head:
         return None
@@ -90,7 +92,7 @@ def _split_instruction(line: str):
         depth -= rest[i] == ")"
         i += 1
     operands = re.findall(r"%([^ ,()]+)", rest[:i - 1])
-    return head.group(1), shape, opcode, operands, rest[i:]
+    return head.group(1), shape, opcode, operands, rest[i:], rest[:i - 1]
 
 
 def parse_computations(text: str) -> tuple[dict[str, list[Op]], str]:
@@ -110,8 +112,8 @@ def parse_computations(text: str) -> tuple[dict[str, list[Op]], str]:
             continue
         parts = _split_instruction(line)
         if parts:
-            name, shape, opcode, operands, rest = parts
-            current.append(Op(name, opcode, _arrays(shape), operands, rest))
+            name, shape, opcode, operands, rest, args = parts
+            current.append(Op(name, opcode, _arrays(shape), operands, rest, args=args))
     return computations, entry
 
 
@@ -212,6 +214,45 @@ def _computation_flops(name: str, computations) -> float:
     return sum(_op_flops(op, shapes, computations) for op in ops)
 
 
+def _trip_count(condition: list[Op]) -> int | None:
+    """The trip count of a counted loop (JAX's ``scan``/``fori_loop``: ``i < N`` with ``i`` from
+    0): the one integer constant its condition compares against, or None."""
+    constants = [op for op in condition if op.opcode == "constant" and op.result
+                 and op.result[0].dtype in ("s32", "s64", "u32") and not op.result[0].dims]
+    compares = [op for op in condition if op.opcode == "compare" and "direction=LT" in op.text]
+    if len(constants) != 1 or len(compares) != 1:
+        return None
+    return int(constants[0].args) if re.fullmatch(r"-?\d+", constants[0].args.strip()) else None
+
+
+def _computation_cycles(name: str, computations, depth: int = 0) -> int | None:
+    """The compiler's cycles of one computation: its ops' ``estimated_cycles`` summed, a counted
+    loop's body times its trip count; None where a loop's trip count or an op's callee is not
+    known (a conditional, a loop of unknown length)."""
+    total = 0
+    for op in computations.get(name, []):
+        cycles = _op_cycles(op, computations, depth)
+        if cycles is None:
+            return None
+        total += cycles
+    return total
+
+
+def _op_cycles(op: Op, computations, depth: int) -> int | None:
+    m = re.search(r'"estimated_cycles":"(\d+)"', op.text)
+    if m:
+        return int(m.group(1))
+    if op.opcode == "while" and depth < 8:
+        body = re.search(r"body=%([^ ,]+)", op.text)
+        condition = re.search(r"condition=%([^ ,]+)", op.text)
+        trips = _trip_count(computations.get(condition.group(1), [])) if condition else None
+        inner = _computation_cycles(body.group(1), computations, depth + 1) if body else None
+        return None if trips is None or inner is None else trips * inner
+    if op.opcode in ("conditional", "call"):
+        return None
+    return 0
+
+
 def entry_costs(text: str) -> list[Op]:
     """The entry computation's instructions with the compiler's cycles, flops, HBM bytes and
     kdface source line of each (``compiled.as_text()`` of a TPU program)."""
@@ -220,8 +261,11 @@ def entry_costs(text: str) -> list[Op]:
     ops = computations.get(entry, [])
     shapes = {op.name: op.result for op in ops}
     for op in ops:
-        m = re.search(r'"estimated_cycles":"(\d+)"', op.text)
-        op.cycles = int(m.group(1)) if m else None
+        op.cycles = _op_cycles(op, computations, 0)
+        if op.cycles == 0 and op.opcode not in ("while",):
+            op.cycles = None  # no estimate written (parameters, tuples, asynchronous halves)
+        if op.opcode in ("while", "conditional", "call") and op.cycles is None:
+            op.cycles = -1    # a loop or branch whose cycles are not known: see total_cycles
         op.flops = _op_flops(op, shapes, computations)
         if op.opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant"):
             arrays = list(op.result) + [a for o in op.operands for a in shapes.get(o, [])]
@@ -233,12 +277,16 @@ def entry_costs(text: str) -> list[Op]:
     return ops
 
 
-def total_cycles(ops: list[Op]) -> int:
-    """The compiler's cycles summed over the entry's ops (a serial sum: overlap of asynchronous
-    copies and collectives with compute is not credited)."""
+def total_cycles(ops: list[Op]) -> int | None:
+    """The compiler's cycles summed over the entry's ops, counted loops times their trip count
+    (a serial sum: overlap of asynchronous copies and collectives with compute is not
+    credited); None when a loop or branch has no known cycles."""
+    if any(op.cycles == -1 for op in ops):
+        return None
     return sum(op.cycles or 0 for op in ops)
 
 
 def top_ops(ops: list[Op], n: int = 3) -> list[Op]:
     """The ``n`` ops the compiler expects to take the most cycles."""
-    return sorted((op for op in ops if op.cycles), key=lambda op: -op.cycles)[:n]
+    return sorted((op for op in ops if op.cycles and op.cycles > 0),
+                  key=lambda op: -op.cycles)[:n]

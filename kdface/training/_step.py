@@ -116,6 +116,13 @@ def init_state(student: DistillStudent, optimizer: optax.GradientTransformation,
     return graphdef, state
 
 
+def _margin_scale(head_kind: str, logit_scale) -> float | None:
+    """The bound on a network's ``logits``: ``s`` for a margin head (``s·cos θ``, cos θ clipped
+    to [-1, 1] by the head), None for a softmax head (unbounded)."""
+    from kdface.distill._networks import MARGIN_HEADS
+    return float(logit_scale) if head_kind in MARGIN_HEADS and logit_scale is not None else None
+
+
 def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config: StepConfig):
     """Returns ``step(state, teacher_state, batch) -> (state, metrics)`` (not yet jitted).
 
@@ -164,6 +171,7 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
         s_out = student.network(student_image.astype(cdt), with_stages=student_stages)
         s_out = cast_floating(s_out, jnp.float32)
         t_out, tail = None, None
+        scales = [_margin_scale(student.network.head_kind, student.network.logit_scale)]
         if needs_teacher:
             if config.teacher_cached:
                 embedding = batch["teacher_embedding"].astype(jnp.float32)
@@ -172,10 +180,13 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
                     head_def, kind, scale = teacher_def
                     t_out["logits"] = head_logits(head_def, teacher_state, kind, scale,
                                                   embedding)
+                    scales.append(_margin_scale(kind, scale))
             else:
                 teacher = nnx.merge(teacher_def, cast_floating(teacher_state, cdt), copy=True)
                 t_img = teacher_image.astype(cdt)
                 t_out = cast_floating(teacher(t_img, with_stages=teacher_stages), jnp.float32)
+                scales.append(_margin_scale(getattr(teacher, "head_kind", None),
+                                            getattr(teacher, "logit_scale", None)))
                 tail = lambda i, f: teacher.backbone.forward_from(i, f.astype(cdt)).astype(
                     jnp.float32)
         inputs = TermInputs(
@@ -183,7 +194,8 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
             adapters=(lambda i, f: student.adapt(i, f.astype(cdt)).astype(jnp.float32))
             if student.adapters is not None else None,
             landmarks=batch.get("landmarks"), relation_groups=config.relation_groups,
-            step=step, classes=config.classes, class_sharding=config.class_sharding)
+            step=step, classes=config.classes, class_sharding=config.class_sharding,
+            logit_bound=None if None in scales else max(scales))
         total, values, new_terms = objective(recipe, inputs, terms)
         new_rest = nnx.state(student, nnx.Not(nnx.Param))
         new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
