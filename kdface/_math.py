@@ -6,7 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["L2_NORM_EPS", "l2_normalize", "logsumexp"]
+__all__ = ["L2_NORM_EPS", "constant_shift", "l2_normalize", "logsumexp"]
 
 # The norm floor of every JAX-side L2 normalization in kdface (PyTorch ``F.normalize``'s
 # default): a vector with norm below it is divided by it instead, so an all-zero row gives a
@@ -41,15 +41,23 @@ def logsumexp(x: jax.Array, *, axis: int = -1, keepdims: bool = False,
     The value and gradient are the same function; only the rounding differs (the shifted
     arguments ``x - c`` are exact for ``c = 0``).
     """
-    if bound is not None:
-        info = jnp.finfo(x.dtype)
-        high = math.log(float(info.max)) - 1.0   # exp stays below max with a margin of e
-        low = math.log(float(info.tiny)) + 1.0   # the largest term stays a normal number
-        lowest = float(bound) + math.log(x.shape[axis]) - high
-        highest = -float(bound) - low
-        if lowest <= highest:
-            shift = min(max(0.0, lowest), highest)
-            total = jnp.sum(jnp.exp(x - shift) if shift else jnp.exp(x), axis=axis,
-                            keepdims=keepdims)
-            return jnp.log(total) + shift if shift else jnp.log(total)
+    shift = constant_shift(bound, x.shape[axis], x.dtype)
+    if shift is not None:
+        total = jnp.sum(jnp.exp(x - shift) if shift else jnp.exp(x), axis=axis,
+                        keepdims=keepdims)
+        return jnp.log(total) + shift if shift else jnp.log(total)
     return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
+
+
+def constant_shift(bound: float | None, classes: int, dtype) -> float | None:
+    """The constant ``c`` for which ``Σ exp(x - c)`` over ``classes`` logits within ``bound``
+    (none above it, each row's largest at least ``-bound``) stays finite with a normal largest
+    term in ``dtype`` (``logsumexp``), or None (no bound, or none that can)."""
+    if bound is None:
+        return None
+    info = jnp.finfo(dtype)
+    high = math.log(float(info.max)) - 1.0   # exp stays below max with a margin of e
+    low = math.log(float(info.tiny)) + 1.0   # the largest term stays a normal number
+    lowest = float(bound) + math.log(classes) - high
+    highest = -float(bound) - low
+    return min(max(0.0, lowest), highest) if lowest <= highest else None

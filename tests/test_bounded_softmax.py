@@ -31,7 +31,19 @@ def _logits(rows, classes, scale, seed=0):
 
 
 def _primitives(fn, *args):
-    return [e.primitive.name for e in jax.make_jaxpr(fn)(*args).eqns]
+    # the primitives of the traced program, inside custom derivatives and calls too
+    names = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            names.append(e.primitive.name)
+            for v in e.params.values():
+                for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
 
 
 @pytest.mark.parametrize("classes,scale", [(5000, 64.0), (5000, 80.0), (2_000_000, 64.0)])
@@ -86,8 +98,32 @@ def test_the_losses_with_a_bound_equal_them_without_one():
         student, teacher)
     assert _primitives(lambda a, b: losses.soft_prediction_loss(a, b, temperature=tau),
                        student, teacher).count("reduce_max") == 2
+    # Hinton's τ² KL: the same row statistics, τ² times the log-sum-exps' error
+    free = losses.hinton_kd_loss(student, teacher, temperature=tau, reduction=None)
+    bounded = losses.hinton_kd_loss(student, teacher, temperature=tau, reduction=None,
+                                    logit_bound=s)
+    assert_close(np.asarray(bounded), np.asarray(free), terms=2 * 4001, scale=tau ** 2 * scale)
+    assert "reduce_max" not in _primitives(
+        lambda a, b: losses.hinton_kd_loss(a, b, temperature=tau, logit_bound=s),
+        student, teacher)
     cos = student / s
     margin = losses.cosface_logits(cos, labels, scale=s, margin=0.35)
     free = losses.softmax_cross_entropy(margin, labels, reduction=None)
     bounded = losses.softmax_cross_entropy(margin, labels, reduction=None, logit_bound=s)
     assert_close(np.asarray(bounded), np.asarray(free), terms=2 * 4001, scale=s)
+
+
+@pytest.mark.parametrize("bound", [None, 64.0])
+def test_the_soft_prediction_gradient_is_the_softmax_difference(bound):
+    # d/ds Σ_n H(p_t, p_s) = (p_s - p_t) / τ, row by row (Wang et al. 2019 eq. 3's soft loss)
+    s, tau = 64.0, 4.0
+    student = _logits(5, 3000, s, seed=4)
+    teacher = _logits(5, 3000, s, seed=5)
+    got = np.asarray(jax.grad(lambda a: losses.soft_prediction_loss(
+        a, jnp.asarray(teacher), temperature=tau, reduction="sum", logit_bound=bound))(
+        jnp.asarray(student)))
+    zs, zt = student.astype(np.float64) / tau, teacher.astype(np.float64) / tau
+    p_s = np.exp(zs - _lse64(zs)[:, None])
+    p_t = np.exp(zt - _lse64(zt)[:, None])
+    # each probability within the (C + 1) eps relative error of its row sum
+    assert_close(got, (p_s - p_t) / tau, terms=3001, scale=(p_s + p_t) / tau + 1e-30)

@@ -283,7 +283,7 @@ def hinton_term(inputs: TermInputs, *, temperature: float = 4.0,
     """
     teacher = _teacher(inputs, "hinton")
     value = losses.hinton_kd_loss(inputs.student["logits"], teacher["logits"],
-                                  temperature=temperature)
+                                  temperature=temperature, logit_bound=inputs.logit_bound)
     return value if tau_squared else value / (temperature * temperature)
 
 

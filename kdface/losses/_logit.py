@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kdface._math import logsumexp
+from kdface._math import constant_shift
 from kdface._platform import target_platform
 from kdface.losses._checks import (check_float, check_option, check_positive, check_rank,
                                    check_same_shape, compute_dtype)
@@ -49,19 +49,28 @@ def _checked_logits(student_logits: Any, teacher_logits: Any, temperature: float
 SOFT_ROW_BLOCK_ELEMENTS = 1 << 15
 
 
-def _soft_row_stats(student: jax.Array, teacher: jax.Array, temperature: float
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per row of ``[R, C]`` logits: ``(lse_s, lse_t, cross)`` with ``lse`` the log-sum-exp of
-    ``logits / τ`` and ``cross = Σ_c p_t,c (t_c - s_c) / τ``, so that
-    ``KL(p_t || p_s) = cross - lse_t + lse_s``. Two passes over the block: maxima, then sums."""
+def _soft_row_stats(student: jax.Array, teacher: jax.Array, temperature: float,
+                    bound: float | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per row of ``[R, C]`` logits: ``(lse_s, lse_t, cross, mean_t)`` with ``lse`` the
+    log-sum-exp of ``logits / τ``, ``cross = Σ_c p_t,c (t_c - s_c) / τ`` and ``mean_t = Σ_c
+    p_t,c t_c / τ``, so that ``KL(p_t || p_s) = cross - lse_t + lse_s`` and ``H(p_t, p_s) =
+    cross + lse_s - mean_t``. Two passes over the block: maxima, then sums; one, the sums, with
+    a ``bound`` on both logits (``kdface._math.logsumexp``: a constant shift for the maxima)."""
     zs, zt = student / temperature, teacher / temperature
-    ms = jax.lax.stop_gradient(jnp.max(zs, axis=-1, keepdims=True))
-    mt = jax.lax.stop_gradient(jnp.max(zt, axis=-1, keepdims=True))
+    shift = constant_shift(None if bound is None else bound / temperature, zs.shape[-1],
+                           zs.dtype)
+    if shift is None:
+        ms = jax.lax.stop_gradient(jnp.max(zs, axis=-1, keepdims=True))
+        mt = jax.lax.stop_gradient(jnp.max(zt, axis=-1, keepdims=True))
+    else:
+        ms = mt = jnp.full((zs.shape[0], 1), shift, zs.dtype)
     et = jnp.exp(zt - mt)
     sum_t = jnp.sum(et, axis=-1)
     lse_s = ms[:, 0] + jnp.log(jnp.sum(jnp.exp(zs - ms), axis=-1))
     lse_t = mt[:, 0] + jnp.log(sum_t)
-    return lse_s, lse_t, jnp.sum(et * (zt - zs), axis=-1) / sum_t
+    return (lse_s, lse_t, jnp.sum(et * (zt - zs), axis=-1) / sum_t,
+            jnp.sum(et * zt, axis=-1) / sum_t)
 
 
 def _row_blocked(fn: Callable[..., tuple[jax.Array, ...]], student: jax.Array,
@@ -81,12 +90,14 @@ def _row_blocked(fn: Callable[..., tuple[jax.Array, ...]], student: jax.Array,
         return tuple(jax.lax.dynamic_update_slice_in_dim(o, g, start, 0)
                      for o, g in zip(outs, got))
 
-    outs = tuple(jnp.zeros((n,), student.dtype) for _ in range(3))
+    outs = tuple(jnp.zeros((n,), student.dtype)
+                 for _ in jax.eval_shape(fn, student[:rows], teacher[:rows]))
     return jax.lax.fori_loop(0, -(-n // rows), block, outs)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def hinton_kd_rows(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def hinton_kd_rows(student: jax.Array, teacher: jax.Array, temperature: float,
+                   bound: float | None = None) -> jax.Array:
     """``[N]`` per-example ``τ² KL(p_t || p_s)`` from ``[N, C]`` logits (already in the compute
     dtype), from two row passes (``_soft_row_stats``) without forming ``log p`` arrays.
 
@@ -95,27 +106,57 @@ def hinton_kd_rows(student: jax.Array, teacher: jax.Array, temperature: float) -
     reverse mode transposes it into one elementwise pass ``τ g_n (p_s - p_t)`` (two exponentials
     of the inputs with the saved row log-sum-exps), where autodiff of the log-softmax formulation
     kept and re-read ``[N, C]`` intermediates. ``teacher`` is the frozen target: no tangent
-    flows from it (callers put it under ``stop_gradient``).
+    flows from it (callers put it under ``stop_gradient``). With a ``bound`` on both logits the
+    maxima pass is skipped (``_soft_row_stats``).
     """
-    lse_s, lse_t, cross = _row_blocked(
-        lambda s, t: _soft_row_stats(s, t, temperature), student, teacher)
+    lse_s, lse_t, cross, _ = _row_blocked(
+        lambda s, t: _soft_row_stats(s, t, temperature, bound), student, teacher)
     return temperature ** 2 * (cross - lse_t + lse_s)
 
 
 @hinton_kd_rows.defjvp
-def _hinton_kd_rows_jvp(temperature: float, primals: tuple, tangents: tuple
-                        ) -> tuple[jax.Array, jax.Array]:
+def _hinton_kd_rows_jvp(temperature: float, bound: float | None, primals: tuple,
+                        tangents: tuple) -> tuple[jax.Array, jax.Array]:
     student, teacher = primals
-    lse_s, lse_t, cross = _row_blocked(
-        lambda s, t: _soft_row_stats(s, t, temperature), student, teacher)
+    lse_s, lse_t, cross, _ = _row_blocked(
+        lambda s, t: _soft_row_stats(s, t, temperature, bound), student, teacher)
     p_diff = (jnp.exp(student / temperature - lse_s[:, None])
               - jnp.exp(teacher / temperature - lse_t[:, None]))
     value = temperature ** 2 * (cross - lse_t + lse_s)
     return value, temperature * jnp.sum(p_diff * tangents[0], axis=-1)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def soft_prediction_rows(student: jax.Array, teacher: jax.Array, temperature: float,
+                         bound: float | None = None) -> jax.Array:
+    """``[N]`` per-example ``H(p_t, p_s) = -Σ_c p_t,c log p_s,c`` from ``[N, C]`` logits (in the
+    compute dtype), from the row statistics of ``hinton_kd_rows`` (``cross + lse_s - mean_t``),
+    one pass over the logits with a ``bound`` on them, two without.
+
+    Its derivative is written out like Hinton's: ``d H / d s = (p_s - p_t) / τ``, so reverse mode
+    is one elementwise pass ``g_n (p_s - p_t) / τ``, where autodiff of ``-Σ exp(log p_t) log
+    p_s`` re-reduced the rows (``Σ_c p_t,c``) and kept ``[N, C]`` log-softmaxes. ``teacher`` is
+    the frozen target: no tangent flows from it.
+    """
+    lse_s, _, cross, mean_t = _row_blocked(
+        lambda s, t: _soft_row_stats(s, t, temperature, bound), student, teacher)
+    return cross + lse_s - mean_t
+
+
+@soft_prediction_rows.defjvp
+def _soft_prediction_rows_jvp(temperature: float, bound: float | None, primals: tuple,
+                              tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    student, teacher = primals
+    lse_s, lse_t, cross, mean_t = _row_blocked(
+        lambda s, t: _soft_row_stats(s, t, temperature, bound), student, teacher)
+    p_diff = (jnp.exp(student / temperature - lse_s[:, None])
+              - jnp.exp(teacher / temperature - lse_t[:, None]))
+    return cross + lse_s - mean_t, jnp.sum(p_diff * tangents[0], axis=-1) / temperature
+
+
 def hinton_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float,
-                   reduction: str | None = "mean") -> jax.Array:
+                   reduction: str | None = "mean",
+                   logit_bound: float | None = None) -> jax.Array:
     """Hinton KD ``τ² KL(p_t || p_s)`` with ``p = softmax(logits / τ)``.
 
     Nikitin et al. 2020 eq. (12), the HKD term (τ = 4 there); the same soft targets as Wang et al.
@@ -130,6 +171,8 @@ def hinton_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temp
       teacher_logits: ``[N, C]`` float.
       temperature: τ > 0.
       reduction: ``'mean'`` over the batch (default), ``'sum'``, or ``None``/``'none'``.
+      logit_bound: as for ``soft_prediction_loss``: a bound on both logits, the softmaxes then
+        need no pass for the row maxima. The same loss.
 
     Returns:
       scalar, or ``[N]`` per-example values.
@@ -139,7 +182,8 @@ def hinton_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temp
     0.0
     """
     student, teacher = _checked_logits(student_logits, teacher_logits, temperature, reduction)
-    return apply_reduction(hinton_kd_rows(student, teacher, temperature), reduction)
+    return apply_reduction(hinton_kd_rows(student, teacher, float(temperature), None if (
+        logit_bound is None) else float(logit_bound)), reduction)
 
 
 def soft_prediction_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
@@ -168,9 +212,6 @@ def soft_prediction_loss(student_logits: jax.Array, teacher_logits: jax.Array, *
       scalar, or ``[N]`` per-example values.
     """
     student, teacher = _checked_logits(student_logits, teacher_logits, temperature, reduction)
-    bound = None if logit_bound is None else logit_bound / temperature
-    z_s, z_t = student / temperature, teacher / temperature
-    log_p_s = z_s - logsumexp(z_s, axis=-1, keepdims=True, bound=bound)
-    log_p_t = z_t - logsumexp(z_t, axis=-1, keepdims=True, bound=bound)
-    per_example = -jnp.sum(jnp.exp(log_p_t) * log_p_s, axis=-1)
+    per_example = soft_prediction_rows(student, teacher, float(temperature),
+                                       None if logit_bound is None else float(logit_bound))
     return apply_reduction(per_example, reduction)
