@@ -1,11 +1,15 @@
-"""`python -m benchmarks.tpu_plan --write benchmarks/TPU_PLAN.md`: the compile-only plan
-(`python -m kdface.train --plan_topology`, issue 23) of the papers' flagfiles on Cloud TPU slices,
-one row per (recipe, topology, classes, head placement), every figure a compiler estimate.
+"""`python -m benchmarks.tpu_plan --rows=benchmarks/tpu_plan_rows.jsonl --write
+benchmarks/TPU_PLAN.md`: the compile-only plan (`python -m kdface.train --plan_topology`, issue
+23) of the papers' flagfiles on Cloud TPU slices, one row per (recipe, topology, classes, head
+placement), every figure a compiler estimate.
 
 Each row is one `kdface.train` process: the flagfile, bf16, 128 images per chip (the batch is
 128 x the slice's devices), `--shard_head=on|off`, `--plan_classes`, and a teacher checkpoint that
-does not exist here (planned from `--teacher`). A compile takes from seconds to minutes on a
-2-core CPU host; `--recipes/--topologies/--classes/--heads` choose a subset.
+does not exist here (planned from `--teacher`). A compile takes one to three minutes on a 2-core
+CPU host, the whole grid (150 rows) some four hours: `--rows` keeps every compiled row (with its
+commit) so that a later run compiles only the rows missing, `--no_compile` writes the report from
+the rows there are and lists the missing ones, `--recipes/--topologies/--classes/--heads` choose
+a subset.
 """
 from __future__ import annotations
 
@@ -221,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                              "again (with --fresh: unless from another commit), and the "
                              "markdown is written from all of them")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--no_compile", action="store_true",
+                        help="report the --rows there are, list the missing ones")
     args = parser.parse_args(argv)
     done = _read_rows(args.rows)
     here = commit()
-    rows = []
+    rows, missing = [], []
     for recipe in args.recipes.split(","):
         for topology in args.topologies.split(","):
             for classes in args.classes.split(","):
@@ -232,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                     key = (RECIPES[recipe][0], topology, CLASSES[classes], head)
                     if key in done and (not args.fresh or done[key].get("commit") == here):
                         rows.append(done[key])
+                        continue
+                    if args.no_compile:
+                        missing.append(f"{recipe} {topology} {classes} head {head}")
                         continue
                     row = plan_row(recipe, topology, CLASSES[classes], head)
                     row["commit"] = here
@@ -245,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.tpu_plan " + " ".join(argv if argv is not None
                                                           else sys.argv[1:])
     lines = markdown(rows, command)
+    if missing:
+        lines += ["", f"## Not compiled yet: {len(missing)} of {len(missing) + len(rows)} rows",
+                  "", "; ".join(missing) + "."]
     if args.write:
         # a hand-written "## Reading" section (the interpretation) is kept across regenerations
         if os.path.exists(args.write):
