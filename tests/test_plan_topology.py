@@ -101,3 +101,21 @@ def test_ms1m_classes_shard_the_head_over_four_chips_padded(tmp_path):
     saved = 2 * 64 * 4 * (85_742 - 85_744 // 4) / 2**30
     assert fields["off"]["state_gib"] - fields["auto"]["state_gib"] == pytest.approx(saved,
                                                                                      rel=1e-9)
+
+
+@pytest.mark.parametrize("recipe_flags", [
+    # Huang et al. 2022 (EKD): the rank loss on half-balanced global batches (the demo's 32 + 32)
+    ("--recipe=ekd", "--head=arcface", "--batch_sampler=balanced", "--uniform_images=32",
+     "--images_per_identity=4"),
+    # Boutros et al. 2024 (AdaDistill): ArcFace against class centres kept as the term's state
+    ("--recipe=adadistill_arc", "--head=arcface")])
+def test_the_newer_methods_plan_for_v5e_too(tmp_path, recipe_flags):
+    # the relational and stateful terms compile for the TPU slice as they train: the centres'
+    # state sharded with the head, EKD's thresholds as running state, the global-batch ranks
+    done = _plan(tmp_path, "--plan_topology=v5e:2x2", "--plan_classes=100", *recipe_flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fields["fits"] is True and fields["flops_per_step"] > 0
+    assert fields["batch_per_chip"] == 16 and fields["cycles_seconds"] > 0
+    recipe = recipe_flags[0].split("=", 1)[1]
+    assert f"| recipe, classes | {recipe}, 100 |" in done.stdout  # the flag later in argv won
