@@ -209,8 +209,8 @@ def _targets(rows: list[dict]) -> list[str]:
             f"{verdict}: the 2 M-class step has "
             f"{big['flops_per_step'] - small['flops_per_step']:.3g} more flops per chip (the "
             f"student's head forward and its two gradient products, the teacher's head "
-            f"forward: 4 x 2 x 128 x (2,000,000 - 85,742) x 512), which at the chip's peak "
-            f"alone make it >= **{floor:.2f}x** the 85,742-class step.")
+            f"forward: about 4 x 2 x 128 x (2,000,000 - 85,742) x 512 = 1.0e12), which at the "
+            f"chip's peak alone make it >= **{floor:.2f}x** the 85,742-class step.")
     return lines if len(lines) > 3 else []
 
 
