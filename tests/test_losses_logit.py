@@ -167,6 +167,15 @@ def test_row_blocks_match_whole_rows(monkeypatch):
         jnp.stack([jnp.asarray(s), jnp.asarray(t)]), jnp.stack([jnp.asarray(t), jnp.asarray(s)]))
     # the mean over N rows of the per-row values: C + N terms, the rows' mean scale
     assert_close(batched[0], np.mean(want), terms=C + N, scale=float(rows_scale.mean()))
+    # the soft-prediction cross-entropy runs on the same blocked row statistics
+    cross = -np.sum(pt * np.log(ps), axis=1)
+    got = jax.jit(lambda a, b: soft_prediction_loss(a, b, temperature=tau, reduction=None))(
+        jnp.asarray(s), jnp.asarray(t))
+    assert_close(got, cross, terms=C, scale=_row_scale(s, t, tau, 1.0))
+    grad = jax.jit(jax.grad(lambda a: soft_prediction_loss(a, jnp.asarray(t), temperature=tau)))(
+        jnp.asarray(s))
+    assert_close(grad, (ps - pt) / tau / s.shape[0], terms=C,
+                 scale=_row_scale(s, t, tau, 1.0)[:, None] / tau / s.shape[0])
 
 
 def test_check_grads_float64():
@@ -176,7 +185,7 @@ def test_check_grads_float64():
         check_grads(jax.jit(lambda a: hinton_kd_loss(a, t64, temperature=4.0)), (s64,), order=1,
                     modes=["rev", "fwd"])
         check_grads(jax.jit(lambda a: soft_prediction_loss(a, t64, temperature=2.0)), (s64,),
-                    order=1, modes=["rev"])
+                    order=1, modes=["rev", "fwd"])
 
 
 def test_bad_inputs():
