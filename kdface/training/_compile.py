@@ -292,12 +292,14 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
     # The compiler's own estimate is used only when it is positive and not below half the
     # roofline (no program beats its roofline; off v5p it has come out negative).
     usable = step.optimal_seconds is not None and step.optimal_seconds >= 0.5 * roofline > 0
-    # Else the compiler's per-op cycles at the chip's clock, where it wrote them and they are
-    # not below the step's flops at peak (no program beats its MXUs).
+    # Else the compiler's per-op cycles at the chip's clock, where it wrote them and, as for
+    # optimal_seconds, they are not below half the roofline (nor the step's flops at peak: no
+    # program beats its MXUs). v6e's derived 3.5 GHz clock is the least certain; its cycle
+    # sums have come out below half its roofline, so its rows keep the roofline.
     clock = clock_hz(chip)
     cycle_seconds = step.cycles / clock if step.cycles and clock else None
     cycles_usable = (not usable and cycle_seconds is not None
-                     and cycle_seconds >= compute_floor > 0)
+                     and cycle_seconds >= max(compute_floor, 0.5 * roofline) > 0)
     seconds = step.optimal_seconds if usable else cycle_seconds if cycles_usable else roofline
     label = ("compiler (optimal_seconds)" if usable else
              "compiler cycles (per-op estimated_cycles at the chip's clock; optimal_seconds "
