@@ -60,7 +60,13 @@ def plan_row(recipe: str, topology: str, classes: int, head: str) -> dict:
            "compile_s": seconds}
     if done.returncode != 0:
         error = [ln for ln in done.stderr.splitlines() if "kdface.train: error" in ln]
-        row["error"] = (error[-1] if error else done.stderr.strip().splitlines()[-1])[:300]
+        if error:
+            row["error"] = error[-1][:300]
+        elif done.returncode < 0 or "Raising signal" in done.stderr:
+            row["error"] = (f"the compiler crashed (exit {done.returncode}: "
+                            f"{done.stderr.strip().splitlines()[-1][:200]})")
+        else:
+            row["error"] = done.stderr.strip().splitlines()[-1][:300]
         return row
     row.update(json.loads(done.stdout.strip().splitlines()[-1]))
     return row
@@ -104,8 +110,13 @@ def markdown(rows: list[dict], command: str) -> list[str]:
     for r in rows:
         head = f"{r['classes']:,}"
         if "error" in r:
-            lines.append(f"| {r['recipe']} | {r['topology']} | {head} | {r['head']} | "
-                         f"| refused: {r['error']} | | | | | | | | {r['compile_s']:.0f} s | "
+            why = r["error"]
+            if "Raising signal" in why and not why.startswith("the compiler crashed"):
+                why = f"the compiler crashed ({why.split('] ')[-1]})"
+            lines.append(f"| {r['recipe']} | {r['topology']} | {head} | "
+                         f"{'replicated' if r['head'] == 'off' else 'sharded'} | "
+                         f"| {'' if why.startswith('the compiler') else 'refused: '}{why} "
+                         f"| | | | | | | | {r['compile_s']:.0f} s | "
                          f"{r.get('commit', '')} |")
             continue
         kind = r["estimate"].split(" ")[0]
@@ -263,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         # a hand-written "## Reading" section (the interpretation) is kept across regenerations
         if os.path.exists(args.write):
             text = open(args.write).read()
+            text = "\n" + text
             if "\n## Reading" in text:
                 lines += [""] + ("## Reading" + text.split("\n## Reading", 1)[1]).rstrip(
                     "\n").splitlines()
