@@ -17,8 +17,8 @@ from kdface.training._hlo_costs import _valid_taps, bound
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_SITE = os.path.join(sys.prefix, "tpu-site")
 
-# a 3x3 SAME convolution, a 3x3 stride-2 one padded by 1 (the SphereFace stem), a product
-SCRIPT = textwrap.dedent("""
+# what each compiled program starts with: libtpu on the path, one v5e chip to compile for
+PRELUDE = textwrap.dedent("""
     import json, os, sys
     sys.path.append(os.path.join(sys.prefix, "tpu-site"))
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -30,6 +30,9 @@ SCRIPT = textwrap.dedent("""
     from kdface.training._hlo_costs import entry_costs, top_ops, total_cycles
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
     one = NamedSharding(Mesh(np.asarray(devices[:1]), ("d",)), P())
+""")
+# a 3x3 SAME convolution, a 3x3 stride-2 one padded by 1 (the SphereFace stem), a product
+SCRIPT = PRELUDE + textwrap.dedent("""
     NHWC = ("NHWC", "HWIO", "NHWC")
     def step(x, k, k2, a, b):
         y = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)
@@ -46,28 +49,14 @@ SCRIPT = textwrap.dedent("""
         "total_cycles": total_cycles(ops), "top": [o.name for o in top_ops(ops, 2)]}))
 """)
 # counted loops (scan) of 8, 16 and 24 steps, and a loop whose length the data decides
-LOOPS = textwrap.dedent("""
-    import json, os, sys
-    sys.path.append(os.path.join(sys.prefix, "tpu-site"))
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    import jax, jax.numpy as jnp, numpy as np
-    jax.config.update("jax_platforms", "cpu")
-    from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from kdface.training._hlo_costs import entry_costs, total_cycles
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
-    one = NamedSharding(Mesh(np.asarray(devices[:1]), ("d",)), P())
+LOOPS = PRELUDE + textwrap.dedent("""
     s = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=one)
-    out = {}
-    for n in (8, 16, 24):
-        def f(x, w):
-            return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=n)[0]
-        out[n] = total_cycles(entry_costs(jax.jit(f).lower(s((256, 512)),
-                                                           s((512, 512))).compile().as_text()))
-    def g(x, w):
-        return jax.lax.while_loop(lambda c: jnp.sum(c) < 1e6, lambda c: jnp.tanh(c @ w) + 1, x)
-    out["open"] = total_cycles(entry_costs(jax.jit(g).lower(s((256, 512)),
-                                                            s((512, 512))).compile().as_text()))
+    cycles = lambda f: total_cycles(entry_costs(jax.jit(f).lower(
+        s((256, 512)), s((512, 512))).compile().as_text()))
+    out = {n: cycles(lambda x, w, n=n: lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None,
+                                                 length=n)[0]) for n in (8, 16, 24)}
+    out["open"] = cycles(lambda x, w: lax.while_loop(lambda c: jnp.sum(c) < 1e6,
+                                                     lambda c: jnp.tanh(c @ w) + 1, x))
     print(json.dumps(out))
 """)
 # the lines of SCRIPT's three calls, for the source attribution

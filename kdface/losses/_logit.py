@@ -50,12 +50,12 @@ SOFT_ROW_BLOCK_ELEMENTS = 1 << 15
 
 
 def _soft_row_stats(student: jax.Array, teacher: jax.Array, temperature: float,
-                    bound: float | None = None
-                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Per row of ``[R, C]`` logits: ``(lse_s, lse_t, cross, mean_t)`` with ``lse`` the
-    log-sum-exp of ``logits / τ``, ``cross = Σ_c p_t,c (t_c - s_c) / τ`` and ``mean_t = Σ_c
-    p_t,c t_c / τ``, so that ``KL(p_t || p_s) = cross - lse_t + lse_s`` and ``H(p_t, p_s) =
-    cross + lse_s - mean_t``. Two passes over the block: maxima, then sums; one, the sums, with
+                    bound: float | None = None, *, entropy: bool = False
+                    ) -> tuple[jax.Array, ...]:
+    """Per row of ``[R, C]`` logits: ``(lse_s, lse_t, cross)`` with ``lse`` the log-sum-exp of
+    ``logits / τ`` and ``cross = Σ_c p_t,c (t_c - s_c) / τ``, so that ``KL(p_t || p_s) = cross -
+    lse_t + lse_s``; with ``entropy`` also ``mean_t = Σ_c p_t,c t_c / τ``, so that ``H(p_t, p_s)
+    = cross + lse_s - mean_t``. Two passes over the block: maxima, then sums; one, the sums, with
     a ``bound`` on both logits (``kdface._math.logsumexp``: a constant shift for the maxima)."""
     zs, zt = student / temperature, teacher / temperature
     shift = constant_shift(None if bound is None else bound / temperature, zs.shape[-1],
@@ -69,8 +69,21 @@ def _soft_row_stats(student: jax.Array, teacher: jax.Array, temperature: float,
     sum_t = jnp.sum(et, axis=-1)
     lse_s = ms[:, 0] + jnp.log(jnp.sum(jnp.exp(zs - ms), axis=-1))
     lse_t = mt[:, 0] + jnp.log(sum_t)
-    return (lse_s, lse_t, jnp.sum(et * (zt - zs), axis=-1) / sum_t,
-            jnp.sum(et * zt, axis=-1) / sum_t)
+    stats = (lse_s, lse_t, jnp.sum(et * (zt - zs), axis=-1) / sum_t)
+    return stats + (jnp.sum(et * zt, axis=-1) / sum_t,) if entropy else stats
+
+
+def _soft_rows(student: jax.Array, teacher: jax.Array, temperature: float,
+               bound: float | None, entropy: bool, with_p_diff: bool = False):
+    """``_soft_row_stats`` over the CPU's row blocks; with ``with_p_diff`` also ``p_s - p_t``
+    ``[N, C]`` (the softmaxes from the saved row log-sum-exps), both derivatives' factor."""
+    stats = _row_blocked(lambda s, t: _soft_row_stats(s, t, temperature, bound,
+                                                      entropy=entropy), student, teacher)
+    if not with_p_diff:
+        return stats
+    lse_s, lse_t = stats[0], stats[1]
+    return stats, (jnp.exp(student / temperature - lse_s[:, None])
+                   - jnp.exp(teacher / temperature - lse_t[:, None]))
 
 
 def _row_blocked(fn: Callable[..., tuple[jax.Array, ...]], student: jax.Array,
@@ -109,19 +122,15 @@ def hinton_kd_rows(student: jax.Array, teacher: jax.Array, temperature: float,
     flows from it (callers put it under ``stop_gradient``). With a ``bound`` on both logits the
     maxima pass is skipped (``_soft_row_stats``).
     """
-    lse_s, lse_t, cross, _ = _row_blocked(
-        lambda s, t: _soft_row_stats(s, t, temperature, bound), student, teacher)
+    lse_s, lse_t, cross = _soft_rows(student, teacher, temperature, bound, entropy=False)
     return temperature ** 2 * (cross - lse_t + lse_s)
 
 
 @hinton_kd_rows.defjvp
 def _hinton_kd_rows_jvp(temperature: float, bound: float | None, primals: tuple,
                         tangents: tuple) -> tuple[jax.Array, jax.Array]:
-    student, teacher = primals
-    lse_s, lse_t, cross, _ = _row_blocked(
-        lambda s, t: _soft_row_stats(s, t, temperature, bound), student, teacher)
-    p_diff = (jnp.exp(student / temperature - lse_s[:, None])
-              - jnp.exp(teacher / temperature - lse_t[:, None]))
+    (lse_s, lse_t, cross), p_diff = _soft_rows(*primals, temperature, bound, entropy=False,
+                                               with_p_diff=True)
     value = temperature ** 2 * (cross - lse_t + lse_s)
     return value, temperature * jnp.sum(p_diff * tangents[0], axis=-1)
 
@@ -138,19 +147,15 @@ def soft_prediction_rows(student: jax.Array, teacher: jax.Array, temperature: fl
     p_s`` re-reduced the rows (``Σ_c p_t,c``) and kept ``[N, C]`` log-softmaxes. ``teacher`` is
     the frozen target: no tangent flows from it.
     """
-    lse_s, _, cross, mean_t = _row_blocked(
-        lambda s, t: _soft_row_stats(s, t, temperature, bound), student, teacher)
+    lse_s, _, cross, mean_t = _soft_rows(student, teacher, temperature, bound, entropy=True)
     return cross + lse_s - mean_t
 
 
 @soft_prediction_rows.defjvp
 def _soft_prediction_rows_jvp(temperature: float, bound: float | None, primals: tuple,
                               tangents: tuple) -> tuple[jax.Array, jax.Array]:
-    student, teacher = primals
-    lse_s, lse_t, cross, mean_t = _row_blocked(
-        lambda s, t: _soft_row_stats(s, t, temperature, bound), student, teacher)
-    p_diff = (jnp.exp(student / temperature - lse_s[:, None])
-              - jnp.exp(teacher / temperature - lse_t[:, None]))
+    (lse_s, _, cross, mean_t), p_diff = _soft_rows(*primals, temperature, bound, entropy=True,
+                                                   with_p_diff=True)
     return cross + lse_s - mean_t, jnp.sum(p_diff * tangents[0], axis=-1) / temperature
 
 

@@ -261,11 +261,10 @@ def entry_costs(text: str) -> list[Op]:
     ops = computations.get(entry, [])
     shapes = {op.name: op.result for op in ops}
     for op in ops:
-        op.cycles = _op_cycles(op, computations, 0)
-        if op.cycles == 0 and op.opcode not in ("while",):
-            op.cycles = None  # no estimate written (parameters, tuples, asynchronous halves)
-        if op.opcode in ("while", "conditional", "call") and op.cycles is None:
-            op.cycles = -1    # a loop or branch whose cycles are not known: see total_cycles
+        cycles = _op_cycles(op, computations, 0)
+        # -1: a loop or branch whose cycles are not known (see total_cycles); None: no estimate
+        # written (parameters, tuples, asynchronous halves)
+        op.cycles = -1 if cycles is None else cycles if cycles or op.opcode == "while" else None
         op.flops = _op_flops(op, shapes, computations)
         if op.opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant"):
             arrays = list(op.result) + [a for o in op.operands for a in shapes.get(o, [])]

@@ -28,6 +28,7 @@ from flax import nnx
 
 from kdface.distill import (DistillStudent, FaceNetwork, Recipe, TermInputs, cast_floating,
                             class_logits, objective)
+from kdface.distill._networks import MARGIN_HEADS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,6 @@ def init_state(student: DistillStudent, optimizer: optax.GradientTransformation,
 def _margin_scale(head_kind: str, logit_scale) -> float | None:
     """The bound on a network's ``logits``: ``s`` for a margin head (``s·cos θ``, cos θ clipped
     to [-1, 1] by the head), None for a softmax head (unbounded)."""
-    from kdface.distill._networks import MARGIN_HEADS
     return float(logit_scale) if head_kind in MARGIN_HEADS and logit_scale is not None else None
 
 
