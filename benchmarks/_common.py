@@ -59,7 +59,7 @@ def head_step_memory(mesh, embedding_size: int, num_classes: int, batch: int, *,
     def step(params, opt_state, embeddings, labels):
         def loss_fn(p):
             cos = nnx.merge(graphdef, p)(embeddings)
-            return margin_cross_entropy(cosface_logits(cos, labels), labels)
+            return margin_cross_entropy(cosface_logits(cos, labels, classes=num_classes), labels)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss

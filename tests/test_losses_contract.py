@@ -166,6 +166,7 @@ BOUNDS = {
 
 # Exported callables that are not plain per-batch losses, with where their contract is tested.
 NOT_PLAIN_LOSSES = {
+    "mask_padding_classes": "a mask on logits, not a loss (test_padded_classes)",
     "sphereface_lambda": "a schedule of the step, not a loss (test_losses_classification)",
     "pwr_loss_sharded": "needs a device axis: jit/shard_map in test_losses_pwr_sharded",
     "mk_mmd_sharded": "needs a device axis: test_losses_sharded",

@@ -22,10 +22,10 @@ def _mesh():
     return jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _loss_fn(graphdef, margin):
+def _loss_fn(graphdef, margin, classes=None):
     def loss(params, embeddings, labels):
         cos = nnx.merge(graphdef, params)(embeddings)
-        return margin_cross_entropy(margin(cos, labels), labels)
+        return margin_cross_entropy(margin(cos, labels, classes=classes), labels)
     return loss
 
 
@@ -46,7 +46,7 @@ def test_sharded_head_loss_and_gradients_equal_the_replicated_head(margin, class
     sharded_def, sharded_params = nnx.split(head)
     sharded_params = jax.device_put(sharded_params, shardings)
     batch = NamedSharding(mesh, P("data"))
-    got = jax.jit(jax.value_and_grad(_loss_fn(sharded_def, margin), (0, 1)))(
+    got = jax.jit(jax.value_and_grad(_loss_fn(sharded_def, margin, classes), (0, 1)))(
         sharded_params, jax.device_put(embeddings, batch), jax.device_put(labels, batch))
 
     # Reductions: logits over 6 embedding dims x 20 classes per example; the weight gradient
@@ -117,12 +117,15 @@ def test_a_class_count_the_devices_do_not_divide_is_padded_with_zero_columns():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
     cos = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(
         params, jax.device_put(x, NamedSharding(mesh, P("data"))))
-    assert cos.shape == (4, 10)
+    # as wide as the padded weight, so that it stays split evenly (no [4, 10] array that 4
+    # devices do not divide); the consumers mask columns 10 and 11 (classes=10)
+    assert cos.shape == (4, 12) and cos.sharding.spec == P(None, "data")
+    np.testing.assert_array_equal(np.asarray(cos)[:, 10:], 0.0)
     # against the float64 cosine of the original 10 columns (4-term dot products)
     x64, w64 = np.asarray(x, np.float64), original.astype(np.float64)
     want = (x64 / np.linalg.norm(x64, axis=1, keepdims=True)) @ (
         w64 / np.linalg.norm(w64, axis=0, keepdims=True))
-    assert_close(np.asarray(cos), want, terms=4)
+    assert_close(np.asarray(cos)[:, :10], want, terms=4)
     assert [padded_class_count(85_742, d) for d in (1, 4, 6, 64)] == [85_742, 85_744, 85_746,
                                                                      85_760]
     with pytest.raises(ValueError, match="devices must be a positive int"):
@@ -147,7 +150,7 @@ def test_ms1m_class_count_on_four_devices_holds_a_quarter_per_device():
     weight = params["weight"][...]
     assert {s.data.shape for s in weight.addressable_shards} == {(8, 21_436)}
     batch = NamedSharding(mesh, P("data"))
-    got = jax.jit(jax.value_and_grad(_loss_fn(graphdef, cosface_logits), (0, 1)))(
+    got = jax.jit(jax.value_and_grad(_loss_fn(graphdef, cosface_logits, classes), (0, 1)))(
         params, jax.device_put(embeddings, batch), jax.device_put(labels, batch))
     # the softmax over 85,742 classes of 8-dim cosines; the weight gradient over 8 examples
     assert_close(float(got[0]), float(want[0]), terms=8 * classes)

@@ -76,14 +76,10 @@ def adadistill_term(inputs: TermInputs, *, head: str = "arcface", scale: float =
     classes = inputs.classes or centres.shape[1]
     if inputs.class_sharding is not None:
         cos = jax.lax.with_sharding_constraint(cos, inputs.class_sharding)
-    if cos.shape[1] != classes:
-        # padding columns are never predicted; the cut keeps every shard's width (as MarginHead)
-        cos = cos[:, :classes]
-        if inputs.class_sharding is not None:
-            cos = jax.lax.with_sharding_constraint(cos, inputs.class_sharding)
     m = MARGINS[head] if margin is None else margin
     margin_logits = losses.arcface_logits if head == "arcface" else losses.cosface_logits
-    logits = margin_logits(cos, labels, scale=scale, margin=m)
+    # padding columns are masked, never predicted (kept, not cut: see models.MarginHead)
+    logits = margin_logits(cos, labels, scale=scale, margin=m, classes=classes)
     return losses.softmax_cross_entropy(logits, labels), {"centres": centres}
 
 

@@ -13,16 +13,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdface import models
+from kdface import losses, models
 from kdface.models import ConvAdapter, LandmarkHead, MarginHead, SoftmaxHead, stage_adapters
 
 MARGIN_HEADS = ("cosface", "arcface", "sphereface")
 
 
-def class_logits(head_kind: str, logit_scale: float, head_out: jax.Array) -> jax.Array:
+def class_logits(head_kind: str, logit_scale: float, head_out: jax.Array,
+                 classes: int | None = None) -> jax.Array:
     """Class logits from a head's output: the softmax head's own logits, or ``logit_scale *
-    cos θ`` for a margin head (what logit terms such as Hinton KD read)."""
-    return head_out if head_kind == "softmax" else logit_scale * head_out
+    cos θ`` for a margin head (what logit terms such as Hinton KD read); a margin head padded
+    beyond its ``classes`` (split over devices that do not divide them) gets its padding
+    columns masked (``losses.mask_padding_classes``)."""
+    if head_kind == "softmax":
+        return head_out
+    return losses.mask_padding_classes(logit_scale * head_out, classes)
 
 
 class FaceNetwork(nnx.Module):
@@ -30,6 +35,9 @@ class FaceNetwork(nnx.Module):
 
     ``head='softmax'`` gives plain logits; a margin head gives cos θ to normalized class weights
     (the margin is applied by the loss term) and ``logits = logit_scale * cos θ`` for Hinton KD.
+    A margin head split over devices that do not divide ``num_classes`` gives ``cos`` and
+    ``logits`` as wide as its padded weight; ``logits`` has the padding masked, ``cos`` is
+    masked by the margin terms (``classes=``).
     """
 
     def __init__(self, backbone: models.Backbone, *, num_classes: int, head: str,
@@ -57,7 +65,8 @@ class FaceNetwork(nnx.Module):
         head_out = self.head(embedding)
         if self.head_kind != "softmax":
             out["cos"] = head_out
-        out["logits"] = class_logits(self.head_kind, self.logit_scale, head_out)
+        out["logits"] = class_logits(self.head_kind, self.logit_scale, head_out,
+                                     self.num_classes)
         if self.landmark_head is not None:
             out["landmarks"] = self.landmark_head(embedding)
         return out

@@ -51,7 +51,9 @@ class TermInputs:
     logit_bound: a bound on both networks' ``logits`` when both are margin heads (``s·cos θ``,
     ``|logits| <= s``: the larger scale), None otherwise; lets a softmax over them skip the
     row maximum (``losses.soft_prediction_loss(logit_bound=...)``).
-    classes: the data's class count (a class axis of the state may be padded beyond it).
+    classes: the data's class count (a class axis of the state, and the student's ``cos`` and
+    ``logits`` when its head is split over devices that do not divide it, may be padded beyond
+    it: ``cos`` consumers pass it as ``classes=``, ``logits`` come masked).
     class_sharding: where a state's class axis lives when it is split over the devices (the
     ``NamedSharding`` of the margin head's weight, ``P(None, 'data')``), None when replicated.
     """
@@ -237,7 +239,7 @@ def softmax_term(inputs: TermInputs) -> jax.Array:
 def cosface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.35) -> jax.Array:
     """CosFace (Nikitin et al. 2020 §4.2: s=64, m=0.35) on the student's cos θ."""
     logits = losses.cosface_logits(inputs.student["cos"], inputs.labels, scale=scale,
-                                   margin=margin)
+                                   margin=margin, classes=inputs.classes)
     # s (cos θ_j - m [j = y]) <= s, and each row's non-target logits are >= -s
     return losses.softmax_cross_entropy(logits, inputs.labels, logit_bound=scale)
 
@@ -246,7 +248,7 @@ def cosface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.3
 def arcface_term(inputs: TermInputs, *, scale: float = 64.0, margin: float = 0.5) -> jax.Array:
     """ArcFace (Yan et al. 2019: s=64, m=0.5) on the student's cos θ."""
     logits = losses.arcface_logits(inputs.student["cos"], inputs.labels, scale=scale,
-                                   margin=margin)
+                                   margin=margin, classes=inputs.classes)
     # s cos(θ + m [j = y]) lies in [-s, s]
     return losses.softmax_cross_entropy(logits, inputs.labels, logit_bound=scale)
 
@@ -266,7 +268,7 @@ def sphereface_term(inputs: TermInputs, *, margin: int = 4, lambda_: float = 0.0
         step = inputs.step if inputs.step is not None else jnp.asarray(10**9, jnp.int32)
         lambda_ = losses.sphereface_lambda(step)
     logits = losses.sphereface_logits(inputs.student["cos"], inputs.labels, feature_norm=norm,
-                                      margin=margin, lambda_=lambda_)
+                                      margin=margin, lambda_=lambda_, classes=inputs.classes)
     return losses.softmax_cross_entropy(logits, inputs.labels)
 
 

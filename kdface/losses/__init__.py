@@ -6,7 +6,8 @@ with ``reduction=None`` where offered). Docstrings name shapes and the paper's e
 # Each loss family adds its own import block below.
 
 # Non-relational losses: classification / margin heads, logit KD, feature hints, task losses.
-from kdface.losses._classification import (arcface_logits, cosface_logits, margin_cross_entropy,
+from kdface.losses._classification import (PADDING_LOGIT, arcface_logits, cosface_logits,
+                                           margin_cross_entropy, mask_padding_classes,
                                            softmax_cross_entropy, sphereface_lambda,
                                            sphereface_logits)
 from kdface.losses._feature import angular_distillation_loss, l2_hint_loss, normalized_l2_loss
@@ -28,11 +29,12 @@ from kdface.losses._sharded import (darkrank_hard_loss_sharded, mk_mmd_sharded,
 
 __all__ = ["angular_distillation_loss", "arcface_logits", "cosface_logits", "darkrank_hard_loss",
            "darkrank_hard_loss_sharded", "hinton_kd_loss", "l2_hint_loss", "landmark_l2_loss",
-           "margin_cross_entropy", "mk_mmd", "mk_mmd_sharded", "normalized_l2_loss", "nrmse",
+           "margin_cross_entropy", "mask_padding_classes", "mk_mmd", "mk_mmd_sharded", "normalized_l2_loss", "nrmse",
            "pairwise_scores", "pwr_loss", "pwr_loss_from_scores", "pwr_loss_sharded",
            "rkd_angle_loss", "rkd_angle_loss_sharded", "rkd_distance_loss",
            "rkd_distance_loss_sharded", "sharded_relational_loss", "soft_prediction_loss",
-           "softmax_cross_entropy", "sphereface_lambda", "sphereface_logits", "triplet_loss"]
+           "softmax_cross_entropy", "sphereface_lambda", "sphereface_logits", "triplet_loss",
+           "PADDING_LOGIT"]
 
 # EKD, evaluation-oriented KD (Huang et al. 2022): a loss with running thresholds as state.
 from kdface.losses._ekd import EkdState, ekd_batch_thresholds, ekd_init_state, ekd_loss

@@ -5,7 +5,11 @@ Margin heads turn the cosines between (normalized) embeddings and class weights 
 CosFace (Nikitin et al. 2020, s=64, m=0.35), ArcFace (Yan et al. 2019 eq. (6)) and SphereFace's
 A-Softmax (the teacher backbones of Wang et al. 2019 are SphereFace networks).
 
-Shapes: ``cos_theta``/``logits`` ``[N, C]``, ``labels`` int ``[N]`` in ``[0, C)``.
+Shapes: ``cos_theta``/``logits`` ``[N, C]``, ``labels`` int ``[N]`` in ``[0, C)``. A class axis
+split over devices that do not divide it is padded (``kdface.models.padded_class_count``: MS1M's
+85,742 classes are 85,760 columns on 64 chips): ``[N, W]`` with ``W >= C``. The margin functions
+take the real count as ``classes=`` and give the padding columns ``PADDING_LOGIT``
+(``mask_padding_classes``), so every softmax over them equals the one over the ``C`` classes.
 """
 from __future__ import annotations
 
@@ -21,6 +25,13 @@ from kdface.losses._checks import (check_float, check_labels, check_option, chec
                                    check_rank, compute_dtype)
 
 REDUCTIONS = ("mean", "sum", "none", None)
+
+# The logit of a padding class. Finite, so that p log p and the soft losses' p_t (t - s) stay 0
+# on it (-inf would make them NaN), and low enough that its exp, shifted by any real logit
+# (|logit| < 1e6) and divided by any temperature below 1e3, underflows to exactly 0 in float32
+# (below -104): softmaxes, log-sum-exps and KL divergences over the padded axis are those over
+# the real classes, and the padding gets no gradient (it is written with where).
+PADDING_LOGIT = -1e9
 
 
 def apply_reduction(per_example: jax.Array, reduction: str | None) -> jax.Array:
@@ -47,11 +58,39 @@ def check_label_range(name: str, labels: Any, num_classes: int) -> None:
                          f"got values in [{values.min()}, {values.max()}]")
 
 
-def _check_logits_and_labels(name: str, x: Any, labels: Any) -> None:
+def _check_logits_and_labels(name: str, x: Any, labels: Any, classes: Any = None) -> int:
+    """Checks the pair; returns the real class count (``classes``, or the width)."""
     check_float(name, x)
     check_rank(name, x, 2, "[N, C]")
     check_labels("labels", labels, x.shape[0])
-    check_label_range("labels", labels, x.shape[1])
+    classes = _checked_classes(classes, x.shape[1])
+    check_label_range("labels", labels, classes)
+    return classes
+
+
+def _checked_classes(classes: Any, width: int) -> int:
+    if classes is None:
+        return width
+    if not isinstance(classes, (int, np.integer)) or isinstance(classes, bool):
+        raise TypeError(f"classes must be an int (the real class count), got {classes!r}")
+    if not 1 <= classes <= width:
+        raise ValueError(f"classes must lie in [1, {width}] (the class axis is {width} wide, "
+                         f"padding included), got {classes}")
+    return int(classes)
+
+
+def mask_padding_classes(logits: jax.Array, classes: int | None) -> jax.Array:
+    """``logits [N, W]`` with the padding columns (from ``classes`` on) set to ``PADDING_LOGIT``:
+    no softmax puts mass on them, no argmax picks them, no gradient reaches them. ``classes``
+    None or ``W``: unchanged. The mask is an iota compare inside the consumer's elementwise
+    fusion, so a class-split axis stays split (no slice, which XLA cannot keep even when the
+    devices do not divide ``classes``)."""
+    width = logits.shape[-1]
+    classes = _checked_classes(classes, width)
+    if classes == width:
+        return logits
+    real = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1) < classes
+    return jnp.where(real, logits, jnp.asarray(PADDING_LOGIT, logits.dtype))
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
@@ -118,7 +157,7 @@ def _with_target(c: jax.Array, labels: jax.Array, target: jax.Array) -> jax.Arra
 
 
 def cosface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64.0,
-                   margin: float = 0.35) -> jax.Array:
+                   margin: float = 0.35, classes: int | None = None) -> jax.Array:
     """CosFace (large margin cosine) logits ``s * (cos θ_j - m * [j == y])``.
 
     The base classification loss of Nikitin et al. 2020 (Sec. 4, "margin = 0.35 and scale = 64.0",
@@ -130,16 +169,18 @@ def cosface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64
       labels: ``[N]`` int class ids.
       scale: s > 0.
       margin: m >= 0; m = 0 gives ``s * cos θ``.
+      classes: the real class count when ``cos_theta`` is padded beyond it (a head split over
+        devices that do not divide it); its padding columns get ``PADDING_LOGIT``.
 
     Returns:
       ``[N, C]`` logits (float32 for half-precision inputs).
     """
-    _check_logits_and_labels("cos_theta", cos_theta, labels)
+    classes = _check_logits_and_labels("cos_theta", cos_theta, labels, classes)
     check_positive("scale", scale)
     _check_number("margin", margin)
     c = _clipped_cosines(cos_theta)
     onehot = _target_mask(labels, c.shape[1]).astype(c.dtype)
-    return scale * (c - margin * onehot)
+    return mask_padding_classes(scale * (c - margin * onehot), classes)
 
 
 def _sin_from_cos(c: jax.Array) -> jax.Array:
@@ -158,7 +199,8 @@ def _sin_from_cos(c: jax.Array) -> jax.Array:
 
 
 def arcface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64.0,
-                   margin: float = 0.5, easy_margin: bool = False) -> jax.Array:
+                   margin: float = 0.5, easy_margin: bool = False,
+                   classes: int | None = None) -> jax.Array:
     """ArcFace (additive angular margin) logits: ``s * cos(θ_y + m)`` on the target class.
 
     Yan et al. 2019 eq. (6) (VarGFaceNet trains with ArcFace). Non-target classes get
@@ -181,11 +223,12 @@ def arcface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64
       scale: s > 0 (64 as in ArcFace).
       margin: angular margin m in radians, 0 <= m < π/2 (0.5 as in ArcFace).
       easy_margin: see above.
+      classes: the real class count of a padded ``cos_theta`` (as ``cosface_logits``).
 
     Returns:
       ``[N, C]`` logits (float32 for half-precision inputs).
     """
-    _check_logits_and_labels("cos_theta", cos_theta, labels)
+    classes = _check_logits_and_labels("cos_theta", cos_theta, labels, classes)
     check_positive("scale", scale)
     _check_number("margin", margin)
     if margin >= math.pi / 2:
@@ -198,7 +241,7 @@ def arcface_logits(cos_theta: jax.Array, labels: jax.Array, *, scale: float = 64
     else:
         target = jnp.where(cos_y > math.cos(math.pi - margin), shifted,
                            cos_y - margin * math.sin(margin))
-    return scale * _with_target(c, labels, target)
+    return mask_padding_classes(scale * _with_target(c, labels, target), classes)
 
 
 def _chebyshev(c: jax.Array, m: int) -> jax.Array:
@@ -213,7 +256,8 @@ def _chebyshev(c: jax.Array, m: int) -> jax.Array:
 
 def sphereface_logits(cos_theta: jax.Array, labels: jax.Array, *,
                       feature_norm: jax.Array | None = None, margin: int = 4,
-                      lambda_: float | jax.Array = 0.0) -> jax.Array:
+                      lambda_: float | jax.Array = 0.0,
+                      classes: int | None = None) -> jax.Array:
     """SphereFace A-Softmax logits with the multiplicative angular margin.
 
 SphereFace (Liu et al. 2017) eq. (7), the loss of the Wang et al. 2019 teacher and student nets.
@@ -235,11 +279,12 @@ SphereFace (Liu et al. 2017) eq. (7), the loss of the Wang et al. 2019 teacher a
         embeddings, in which case a scale is usually applied by the caller).
       margin: integer m >= 1 (4 in SphereFace).
       lambda_: λ >= 0, a Python number or a scalar array (it may change every step under jit).
+      classes: the real class count of a padded ``cos_theta`` (as ``cosface_logits``).
 
     Returns:
       ``[N, C]`` logits (float32 for half-precision inputs).
     """
-    _check_logits_and_labels("cos_theta", cos_theta, labels)
+    classes = _check_logits_and_labels("cos_theta", cos_theta, labels, classes)
     if not isinstance(margin, int) or isinstance(margin, bool):
         raise TypeError(f"margin must be a Python int (the multiplicative margin m), "
                         f"got {type(margin).__name__}")
@@ -267,7 +312,7 @@ SphereFace (Liu et al. 2017) eq. (7), the loss of the Wang et al. 2019 teacher a
     psi = sign * _chebyshev(cos_y, margin) - 2.0 * k
     lam = jnp.asarray(lambda_, c.dtype)
     target = (lam * cos_y + psi) / (1.0 + lam)
-    return norm[:, None] * _with_target(c, labels, target)
+    return mask_padding_classes(norm[:, None] * _with_target(c, labels, target), classes)
 
 
 def sphereface_lambda(step: int | jax.Array, *, base: float = 1000.0, gamma: float = 0.12,

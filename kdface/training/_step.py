@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kdface import losses
 from kdface.distill import (DistillStudent, FaceNetwork, Recipe, TermInputs, cast_floating,
                             class_logits, objective)
 from kdface.distill._networks import MARGIN_HEADS
@@ -70,7 +71,23 @@ def head_logits(head_def, head_state, kind: str, scale: float, embedding: jax.Ar
     """The teacher's class logits recomputed from its (cached) embedding, as ``FaceNetwork``
     computes them: the softmax head's logits, or ``scale * cos θ`` for a margin head."""
     head = nnx.merge(head_def, head_state, copy=True)
-    return class_logits(kind, scale, head(embedding.astype(jnp.float32)))
+    return class_logits(kind, scale, head(embedding.astype(jnp.float32)),
+                        getattr(head, "num_classes", None))
+
+
+def same_class_width(student: dict[str, Any], teacher: dict[str, Any] | None):
+    """The networks' ``logits`` over one class axis: where only one of them is padded (its
+    margin head split over devices that do not divide the classes; a softmax head is never
+    split), the other gets as many ``PADDING_LOGIT`` columns, which no softmax weighs."""
+    if teacher is None or "logits" not in student or "logits" not in teacher:
+        return student, teacher
+    ws, wt = student["logits"].shape[-1], teacher["logits"].shape[-1]
+    if ws == wt:
+        return student, teacher
+    widen = lambda out, width: {**out, "logits": jnp.pad(
+        out["logits"], ((0, 0), (0, width - out["logits"].shape[-1])),
+        constant_values=losses.PADDING_LOGIT)}
+    return (widen(student, wt), teacher) if ws < wt else (student, widen(teacher, ws))
 
 
 def init_health(recipe: Recipe) -> dict[str, Any]:
@@ -189,12 +206,14 @@ def make_train_step(recipe: Recipe, student_def, teacher_def, optimizer, config:
                                             getattr(teacher, "logit_scale", None)))
                 tail = lambda i, f: teacher.backbone.forward_from(i, f.astype(cdt)).astype(
                     jnp.float32)
+        s_out, t_out = same_class_width(s_out, t_out)
         inputs = TermInputs(
             labels=batch["label"], student=s_out, teacher=t_out, teacher_tail=tail,
             adapters=(lambda i, f: student.adapt(i, f.astype(cdt)).astype(jnp.float32))
             if student.adapters is not None else None,
             landmarks=batch.get("landmarks"), relation_groups=config.relation_groups,
-            step=step, classes=config.classes, class_sharding=config.class_sharding,
+            step=step, classes=config.classes or student.network.num_classes,
+            class_sharding=config.class_sharding,
             logit_bound=None if None in scales else max(scales))
         total, values, new_terms = objective(recipe, inputs, terms)
         new_rest = nnx.state(student, nnx.Not(nnx.Param))
