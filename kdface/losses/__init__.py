@@ -29,9 +29,9 @@ from kdface.losses._sharded import (darkrank_hard_loss_sharded, mk_mmd_sharded,
 
 __all__ = ["angular_distillation_loss", "arcface_logits", "cosface_logits", "darkrank_hard_loss",
            "darkrank_hard_loss_sharded", "hinton_kd_loss", "l2_hint_loss", "landmark_l2_loss",
-           "margin_cross_entropy", "mask_padding_classes", "mk_mmd", "mk_mmd_sharded", "normalized_l2_loss", "nrmse",
-           "pairwise_scores", "pwr_loss", "pwr_loss_from_scores", "pwr_loss_sharded",
-           "rkd_angle_loss", "rkd_angle_loss_sharded", "rkd_distance_loss",
+           "margin_cross_entropy", "mask_padding_classes", "mk_mmd", "mk_mmd_sharded",
+           "normalized_l2_loss", "nrmse", "pairwise_scores", "pwr_loss", "pwr_loss_from_scores",
+           "pwr_loss_sharded", "rkd_angle_loss", "rkd_angle_loss_sharded", "rkd_distance_loss",
            "rkd_distance_loss_sharded", "sharded_relational_loss", "soft_prediction_loss",
            "softmax_cross_entropy", "sphereface_lambda", "sphereface_logits", "triplet_loss",
            "PADDING_LOGIT"]
