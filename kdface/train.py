@@ -253,7 +253,8 @@ def plan(data_dir: str) -> int:
             examples = int(meta.get("num_examples") or 0) or examples
     from kdface.training._compile import plan_topology
     fields, table = plan_topology(config, F.plan_topology, num_classes=classes,
-                                  num_examples=examples, search=F.plan_search_batch)
+                                  num_examples=examples, search=F.plan_search_batch,
+                                  measure_input=True, data_dir=data_dir)
     print(table)
     print(json.dumps(fields, default=str))
     return 0

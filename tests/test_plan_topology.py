@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -52,7 +53,33 @@ def test_the_demo_step_compiles_for_v5e_and_its_plan_is_read_from_the_program(tm
     assert fields["images_per_s_slice"] == pytest.approx(4 * fields["images_per_s_chip"])
     assert fields["epoch_seconds"] == pytest.approx(2000 / fields["images_per_s_slice"])
     assert "| per-chip HBM: total |" in done.stdout and "img/s per chip (estimate)" in done.stdout
+    # the input pipeline this command trains with, run on one core here (synth_train is not
+    # built in the test's data dir: synthetic JPEGs stand in), beside the rate each host needs
+    assert fields["input_per_core"] > 0 and "synthetic 112x112 JPEGs" in fields[
+        "input_measured_on"]
+    assert fields["input_cores_per_host"] == pytest.approx(
+        fields["images_per_s_host"] / fields["input_per_core"])
+    assert "| input pipeline, one core here (measured) |" in done.stdout
     assert not os.path.exists(tmp_path / "run")  # a plan writes nothing
+
+
+def test_the_input_rate_is_measured_on_the_flagfiles_own_data_when_it_is_built(tmp_path):
+    from _train_helpers import tiny_config
+
+    from kdface.data import make_synthetic_dataset
+    from kdface.distill import build_recipe
+    from kdface.training._input_rate import measured_input_rate
+    make_synthetic_dataset(tmp_path, num_identities=4, images_per_identity=8,
+                           num_verification_identities=20, num_verification_pairs=20)
+    config = tiny_config(tmp_path / "run", train_data="synth_train", flip=True)
+    recipe = build_recipe("kd_im", config.replace(recipe="kd_im", feature_loss="mk_mmd"))
+    got = measured_input_rate(config, recipe, data_dir=str(tmp_path / "tfds"))
+    assert got["images_per_core_s"] > 0
+    assert got["measured_on"].startswith("synth_train (built here)")
+    # a pipeline that cannot be made says why instead of failing the plan
+    view = types.SimpleNamespace(student_view="sketch", teacher_view=None)
+    bad = measured_input_rate(config, view, data_dir=str(tmp_path / "tfds"))
+    assert "images_per_core_s" not in bad and bad["measured_on"].startswith("not measured")
 
 
 def test_the_demo_step_compiles_for_eight_h100s_without_a_gpu(tmp_path):

@@ -364,10 +364,13 @@ def _size(gib: float) -> str:
 
 
 def plan_topology(config, topology: str, *, num_classes: int, num_examples: int | None,
-                  search: bool = False) -> tuple[dict[str, Any], str]:
+                  search: bool = False, measure_input: bool = False,
+                  data_dir: str | None = None) -> tuple[dict[str, Any], str]:
     """``(fields, table)`` of the compile-only plan of ``config`` on ``topology``: the plan
     (``make_plan(compile_only=True)``, every check), its final run's step compiled for the
-    slice, the estimates; with ``search`` the largest per-chip batch that fits."""
+    slice, the estimates; with ``search`` the largest per-chip batch that fits; with
+    ``measure_input`` the images/s one core of this host makes with the run's input pipeline
+    (``_input_rate``: the training set when built in ``data_dir``, else synthetic JPEGs)."""
     from kdface.training._plan import DataFacts, make_plan
     chip = chip_of(topology)
     mesh = topology_mesh(topology)
@@ -383,6 +386,14 @@ def plan_topology(config, topology: str, *, num_classes: int, num_examples: int 
             return compile_step(make_plan(bigger, data=data, devices=mesh.size,
                                           compile_only=True).final, mesh)
         fields["largest_batch"] = largest_fitting_batch(compile_at, fields["capacity_gib"], step)
+    if measure_input:
+        from kdface.training._input_rate import measured_input_rate
+        measured = measured_input_rate(config, plan.recipe, data_dir=data_dir)
+        fields["input_measured_on"] = measured["measured_on"]
+        if "images_per_core_s" in measured:
+            fields["input_per_core"] = measured["images_per_core_s"]
+            fields["input_cores_per_host"] = (fields["images_per_s_host"]
+                                              / measured["images_per_core_s"])
     table = format_table(fields, topology=topology, recipe=plan.recipe.name,
                          classes=int(num_classes))
     return fields, table
@@ -401,7 +412,8 @@ def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes:
         ("per-chip HBM: temporaries", gib(fields["temporaries_gib"])),
         ("per-chip HBM: total", f"{gib(fields['total_gib'])} of {fields['capacity_gib']:g} GiB"),
         ("fits", ("yes" if fields["fits"] else "no") + f" ({fields['why']})"),
-        ("largest per-chip batch that fits", str(fields.get("largest_batch", "not searched"))),
+        ("largest per-chip batch that fits",
+         str(fields.get("largest_batch", "not searched (--plan_search_batch)"))),
         ("flops per step per chip", f"{fields['flops_per_step']:.4g} "
                                     f"({fields.get('cost_source', 'compiled program')})"),
         ("step time (estimate)", f"{fields['step_seconds'] * 1e3:.3g} ms, {fields['estimate']}"),
@@ -418,7 +430,11 @@ def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes:
                      f"{op['ms']:.3g} ms, {op['op']} at {op['source']}: {op['bound']}-bound "
                      f"({op['flops']:.3g} flops, {100 * op['mxu_share']:.0f} % of MXU peak; "
                      f"{op['hbm_bytes']:.3g} HBM bytes)"))
-    if fields.get("pipeline_per_core"):
-        rows.append(("input pipeline measured here", fields["pipeline_per_core"]))
+    if fields.get("input_per_core"):
+        rows.append(("input pipeline, one core here (measured)",
+                     f"{fields['input_per_core']:,.0f} img/s ({fields['input_measured_on']}): "
+                     f"{fields['input_cores_per_host']:.1f} such cores per host"))
+    elif fields.get("input_measured_on"):
+        rows.append(("input pipeline, one core here", fields["input_measured_on"]))
     out = ["| plan | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(out)

@@ -72,9 +72,10 @@ def resolve_verification_sets(val_data, data_dir: str,
     return sets
 
 
-def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str):
+def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str, **options):
     """The two-view pipeline; images stay uint8 (normalized in the step, a quarter of the bytes
-    to transfer) and, with ``--lr_on_device``, the host only draws each sample's LR size."""
+    to transfer) and, with ``--lr_on_device``, the host only draws each sample's LR size.
+    ``options``: more ``make_training_pipeline`` arguments (the plan's one-core measurement)."""
     from kdface.data import DecideOnlyAugment, LowResolutionAugment, make_training_pipeline
     augment = None
     if student_view == "low_resolution":
@@ -88,7 +89,7 @@ def _pipeline(config: TrainConfig, source, student_view: str, teacher_view: str)
         student_view=student_view, student_augment=augment, image_size=config.input_size,
         crop_from=config.crop_from or None, normalize=False, num_workers=config.data_workers,
         batch_sampler=config.batch_sampler, images_per_identity=config.images_per_identity,
-        uniform_images=config.uniform_images))
+        uniform_images=config.uniform_images, **options))
 
 
 def run(config: TrainConfig, *, data_dir: str, source=None, num_classes: int | None = None,
