@@ -8,8 +8,9 @@ state, temporaries, total) against the chip's capacity, the largest buffer, flop
 step from ``cost_analysis()``, the step time (the compiler's ``optimal_seconds`` where usable;
 else, on TPUs, the compiler's per-op ``estimated_cycles`` summed at the chip's clock, with the
 three costliest ops named (``_hlo_costs``); else a roofline), images/s per chip and for the
-slice, model FLOP utilization, time per epoch, and the input rate each host must sustain. Every figure is a compiler estimate, not a
-measurement. libtpu is needed for TPUs (``jax[tpu]`` at the installed jax's version; ``make
+slice, model FLOP utilization, time per epoch, and the input rate each host must sustain.
+Every figure is a compiler estimate, not a measurement, but one: the images/s one core of this
+host makes with the run's input pipeline (``_input_rate``), beside the per-host rate. libtpu is needed for TPUs (``jax[tpu]`` at the installed jax's version; ``make
 test`` installs it in ``<venv>/tpu-site``, see ``.ci/install-libtpu``), the CUDA PJRT plugin for
 GPUs (``--plan_topology=h100:8``, ``h100:2x8``; ``_gpu_targets``, ``.ci/install-gpu-compiler``).
 The GPU compiler reports no cost analysis: its flops and bytes are the unpartitioned program's
