@@ -99,14 +99,18 @@ def markdown(rows: list[dict], command: str) -> list[str]:
              f"count) at the clock the chip's published peak implies "
              f"(kdface/training/_hlo_costs.py, _compile.py: MXUS); else the roofline max(flops "
              f"/ peak, bytes / HBM bandwidth) with the chips' published figures (_compile.py: "
-             f"CHIPS), also printed for every row.", "",
+             f"CHIPS), also printed for every row. The compiler gives collectives no cycles: "
+             f"the `collectives` column is the bytes each chip sends at its published "
+             f"interconnect bandwidth (_compile.py: ICI), not in the estimate, and what the "
+             f"step would add if none of it overlapped compute (rows compiled before it was "
+             f"recorded: blank).", "",
              f"bf16, {PER_CHIP} images per device (PWR: 92, its relation group), epoch of "
              f"MS1MV2 ({MS1M_IMAGES:,} images). v4: JAX shows each chip's two TensorCores as "
              f"devices; its per-device figures are half a chip's.", "",
              "| recipe | slice | classes | head | per-chip HBM | fits | flops/step/chip | "
-             "estimate | img/s/chip | img/s slice | MFU | roofline img/s/chip | epoch | "
-             "compile | commit |",
-             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "estimate | img/s/chip | img/s slice | MFU | roofline img/s/chip | collectives | "
+             "epoch | compile | commit |",
+             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         head = f"{r['classes']:,}"
         if "error" in r:
@@ -116,19 +120,22 @@ def markdown(rows: list[dict], command: str) -> list[str]:
             lines.append(f"| {r['recipe']} | {r['topology']} | {head} | "
                          f"{'replicated' if r['head'] == 'off' else 'sharded'} | "
                          f"| {'' if why.startswith('the compiler') else 'refused: '}{why} "
-                         f"| | | | | | | | {r['compile_s']:.0f} s | "
+                         f"| | | | | | | | | {r['compile_s']:.0f} s | "
                          f"{r.get('commit', '')} |")
             continue
         kind = r["estimate"].split(" ")[0]
         kind = "cycles" if r["estimate"].startswith("compiler cycles") else (
             "optimal_seconds" if kind == "compiler" else kind)
         roofline = r["batch_per_chip"] / r["roofline_seconds"]
+        comm = r.get("collective_seconds")
+        comm = "" if comm is None else f"{comm * 1e3:.2g} ms"
         lines.append(
             f"| {r['recipe']} | {r['topology']} | {head} | "
             f"{'sharded' if r['head_sharded'] else 'replicated'} | {r['total_gib']:.2f} GiB | "
             f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
             f"{kind} | {r['images_per_s_chip']:,.0f} | "
             f"{r['images_per_s_slice']:,.0f} | {100 * r['mfu']:.0f} % | {roofline:,.0f} | "
+            f"{comm} | "
             f"{r['epoch_seconds'] / 60:.0f} min | {r['compile_s']:.0f} s | "
             f"{r.get('commit', '')} |")
     return lines + _estimates(rows) + _costliest(rows) + _targets(rows)

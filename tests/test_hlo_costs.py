@@ -59,6 +59,20 @@ LOOPS = PRELUDE + textwrap.dedent("""
                                                      lambda c: jnp.tanh(c @ w) + 1, x))
     print(json.dumps(out))
 """)
+# data parallelism over the 4 chips: a replicated [256, 1000] weight whose gradient every chip
+# must sum (the all-reduce the compiler gives no cycles), and a batch-split product
+COLLECTIVES = PRELUDE + textwrap.dedent("""
+    from kdface.training._hlo_costs import collectives
+    mesh = Mesh(np.asarray(devices), ("d",))
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("d"))
+    loss = lambda w, x: jnp.sum(jnp.tanh(x @ w))
+    compiled = jax.jit(jax.grad(loss), out_shardings=rep).lower(
+        jax.ShapeDtypeStruct((256, 1000), jnp.float32, sharding=rep),
+        jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=split)).compile()
+    print(json.dumps([{"opcode": c.opcode, "group": c.group, "array_bytes": c.array_bytes,
+                       "count": c.count, "traffic": c.traffic}
+                      for c in collectives(compiled.as_text(), 4)]))
+""")
 # the lines of SCRIPT's three calls, for the source attribution
 LINE_Y, LINE_Z, LINE_AB = (SCRIPT.splitlines().index(line) + 1 for line in SCRIPT.splitlines()
                            if line.strip().startswith(("y = ", "z = ", "return y")))
@@ -174,3 +188,31 @@ def test_what_bounds_an_op():
     assert bound(197e9, 0, 1.5e-3, peak, bandwidth) == "MXU"          # 1 ms of MXU in 1.5 ms
     assert bound(0, 819e6, 1.2e-3, peak, bandwidth) == "HBM"          # 1 ms of HBM in 1.2 ms
     assert bound(1e6, 1e6, 1e-3, peak, bandwidth) == "vector unit"    # neither explains it
+
+
+def test_the_gradient_all_reduce_of_data_parallelism_is_found_with_its_bytes(tmp_path_factory):
+    found = _run(tmp_path_factory, COLLECTIVES)
+    # the summed gradient of the replicated weight, 256 x 1000 float32 on every chip: a
+    # ring / bandwidth-optimal all-reduce over 4 chips sends 2 x 3/4 of it from each
+    weight = 256 * 1000 * 4
+    sums = [c for c in found if c["opcode"].startswith(("all-reduce", "reduce-scatter"))]
+    assert sum(c["traffic"] * c["count"] for c in found) >= 2 * 3 / 4 * weight
+    assert sums and all(c["group"] == 4 for c in sums)
+    assert any(c["array_bytes"] == weight and c["traffic"] == 1.5 * weight for c in sums)
+
+
+def test_replica_groups_in_each_of_xlas_notations_give_the_group_size():
+    from kdface.training._hlo_costs import Collective, _group_size
+    assert _group_size("all-reduce(x), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%s", 8) == 4
+    assert _group_size("all-gather(x), replica_groups=[2,4]<=[8], dimensions={0}", 8) == 4
+    assert _group_size("all-gather(x), replica_groups=[2,2]<=[2,2]T(1,0), dim", 4) == 2
+    assert _group_size("all-reduce(x), replica_groups=mesh['axis_0'=4,'axis_1'=2] "
+                       "{'axis_0'}, to_apply=%s", 8) == 4
+    assert _group_size("all-reduce(x), replica_groups=mesh['axis_0'=4,'axis_1'=2] "
+                       "{'axis_0','axis_1'}, to_apply=%s", 8) == 8
+    assert _group_size("all-reduce(x), replica_groups={}, to_apply=%s", 8) == 8
+    # what each chip sends, per the bandwidth-optimal algorithms, for an array of 800 bytes
+    sent = {op: Collective(op, 4, 800.0, 1, "").traffic for op in (
+        "all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute-start")}
+    assert sent == {"all-reduce": 1200.0, "all-gather": 600.0, "reduce-scatter": 2400.0,
+                    "all-to-all": 600.0, "collective-permute-start": 800.0}

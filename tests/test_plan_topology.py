@@ -50,6 +50,9 @@ def test_the_demo_step_compiles_for_v5e_and_its_plan_is_read_from_the_program(tm
     assert fields["cycles_seconds"] > 0 and len(fields["top_ops"]) == 3
     assert all(op["ms"] > 0 and op["source"] for op in fields["top_ops"])
     assert "| costliest op 1 (compiler cycles) |" in done.stdout
+    # data parallelism all-reduces the student's gradients: collectives the cycles leave out
+    assert fields["collective_bytes"] > 0 and fields["collective_seconds"] > 0
+    assert "| collectives (not in the compiler's cycles) |" in done.stdout
     assert fields["images_per_s_slice"] == pytest.approx(4 * fields["images_per_s_chip"])
     assert fields["epoch_seconds"] == pytest.approx(2000 / fields["images_per_s_slice"])
     assert "| per-chip HBM: total |" in done.stdout and "img/s per chip (estimate)" in done.stdout

@@ -23,7 +23,11 @@ def test_the_report_reads_the_targets_and_the_flops_floor_from_the_rows():
                  estimate="compiler cycles (per-op estimated_cycles ...)"),
             _row("v5p-8", 85_742, "on", seconds=0.0085, flops=1.67e12, cycles=0.0084,
                  estimate="compiler (optimal_seconds)")]
+    rows[0]["collective_seconds"] = 0.0016  # compiled with the collectives recorded
     text = "\n".join(tpu_plan.markdown(rows, "cmd"))
+    # the collectives beside the roofline where a row has them, blank where it predates them
+    assert f"| {128 / (0.016 * 0.9):,.0f} | 1.6 ms | 1 min |" in text
+    assert f"| {128 / (0.058 * 0.9):,.0f} |  | 1 min |" in text
     assert "| kd_im, teacher forward | v5e-8 | 85,742 | sharded |" in text
     assert "| cycles | 8,000 |" in text and "| optimal_seconds | 15,059 |" in text
     assert "| 8.5 ms | 8.4 ms | 0.988 |" in text          # cycles / optimal_seconds on v5p

@@ -41,8 +41,15 @@ CHIPS = {"v4": (275.0, 32.0, 1228.0), "v5e": (197.0, 16.0, 819.0),
 # The clock is derived, not published: peak = TensorCores x MXUs x side^2 x 2 flops x clock
 # (v4 1.05 GHz, v5e 1.50, v5p 1.75, v6e 3.50). It turns the compiler's per-op cycle estimates
 # into seconds; on v5p, the one generation whose compiler also reports a usable
-# optimal_seconds, the two agree within 1 % for the full kd_im step (benchmarks/TPU_PLAN.md).
+# optimal_seconds, benchmarks/TPU_PLAN.md compares the two for every row.
 MXUS = {"v4": (2, 4, 128), "v5e": (1, 4, 128), "v5p": (2, 4, 128), "v6e": (1, 2, 256)}
+# The interconnect bandwidth per chip for collectives, GB/s, from the same pages: their
+# "all-reduce bandwidth per Pod" over the Pod's chips (v4 1.1 PB/s / 4,096, v5e 51.2 TB/s /
+# 256, v6e 102.4 TB/s / 256); v5p's page gives none: half its 1,200 GB/s bidirectional ICI, the
+# ratio of v5e's (400) and v6e's (800) figures. The compiler writes no cycles for collectives;
+# the plan reports the bytes each chip sends (``_hlo_costs.collectives``) at this bandwidth.
+ICI = {"v4": 1.1e15 / 4096 / 1e9, "v5e": 51.2e12 / 256 / 1e9, "v5p": 600.0,
+       "v6e": 102.4e12 / 256 / 1e9}
 GIB = 2 ** 30
 TPUS = tuple(CHIPS)
 
@@ -139,6 +146,8 @@ class CompiledStep:
     # most expensive ops as (kdface source line, HLO op name, cycles, flops, HBM bytes)
     cycles: int | None = None
     top_ops: tuple = ()
+    # the collectives, which the compiler's cycles leave out (``_hlo_costs.Collective``)
+    collectives: tuple = ()
 
     @property
     def total_bytes(self) -> int:
@@ -228,13 +237,15 @@ def compile_step(plan: FitPlan, mesh: Mesh, *, keep: list | None = None) -> Comp
     sizes = [(jax.tree_util.keystr(k), _per_chip(x))
              for k, x in jax.tree_util.tree_leaves_with_path(low.arguments)]
     optimal = cost.get("optimal_seconds")
-    cycles, top = None, ()
+    cycles, top, comms = None, (), ()
     if mesh.devices.flat[0].platform == "tpu":
-        from kdface.training._hlo_costs import entry_costs, top_ops, total_cycles
-        ops = entry_costs(compiled.as_text())
+        from kdface.training._hlo_costs import collectives, entry_costs, top_ops, total_cycles
+        text = compiled.as_text()
+        ops = entry_costs(text)
         cycles = total_cycles(ops) or None
         top = tuple((op.source or op.opcode, op.op_name.split("/")[-1] or op.opcode, op.cycles,
                      op.flops, op.hbm_bytes) for op in top_ops(ops, 3))
+        comms = tuple(collectives(text, mesh.size))
     return CompiledStep(
         batch_size=low.batch_size, devices=mesh.size,
         argument_bytes=int(memory.argument_size_in_bytes),
@@ -248,7 +259,7 @@ def compile_step(plan: FitPlan, mesh: Mesh, *, keep: list | None = None) -> Comp
         optimal_seconds=None if optimal is None else float(optimal),
         head_sharded=low.head_sharded,
         largest=max(sizes, key=lambda kv: kv[1]), cost_source=cost_source,
-        cycles=cycles, top_ops=top)
+        cycles=cycles, top_ops=top, collectives=comms)
 
 
 def _unpartitioned_cost(lowered, devices: int) -> dict[str, float]:
@@ -299,6 +310,11 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
     # sums have come out below half its roofline, so its rows keep the roofline.
     clock = clock_hz(chip)
     cycle_seconds = step.cycles / clock if step.cycles and clock else None
+    # The compiler's cycles leave the collectives out: their bytes at the interconnect's
+    # published bandwidth, reported beside the estimate (not added to it: how much of them
+    # overlaps compute is the compiler's schedule, which its cycles do not say).
+    sent = sum(c.traffic * c.count for c in step.collectives)
+    comm_seconds = sent / (ICI[chip] * share * 1e9) if chip in ICI else None
     cycles_usable = (not usable and cycle_seconds is not None
                      and cycle_seconds >= max(compute_floor, 0.5 * roofline) > 0)
     seconds = step.optimal_seconds if usable else cycle_seconds if cycles_usable else roofline
@@ -331,6 +347,7 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
         "cost_source": step.cost_source,
         "estimate": label, "step_seconds": seconds, "roofline_seconds": roofline,
         "cycles_seconds": cycle_seconds, "top_ops": top,
+        "collective_bytes": sent, "collective_seconds": comm_seconds,
         "images_per_s_chip": images_chip, "images_per_s_slice": slice_rate,
         "mfu": step.flops / (seconds * peak_tflops * 1e12) if seconds > 0 else 0.0,
         "epoch_seconds": (num_examples / slice_rate) if num_examples and slice_rate else None,
@@ -431,6 +448,11 @@ def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes:
                      f"{op['ms']:.3g} ms, {op['op']} at {op['source']}: {op['bound']}-bound "
                      f"({op['flops']:.3g} flops, {100 * op['mxu_share']:.0f} % of MXU peak; "
                      f"{op['hbm_bytes']:.3g} HBM bytes)"))
+    if fields.get("collective_bytes"):
+        rows.append(("collectives (not in the compiler's cycles)",
+                     f"{fields['collective_bytes'] / 1e6:,.1f} MB sent per chip per step: "
+                     f"{fields['collective_seconds'] * 1e3:.3g} ms at the chip's published "
+                     f"interconnect bandwidth if none of it overlaps compute"))
     if fields.get("input_per_core"):
         rows.append(("input pipeline, one core here (measured)",
                      f"{fields['input_per_core']:,.0f} img/s ({fields['input_measured_on']}): "

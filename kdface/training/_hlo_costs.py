@@ -6,9 +6,11 @@ convolution and copy carries ``"estimated_cycles"`` in its ``backend_config``. J
 the program's totals (``cost_analysis()``), so this module reads ``compiled.as_text()``: for each
 instruction of the entry computation, the compiler's cycles, its flops (the convolutions and dots
 inside it, counted from their shapes as XLA's HloCostAnalysis does: 2 x output elements x the
-contraction, kernel taps over the padding not counted), its HBM bytes (operands and result outside VMEM, memory space ``S(1)``), and the
-source line of kdface that produced it (the module's StackFrames table). Hand-written because
-no library parses XLA's HLO text for Python (jaxlib exposes the module's totals only).
+contraction, kernel taps over the padding not counted), its HBM bytes (operands and result
+outside VMEM, memory space ``S(1)``), and the source line of kdface that produced it (the
+module's StackFrames table). The compiler gives collectives no cycles; ``collectives`` lists
+them with the bytes each chip sends, for a time at the interconnect's bandwidth. Hand-written
+because no library parses XLA's HLO text for Python (jaxlib exposes the module's totals only).
 """
 from __future__ import annotations
 
@@ -283,6 +285,84 @@ def total_cycles(ops: list[Op]) -> int | None:
     if any(op.cycles == -1 for op in ops):
         return None
     return sum(op.cycles or 0 for op in ops)
+
+
+# Collectives: the compiler writes no "estimated_cycles" for them (they move data between chips,
+# not through the TensorCore), so the cycle sum leaves them out. ``collectives`` lists them
+# (counted loops times their trip count) with the bytes each moves per chip under the
+# bandwidth-optimal algorithm, for a time at the chip's interconnect bandwidth.
+_COLLECTIVES = {"all-reduce": 2.0, "all-reduce-start": 2.0, "all-gather": 1.0,
+                "all-gather-start": 1.0, "reduce-scatter": 1.0, "all-to-all": 1.0,
+                "collective-permute": 1.0, "collective-permute-start": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of the program: ``opcode``, ``group`` (the chips it spans), ``array_bytes``
+    (per chip: the reduced, gathered or exchanged array), ``count`` (times it runs per step)
+    and ``traffic`` (bytes each chip sends per run: all-reduce 2 (n - 1) / n x the array,
+    all-gather and all-to-all (n - 1) / n x the gathered array, reduce-scatter (n - 1) x its
+    result, collective-permute the array)."""
+    opcode: str
+    group: int
+    array_bytes: float
+    count: int
+    source: str
+
+    @property
+    def traffic(self) -> float:
+        n = max(self.group, 1)
+        if self.opcode.startswith("collective-permute"):
+            return self.array_bytes
+        if self.opcode == "reduce-scatter":
+            return (n - 1) * self.array_bytes
+        return _COLLECTIVES[self.opcode] * (n - 1) / n * self.array_bytes
+
+
+def _group_size(text: str, devices: int) -> int:
+    """The chips one replica group of a collective spans: ``{{0,1,2,3},...}``, the iota form
+    ``[groups,size]<=[...]``, or ``mesh['axis_0'=4,'axis_1'=2] {'axis_0'}`` (the named axes'
+    product); ``{}`` or none: every device."""
+    m = re.search(r"replica_groups=(\{\{[^}]*\}|\[[0-9,]+\]<=|mesh\[([^\]]*)\] \{([^}]*)\})",
+                  text)
+    if not m:
+        return devices
+    spec = m.group(1)
+    if spec.startswith("{{"):
+        return len([v for v in spec[2:].split(",") if v.strip()])
+    if spec.startswith("["):
+        return int(spec[1:spec.index("]")].split(",")[-1])
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(2)))
+    return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([^']+)'", m.group(3)))
+
+
+def _collectives_in(name: str, computations, devices: int, times: int, depth: int,
+                    frames: dict[int, str]) -> list[Collective]:
+    out = []
+    for op in computations.get(name, []):
+        if op.opcode in _COLLECTIVES:
+            arrays = [a for a in op.result if a.dtype not in ("u32", "s32") or a.dims]
+            if op.opcode.endswith("-start") and len(arrays) >= 2:
+                arrays = arrays[len(arrays) // 2:]  # (operands..., results...): the results
+            frame = re.search(r"stack_frame_id=(\d+)", op.text)
+            out.append(Collective(op.opcode, _group_size(op.text, devices),
+                                  sum(a.bytes for a in arrays), times,
+                                  frames.get(int(frame.group(1)), "") if frame else ""))
+        elif op.opcode == "while" and depth < 8:
+            body = re.search(r"body=%([^ ,]+)", op.text)
+            condition = re.search(r"condition=%([^ ,]+)", op.text)
+            trips = _trip_count(computations.get(condition.group(1), [])) if condition else None
+            if body:
+                out += _collectives_in(body.group(1), computations, devices,
+                                       times * (trips or 1), depth + 1, frames)
+    return out
+
+
+def collectives(text: str, devices: int) -> list[Collective]:
+    """The collectives of a compiled program's entry computation and its loops (``while``
+    bodies times their trip count; 1 where it is not known), on ``devices`` chips."""
+    computations, entry = parse_computations(text)
+    return _collectives_in(entry, computations, devices, 1, 0, _stack_frames(text))
 
 
 def top_ops(ops: list[Op], n: int = 3) -> list[Op]:
