@@ -10,8 +10,11 @@ else, on TPUs, the compiler's per-op ``estimated_cycles`` summed at the chip's c
 three costliest ops named (``_hlo_costs``); else a roofline), images/s per chip and for the
 slice, model FLOP utilization, time per epoch, and the input rate each host must sustain.
 Every figure is a compiler estimate, not a measurement, but one: the images/s one core of this
-host makes with the run's input pipeline (``_input_rate``), beside the per-host rate. libtpu is needed for TPUs (``jax[tpu]`` at the installed jax's version; ``make
-test`` installs it in ``<venv>/tpu-site``, see ``.ci/install-libtpu``), the CUDA PJRT plugin for
+host makes with the run's input pipeline (``_input_rate``), beside the per-host rate. The
+collectives, which the compiler gives no cycles, are listed with their time at the chip's
+interconnect bandwidth beside the estimate. libtpu is needed for TPUs (``jax[tpu]`` at the
+installed jax's version; ``make test`` installs it in ``<venv>/tpu-site``, see
+``.ci/install-libtpu``), the CUDA PJRT plugin for
 GPUs (``--plan_topology=h100:8``, ``h100:2x8``; ``_gpu_targets``, ``.ci/install-gpu-compiler``).
 The GPU compiler reports no cost analysis: its flops and bytes are the unpartitioned program's
 (XLA's HLO cost analysis) divided by the devices, and the table says so.
