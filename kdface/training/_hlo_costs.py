@@ -342,7 +342,7 @@ def _collectives_in(name: str, computations, devices: int, times: int, depth: in
     for op in computations.get(name, []):
         if op.opcode in _COLLECTIVES:
             arrays = [a for a in op.result if a.dtype not in ("u32", "s32") or a.dims]
-            if op.opcode.endswith("-start") and len(arrays) >= 2:
+            if op.opcode in ("all-gather-start", "collective-permute-start") and len(arrays) > 1:
                 arrays = arrays[len(arrays) // 2:]  # (operands..., results...): the results
             frame = re.search(r"stack_frame_id=(\d+)", op.text)
             out.append(Collective(op.opcode, _group_size(op.text, devices),
