@@ -126,6 +126,9 @@ def test_ms1m_classes_shard_the_head_over_four_chips_padded(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         fields[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     assert fields["auto"]["head_sharded"] is True and fields["off"]["head_sharded"] is False
+    # the teacher's margin head (its forward runs in the step) is placed the same way
+    assert fields["auto"]["teacher_head_sharded"] is True
+    assert fields["off"]["teacher_head_sharded"] is False
     # the state per chip: the same but the head weight and its momentum, [64, 85,742] replicated
     # against [64, 21,436] per chip (exact: the state's bytes are summed from its shardings)
     saved = 2 * 64 * 4 * (85_742 - 85_744 // 4) / 2**30

@@ -144,6 +144,7 @@ class CompiledStep:
     optimal_seconds: float | None
     head_sharded: bool
     largest: tuple[str, int]  # (what, bytes) of the largest argument per chip
+    teacher_head_sharded: bool | None = None  # None: the step holds no teacher head
     cost_source: str = "compiled program"  # where flops and bytes come from
     # XLA:TPU's own cost model: the "estimated_cycles" of the entry's ops summed, and the three
     # most expensive ops as (kdface source line, HLO op name, cycles, flops, HBM bytes)
@@ -173,6 +174,7 @@ class LoweredStep:
     arguments: dict[str, Any]   # state, teacher, batch as placed ShapeDtypeStructs
     batch_size: int
     head_sharded: bool
+    teacher_head_sharded: bool | None = None  # None: no teacher state with a head
 
 
 def lower_step(plan: FitPlan, mesh: Mesh) -> LoweredStep:
@@ -208,7 +210,7 @@ def lower_step(plan: FitPlan, mesh: Mesh) -> LoweredStep:
             state["terms"] = _placed(terms, term_shardings(
                 recipe, terms, step_config.class_sharding, replicated), replicated)
         cached = bool(config.teacher_cache and recipe.needs_teacher)
-        teacher_def = teacher_state = None
+        teacher_def = teacher_state = placement = None
         if teacher is not None:
             placement = teacher_shardings(plan.head, teacher, mesh, cached=cached)
             teacher_def, teacher_state = split_teacher(teacher, cached=cached)
@@ -218,8 +220,10 @@ def lower_step(plan: FitPlan, mesh: Mesh) -> LoweredStep:
         batch = batch_spec(plan, mesh, teacher_width=width)
         step = make_train_step(recipe, graphdef, teacher_def, optimizer, step_config)
         lowered = jax.jit(step, donate_argnums=(0, 1)).lower(state, health, teacher_state, batch)
+    has_head = teacher is not None and getattr(teacher, "head", None) is not None
     return LoweredStep(lowered, {"state": state, "teacher": teacher_state, "batch": batch},
-                       config.batch_size, param_shardings is not None)
+                       config.batch_size, param_shardings is not None,
+                       (placement is not None) if has_head else None)
 
 
 def compile_step(plan: FitPlan, mesh: Mesh, *, keep: list | None = None) -> CompiledStep:
@@ -260,7 +264,7 @@ def compile_step(plan: FitPlan, mesh: Mesh, *, keep: list | None = None) -> Comp
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         optimal_seconds=None if optimal is None else float(optimal),
-        head_sharded=low.head_sharded,
+        head_sharded=low.head_sharded, teacher_head_sharded=low.teacher_head_sharded,
         largest=max(sizes, key=lambda kv: kv[1]), cost_source=cost_source,
         cycles=cycles, top_ops=top, collectives=comms)
 
@@ -346,6 +350,7 @@ def estimate(step: CompiledStep, chip: str, *, num_examples: int | None,
         "state_gib": step.state_bytes / GIB, "arguments_gib": step.argument_bytes / GIB,
         "temporaries_gib": step.temp_bytes / GIB, "total_gib": step.total_bytes / GIB,
         "capacity_gib": hbm_gib, "fits": fits, "why": why, "head_sharded": step.head_sharded,
+        "teacher_head_sharded": step.teacher_head_sharded,
         "flops_per_step": step.flops, "bytes_per_step": step.bytes_accessed,
         "cost_source": step.cost_source,
         "estimate": label, "step_seconds": seconds, "roofline_seconds": roofline,
@@ -426,7 +431,9 @@ def format_table(fields: dict[str, Any], *, topology: str, recipe: str, classes:
     rows = [
         ("topology", f"{topology} ({fields['devices']} devices, {fields['hosts']} hosts)"),
         ("recipe, classes", f"{recipe}, {classes:,}"),
-        ("head", "sharded over the chips" if fields["head_sharded"] else "replicated"),
+        ("head", ("sharded over the chips" if fields["head_sharded"] else "replicated")
+         + {True: "; the teacher's: sharded too", False: "; the teacher's: replicated",
+            None: ""}[fields.get("teacher_head_sharded")]),
         ("batch per chip", str(fields["batch_per_chip"])),
         ("per-chip HBM: parameters + optimizer state", gib(fields["state_gib"])),
         ("per-chip HBM: arguments", gib(fields["arguments_gib"])),
