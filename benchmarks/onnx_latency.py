@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks._common import write_markdown  # noqa: E402
+from kdface._platform import cpu_model  # noqa: E402
 from kdface.models import count_params, create  # noqa: E402
 
 DEFAULT = ("sphereface36_thin", "mobilefacenet", "vargfacenet", "sphereface20", "iresnet18",
@@ -88,17 +88,6 @@ def measure(name: str, repeats: int, input_hw=(112, 112)) -> dict:
     return row
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _table(rows) -> list[str]:
     lines = ["| network | params (M) | JAX b=1 (ms) | ONNX Runtime b=1 (ms) | JAX / ORT | "
              "max rel. diff | export (s) | .onnx (MB) |",
@@ -140,7 +129,7 @@ def main(argv=None) -> int:
     fmt = lambda load: ", ".join(f"{v:.1f}" for v in load)
     lines = ["# ONNX Runtime vs JAX: batch-1 CPU latency of exported networks", "",
              f"Command: `{command}`", "",
-             f"Machine: {_cpu_name()}, {os.cpu_count()} CPU cores visible, shared with other "
+             f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores visible, shared with other "
              f"jobs (load average {fmt(load_start)} at start, {fmt(load_end)} at end), so "
              f"absolute times are noisy; the two runtimes were alternated call by call, which "
              f"makes their ratio the more reliable number. jax {jax.__version__}, onnxruntime "

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import platform
 from collections.abc import Iterator
 
 import jax
 
-__all__ = ["compiling_for", "target_platform"]
+__all__ = ["compiling_for", "cpu_model", "target_platform"]
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("kdface_target_platform",
                                                                      default=None)
@@ -54,3 +55,16 @@ def compiling_for(target) -> Iterator[str]:
         yield target
     finally:
         _TARGET.reset(token)
+
+
+def cpu_model() -> str:
+    """This host's CPU, as /proc/cpuinfo names it (else what ``platform`` knows), for the
+    machine line of a measurement."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -16,28 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import tempfile
 import time
 from typing import Any
+
+from kdface._platform import cpu_model
 
 # the synthetic stand-in: enough identities for a balanced sampler's batches
 _SYNTHETIC = {"num_identities": 16, "images_per_identity": 8, "num_verification_identities": 20,
               "num_verification_pairs": 20}
 # one untimed batch, then at least this many and this much CPU time
 _BATCH, _MIN_BATCHES, _MIN_SECONDS = 32, 4, 0.5
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _rate(config, source, recipe) -> float:
@@ -79,7 +69,7 @@ def measured_input_rate(config, recipe, *, data_dir: str | None) -> dict[str, An
         built = data_dir and load_dataset_metadata(data_dir, "kdface_training", name)
     except Exception:  # not built here
         built = None
-    where = f"{_cpu_model()}, images per CPU-second"
+    where = f"{cpu_model()}, images per CPU-second"
     try:
         if built:
             rate = _rate(config, load_training_source(data_dir, name), recipe)
