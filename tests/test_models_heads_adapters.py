@@ -58,6 +58,42 @@ def test_margin_head_gradients():
     # cancellation error; 1e-2 is check_grads' usual resolution, a wrong gradient is O(1) off
 
 
+def test_margin_head_tpu_formulation_is_the_same_cosines_and_gradients():
+    # Traced for a TPU (kdface._platform.compiling_for), the head normalizes W's columns before
+    # the product instead of scaling the product after it (models/_heads.py: _unit_columns),
+    # run here on the CPU. Both equal the float64 cosines and their analytic gradients: with
+    # L = Σ a_bc cos_bc, dL/dw_c = (I - ŵ_c ŵ_cᵀ) Σ_b a_bc x̂_b / ||w_c||, likewise for x_b.
+    from kdface._platform import compiling_for
+    e, c, b = 6, 5, 3
+    head = MarginHead(e, c, rngs=nnx.Rngs(4))
+    x = _emb((b, e), 3)
+    a = jnp.asarray(np.random.default_rng(5).normal(size=(b, c)), jnp.float32)
+    graphdef, state = nnx.split(head)
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graphdef, state)(x) * a)
+
+    xn, w, an = np.asarray(x, np.float64), _np(head.weight), np.asarray(a, np.float64)
+    nx, nw = np.linalg.norm(xn, axis=1), np.linalg.norm(w, axis=0)
+    xh, wh = xn / nx[:, None], w / nw[None, :]
+    gwh, gxh = xh.T @ an, an @ wh.T                      # [E, C], [B, E]
+    ref_gw = (gwh - wh * np.sum(gwh * wh, axis=0)) / nw
+    ref_gx = (gxh - xh * np.sum(gxh * xh, axis=1, keepdims=True)) / nx[:, None]
+    for target in ("cpu", "tpu"):
+        with compiling_for(target):
+            value, (gstate, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
+        gw = gstate["weight"][...]
+        # float32 vs float64 (case 2): the cosines as above (6 + 3 terms, scale 1) summed over
+        # B·C = 15 weighted terms; each gradient entry sums B or C products, then the
+        # projection sums E more: scale Σ|a| / min norm
+        assert_close(value, np.sum(xh @ wh * an), terms=(e + 3) + b * c,
+                     scale=float(np.sum(np.abs(an))), what=f"{target}: ")
+        assert_close(gw, ref_gw, terms=e + 3 + b + e, scale=float(np.abs(an).sum() / nw.min()),
+                     what=f"{target} dW: ")
+        assert_close(gx, ref_gx, terms=e + 3 + c + e, scale=float(np.abs(an).sum() / nx.min()),
+                     what=f"{target} dx: ")
+
+
 def test_margin_head_zero_embedding_is_finite():
     head = MarginHead(4, 3, rngs=nnx.Rngs(1))
     out, grad = jax.value_and_grad(lambda x: jnp.sum(head(x)))(jnp.zeros((1, 4)))

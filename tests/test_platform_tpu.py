@@ -42,3 +42,11 @@ def test_depthwise_convolution_is_xla_s_for_the_tpu(compiled):
 def test_soft_losses_are_not_row_blocked_for_the_tpu(compiled):
     assert compiled["host_soft"].get("stablehlo.dynamic_slice", 0) > 0  # the CPU row blocks
     assert compiled["tpu_soft"].get("stablehlo.dynamic_slice", 0) == 0
+
+
+def test_the_margin_head_normalizes_its_weight_first_for_the_tpu(compiled):
+    # models/_heads.py, the weight's gradient: for the host the column norms are a product with
+    # a row of ones that scales the product after it (2 products forward, their 2 transposes
+    # backward); for the TPU the columns are normalized first (_unit_columns: 1 and 1)
+    assert compiled["host_head"].get("stablehlo.dot_general", 0) == 4
+    assert compiled["tpu_head"].get("stablehlo.dot_general", 0) == 2
