@@ -60,7 +60,7 @@ def test_margin_head_gradients():
 
 def test_margin_head_tpu_formulation_is_the_same_cosines_and_gradients():
     # Traced for a TPU (kdface._platform.compiling_for), the head normalizes W's columns before
-    # the product instead of scaling the product after it (models/_heads.py: _unit_columns),
+    # the product instead of scaling the product after it (models/_heads.py: l2_normalize(w, axis=0)),
     # run here on the CPU. Both equal the float64 cosines and their analytic gradients: with
     # L = Σ a_bc cos_bc, dL/dw_c = (I - ŵ_c ŵ_cᵀ) Σ_b a_bc x̂_b / ||w_c||, likewise for x_b.
     from kdface._platform import compiling_for

@@ -66,22 +66,28 @@ def test_the_demo_step_compiles_for_v5e_and_its_plan_is_read_from_the_program(tm
     assert not os.path.exists(tmp_path / "run")  # a plan writes nothing
 
 
-def test_the_input_rate_is_measured_on_the_flagfiles_own_data_when_it_is_built(tmp_path):
+def _kd_im_on_synthetic(tmp_path):
+    """A tiny kd_im config, its recipe, and the data dir where its synth_train is built."""
     from _train_helpers import tiny_config
 
     from kdface.data import make_synthetic_dataset
     from kdface.distill import build_recipe
-    from kdface.training._input_rate import measured_input_rate
     make_synthetic_dataset(tmp_path, num_identities=4, images_per_identity=8,
                            num_verification_identities=20, num_verification_pairs=20)
     config = tiny_config(tmp_path / "run", train_data="synth_train", flip=True)
     recipe = build_recipe("kd_im", config.replace(recipe="kd_im", feature_loss="mk_mmd"))
-    got = measured_input_rate(config, recipe, data_dir=str(tmp_path / "tfds"))
+    return config, recipe, str(tmp_path / "tfds")
+
+
+def test_the_input_rate_is_measured_on_the_flagfiles_own_data_when_it_is_built(tmp_path):
+    from kdface.training._input_rate import measured_input_rate
+    config, recipe, data_dir = _kd_im_on_synthetic(tmp_path)
+    got = measured_input_rate(config, recipe, data_dir=data_dir)
     assert got["images_per_core_s"] > 0
     assert got["measured_on"].startswith("synth_train (built here)")
     # a pipeline that cannot be made says why instead of failing the plan
     view = types.SimpleNamespace(student_view="sketch", teacher_view=None)
-    bad = measured_input_rate(config, view, data_dir=str(tmp_path / "tfds"))
+    bad = measured_input_rate(config, view, data_dir=data_dir)
     assert "images_per_core_s" not in bad and bad["measured_on"].startswith("not measured")
 
 
@@ -94,16 +100,8 @@ def test_the_input_rate_counts_the_pipelines_cpu_time_not_other_threads(tmp_path
     import hashlib
     import threading
 
-    from _train_helpers import tiny_config
-
-    from kdface.data import make_synthetic_dataset
-    from kdface.distill import build_recipe
     from kdface.training._input_rate import measured_input_rate
-    make_synthetic_dataset(tmp_path, num_identities=4, images_per_identity=8,
-                           num_verification_identities=20, num_verification_pairs=20)
-    config = tiny_config(tmp_path / "run", train_data="synth_train", flip=True)
-    recipe = build_recipe("kd_im", config.replace(recipe="kd_im", feature_loss="mk_mmd"))
-    data_dir = str(tmp_path / "tfds")
+    config, recipe, data_dir = _kd_im_on_synthetic(tmp_path)
     quiet = measured_input_rate(config, recipe, data_dir=data_dir)["images_per_core_s"]
     stop, hashed = threading.Event(), []
     block = bytes(1 << 22)  # hashlib releases the GIL for data this long

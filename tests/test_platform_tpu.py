@@ -47,6 +47,6 @@ def test_soft_losses_are_not_row_blocked_for_the_tpu(compiled):
 def test_the_margin_head_normalizes_its_weight_first_for_the_tpu(compiled):
     # models/_heads.py, the weight's gradient: for the host the column norms are a product with
     # a row of ones that scales the product after it (2 products forward, their 2 transposes
-    # backward); for the TPU the columns are normalized first (_unit_columns: 1 and 1)
+    # backward); for the TPU the columns are normalized first (1 and 1)
     assert compiled["host_head"].get("stablehlo.dot_general", 0) == 4
     assert compiled["tpu_head"].get("stablehlo.dot_general", 0) == 2

@@ -9,13 +9,12 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from kdface._platform import compiling_for  # noqa: E402
 from kdface.losses import _logit  # noqa: E402
-from flax import nnx  # noqa: E402
-
 from kdface.models import MarginHead, _conv  # noqa: E402
 
 topology = sys.argv[1]

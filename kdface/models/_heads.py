@@ -73,7 +73,13 @@ class MarginHead(nnx.Module):
         x = l2_normalize(embeddings.astype(jnp.float32), axis=1)
         w = self.weight[...].astype(jnp.float32)
         if target_platform() == "tpu":
-            cos = x @ _unit_columns(w)
+            # W's columns normalized before the product: scaling after it, the backward pass
+            # reduces g·(x @ w) over the global batch for the norms' gradient, a pass over the
+            # [B, C / chips] cosines; normalized first, that gradient is a pass over the
+            # [E, C / chips] weight. Compiled for v5e-8 (kd_im, teacher forward, bf16,
+            # 128/chip, head sharded; the compiler's cycles): 2 M classes 58.2 -> 53.2 ms per
+            # step, Glint360K 20.5 -> 19.9, MS1M 14.92 -> 14.95 (benchmarks/TPU_PLAN.md)
+            cos = x @ l2_normalize(w, axis=0)
         else:
             # cos θ_c = x·w_c / ||w_c||, the column scaling applied after the product: XLA:CPU
             # fuses a normalized copy of W into the product as a naive loop when no gradient
@@ -86,18 +92,6 @@ class MarginHead(nnx.Module):
         if self.class_sharding is not None:
             cos = jax.lax.with_sharding_constraint(cos, self.class_sharding)
         return cos
-
-
-def _unit_columns(w: jax.Array) -> jax.Array:
-    """``w`` with each column scaled to unit L2 norm, the TPU's formulation of the cosines
-    (``x @ _unit_columns(w)``). With the scaling after the product instead, the backward pass
-    reduces ``g · (x @ w)`` over the global batch for the norms' gradient: a pass over the
-    ``[B, C / chips]`` cosines, where normalizing first makes that gradient a pass over the
-    ``[E, C / chips]`` weight (E = 512 < B). Compiled for v5e-8 (kd_im, teacher forward, bf16,
-    128/chip, head sharded; the compiler's cycles): 2 M classes 58.2 -> 53.2 ms per step,
-    Glint360K 20.5 -> 19.9, MS1M 14.92 -> 14.95 (benchmarks/TPU_PLAN.md)."""
-    return w * jax.lax.rsqrt(jnp.maximum(jnp.sum(w * w, axis=0, keepdims=True),
-                                         L2_NORM_EPS * L2_NORM_EPS))
 
 
 def padded_class_count(num_classes: int, devices: int) -> int:
